@@ -1,0 +1,27 @@
+# The three commands of the README. Each creates .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test demo bench clean-venv
+
+run: $(STAMP)  ## the main job: both notebooks on ViT-L/14 and the real datasets
+	$(PY) -m clip_utils.notebooks Task1.ipynb Task2.ipynb
+
+test: $(STAMP)  ## the whole test suite, offline, on CPU
+	HF_HUB_OFFLINE=1 $(PY) -m pytest
+
+demo: $(STAMP)  ## both notebooks offline on the bundled tiny model and generated data
+	$(PY) -m clip_utils.notebooks --demo
+
+bench: $(STAMP)  ## speed benchmark (use on a CUDA machine; --small runs on CPU)
+	$(PY) -m clip_utils.bench
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $(STAMP)
+
+clean-venv:
+	rm -rf $(VENV)

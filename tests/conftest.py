@@ -1,0 +1,34 @@
+"""Shared fixtures: one offline test kit (tiny CLIP + synthetic datasets) per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Before any Hugging Face import: a missing model must fail at once, not after retries.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import pytest  # noqa: E402
+
+from clip_utils import testkit  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def kit(tmp_path_factory) -> dict[str, Path]:
+    """`{"model": tiny CLIP folder, "data": root with flowers-102/ and CUB_200_2011/}`.
+
+    CUB keeps 20 of its 200 classes: enough for a stratified val split and real learning,
+    few enough that training tests take seconds.
+    """
+    return testkit.make_kit(tmp_path_factory.mktemp("kit"), cub_classes=20)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(kit):
+    """The tiny CLIP model and processor, loaded once."""
+    from clip_utils.models import load_clip
+
+    return load_clip(kit["model"])

@@ -1,0 +1,120 @@
+"""Dataset loaders on the synthetic kit: splits, labels, names and bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections import Counter
+
+import pytest
+import torch
+
+from clip_utils import data
+from clip_utils.data import DatasetNotFoundError, UnreadableImageError, load_dataset
+
+
+@pytest.mark.parametrize("split,size", [("train", 1020), ("val", 1020), ("test", 6149)])
+def test_flowers102_official_split(kit, split, size):
+    ds = load_dataset("flowers102", kit["data"], split)
+    assert len(ds) == size
+    labels = Counter(ds.targets)
+    assert min(labels) == 0 and max(labels) == 101
+    if split != "test":  # the official train and val splits hold 10 images per class
+        assert set(labels.values()) == {10}
+
+
+def test_flowers102_class_names_follow_cat_to_name(kit):
+    ds = load_dataset("flowers102", kit["data"], "val")
+    assert len(ds.classes) == 102
+    assert ds.classes[0] == "pink primrose"  # key "1"
+    assert ds.classes[101] == "blackberry lily"  # key "102"
+
+
+def test_splits_are_disjoint(kit):
+    for name in data.DATASETS:
+        paths = {s: {p for p, _ in load_dataset(name, kit["data"], s).samples} for s in data.SPLITS}
+        assert not paths["train"] & paths["val"]
+        assert not paths["train"] & paths["test"]
+        assert not paths["val"] & paths["test"]
+
+
+def test_cub_parsing_and_stratified_val(kit):
+    train = load_dataset("cub200", kit["data"], "train")
+    val = load_dataset("cub200", kit["data"], "val")
+    test = load_dataset("cub200", kit["data"], "test")
+    n_classes = len(train.classes)
+    assert train.classes[0] == "Black footed Albatross"
+    assert train.classes[1] == "Laysan Albatross"
+    # the kit writes 6 official-train and 3 official-test images per class
+    assert len(test) == 3 * n_classes
+    assert len(train) + len(val) == 6 * n_classes
+    assert set(Counter(val.targets)) == set(range(n_classes))  # every class in val
+    assert max(Counter(val.targets).values()) - min(Counter(val.targets).values()) <= 1
+    again = load_dataset("cub200", kit["data"], "val")
+    assert again.samples == val.samples  # seed-fixed
+
+
+def test_cub_real_class_list_names():
+    names = [data.cub_class_name(line.split()[1]) for line in
+             (data.PROJECT_ROOT / "clip_utils/assets/classes.txt").read_text().splitlines()]
+    assert len(names) == 200
+    assert names[0] == "Black footed Albatross" and names[-1] == "Common Yellowthroat"
+
+
+def test_transform_is_applied(kit):
+    ds = load_dataset("cub200", kit["data"], "test", transform=lambda im: torch.tensor(im.size))
+    image, label = ds[0]
+    assert image.tolist() == [44, 36] and label == 0
+
+
+def test_unknown_names_are_refused(kit):
+    with pytest.raises(ValueError, match="unknown dataset 'cifar'"):
+        load_dataset("cifar", kit["data"], "test")
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        load_dataset("cub200", kit["data"], "dev")
+
+
+@pytest.mark.parametrize("name,folder", [("flowers102", "flowers-102"), ("cub200", "CUB_200_2011")])
+def test_missing_dataset_names_folder_and_download(tmp_path, name, folder):
+    with pytest.raises(DatasetNotFoundError) as err:
+        load_dataset(name, tmp_path, "test")
+    assert str(tmp_path / folder) in str(err.value)
+    assert "download" in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["flowers102", "cub200"])
+def test_download_offline_fails_fast_and_clearly(tmp_path, name, monkeypatch):
+    monkeypatch.setattr(data, "reachable", lambda url: (False, "no route to host"))
+    with pytest.raises(DatasetNotFoundError, match="unreachable.*no route to host"):
+        load_dataset(name, tmp_path, "test", download=True)
+
+
+def test_checksum_mismatch_removes_partial_archive(tmp_path):
+    archive = tmp_path / "CUB_200_2011.tgz"
+    archive.write_bytes(b"half a download")
+    with pytest.raises(OSError, match="checksum mismatch.*removed"):
+        data.verify_archive(archive, data.CUB_MD5)
+    assert not archive.exists()
+
+
+def test_good_archive_is_extracted_without_network(tmp_path, kit, monkeypatch):
+    import tarfile
+
+    archive = tmp_path / "CUB_200_2011.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(kit["data"] / "CUB_200_2011", arcname="CUB_200_2011")
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    monkeypatch.setattr(data, "reachable", lambda url: pytest.fail("must not touch the network"))
+    base = data.download_cub200(tmp_path, md5=md5)
+    assert (base / "images.txt").is_file()
+
+
+def test_unreadable_image_names_the_file(kit, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(kit["data"] / "CUB_200_2011", root / "CUB_200_2011")
+    ds = load_dataset("cub200", root, "test")
+    bad = ds.samples[0][0]
+    with open(bad, "wb") as f:
+        f.write(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(UnreadableImageError, match=bad.split("/")[-1]):
+        ds[0]
