@@ -1,0 +1,337 @@
+"""Image encoding with an on-disk feature cache, and the fast GPU input path.
+
+    feats = encode_dataset(model, dataset, pre, device="cuda", cache_dir="results/cache")
+    feats.embeddings  # (N, D) L2-normalised CLIP image embeddings, float32 on CPU
+
+Zero-shot evaluation under any number of prompt sets and the linear probe only need the
+frozen image embeddings, so each (model, dataset, split, preprocessing) is encoded once
+and stored; every prompt set and every later run reuses it. The cache key hashes the
+model's config and a fingerprint of its weights, the dataset's files (path, label, size,
+modification time), the preprocessing and the input path, so a change to any of them
+encodes again instead of reusing stale features.
+
+Input paths. The textbook pipeline decodes and resizes with PIL in the main process and
+leaves the GPU idle. On CUDA we instead ship raw file bytes from DataLoader workers (bytes,
+not tensors: many small tensors passed through shared-memory file descriptors have hung
+runs), decode JPEGs with nvJPEG on the GPU and resize there. The same code runs on CPU with
+CPU decoding, which is how the tests check that it agrees with the PIL path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .data import ImageListDataset, open_rgb
+from .models import Preprocess, image_embeddings
+from .results import atomic_path
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class Features:
+    """Encoded images of one dataset split.
+
+    Attributes:
+        embeddings: `(N, D)` L2-normalised image embeddings (float32, CPU).
+        labels: `(N,)` int64 labels.
+        paths: image files in the same order.
+    """
+
+    embeddings: torch.Tensor
+    labels: torch.Tensor
+    paths: list[str]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+# --------------------------------------------------------------------------- input paths
+
+
+class _PilDataset(Dataset):
+    """PIL decode + torchvision transform in the workers: the portable path."""
+
+    def __init__(self, paths: Sequence[str], transform) -> None:
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.transform(open_rgb(self.paths[i]))
+
+
+class _BytesDataset(Dataset):
+    """Raw file bytes from the workers; decoding happens on the device."""
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> bytes:
+        with open(self.paths[i], "rb") as f:
+            return f.read()
+
+
+def _collate_bytes(batch: list[bytes]) -> list[bytes]:
+    return batch
+
+
+def _decode_one_fallback(data: bytes, path: str) -> torch.Tensor:
+    # PNG, CMYK JPEG, or anything nvJPEG refuses: decode with PIL, as the portable path does.
+    import io
+
+    import numpy as np
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            array = np.asarray(img.convert("RGB"))
+    except OSError as err:
+        from .data import UnreadableImageError
+
+        raise UnreadableImageError(f"cannot read image {path}: {err}") from err
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def decode_batch(blobs: list[bytes], paths: list[str], device: torch.device) -> list[torch.Tensor]:
+    """Decode file bytes to `(3, H, W)` uint8 tensors on `device` (nvJPEG on CUDA).
+
+    Args:
+        blobs: encoded files.
+        paths: their paths, for error messages.
+        device: where to decode; JPEGs are decoded there in one batched call.
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    out: list[torch.Tensor | None] = [None] * len(blobs)
+    jpeg = [i for i, b in enumerate(blobs) if b[:3] == b"\xff\xd8\xff"]
+    if jpeg:
+        try:
+            data = [torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in jpeg]
+            decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+            for i, img in zip(jpeg, decoded):
+                out[i] = img
+        except RuntimeError:
+            pass  # one odd JPEG fails the batch: decode those one by one below
+    for i, img in enumerate(out):
+        if img is None:
+            out[i] = _decode_one_fallback(blobs[i], paths[i]).to(device, non_blocking=True)
+    return out  # type: ignore[return-value]
+
+
+def preprocess_tensors(images: list[torch.Tensor], pre: Preprocess, dtype: torch.dtype) -> torch.Tensor:
+    """Resize (shortest edge, antialiased bicubic), centre-crop and normalise uint8 images.
+
+    Args:
+        images: `(3, H, W)` uint8 tensors, any sizes, on the target device.
+        pre: the model's preprocessing.
+        dtype: output dtype.
+    """
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    interp = InterpolationMode.BICUBIC if pre.interpolation == 3 else InterpolationMode.BILINEAR
+    out = []
+    for img in images:
+        img = TF.resize(img, [pre.resize], interpolation=interp, antialias=True)
+        out.append(TF.center_crop(img, list(pre.crop)))
+    batch = torch.stack(out).to(torch.float32).div_(255)
+    mean = torch.tensor(pre.mean, device=batch.device).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std, device=batch.device).view(1, 3, 1, 1)
+    return ((batch - mean) / std).to(dtype)
+
+
+def default_workers() -> int:
+    """DataLoader workers: all cores but one, at most 16."""
+    return max(0, min(16, (os.cpu_count() or 1) - 1))
+
+
+def iter_pixel_batches(
+    paths: Sequence[str],
+    pre: Preprocess,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch_size: int,
+    num_workers: int | None = None,
+    fast: bool | None = None,
+    desc: str | None = None,
+):
+    """Yield preprocessed `(B, 3, H, W)` batches on `device`, in order, with a progress bar.
+
+    Args:
+        paths: image files.
+        pre: the model's preprocessing.
+        device: target device.
+        dtype: pixel dtype (the model's).
+        batch_size: images per batch.
+        num_workers: DataLoader workers (None: `default_workers()`).
+        fast: decode on the device from raw bytes (None: only on CUDA).
+        desc: progress bar label (None hides the bar).
+    """
+    device = torch.device(device)
+    fast = device.type == "cuda" if fast is None else fast
+    workers = default_workers() if num_workers is None else num_workers
+    common = dict(batch_size=batch_size, num_workers=workers, persistent_workers=False)
+    if workers:
+        common["prefetch_factor"] = 4
+    if fast:
+        loader = DataLoader(_BytesDataset(paths), collate_fn=_collate_bytes, **common)
+    else:
+        loader = DataLoader(_PilDataset(paths, pre.transform()), pin_memory=device.type == "cuda", **common)
+    start = 0
+    for batch in tqdm(loader, desc=desc, unit="batch", disable=desc is None, leave=False):
+        if fast:
+            chunk = list(paths[start : start + len(batch)])
+            pixels = preprocess_tensors(decode_batch(batch, chunk, device), pre, dtype)
+        else:
+            pixels = batch.to(device, dtype, non_blocking=True)
+        start += len(batch)
+        yield pixels
+
+
+@torch.inference_mode()
+def encode_paths(
+    model,
+    paths: Sequence[str],
+    pre: Preprocess,
+    device: str | torch.device,
+    batch_size: int = 256,
+    num_workers: int | None = None,
+    fast: bool | None = None,
+    desc: str | None = "encoding images",
+) -> torch.Tensor:
+    """L2-normalised image embeddings of image files, `(N, D)` float32 on CPU.
+
+    Args:
+        model: a `CLIPModel` (or anything `image_embeddings` accepts), already on `device`.
+        paths: image files.
+        pre: the model's preprocessing.
+        device: where to run.
+        batch_size: images per forward pass.
+        num_workers: DataLoader workers.
+        fast: decode on the device from raw bytes (None: only on CUDA).
+        desc: progress bar label.
+    """
+    dtype = next(model.parameters()).dtype
+    chunks = [
+        image_embeddings(model, pixels).float().cpu()
+        for pixels in iter_pixel_batches(paths, pre, device, dtype, batch_size, num_workers, fast, desc)
+    ]
+    dim = model.visual_projection.out_features
+    return torch.cat(chunks) if chunks else torch.empty(0, dim)
+
+
+@torch.inference_mode()
+def encode_images(model, images: Sequence[Image.Image], pre: Preprocess, device: str | torch.device) -> torch.Tensor:
+    """Embeddings of in-memory RGB PIL images (custom photos), `(N, D)` float32 on CPU.
+
+    Args:
+        model: a `CLIPModel` on `device`.
+        images: RGB PIL images.
+        pre: the model's preprocessing.
+        device: where to run.
+    """
+    dtype = next(model.parameters()).dtype
+    transform = pre.transform()
+    pixels = torch.stack([transform(im) for im in images]).to(device, dtype)
+    return image_embeddings(model, pixels).float().cpu()
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def model_fingerprint(model) -> str:
+    """A short hash of a model's config and a sample of its weights.
+
+    Hashing every weight of ViT-L/14 would take seconds; the config plus the projection and
+    the class embedding changes whenever the checkpoint does, and costs milliseconds.
+    """
+    h = hashlib.sha256(model.config.to_json_string().encode())
+    for tensor in (model.visual_projection.weight, model.vision_model.embeddings.class_embedding):
+        h.update(tensor.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def cache_key(model, dataset: ImageListDataset, pre: Preprocess, fast: bool) -> dict:
+    """Everything the features depend on, as a JSON-able dict.
+
+    Args:
+        model: the encoder.
+        dataset: the dataset split.
+        pre: the preprocessing.
+        fast: whether the device decode path is used.
+    """
+    files = hashlib.sha256()
+    for path, label in dataset.samples:
+        st = os.stat(path)
+        files.update(f"{path}\t{label}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return {
+        "version": CACHE_VERSION,
+        "model": str(model.config.name_or_path or ""),
+        "model_fingerprint": model_fingerprint(model),
+        "dtype": str(next(model.parameters()).dtype),
+        "dataset": dataset.name,
+        "split": dataset.split,
+        "n": len(dataset),
+        "files": files.hexdigest()[:16],
+        "preprocess": pre.as_dict(),
+        "input_path": "device-decode" if fast else "pil",
+    }
+
+
+def encode_dataset(
+    model,
+    dataset: ImageListDataset,
+    pre: Preprocess,
+    device: str | torch.device,
+    cache_dir: str | Path | None = None,
+    batch_size: int = 256,
+    num_workers: int | None = None,
+    fast: bool | None = None,
+) -> Features:
+    """Encode a dataset split, reading and writing the feature cache.
+
+    Args:
+        model: a `CLIPModel` on `device` (frozen).
+        dataset: the split to encode.
+        pre: the model's preprocessing.
+        device: where to run.
+        cache_dir: feature cache folder (None disables caching).
+        batch_size: images per forward pass.
+        num_workers: DataLoader workers.
+        fast: decode on the device from raw bytes (None: only on CUDA).
+    """
+    from safetensors.torch import load_file, save_file
+
+    fast = torch.device(device).type == "cuda" if fast is None else fast
+    paths = [p for p, _ in dataset.samples]
+    labels = torch.tensor(dataset.targets, dtype=torch.long)
+    file = None
+    if cache_dir is not None:
+        key = cache_key(model, dataset, pre, fast)
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+        file = Path(cache_dir) / f"{dataset.name}-{dataset.split}-{digest}.safetensors"
+        if file.is_file():
+            cached = load_file(file)
+            return Features(cached["embeddings"], cached["labels"], paths)
+    desc = f"encoding {dataset.name}/{dataset.split}"
+    embeddings = encode_paths(model, paths, pre, device, batch_size, num_workers, fast, desc)
+    if file is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(file) as tmp:
+            save_file({"embeddings": embeddings.contiguous(), "labels": labels}, tmp,
+                      metadata={"key": json.dumps(key, sort_keys=True)})
+    return Features(embeddings, labels, paths)

@@ -1,0 +1,137 @@
+"""The results folder: layout and atomic writes.
+
+    results/<dataset>/zeroshot/<prompt_set>/metrics.json, predictions.csv
+    results/<dataset>/linear_probe/...      results/<dataset>/lora/...
+    results/summary.csv, results/figures/*.png
+
+Every file is written to a temporary sibling and renamed into place, so a run killed
+mid-write leaves the previous complete file (or none), never half a JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+METHODS = ("zeroshot", "linear_probe", "lora")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it onto `path` if the block succeeds.
+
+    Args:
+        path: the final file (or folder) path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def _clean(value: Any) -> Any:
+    # JSON has no NaN/inf: write null rather than an invalid file.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # numpy / torch scalars
+        return _clean(value.item())
+    return value
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Write `data` as indented JSON, atomically.
+
+    Args:
+        path: output file.
+        data: JSON-able data (numpy/torch scalars and non-finite floats are converted).
+    """
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(_clean(data), indent=1) + "\n")
+    return Path(path)
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file, naming the file when it is missing or malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"results file missing: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); delete it and rerun") from err
+
+
+def write_csv(path: str | Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
+    """Write a CSV file atomically.
+
+    Args:
+        path: output file.
+        header: column names.
+        rows: one sequence per row.
+    """
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            writer.writerows(rows)
+    return Path(path)
+
+
+def write_predictions(
+    path: str | Path, paths: Sequence[str], labels: Sequence[int], preds: Sequence[int],
+    class_names: Sequence[str] | None = None,
+) -> Path:
+    """Write predictions.csv: `path,label,pred` (plus names when `class_names` is given).
+
+    Args:
+        path: output file.
+        paths: image files.
+        labels: true labels.
+        preds: predicted labels.
+        class_names: names in label order, adds `label_name,pred_name` columns.
+    """
+    header = ["path", "label", "pred"]
+    rows = [[p, int(y), int(q)] for p, y, q in zip(paths, labels, preds)]
+    if class_names is not None:
+        header += ["label_name", "pred_name"]
+        rows = [r + [class_names[r[1]], class_names[r[2]]] for r in rows]
+    return write_csv(path, header, rows)
+
+
+def method_dir(results_dir: str | Path, dataset: str, method: str, prompt_set: str | None = None) -> Path:
+    """The folder of one method's results for one dataset.
+
+    Args:
+        results_dir: the results root.
+        dataset: dataset name.
+        method: `zeroshot`, `linear_probe` or `lora`.
+        prompt_set: the prompt set (zero-shot only).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    folder = Path(results_dir) / dataset / method
+    return folder / prompt_set if method == "zeroshot" and prompt_set else folder
+
+
+def figures_dir(results_dir: str | Path) -> Path:
+    """`<results>/figures`, created."""
+    folder = Path(results_dir) / "figures"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
