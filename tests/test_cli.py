@@ -1,0 +1,82 @@
+"""Command-line behaviour that does not need a trained model: usage errors and failing fast."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from clip_utils.cli import build_parser, main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize(
+    "argv,fragment",
+    [
+        ([], "COMMAND"),
+        (["train"], "invalid choice: 'train'"),
+        (["zeroshot"], "--dataset"),
+        (["zeroshot", "--dataset", "imagenet"], "invalid choice: 'imagenet'"),
+        (["probe", "--dataset", "cub200", "--epochs", "0"], "expected a positive number"),
+        (["probe", "--dataset", "cub200", "--lr", "fast"], "expected a number"),
+        (["lora", "--dataset", "cub200", "--rank", "-2"], "expected a positive number"),
+        (["lora", "--dataset", "cub200", "--dropout", "1.5"], "in [0, 1)"),
+        (["lora", "--dataset", "cub200", "--targets", ","], "comma-separated"),
+        (["predict", "--dataset", "flowers102"], "PHOTO"),
+        (["predict", "x.jpg", "--dataset", "flowers102", "--top-k", "many"], "whole number"),
+        (["zeroshot", "--dataset", "cub200", "--batch-size", "0"], "positive"),
+    ],
+)
+def test_bad_arguments_are_usage_errors(capsys, argv, fragment):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and fragment in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["zeroshot", "probe", "lora", "predict", "report"])
+def test_every_command_has_help(capsys, command):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args([command, "--help"])
+    assert exit_.value.code == 0
+    assert "usage: python -m clip_utils " + command in capsys.readouterr().out
+
+
+def test_missing_dataset_is_one_line_not_a_traceback(capsys, tmp_path, kit):
+    code = main(["zeroshot", "--dataset", "cub200", "--model", str(kit["model"]), "--device", "cpu",
+                 "--data-root", str(tmp_path), "--results-dir", str(tmp_path / "r"), "--no-download"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("error: CUB-200-2011 not found") and "Traceback" not in err
+
+
+def test_cuda_requested_without_cuda_is_explained(capsys, tmp_path, kit, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    code = main(["zeroshot", "--dataset", "cub200", "--model", str(kit["model"]), "--device", "cuda",
+                 "--data-root", str(kit["data"]), "--results-dir", str(tmp_path)])
+    assert code == 1
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_make_run_offline_stops_fast_naming_model_and_demo(tmp_path):
+    """What `make run` does on a machine with no network and no cached model."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "CLIP_"))}
+    # An endpoint that refuses at once stands in for "no network" on any machine, so the
+    # test never starts a real 1.7 GB download where a network exists.
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9",
+               CLIP_RESULTS_DIR=str(tmp_path / "results"))
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "clip_utils.notebooks"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 1
+    assert "openai/clip-vit-large-patch14" in proc.stderr
+    assert "make demo" in proc.stderr
+    assert "unreachable" in proc.stderr
+    assert elapsed < 30
