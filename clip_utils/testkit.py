@@ -39,6 +39,16 @@ def _byte_chars() -> list[str]:
     return list(bytes_to_unicode().values())
 
 
+def char_tokenizer():
+    """A CLIP tokenizer over single characters (no merges): works offline, needs no vocab file."""
+    from transformers import CLIPTokenizer
+
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    chars = _byte_chars()
+    tokens = specials + chars + [c + "</w>" for c in chars]
+    return CLIPTokenizer(vocab={tok: i for i, tok in enumerate(tokens)}, merges=[])
+
+
 def make_tiny_clip(folder: str | Path, image_size: int = TINY_IMAGE_SIZE, seed: int = 0) -> Path:
     """Write a tiny random-weight CLIP (model, tokenizer, processor) to `folder`.
 
@@ -48,15 +58,12 @@ def make_tiny_clip(folder: str | Path, image_size: int = TINY_IMAGE_SIZE, seed: 
         seed: weight initialisation seed.
     """
     import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    specials = ["<|startoftext|>", "<|endoftext|>"]
-    chars = _byte_chars()
-    tokens = specials + chars + [c + "</w>" for c in chars]
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    tokenizer = char_tokenizer()
+    vocab = tokenizer.get_vocab()
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},

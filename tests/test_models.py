@@ -73,3 +73,23 @@ def test_zeroshot_head_reproduces_text_logits():
     head = models.zeroshot_head(text, logit_scale=100.0)
     x = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
     torch.testing.assert_close(head(x), 100.0 * x @ text)
+
+
+def test_model_in_the_local_hub_cache_loads_without_network(kit, tmp_path):
+    """A model downloaded once loads from the cache later, with no network and no HF_HUB_OFFLINE."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    snapshot = tmp_path / "hub" / "models--someorg--tiny-clip" / "snapshots" / "0123abcd"
+    shutil.copytree(kit["model"], snapshot)
+    (tmp_path / "hub" / "models--someorg--tiny-clip" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someorg--tiny-clip" / "refs" / "main").write_text("0123abcd")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HUB_CACHE=str(tmp_path / "hub"), HF_ENDPOINT="http://127.0.0.1:9")
+    code = "from clip_utils.models import load_clip; m, p = load_clip('someorg/tiny-clip'); print(type(m).__name__)"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "CLIPModel"
