@@ -1,0 +1,254 @@
+"""Evaluation figures: confusion matrices, sample predictions, prompt-set and photo charts.
+
+    fig = plot_confusion(labels, preds, class_names, "Flowers102 zero-shot", path="cm.png")
+    fig = plot_sample_predictions(paths, labels, preds, class_names, probs=probs, path="s.png")
+    fig = plot_prompt_comparison({"flowers102": {"default": 0.71, "domain": 0.79}})
+    fig = plot_photo_predictions(image, top_k, "my_photo/flower.png")
+
+Every function returns a `matplotlib.figure.Figure` and saves it as PNG when `path` is
+given. Figures are built with `Figure()` rather than `pyplot`, so a library call that only
+saves a picture never leaks an open figure or pops up a window, while a notebook still
+displays the returned figure (once) as the cell's value.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from . import metrics
+
+RIGHT, WRONG = "#1a9850", "#d73027"
+
+
+def _figure(constrained: bool = True, **kwargs) -> Figure:
+    # An Agg canvas from the start: without one every text-size query (seaborn checks tick
+    # label overlap) builds a fresh full-size renderer, seconds and gigabytes at 200 classes.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = Figure(layout="constrained" if constrained else None, **kwargs)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: str | Path | None, dpi: int = 150) -> Figure:
+    if path is not None:
+        from .results import atomic_path
+
+        # atomic_path's temporary name has no .png suffix, so name the format explicitly.
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+    return fig
+
+
+def _wrap(text: str, width: int) -> str:
+    return "\n".join(textwrap.wrap(text, width)) or text
+
+
+def cluster_order(matrix: np.ndarray) -> np.ndarray:
+    """A class order that puts classes confused with each other next to each other.
+
+    Args:
+        matrix: `(C, C)` row-normalised confusion matrix.
+
+    Returns:
+        A permutation of `range(C)`: the leaf order of an average-linkage clustering of the
+        symmetrised confusion rows (two classes mistaken for each other share mass in the
+        same columns, so their rows are close).
+    """
+    from scipy.cluster.hierarchy import leaves_list, linkage
+
+    if len(matrix) < 3:
+        return np.arange(len(matrix))
+    sym = (matrix + matrix.T) / 2
+    return leaves_list(linkage(sym, method="average", metric="euclidean"))
+
+
+def plot_confusion(
+    labels: Sequence[int],
+    preds: Sequence[int],
+    class_names: Sequence[str],
+    title: str,
+    path: str | Path | None = None,
+    order: str = "cluster",
+    top_pairs: int = 15,
+) -> Figure:
+    """Row-normalised confusion heatmap plus the most confused pairs by name.
+
+    Readable at 102 and 200 classes: no per-cell numbers, a colour scale in recall units,
+    tick labels sized to the class count, and a side panel that names the largest
+    mistakes, which is what a reader actually looks for in a 200 x 200 matrix.
+
+    Args:
+        labels: true labels.
+        preds: predicted labels.
+        class_names: names in label order.
+        title: figure title.
+        path: PNG to write (None: do not save).
+        order: `cluster` (confused classes adjacent) or `label`.
+        top_pairs: rows in the side panel.
+    """
+    import seaborn as sns
+
+    if order not in ("cluster", "label"):
+        raise ValueError(f"order must be 'cluster' or 'label', got {order!r}")
+    n = len(class_names)
+    matrix = metrics.confusion(labels, preds, n, normalize=True)
+    perm = cluster_order(matrix) if order == "cluster" else np.arange(n)
+    names = [class_names[i] for i in perm]
+
+    # Fixed margins rather than constrained layout: laying out 2 x 200 tick labels several
+    # times costs seconds per figure; bbox_inches="tight" on save trims the edges anyway.
+    fig = _figure(constrained=False, figsize=(15, 11))
+    grid = fig.add_gridspec(1, 2, width_ratios=[2.4, 1], wspace=0.02, left=0.16, right=0.99, bottom=0.18)
+    ax = fig.add_subplot(grid[0])
+    fontsize = float(np.clip(700 / max(n, 1), 3, 9))
+    sns.heatmap(
+        matrix[np.ix_(perm, perm)], ax=ax, cmap="viridis", vmin=0, vmax=1, square=True,
+        xticklabels=names, yticklabels=names, cbar_kws={"label": "share of the true class", "shrink": 0.6},
+    )
+    ax.tick_params(labelsize=fontsize, length=0)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(f"{title}\n(rows normalised; classes ordered {'by confusion' if order == 'cluster' else 'by label'})")
+
+    side = fig.add_subplot(grid[1])
+    side.axis("off")
+    pairs = metrics.most_confused(labels, preds, class_names, k=top_pairs)
+    lines = [f"{i}. {_wrap(p['true'], 40)}\n    -> {_wrap(p['pred'], 36)}\n    {p['count']} images, "
+             f"{p['share_of_true']:.0%} of the class" for i, p in enumerate(pairs, 1)]
+    side.set_title("most confused pairs (true -> predicted)", loc="left", fontsize=11)
+    side.text(0, 1, "\n".join(lines) if lines else "no mistakes", va="top", ha="left", fontsize=8.5,
+              family="monospace", transform=side.transAxes)
+    # 200 names fit only in small type: a higher resolution keeps them legible when zoomed.
+    return _save(fig, path, dpi=150 if n <= 60 else 220)
+
+
+def choose_samples(labels: Sequence[int], preds: Sequence[int], n: int, seed: int = 0) -> np.ndarray:
+    """Indices of `n` samples, about half of them mistakes when there are enough.
+
+    Args:
+        labels: true labels.
+        preds: predicted labels.
+        n: how many.
+        seed: sampling seed.
+    """
+    rng = np.random.default_rng(seed)
+    correct = np.asarray(labels) == np.asarray(preds)
+    right, wrong = np.flatnonzero(correct), np.flatnonzero(~correct)
+    n = min(n, len(correct))
+    n_wrong = min(len(wrong), max(n // 2, n - len(right)))
+    picked = np.concatenate([rng.choice(wrong, n_wrong, replace=False),
+                             rng.choice(right, n - n_wrong, replace=False)])
+    return rng.permutation(picked)
+
+
+def plot_sample_predictions(
+    paths: Sequence[str],
+    labels: Sequence[int],
+    preds: Sequence[int],
+    class_names: Sequence[str],
+    probs: Sequence[Sequence[float]] | np.ndarray | None = None,
+    n: int = 16,
+    seed: int = 0,
+    title: str = "",
+    path: str | Path | None = None,
+) -> Figure:
+    """A grid of images with their true and predicted names, green when right, red when wrong.
+
+    Args:
+        paths: image files.
+        labels: true labels.
+        preds: predicted labels.
+        class_names: names in label order.
+        probs: `(N, C)` class probabilities; adds the predicted class's probability.
+        n: images in the grid (about half of them mistakes when there are enough).
+        seed: sampling seed.
+        title: figure title.
+        path: PNG to write (None: do not save).
+    """
+    from .data import UnreadableImageError, open_rgb
+
+    picked = choose_samples(labels, preds, n, seed)
+    cols = int(np.ceil(np.sqrt(len(picked)))) or 1
+    rows = int(np.ceil(len(picked) / cols)) or 1
+    fig = _figure(figsize=(3.1 * cols, 3.6 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_frame_on(False)
+    for ax, i in zip(axes, picked):
+        true, pred = int(labels[i]), int(preds[i])
+        colour = RIGHT if true == pred else WRONG
+        try:
+            ax.imshow(open_rgb(paths[i]))
+        except UnreadableImageError:
+            ax.text(0.5, 0.5, "unreadable", ha="center", va="center", transform=ax.transAxes)
+        ax.set_frame_on(True)
+        for spine in ax.spines.values():
+            spine.set_edgecolor(colour)
+            spine.set_linewidth(5)
+        p = f" ({float(probs[i][pred]):.0%})" if probs is not None else ""
+        mark = "right" if true == pred else "WRONG"
+        ax.set_title(f"{mark}\ntrue: {_wrap(class_names[true], 24)}\npred: {_wrap(class_names[pred], 24)}{p}",
+                     color=colour, fontsize=8.5)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_prompt_comparison(table: Mapping[str, Mapping[str, float]], path: str | Path | None = None) -> Figure:
+    """Grouped bars: top-1 accuracy of each prompt set, one group per dataset.
+
+    Args:
+        table: `{dataset: {prompt_set: top1 in [0, 1]}}`.
+        path: PNG to write (None: do not save).
+    """
+    import seaborn as sns
+
+    rows = [(ds, ps, 100 * acc) for ds, sets in table.items() for ps, acc in sets.items()]
+    if not rows:
+        raise ValueError("no zero-shot results to compare: run zero-shot evaluation first")
+    fig = _figure(figsize=(max(6.0, 2.2 + 1.1 * len(rows)), 4.8))
+    ax = fig.add_subplot()
+    datasets = list(dict.fromkeys(r[0] for r in rows))
+    sets = list(dict.fromkeys(r[1] for r in rows))
+    sns.barplot(x=[r[0] for r in rows], y=[r[2] for r in rows], hue=[r[1] for r in rows],
+                order=datasets, hue_order=sets, ax=ax, palette="tab10")
+    for container in ax.containers:
+        ax.bar_label(container, fmt="%.1f", fontsize=8, padding=2)
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_xlabel("")
+    ax.set_ylim(0, min(100, max(r[2] for r in rows) * 1.15 + 1))
+    ax.set_title("Zero-shot top-1 by prompt set")
+    ax.legend(title="prompt set", fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _save(fig, path)
+
+
+def plot_photo_predictions(image, top_k: Sequence[Mapping], title: str, path: str | Path | None = None) -> Figure:
+    """A photo beside a horizontal bar chart of its top-k class probabilities.
+
+    Args:
+        image: the photo (RGB PIL image or array).
+        top_k: `[{"name": str, "prob": float}, ...]`, most likely first.
+        title: figure title (the photo's name, the dataset, the method).
+        path: PNG to write (None: do not save).
+    """
+    fig = _figure(figsize=(11, 4.2))
+    left, right = fig.subplots(1, 2, width_ratios=[1, 1.3])
+    left.imshow(image)
+    left.axis("off")
+    names = [_wrap(t["name"], 30) for t in top_k][::-1]
+    probs = [100 * float(t["prob"]) for t in top_k][::-1]
+    bars = right.barh(names, probs, color=["#bdbdbd"] * (len(probs) - 1) + ["#3182bd"])
+    right.bar_label(bars, fmt="%.1f%%", padding=3, fontsize=9)
+    right.set_xlim(0, 115)
+    right.set_xlabel("probability (%)")
+    right.spines[["top", "right"]].set_visible(False)
+    fig.suptitle(title)
+    return _save(fig, path)
