@@ -1,0 +1,244 @@
+"""Your own photos: robust loading and top-k predictions with any of the three classifiers.
+
+    results = predict_photos(lab, ["my_photo/flower.png", "IMG_2041.HEIC"], "flowers102")
+    print(format_predictions(results))
+    # my_photo/flower.png
+    #    1. pink primrose          41.2%  ...
+    # IMG_2041.HEIC
+    #    error: cannot read IMG_2041.HEIC: not an image file Pillow can open ...
+
+Photos arrive as people take them, so `load_photo` turns every readable file into the RGB
+picture a person sees:
+
+- EXIF orientation is applied (phones store portrait shots sideways plus a rotate tag);
+- transparency (RGBA, LA, palette with a transparent colour) is composited on white, as a
+  viewer shows it, instead of exposing whatever colour hides under alpha = 0;
+- 16-bit and 32-bit greyscale (`I;16`, `I`, `F`) are scaled to 8 bits by their bit depth
+  rather than clipped (clipping turns a 16-bit photo white);
+- greyscale, palette, CMYK, YCbCr and LAB go through Pillow's own conversions;
+- large photos: JPEGs are decoded at a reduced scale (`Image.draft`, DCT scaling) that
+  still leaves at least `DECODE_SIZE` pixels a side, so a 50-megapixel phone photo costs a
+  fraction of its full-size memory; the model only sees a 224-pixel crop anyway. An image
+  over Pillow's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS` twice over, about
+  179 megapixels by default) is refused, not decoded: its header may lie, and decoding it
+  could take gigabytes. Raise that limit yourself if you trust the file.
+
+Anything else (a missing path, a folder, a file that is not an image, a truncated file) is
+a `PhotoError` naming the file and the way out. `predict_photos` records it for that photo
+and goes on with the others.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+DECODE_SIZE = 1024
+METHODS = ("zeroshot", "probe", "lora")
+
+
+class PhotoError(ValueError):
+    """A photo that cannot be used; the message names the file and what to do."""
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    # 16-bit PNG/TIFF greyscale opens as I;16* or I (32-bit int), float TIFF as F. Scale by
+    # the range the mode implies: 0..65535 for 16-bit, 0..1 for float images stored so.
+    pixels = np.asarray(img, dtype=np.float64)
+    if img.mode.startswith("I;16"):
+        scale = 255 / 65535
+    elif img.mode == "F" and pixels.size and pixels.max() <= 1.0:
+        scale = 255.0
+    else:  # I or F holding 8- or 16-bit values
+        scale = 255 / 65535 if pixels.size and pixels.max() > 255 else 1.0
+    return Image.fromarray(np.clip(pixels * scale + 0.5, 0, 255).astype(np.uint8), mode="L")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to RGB as a viewer would show it (transparency on white).
+
+    Args:
+        img: a loaded Pillow image.
+    """
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        img = _to_8bit(img)
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_photo(path: str | Path) -> Image.Image:
+    """Open a photo as an upright RGB image, or raise a `PhotoError` that says why not.
+
+    Args:
+        path: image file (JPEG, PNG, WebP, TIFF, BMP, GIF: whatever Pillow reads).
+
+    Raises:
+        PhotoError: missing path, folder, not an image, truncated or corrupt file, or an
+            image over Pillow's decompression-bomb limit.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise PhotoError(f"photo not found: {path} (check the path; relative paths start at {os.getcwd()})")
+    if path.is_dir():
+        raise PhotoError(f"{path} is a folder, not a photo: pass the image files inside it (e.g. {path}/*.jpg)")
+    try:
+        with Image.open(path) as img:
+            if img.format == "JPEG":
+                img.draft(None, (DECODE_SIZE, DECODE_SIZE))  # decode at 1/2..1/8 scale when that is enough
+            img.load()
+            upright = ImageOps.exif_transpose(img)
+            return to_rgb(upright)
+    except Image.DecompressionBombError as err:
+        raise PhotoError(
+            f"{path} is too large to decode safely ({err}). Downscale it first, or raise "
+            f"PIL.Image.MAX_IMAGE_PIXELS if you trust the file."
+        ) from err
+    except UnidentifiedImageError as err:
+        raise PhotoError(
+            f"cannot read {path}: not an image file Pillow can open (HEIC/AVIF/RAW need converting "
+            f"to JPEG or PNG first)"
+        ) from err
+    except (OSError, SyntaxError, ValueError) as err:  # truncated data, bad chunks, unreadable file
+        raise PhotoError(f"cannot read {path}: the file is truncated or corrupt ({err}); re-export or re-copy it") from err
+
+
+def _zeroshot_classifier(lab, dataset: str, names: list[str], prompt_set: str):
+    from .models import ClipClassifier, zeroshot_head
+    from .prompts import AUTO, build_text_classifier, prompt_sets
+    from .zeroshot import choose_on_val, logit_scale
+
+    model, processor = lab.clip()
+    sets = prompt_sets(dataset)
+    if prompt_set == AUTO:
+        weights = {n: build_text_classifier(model, processor.tokenizer, names, t, lab.device, lab.batch_size)
+                   for n, t in sets.items()}
+        text = weights[choose_on_val(lab, dataset, weights)[0]]
+    elif prompt_set in sets:
+        text = build_text_classifier(model, processor.tokenizer, names, sets[prompt_set], lab.device, lab.batch_size)
+    else:
+        raise ValueError(f"unknown prompt set {prompt_set!r}: choose from {', '.join([*sets, AUTO])}")
+    dtype = next(model.parameters()).dtype
+    head = zeroshot_head(text, logit_scale(model)).to(lab.device, dtype)
+    return ClipClassifier(model.vision_model, model.visual_projection, head).eval()
+
+
+def classifier_for(lab, dataset: str, method: str = "zeroshot", prompt_set: str = "diverse"):
+    """The `ClipClassifier` (vision tower + head, eval mode, on `lab.device`) of a method.
+
+    Args:
+        lab: the run context.
+        dataset: `flowers102` or `cub200`.
+        method: `zeroshot` (head = text classifier of `prompt_set`), `probe` or `lora`
+            (the trained run's checkpoint in the results folder).
+        prompt_set: zero-shot prompt set, `auto` included.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    if method == "zeroshot":
+        from .data import class_names
+
+        return _zeroshot_classifier(lab, dataset, class_names(dataset, lab.data_root, download=lab.download),
+                                    prompt_set)
+    from .checkpoints import load_classifier  # written by the training side; imported only when used
+
+    return load_classifier(lab, dataset, method)
+
+
+@torch.inference_mode()
+def predict_photos(
+    lab,
+    photos: Sequence[str | Path],
+    dataset: str,
+    method: str = "zeroshot",
+    top_k: int = 5,
+    prompt_set: str = "diverse",
+) -> list[dict]:
+    """Top-k classes of each photo; a photo that cannot be read gets an error entry instead.
+
+    Args:
+        lab: the run context (`clip_utils.lab.Lab`).
+        photos: image files.
+        dataset: whose classes to predict (`flowers102` or `cub200`).
+        method: `zeroshot`, `probe` or `lora`.
+        top_k: classes per photo (clamped to the number of classes).
+        prompt_set: zero-shot prompt set (`default`, `domain`, `diverse`, `domain_ensemble`, `auto`).
+
+    Returns:
+        One dict per photo, in order: `{"photo": path, "top_k": [{"label": int, "name": str,
+        "prob": float}, ...]}` (most likely first) or `{"photo": path, "error": message}`.
+    """
+    from .data import class_names
+
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    names = class_names(dataset, lab.data_root, download=lab.download)
+    classifier = classifier_for(lab, dataset, method, prompt_set)
+    transform = lab.preprocess.transform()
+    dtype = next(classifier.parameters()).dtype
+    k = min(top_k, len(names))
+    results = []
+    for photo in tqdm(photos, desc="predicting photos", unit="photo", leave=False):
+        try:
+            image = load_photo(photo)
+        except PhotoError as err:
+            results.append({"photo": str(photo), "error": str(err)})
+            continue
+        pixels = transform(image).unsqueeze(0).to(lab.device, dtype)
+        probs = classifier(pixels).float().softmax(dim=-1)[0].cpu()
+        top = probs.topk(k)
+        results.append({"photo": str(photo), "top_k": [
+            {"label": int(i), "name": names[int(i)], "prob": float(p)} for p, i in zip(top.values, top.indices)
+        ]})
+    return results
+
+
+def format_predictions(results: Sequence[dict]) -> str:
+    """A readable table of `predict_photos` results: per photo, its top-k or its error.
+
+    Args:
+        results: what `predict_photos` returned.
+    """
+    lines = []
+    for r in results:
+        lines.append(str(r["photo"]))
+        if "error" in r:
+            lines.append(f"   error: {r['error']}")
+            continue
+        width = max(len(t["name"]) for t in r["top_k"])
+        lines += [f"  {i:>2}. {t['name']:<{width}}  {100 * t['prob']:5.1f}%" for i, t in enumerate(r["top_k"], 1)]
+    return "\n".join(lines)
+
+
+def photo_figures(results: Sequence[dict], title: str = "", folder: str | Path | None = None) -> list:
+    """Each readable photo beside its top-k bar chart (the notebook's custom-photo section).
+
+    Args:
+        results: what `predict_photos` returned (error entries are skipped).
+        title: appended to each figure's title (e.g. `flowers102, zero-shot`).
+        folder: save the figures there as `photo_<file stem>_<title>.png` (None: do not save).
+
+    Returns:
+        The matplotlib Figures, in order.
+    """
+    from .plots import plot_photo_predictions
+
+    figures = []
+    for r in results:
+        if "error" in r:
+            continue
+        slug = "".join(c if c.isalnum() else "_" for c in f"{Path(r['photo']).name}_{title}").strip("_")
+        path = Path(folder) / f"photo_{slug}.png" if folder is not None else None
+        name = f"{Path(r['photo']).name}" + (f" ({title})" if title else "")
+        figures.append(plot_photo_predictions(load_photo(r["photo"]), r["top_k"], name, path=path))
+    return figures

@@ -1,0 +1,208 @@
+"""Zero-shot classification: text classifier per prompt set, one matmul per set, results files.
+
+    lab = Lab(model="openai/clip-vit-large-patch14")
+    results = run_zeroshot(lab, "flowers102", ["all"])     # {prompt_set: metrics}
+    results["domain"]["top1"], results["auto"]["selected_set"]
+
+The image side is the expensive half and does not depend on the prompts, so the test
+images are encoded once (`lab.features`, cached on disk) and each prompt set costs one text
+encoding and one `(N, D) @ (D, C)` product. Per set, `save_evaluation` writes
+`results/<dataset>/zeroshot/<set>/metrics.json` (with the exact `templates`),
+`predictions.csv`, the classification report and the confusion / sample figures; the run
+ends by redrawing `results/figures/zeroshot_prompt_sets.png` from every metrics.json present,
+so the chart compares datasets evaluated in separate runs too.
+
+`auto` scores every concrete set on the validation split and uses the best on test: the
+one prompt-set result that was not chosen by looking at the test labels.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from . import prompts
+from .data import DATASETS, class_names
+from .evaluation import save_evaluation
+from .plots import plot_prompt_comparison
+from .results import figures_dir, method_dir, read_json
+
+COMPARISON_FIGURE = "zeroshot_prompt_sets.png"
+
+
+def predict(features: torch.Tensor, classifier: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    """Zero-shot logits: scaled cosine similarity of image and class embeddings.
+
+    Args:
+        features: `(N, D)` L2-normalised image embeddings.
+        classifier: `(D, C)` L2-normalised class embeddings (`build_text_classifier`).
+        logit_scale: CLIP's temperature, `model.logit_scale.exp()` (100 for OpenAI CLIP).
+
+    Returns:
+        `(N, C)` float32 logits; their softmax is CLIP's class probability.
+    """
+    if features.shape[1] != classifier.shape[0]:
+        raise ValueError(f"image embeddings of size {features.shape[1]} do not match text embeddings "
+                         f"of size {classifier.shape[0]}: were they made by the same model?")
+    return logit_scale * (features.float() @ classifier.float())
+
+
+def logit_scale(model) -> float:
+    """CLIP's learned temperature, `exp(model.logit_scale)`."""
+    return float(model.logit_scale.detach().float().exp().item())
+
+
+def select_prompt_set(
+    features: torch.Tensor, labels: torch.Tensor, classifiers: Mapping[str, torch.Tensor], scale: float
+) -> tuple[str, dict[str, float]]:
+    """The prompt set with the best top-1 on a (validation) split.
+
+    Args:
+        features: `(N, D)` image embeddings of the selection split.
+        labels: `(N,)` their labels.
+        classifiers: `{set name: (D, C) classifier}`, in preference order for ties.
+        scale: the logit scale.
+
+    Returns:
+        `(best name, {name: top-1 accuracy})`.
+    """
+    if not classifiers:
+        raise ValueError("no prompt sets to choose from")
+    scores = {name: float((predict(features, w, scale).argmax(1) == labels).float().mean())
+              for name, w in classifiers.items()}
+    return max(scores, key=scores.get), scores  # max keeps the first of equal scores
+
+
+def choose_on_val(lab, dataset: str, classifiers: Mapping[str, torch.Tensor]) -> tuple[str, dict[str, float]]:
+    """`select_prompt_set` on the validation split's (cached) image features.
+
+    Args:
+        lab: the run context.
+        dataset: the dataset.
+        classifiers: `{set name: (D, C) classifier}`.
+    """
+    val = lab.features(dataset, "val")
+    return select_prompt_set(val.embeddings, val.labels, classifiers, logit_scale(lab.clip()[0]))
+
+
+def run_zeroshot(
+    lab, dataset: str, prompt_sets: list[str] | str, split: str = "test"
+) -> dict[str, dict]:
+    """Evaluate zero-shot CLIP on a split under prompt sets and write their results.
+
+    Args:
+        lab: the run context (`clip_utils.lab.Lab`): model, data and results folders, device.
+        dataset: `flowers102` or `cub200`.
+        prompt_sets: set names, `all` or `auto` among them (see `prompts.resolve`).
+        split: `test` (or `val`; `auto` then selects on the split it is scored on).
+
+    Returns:
+        `{set name: metrics.json content}`. `seconds` is the set's own time (text encoding
+        and scoring); `feature_seconds` is the shared image encoding (or cache read) of
+        this run; `auto` adds `selected_set` and `val_top1` (every set's validation top-1).
+    """
+    names = prompts.resolve(prompt_sets, dataset)
+    sets = prompts.prompt_sets(dataset)
+    start = time.perf_counter()
+    feats = lab.features(dataset, split)
+    feature_seconds = time.perf_counter() - start
+    model, processor = lab.clip()
+    scale = logit_scale(model)
+    classes = class_names(dataset, lab.data_root, download=lab.download)
+    weights: dict[str, torch.Tensor] = {}
+
+    def classifier(name: str) -> torch.Tensor:
+        if name not in weights:
+            weights[name] = prompts.build_text_classifier(
+                model, processor.tokenizer, classes, sets[name], lab.device, lab.batch_size)
+        return weights[name]
+
+    results = {}
+    for name in names:
+        start = time.perf_counter()
+        extra: dict = {}
+        chosen = name
+        if name == prompts.AUTO:
+            chosen, val_top1 = choose_on_val(lab, dataset, {n: classifier(n) for n in sets})
+            extra = {"selected_set": chosen, "selected_on": "val", "val_top1": val_top1}
+        logits = predict(feats.embeddings, classifier(chosen), scale)
+        info = {
+            "dataset": dataset, "split": split, "method": "zeroshot", "model": str(lab.model),
+            "prompt_set": name, "templates": sets[chosen], **extra, "logit_scale": scale,
+            "seconds": time.perf_counter() - start, "feature_seconds": feature_seconds,
+        }
+        results[name] = save_evaluation(
+            method_dir(lab.results_dir, dataset, "zeroshot", name),
+            logits=logits, labels=feats.labels, paths=feats.paths, class_names=classes, info=info,
+            figure_prefix=f"{dataset}_zeroshot_{name}", results_dir=lab.results_dir,
+        )
+    plot_prompt_comparison(prompt_table(lab.results_dir), path=figures_dir(lab.results_dir) / COMPARISON_FIGURE)
+    return results
+
+
+def saved_results(results_dir: str | Path) -> dict[str, dict[str, dict]]:
+    """Every zero-shot metrics.json under `results_dir`: `{dataset: {prompt_set: metrics}}`.
+
+    Args:
+        results_dir: the results root.
+    """
+    out: dict[str, dict[str, dict]] = {}
+    for dataset in DATASETS:
+        folder = Path(results_dir) / dataset / "zeroshot"
+        known = [*prompts.prompt_sets(dataset), prompts.AUTO]
+        found = sorted(folder.glob("*/metrics.json"), key=lambda p: (
+            known.index(p.parent.name) if p.parent.name in known else len(known), p.parent.name))
+        if found:
+            out[dataset] = {p.parent.name: read_json(p) for p in found}
+    return out
+
+
+def prompt_table(results_dir: str | Path) -> dict[str, dict[str, float]]:
+    """Top-1 per dataset and prompt set from the saved results (input of the comparison chart).
+
+    Args:
+        results_dir: the results root.
+    """
+    return {ds: {name: m["top1"] for name, m in sets.items()} for ds, sets in saved_results(results_dir).items()}
+
+
+def results_table(results_dir: str | Path):
+    """The saved zero-shot results as a pandas DataFrame, one row per dataset and prompt set.
+
+    Args:
+        results_dir: the results root.
+    """
+    import pandas as pd
+
+    rows = [
+        {"dataset": ds, "prompt_set": name, "templates": len(m["templates"]),
+         "selected_set": m.get("selected_set", ""), "n": m["n"], "top1 %": 100 * m["top1"],
+         "top5 %": 100 * m["top5"], "mean per class %": 100 * m["mean_per_class"]}
+        for ds, sets in saved_results(results_dir).items() for name, m in sets.items()
+    ]
+    return pd.DataFrame(rows).round(2)
+
+
+def headline(results: Mapping[str, Mapping]) -> str:
+    """The set to show for a dataset: `auto` (chosen on validation) if run, else the best top-1.
+
+    Args:
+        results: `{set name: metrics}` as returned by `run_zeroshot`.
+    """
+    if not results:
+        raise ValueError("no zero-shot results")
+    return prompts.AUTO if prompts.AUTO in results else max(results, key=lambda n: results[n]["top1"])
+
+
+def summarise(results: Mapping[str, Mapping[str, Mapping]]) -> dict:
+    """The numbers worth keeping from `{dataset: run_zeroshot(...)}`, for task1_summary.json.
+
+    Args:
+        results: `{dataset: {set name: metrics}}`.
+    """
+    keep = ("n", "top1", "top5", "mean_per_class", "selected_set", "seconds")
+    return {ds: {name: {k: m[k] for k in keep if k in m} | {"templates": len(m["templates"])}
+                 for name, m in sets.items()} for ds, sets in results.items()}
