@@ -132,22 +132,43 @@ def decode_batch(blobs: list[bytes], paths: list[str], device: torch.device) -> 
     return out  # type: ignore[return-value]
 
 
-def preprocess_tensors(images: list[torch.Tensor], pre: Preprocess, dtype: torch.dtype) -> torch.Tensor:
+def augment_geometry(pre: Preprocess) -> list:
+    """The random geometric transforms of `pre.transform(augment=True)` (crop, flip).
+
+    Taken from the PIL transform itself, so the device path augments exactly like the
+    portable path; torchvision applies them to uint8 tensors on any device.
+    """
+    from torchvision import transforms as T
+
+    return [t for t in pre.transform(augment=True).transforms if not isinstance(t, (T.ToTensor, T.Normalize))]
+
+
+def preprocess_tensors(
+    images: list[torch.Tensor], pre: Preprocess, dtype: torch.dtype, augment: bool = False
+) -> torch.Tensor:
     """Resize (shortest edge, antialiased bicubic), centre-crop and normalise uint8 images.
 
     Args:
         images: `(3, H, W)` uint8 tensors, any sizes, on the target device.
         pre: the model's preprocessing.
         dtype: output dtype.
+        augment: random resized crop and flip (training) instead of resize and centre crop;
+            random numbers come from torch's global generator, so a seeded run repeats.
     """
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as TF
 
     interp = InterpolationMode.BICUBIC if pre.interpolation == 3 else InterpolationMode.BILINEAR
+    geometry = augment_geometry(pre) if augment else []
     out = []
     for img in images:
-        img = TF.resize(img, [pre.resize], interpolation=interp, antialias=True)
-        out.append(TF.center_crop(img, list(pre.crop)))
+        if augment:
+            for t in geometry:
+                img = t(img)
+        else:
+            img = TF.resize(img, [pre.resize], interpolation=interp, antialias=True)
+            img = TF.center_crop(img, list(pre.crop))
+        out.append(img)
     batch = torch.stack(out).to(torch.float32).div_(255)
     mean = torch.tensor(pre.mean, device=batch.device).view(1, 3, 1, 1)
     std = torch.tensor(pre.std, device=batch.device).view(1, 3, 1, 1)
@@ -168,6 +189,7 @@ def iter_pixel_batches(
     num_workers: int | None = None,
     fast: bool | None = None,
     desc: str | None = None,
+    augment: bool = False,
 ):
     """Yield preprocessed `(B, 3, H, W)` batches on `device`, in order, with a progress bar.
 
@@ -180,26 +202,69 @@ def iter_pixel_batches(
         num_workers: DataLoader workers (None: `default_workers()`).
         fast: decode on the device from raw bytes (None: only on CUDA).
         desc: progress bar label (None hides the bar).
+        augment: training augmentation (`Preprocess.transform(augment=True)`): in the
+            workers on the PIL path, on the device on the fast path.
     """
     device = torch.device(device)
     fast = device.type == "cuda" if fast is None else fast
     workers = default_workers() if num_workers is None else num_workers
     common = dict(batch_size=batch_size, num_workers=workers, persistent_workers=False)
     if workers:
+        # Worker seeds are drawn from torch's global generator, so a run seeded the same
+        # way augments the same way.
         common["prefetch_factor"] = 4
     if fast:
         loader = DataLoader(_BytesDataset(paths), collate_fn=_collate_bytes, **common)
     else:
-        loader = DataLoader(_PilDataset(paths, pre.transform()), pin_memory=device.type == "cuda", **common)
+        transform = pre.transform(augment=augment)
+        loader = DataLoader(_PilDataset(paths, transform), pin_memory=device.type == "cuda", **common)
     start = 0
     for batch in tqdm(loader, desc=desc, unit="batch", disable=desc is None, leave=False):
         if fast:
             chunk = list(paths[start : start + len(batch)])
-            pixels = preprocess_tensors(decode_batch(batch, chunk, device), pre, dtype)
+            pixels = preprocess_tensors(decode_batch(batch, chunk, device), pre, dtype, augment=augment)
         else:
             pixels = batch.to(device, dtype, non_blocking=True)
         start += len(batch)
         yield pixels
+
+
+def iter_labelled_batches(
+    paths: Sequence[str],
+    labels: torch.Tensor,
+    pre: Preprocess,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch_size: int,
+    order: torch.Tensor | None = None,
+    augment: bool = False,
+    num_workers: int | None = None,
+    fast: bool | None = None,
+    desc: str | None = None,
+):
+    """Yield `(pixels, labels)` batches on `device`, in a given order (training and evaluation).
+
+    Args:
+        paths: image files.
+        labels: `(N,)` labels of `paths`.
+        pre: the model's preprocessing.
+        device: target device.
+        dtype: pixel dtype.
+        batch_size: images per batch.
+        order: a permutation of `range(N)` (e.g. from a seeded generator; None: file order).
+        augment: training augmentation (see `iter_pixel_batches`).
+        num_workers: DataLoader workers (None: `default_workers()`).
+        fast: decode on the device from raw bytes (None: only on CUDA).
+        desc: progress bar label (None hides the bar).
+    """
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    if order is not None:
+        paths, labels = [paths[i] for i in order.tolist()], labels[order]
+    labels = labels.to(device)
+    start = 0
+    for pixels in iter_pixel_batches(paths, pre, device, dtype, batch_size, num_workers, fast, desc, augment):
+        yield pixels, labels[start : start + len(pixels)]
+        start += len(pixels)
 
 
 @torch.inference_mode()

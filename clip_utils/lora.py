@@ -1,0 +1,210 @@
+"""LoRA fine-tuning of CLIP's vision encoder with peft, on the shared training loop.
+
+    cfg = TrainConfig(epochs=10, lr=5e-4, augment=True)
+    metrics = run_lora(lab, "flowers102", cfg, LoraSettings(rank=8, alpha=16))
+
+A fresh float32 CLIP is loaded (the lab's model is fp16 on CUDA and shared with zero-shot
+and the probe, so it must not receive adapters); its text tower builds the zero-shot head
+and is then dropped. peft wraps only `model.vision_model`, so the targets (`q_proj`,
+`v_proj` by default) are adapted in the vision encoder alone. Training runs in bf16
+autocast on CUDA, on augmented images decoded on the GPU (`features.iter_labelled_batches`;
+the PIL path on CPU). The best epoch's adapter is saved with `save_pretrained` into
+`results/<dataset>/lora/adapter/` beside `head.safetensors`, and test evaluation reloads
+both through `checkpoints.load_classifier`, exactly as `predict --method lora` does.
+
+Trainable parameters. peft adds `A` (r x d_in) and `B` (d_out x r) to each adapted linear
+layer, so each contributes `r * (d_in + d_out)`; the head adds `D * C + C`. For ViT-L/14
+with r=8 on q_proj and v_proj: 24 layers x 2 x 8 x (1024 + 1024) = 786,432, plus the head.
+`lora_trainable_params` computes this from the config, and `run_lora` checks it against the
+model's actual parameters.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .results import method_dir
+from .train import EpochCallback, TrainConfig, TrainJob, fit, predict, resolved, run_info, zeroshot_init_head
+
+
+def linear_shapes(vision_config) -> dict[str, tuple[int, int]]:
+    """`(d_in, d_out)` of each linear layer name in one CLIP vision encoder layer.
+
+    Args:
+        vision_config: a `CLIPVisionConfig` (hidden_size, intermediate_size).
+    """
+    hidden, mlp = vision_config.hidden_size, vision_config.intermediate_size
+    return {"q_proj": (hidden, hidden), "k_proj": (hidden, hidden), "v_proj": (hidden, hidden),
+            "out_proj": (hidden, hidden), "fc1": (hidden, mlp), "fc2": (mlp, hidden)}
+
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA hyper-parameters.
+
+    Attributes:
+        rank: r, the rank of the update `B @ A`.
+        alpha: scaling numerator (the update is scaled by alpha / r).
+        dropout: dropout on the adapter's input.
+        targets: linear layers of each vision encoder layer to adapt.
+        grad_checkpointing: recompute activations in the backward pass (far less memory,
+            about a quarter slower).
+    """
+
+    rank: int = 8
+    alpha: float = 16
+    dropout: float = 0.1
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    grad_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be at least 1, got {self.rank}")
+        if not self.alpha > 0:
+            raise ValueError(f"LoRA alpha must be positive, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        unknown = [t for t in self.targets if t not in TARGETS]
+        if unknown or not self.targets:
+            raise ValueError(
+                f"LoRA targets {', '.join(unknown) or '(none)'} are not linear layers of the CLIP vision "
+                f"encoder: choose among {', '.join(TARGETS)} (e.g. --targets q_proj,v_proj)"
+            )
+
+
+def lora_trainable_params(vision_config, settings: LoraSettings, n_classes: int, embed_dim: int) -> int:
+    """Exact trainable parameter count of a LoRA run: adapters plus head.
+
+    Each adapted layer gains `A` (r x d_in) and `B` (d_out x r): `r * (d_in + d_out)`.
+
+    Args:
+        vision_config: the `CLIPVisionConfig`.
+        settings: rank and targets.
+        n_classes: head outputs.
+        embed_dim: head inputs (CLIP's projection dimension).
+    """
+    shapes = linear_shapes(vision_config)
+    per_layer = sum(settings.rank * sum(shapes[t]) for t in settings.targets)
+    return vision_config.num_hidden_layers * per_layer + embed_dim * n_classes + n_classes
+
+
+def add_lora(vision: nn.Module, settings: LoraSettings) -> nn.Module:
+    """Wrap a CLIP vision encoder with peft LoRA adapters (base weights frozen).
+
+    Args:
+        vision: `CLIPModel.vision_model`.
+        settings: rank, alpha, dropout, targets, gradient checkpointing.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if settings.grad_checkpointing:
+        # Non-reentrant checkpointing lets gradients reach the adapters even though the frozen
+        # embeddings' outputs do not require grad (the reentrant variant would drop them).
+        enable = getattr(vision, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            vision.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=list(settings.targets), bias="none")
+    return get_peft_model(vision, config)
+
+
+def run_lora(lab, dataset: str, cfg: TrainConfig, lora: LoraSettings | None = None, resume: bool = False,
+             callbacks: Sequence[EpochCallback] = ()) -> dict:
+    """Fine-tune the vision encoder with LoRA, evaluate the best epoch on test, save everything.
+
+    Writes `results/<dataset>/lora/`: metrics.json, predictions.csv, curves.json,
+    head.safetensors, adapter/ (peft), classification_report.txt, resume.pt (and the test
+    figures).
+
+    Args:
+        lab: the run context (model, data, results folder, device, seed).
+        dataset: `flowers102` or `cub200`.
+        cfg: hyper-parameters (`augment=False` trains on centre crops).
+        lora: adapter settings (None: `LoraSettings()`).
+        resume: continue an interrupted run from its last completed epoch.
+        callbacks: called as `callback(epoch, curve_entry)` after each epoch.
+
+    Returns:
+        The metrics.json content.
+    """
+    from .checkpoints import head_info, load_classifier, save_adapter, save_head
+    from .evaluation import save_evaluation
+    from .features import iter_labelled_batches
+    from .models import ClipClassifier, Preprocess, count_parameters, load_clip
+    from .vram import VramProbe
+
+    start = time.perf_counter()
+    lora = lora or LoraSettings()
+    cfg = resolved(cfg, lab)
+    device = torch.device(lab.device)
+    out = method_dir(lab.results_dir, dataset, "lora")
+    splits = {s: lab.dataset(dataset, s) for s in ("train", "val", "test")}
+    class_names = splits["test"].classes
+
+    with VramProbe(device, label=f"{dataset} LoRA") as vram:
+        model, processor = load_clip(lab.model, device, dtype=torch.float32)
+        model.requires_grad_(False)
+        head = zeroshot_init_head(model, processor, dataset, class_names, device, lab.batch_size)
+        vision_config = model.config.vision_config
+        vision = add_lora(model.vision_model, lora)
+        classifier = ClipClassifier(vision, model.visual_projection, head)
+        del model  # drops the text tower: the classifier keeps only what it needs
+        expected = lora_trainable_params(vision_config, lora, len(class_names), head.in_features)
+        trainable, total = count_parameters(classifier)
+        if trainable != expected:  # the count in metrics.json must be exact
+            raise RuntimeError(f"LoRA trainable parameters: model has {trainable}, config gives {expected}")
+
+        pre = Preprocess.from_processor(processor)
+        info = dict(dataset=dataset, method="lora", model=lab.model, class_names=class_names,
+                    embed_dim=head.in_features)
+
+        def batches(split: str, order: torch.Tensor | None = None, augment: bool = False) -> Iterable:
+            ds = splits[split]
+            return iter_labelled_batches([p for p, _ in ds.samples], torch.tensor(ds.targets), pre, device,
+                                         torch.float32, cfg.batch_size, order=order, augment=augment,
+                                         num_workers=lab.num_workers)
+
+        def save_best(epoch: int) -> None:
+            meta = head_info(**info, epoch=epoch)
+            save_adapter(out / "adapter", vision, meta)
+            save_head(out / "head.safetensors", head, meta)
+
+        n_train = len(splits["train"])
+        job = TrainJob(
+            name=f"{dataset} LoRA", model=classifier,
+            train_batches=lambda epoch, gen: batches("train", torch.randperm(n_train, generator=gen), cfg.augment),
+            val_batches=lambda: batches("val"),
+            steps_per_epoch=math.ceil(n_train / cfg.batch_size), save_best=save_best, out_dir=out, device=device,
+            batch_size=cfg.batch_size,
+            oom_hint=" or add --grad-checkpointing (LoraSettings(grad_checkpointing=True))",
+            fingerprint={"dataset": dataset, "model": lab.model, "method": "lora", "n_train": n_train,
+                         **{f"lora_{k}": v for k, v in asdict(lora).items() if k != "grad_checkpointing"}},
+        )
+        result = fit(job, cfg, resume=resume, callbacks=callbacks)
+    del classifier, vision, head, job  # free the training copy before loading the best one
+
+    best = load_classifier(lab, dataset, "lora")
+    dtype = best.visual_projection.weight.dtype
+    test = splits["test"]
+    test_batches = iter_labelled_batches([p for p, _ in test.samples], torch.tensor(test.targets), pre, device,
+                                         dtype, cfg.batch_size, num_workers=lab.num_workers,
+                                         desc=f"testing {dataset} LoRA")
+    logits, labels = predict(best, test_batches, device)
+    lora_config = {"lora_" + k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(lora).items()}
+    run = run_info(lab, dataset, "lora", cfg, result, trainable=trainable, total=total,
+                   peak_vram_mb=vram.peak_allocated_mb, peak_reserved_mb=vram.peak_reserved_mb,
+                   seconds=time.perf_counter() - start, extra_config=lora_config)
+    return save_evaluation(out, logits=logits, labels=labels, paths=[p for p, _ in test.samples],
+                           class_names=class_names, info=run, figure_prefix=f"{dataset}_lora",
+                           results_dir=lab.results_dir)
