@@ -32,3 +32,24 @@ def tiny_clip(kit):
     from clip_utils.models import load_clip
 
     return load_clip(kit["model"])
+
+
+@pytest.fixture(scope="session")
+def zeroshot_cli_run(kit, tmp_path_factory):
+    """`python -m clip_utils zeroshot --dataset flowers102 --prompts all` on the kit, run once.
+
+    Returns `(results_dir, exit_code, stdout)`. The Task 1 notebook test starts from a copy of
+    its feature cache, so the 7k Flowers102 test and val images are encoded once per session.
+    """
+    import contextlib
+    import io
+
+    from clip_utils.cli import main
+
+    results = tmp_path_factory.mktemp("zeroshot_cli")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["zeroshot", "--dataset", "flowers102", "--prompts", "all", "--model", str(kit["model"]),
+                     "--data-root", str(kit["data"]), "--results-dir", str(results), "--device", "cpu",
+                     "--batch-size", "256", "--no-download"])
+    return results, code, out.getvalue()
