@@ -53,3 +53,25 @@ def zeroshot_cli_run(kit, tmp_path_factory):
                      "--data-root", str(kit["data"]), "--results-dir", str(results), "--device", "cpu",
                      "--batch-size", "256", "--no-download"])
     return results, code, out.getvalue()
+
+
+@pytest.fixture(scope="session")
+def task2_runs(kit, tmp_path_factory):
+    """A zero-shot, a linear probe and a LoRA run on the kit's 20-class CUB, run once.
+
+    Returns `{"lab", "results", "probe", "lora"}` (the last two: their metrics.json). The
+    settings are chosen to learn within seconds on CPU (high learning rates, few images);
+    tests that modify files work on a copy of `results`.
+    """
+    from clip_utils.lab import Lab
+    from clip_utils.lora import LoraSettings, run_lora
+    from clip_utils.train import TrainConfig, run_probe
+    from clip_utils.zeroshot import run_zeroshot
+
+    results = tmp_path_factory.mktemp("task2_results")
+    lab = Lab(model=str(kit["model"]), data_root=kit["data"], results_dir=results, device="cpu", batch_size=32,
+              num_workers=0, download=False)
+    run_zeroshot(lab, "cub200", ["default", "domain"])
+    probe = run_probe(lab, "cub200", TrainConfig(epochs=30, lr=0.3))
+    lora = run_lora(lab, "cub200", TrainConfig(epochs=10, lr=0.02, augment=True), LoraSettings())
+    return {"lab": lab, "results": results, "probe": probe, "lora": lora}
