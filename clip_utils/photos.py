@@ -31,6 +31,7 @@ and goes on with the others.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -111,6 +112,18 @@ def load_photo(path: str | Path) -> Image.Image:
         ) from err
     except (OSError, SyntaxError, ValueError) as err:  # truncated data, bad chunks, unreadable file
         raise PhotoError(f"cannot read {path}: the file is truncated or corrupt ({err}); re-export or re-copy it") from err
+
+
+def list_photos(folder: str | Path) -> list[Path]:
+    """The files in a photo folder, sorted, hidden files skipped (`load_photo` judges the rest).
+
+    Args:
+        folder: e.g. `my_photo`.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PhotoError(f"photo folder not found: {folder}")
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
 def _zeroshot_classifier(lab, dataset: str, names: list[str], prompt_set: str):
@@ -237,7 +250,7 @@ def photo_figures(results: Sequence[dict], title: str = "", folder: str | Path |
     for r in results:
         if "error" in r:
             continue
-        slug = "".join(c if c.isalnum() else "_" for c in f"{Path(r['photo']).name}_{title}").strip("_")
+        slug = re.sub(r"[^0-9A-Za-z]+", "_", f"{Path(r['photo']).name}_{title}").strip("_")
         path = Path(folder) / f"photo_{slug}.png" if folder is not None else None
         name = f"{Path(r['photo']).name}" + (f" ({title})" if title else "")
         figures.append(plot_photo_predictions(load_photo(r["photo"]), r["top_k"], name, path=path))

@@ -214,7 +214,7 @@ def plot_prompt_comparison(table: Mapping[str, Mapping[str, float]], path: str |
     rows = [(ds, ps, 100 * acc) for ds, sets in table.items() for ps, acc in sets.items()]
     if not rows:
         raise ValueError("no zero-shot results to compare: run zero-shot evaluation first")
-    fig = _figure(figsize=(max(6.0, 2.2 + 1.1 * len(rows)), 4.8))
+    fig = _figure(figsize=(min(14.0, max(6.0, 2.5 + 0.8 * len(rows))), 4.8))
     ax = fig.add_subplot()
     datasets = list(dict.fromkeys(r[0] for r in rows))
     sets = list(dict.fromkeys(r[1] for r in rows))

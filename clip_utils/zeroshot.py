@@ -26,11 +26,22 @@ import torch
 
 from . import prompts
 from .data import DATASETS, class_names
-from .evaluation import save_evaluation
+from .evaluation import figure_paths, save_evaluation
 from .plots import plot_prompt_comparison
 from .results import figures_dir, method_dir, read_json
 
 COMPARISON_FIGURE = "zeroshot_prompt_sets.png"
+
+
+def figures(results_dir: str | Path, dataset: str, prompt_set: str) -> dict[str, Path]:
+    """The confusion and sample figures of one dataset and prompt set: `{"confusion", "samples"}`.
+
+    Args:
+        results_dir: the results root.
+        dataset: the dataset.
+        prompt_set: the prompt set.
+    """
+    return figure_paths(results_dir, f"{dataset}_zeroshot_{prompt_set}")
 
 
 def predict(features: torch.Tensor, classifier: torch.Tensor, logit_scale: float) -> torch.Tensor:
