@@ -125,7 +125,7 @@ def plot_confusion(
     side.text(0, 1, "\n".join(lines) if lines else "no mistakes", va="top", ha="left", fontsize=8.5,
               family="monospace", transform=side.transAxes)
     # 200 names fit only in small type: a higher resolution keeps them legible when zoomed.
-    return _save(fig, path, dpi=150 if n <= 60 else 220)
+    return _save(fig, path, dpi=150 if n <= 120 else 220)
 
 
 def choose_samples(labels: Sequence[int], preds: Sequence[int], n: int, seed: int = 0) -> np.ndarray:

@@ -8,7 +8,8 @@ The image side is the expensive half and does not depend on the prompts, so the 
 images are encoded once (`lab.features`, cached on disk) and each prompt set costs one text
 encoding and one `(N, D) @ (D, C)` product. Per set, `save_evaluation` writes
 `results/<dataset>/zeroshot/<set>/metrics.json` (with the exact `templates`),
-`predictions.csv`, the classification report and the confusion / sample figures; the run
+`predictions.csv`, the classification report and the confusion / sample figures (a `val`
+run goes to `.../<set>/val/` instead, leaving the test results alone); the run
 ends by redrawing `results/figures/zeroshot_prompt_sets.png` from every metrics.json present,
 so the chart compares datasets evaluated in separate runs too.
 
@@ -33,15 +34,36 @@ from .results import figures_dir, method_dir, read_json
 COMPARISON_FIGURE = "zeroshot_prompt_sets.png"
 
 
-def figures(results_dir: str | Path, dataset: str, prompt_set: str) -> dict[str, Path]:
+def output_dir(results_dir: str | Path, dataset: str, prompt_set: str, split: str = "test") -> Path:
+    """Where one prompt set's results go: `<results>/<dataset>/zeroshot/<set>/`.
+
+    A validation-split run goes one level deeper (`.../<set>/val/`) so that it never
+    overwrites the test results the contract, the tables and the charts refer to.
+
+    Args:
+        results_dir: the results root.
+        dataset: the dataset.
+        prompt_set: the prompt set.
+        split: the evaluated split.
+    """
+    folder = method_dir(results_dir, dataset, "zeroshot", prompt_set)
+    return folder if split == "test" else folder / split
+
+
+def figures(results_dir: str | Path, dataset: str, prompt_set: str, split: str = "test") -> dict[str, Path]:
     """The confusion and sample figures of one dataset and prompt set: `{"confusion", "samples"}`.
 
     Args:
         results_dir: the results root.
         dataset: the dataset.
         prompt_set: the prompt set.
+        split: the evaluated split.
     """
-    return figure_paths(results_dir, f"{dataset}_zeroshot_{prompt_set}")
+    return figure_paths(results_dir, _figure_prefix(dataset, prompt_set, split))
+
+
+def _figure_prefix(dataset: str, prompt_set: str, split: str) -> str:
+    return f"{dataset}_zeroshot_{prompt_set}" + ("" if split == "test" else f"_{split}")
 
 
 def predict(features: torch.Tensor, classifier: torch.Tensor, logit_scale: float) -> torch.Tensor:
@@ -108,7 +130,8 @@ def run_zeroshot(
         lab: the run context (`clip_utils.lab.Lab`): model, data and results folders, device.
         dataset: `flowers102` or `cub200`.
         prompt_sets: set names, `all` or `auto` among them (see `prompts.resolve`).
-        split: `test` (or `val`; `auto` then selects on the split it is scored on).
+        split: `test`, or `val` (written to `output_dir(..., split="val")`; `auto` then
+            selects on the split it is scored on).
 
     Returns:
         `{set name: metrics.json content}`. `seconds` is the set's own time (text encoding
@@ -146,9 +169,9 @@ def run_zeroshot(
             "seconds": time.perf_counter() - start, "feature_seconds": feature_seconds,
         }
         results[name] = save_evaluation(
-            method_dir(lab.results_dir, dataset, "zeroshot", name),
+            output_dir(lab.results_dir, dataset, name, split),
             logits=logits, labels=feats.labels, paths=feats.paths, class_names=classes, info=info,
-            figure_prefix=f"{dataset}_zeroshot_{name}", results_dir=lab.results_dir,
+            figure_prefix=_figure_prefix(dataset, name, split), results_dir=lab.results_dir,
         )
     plot_prompt_comparison(prompt_table(lab.results_dir), path=figures_dir(lab.results_dir) / COMPARISON_FIGURE)
     return results

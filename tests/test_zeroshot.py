@@ -287,3 +287,16 @@ def test_cli_zeroshot_unknown_set_is_one_line(kit, tmp_path, capsys):
                  "--data-root", str(kit["data"]), "--results-dir", str(tmp_path), "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("error: unknown prompt set 'fancy'") and "Traceback" not in err
+
+
+def test_validation_run_leaves_the_test_results_alone(cub_run):
+    lab, results = cub_run
+    test_metrics = (lab.results_dir / "cub200" / "zeroshot" / "default" / "metrics.json").read_text()
+    val = zeroshot.run_zeroshot(lab, "cub200", "default", split="val")["default"]
+    assert val["split"] == "val" and val["n"] == len(load_dataset("cub200", lab.data_root, "val"))
+    folder = zeroshot.output_dir(lab.results_dir, "cub200", "default", "val")
+    assert folder == lab.results_dir / "cub200" / "zeroshot" / "default" / "val"
+    assert json.loads((folder / "metrics.json").read_text())["split"] == "val"
+    assert all(p.is_file() for p in zeroshot.figures(lab.results_dir, "cub200", "default", "val").values())
+    assert (lab.results_dir / "cub200" / "zeroshot" / "default" / "metrics.json").read_text() == test_metrics
+    assert zeroshot.prompt_table(lab.results_dir)["cub200"]["default"] == results["default"]["top1"]
