@@ -280,3 +280,9 @@ def test_python_m_clip_utils_predict_prints_top5(kit, tmp_path):
         number, rest = line.split(".", 1)
         name, prob = rest.rsplit(None, 1)
         assert int(number) == rank and name.strip() in names and prob.endswith("%")
+
+
+def test_cli_predict_with_an_untrained_method_is_one_line(kit, tmp_path, capsys):
+    code = main(["predict", str(FLOWER), "--method", "lora", *_common(kit, tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("error: ") and "lora" in err and "Traceback" not in err
