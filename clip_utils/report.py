@@ -26,7 +26,7 @@ from .plots import _figure, _save
 from .results import figures_dir, read_json, write_csv
 
 METHODS = ("zeroshot", "linear_probe", "lora")
-LABELS = {"zeroshot": "zero-shot", "linear_probe": "linear probe", "lora": "LoRA"}
+LABELS = {"zeroshot": "zero-shot", "linear_probe": "linear probe", "probe": "linear probe", "lora": "LoRA"}
 COMMANDS = {"zeroshot": "zeroshot --prompts all", "linear_probe": "probe", "lora": "lora"}
 COLUMNS = ("dataset", "method", "prompt_set", "n", "top1", "top5", "mean_per_class", "trainable_params",
            "trainable_pct", "train_seconds", "seconds", "peak_vram_mb", "epochs", "best_epoch", "model")
@@ -124,6 +124,23 @@ def summary_table(results_dir: str | Path):
     table["method"] = table["method"].map(LABELS)
     return table.rename(columns={"top1": "top1 %", "top5": "top5 %", "mean_per_class": "mean per class %",
                                  "trainable_pct": "trainable %"}).round(3)
+
+
+def photo_table(predictions: Mapping[str, Sequence[Mapping]]):
+    """Each photo's top-1 class under each method, side by side (a pandas DataFrame).
+
+    Args:
+        predictions: `{method: photos.predict_photos(...) result}` for one dataset.
+    """
+    import pandas as pd
+
+    rows: dict[str, dict[str, str]] = {}
+    for method, results in predictions.items():
+        for r in results:
+            top = r.get("top_k") or [{}]
+            cell = r["error"] if "error" in r else f"{top[0]['name']} ({top[0]['prob']:.0%})"
+            rows.setdefault(Path(r["photo"]).name, {})[LABELS.get(method, method)] = cell
+    return pd.DataFrame.from_dict(rows, orient="index")
 
 
 # --------------------------------------------------------------------------- figures
