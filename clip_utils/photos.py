@@ -111,7 +111,9 @@ def load_photo(path: str | Path) -> Image.Image:
             f"to JPEG or PNG first)"
         ) from err
     except (OSError, SyntaxError, ValueError) as err:  # truncated data, bad chunks, unreadable file
-        raise PhotoError(f"cannot read {path}: the file is truncated or corrupt ({err}); re-export or re-copy it") from err
+        raise PhotoError(
+            f"cannot read {path}: the file is truncated or corrupt ({err}); re-export or re-copy it"
+        ) from err
 
 
 def list_photos(folder: str | Path) -> list[Path]:
@@ -210,9 +212,9 @@ def predict_photos(
         pixels = transform(image).unsqueeze(0).to(lab.device, dtype)
         probs = classifier(pixels).float().softmax(dim=-1)[0].cpu()
         top = probs.topk(k)
-        results.append({"photo": str(photo), "top_k": [
-            {"label": int(i), "name": names[int(i)], "prob": float(p)} for p, i in zip(top.values, top.indices)
-        ]})
+        ranked = [{"label": int(i), "name": names[int(i)], "prob": float(p)}
+                  for p, i in zip(top.values, top.indices, strict=True)]
+        results.append({"photo": str(photo), "top_k": ranked})
     return results
 
 

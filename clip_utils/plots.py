@@ -182,7 +182,7 @@ def plot_sample_predictions(
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_frame_on(False)
-    for ax, i in zip(axes, picked):
+    for ax, i in zip(axes, picked, strict=False):  # the grid may have spare cells
         true, pred = int(labels[i]), int(preds[i])
         colour = RIGHT if true == pred else WRONG
         try:

@@ -209,7 +209,7 @@ def test_run_zeroshot_writes_the_contract(cub_run):
     test = load_dataset("cub200", lab.data_root, "test")
     sets = prompts.prompt_sets("cub200")
     assert list(results) == ["default", "domain_ensemble", "auto"]
-    for name, m in results.items():
+    for name in results:
         folder = lab.results_dir / "cub200" / "zeroshot" / name
         saved = json.loads((folder / "metrics.json").read_text())
         assert CONTRACT_KEYS <= set(saved)
@@ -232,8 +232,8 @@ def test_saved_predictions_are_the_prompt_classifier_argmax(cub_run):
     lab, results = cub_run
     model, processor = lab.clip()
     names = results["domain_ensemble"]["class_names"]
-    W = prompts.build_text_classifier(model, processor.tokenizer, names, prompts.prompt_sets("cub200")["domain_ensemble"],
-                                      "cpu")
+    templates = prompts.prompt_sets("cub200")["domain_ensemble"]
+    W = prompts.build_text_classifier(model, processor.tokenizer, names, templates, "cpu")
     feats = lab.features("cub200", "test")
     expected = zeroshot.predict(feats.embeddings, W, zeroshot.logit_scale(model)).argmax(1)
     rows = _rows(lab.results_dir / "cub200" / "zeroshot" / "domain_ensemble" / "predictions.csv")
