@@ -232,7 +232,7 @@ def _train_epoch(job: TrainJob, cfg: TrainConfig, optimizer, scheduler, epoch: i
     params = [p for p in job.model.parameters() if p.requires_grad]
     generator = torch.Generator().manual_seed(epoch_seed(cfg.seed or 0, epoch))
     total = torch.zeros((), device=job.device)
-    seen = 0
+    seen = step = 0
     bar = tqdm(job.train_batches(epoch, generator), total=job.steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}",
                unit="step", leave=False)
     for step, (x, y) in enumerate(bar, start=1):
@@ -250,13 +250,13 @@ def _train_epoch(job: TrainJob, cfg: TrainConfig, optimizer, scheduler, epoch: i
         if step % CHECK_EVERY == 0 or step == job.steps_per_epoch:
             mean = total.item() / seen
             if not math.isfinite(mean):
-                raise _diverged(loss.item(), epoch, step, cfg)
+                raise _diverged(mean, epoch, step, cfg)
             bar.set_postfix(loss=f"{mean:.4f}")
     if seen == 0:
         raise TrainingError(f"{job.name}: the training split yielded no batches")
     mean = total.item() / seen
     if not math.isfinite(mean):
-        raise _diverged(mean, epoch, seen, cfg)
+        raise _diverged(mean, epoch, step, cfg)
     return mean
 
 
