@@ -72,7 +72,7 @@ class HeadInfo:
         return {k: str(v) for k, v in asdict(self).items()}
 
     @classmethod
-    def from_metadata(cls, meta: dict[str, str], path: Path) -> "HeadInfo":
+    def from_metadata(cls, meta: dict[str, str], path: Path) -> HeadInfo:
         try:
             values = {f.name: meta[f.name] for f in fields(cls)}
             for name in ("n_classes", "embed_dim", "epoch"):

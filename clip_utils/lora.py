@@ -29,8 +29,19 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .models import Preprocess
 from .results import method_dir
-from .train import EpochCallback, TrainConfig, TrainJob, fit, predict, resolved, run_info, zeroshot_init_head
+from .train import (
+    EpochCallback,
+    FitResult,
+    TrainConfig,
+    TrainJob,
+    fit,
+    predict,
+    resolved,
+    run_info,
+    zeroshot_init_head,
+)
 
 
 def linear_shapes(vision_config) -> dict[str, tuple[int, int]]:
@@ -119,6 +130,61 @@ def add_lora(vision: nn.Module, settings: LoraSettings) -> nn.Module:
     return get_peft_model(vision, config)
 
 
+@dataclass
+class _Trained:
+    result: FitResult
+    trainable: int
+    total: int
+    pre: Preprocess
+
+
+def _train(lab, dataset: str, splits: dict, cfg: TrainConfig, lora: LoraSettings, resume: bool,
+           callbacks: Sequence[EpochCallback]) -> _Trained:
+    """Build the LoRA classifier and run the shared loop; the training copy is freed on return."""
+    from .checkpoints import head_info, save_adapter, save_head
+    from .features import iter_labelled_batches
+    from .models import ClipClassifier, count_parameters, load_clip
+
+    device = torch.device(lab.device)
+    out = method_dir(lab.results_dir, dataset, "lora")
+    class_names = splits["test"].classes
+    model, processor = load_clip(lab.model, device, dtype=torch.float32)
+    model.requires_grad_(False)
+    head = zeroshot_init_head(model, processor, dataset, class_names, device, lab.batch_size)
+    vision = add_lora(model.vision_model, lora)
+    classifier = ClipClassifier(vision, model.visual_projection, head)  # the text tower is left behind
+    expected = lora_trainable_params(model.config.vision_config, lora, len(class_names), head.in_features)
+    trainable, total = count_parameters(classifier)
+    if trainable != expected:  # the count in metrics.json must be exact
+        raise RuntimeError(f"LoRA trainable parameters: model has {trainable}, config gives {expected}")
+    pre = Preprocess.from_processor(processor)
+    info = dict(dataset=dataset, method="lora", model=lab.model, class_names=class_names, embed_dim=head.in_features)
+
+    def batches(split: str, order: torch.Tensor | None = None, augment: bool = False) -> Iterable:
+        ds = splits[split]
+        return iter_labelled_batches([p for p, _ in ds.samples], torch.tensor(ds.targets), pre, device,
+                                     torch.float32, cfg.batch_size, order=order, augment=augment,
+                                     num_workers=lab.num_workers)
+
+    def save_best(epoch: int) -> None:
+        meta = head_info(**info, epoch=epoch)
+        save_adapter(out / "adapter", vision, meta)
+        save_head(out / "head.safetensors", head, meta)
+
+    n_train = len(splits["train"])
+    job = TrainJob(
+        name=f"{dataset} LoRA", model=classifier,
+        train_batches=lambda epoch, gen: batches("train", torch.randperm(n_train, generator=gen), cfg.augment),
+        val_batches=lambda: batches("val"),
+        steps_per_epoch=math.ceil(n_train / cfg.batch_size), save_best=save_best, out_dir=out, device=device,
+        batch_size=cfg.batch_size,
+        oom_hint=" or add --grad-checkpointing (LoraSettings(grad_checkpointing=True))",
+        fingerprint={"dataset": dataset, "model": lab.model, "method": "lora", "n_train": n_train,
+                     **{f"lora_{k}": v for k, v in asdict(lora).items() if k != "grad_checkpointing"}},
+    )
+    return _Trained(fit(job, cfg, resume=resume, callbacks=callbacks), trainable, total, pre)
+
+
 def run_lora(lab, dataset: str, cfg: TrainConfig, lora: LoraSettings | None = None, resume: bool = False,
              callbacks: Sequence[EpochCallback] = ()) -> dict:
     """Fine-tune the vision encoder with LoRA, evaluate the best epoch on test, save everything.
@@ -138,10 +204,9 @@ def run_lora(lab, dataset: str, cfg: TrainConfig, lora: LoraSettings | None = No
     Returns:
         The metrics.json content.
     """
-    from .checkpoints import head_info, load_classifier, save_adapter, save_head
+    from .checkpoints import load_classifier
     from .evaluation import save_evaluation
     from .features import iter_labelled_batches
-    from .models import ClipClassifier, Preprocess, count_parameters, load_clip
     from .vram import VramProbe
 
     start = time.perf_counter()
@@ -151,48 +216,9 @@ def run_lora(lab, dataset: str, cfg: TrainConfig, lora: LoraSettings | None = No
     out = method_dir(lab.results_dir, dataset, "lora")
     splits = {s: lab.dataset(dataset, s) for s in ("train", "val", "test")}
     class_names = splits["test"].classes
-
     with VramProbe(device, label=f"{dataset} LoRA") as vram:
-        model, processor = load_clip(lab.model, device, dtype=torch.float32)
-        model.requires_grad_(False)
-        head = zeroshot_init_head(model, processor, dataset, class_names, device, lab.batch_size)
-        vision_config = model.config.vision_config
-        vision = add_lora(model.vision_model, lora)
-        classifier = ClipClassifier(vision, model.visual_projection, head)
-        del model  # drops the text tower: the classifier keeps only what it needs
-        expected = lora_trainable_params(vision_config, lora, len(class_names), head.in_features)
-        trainable, total = count_parameters(classifier)
-        if trainable != expected:  # the count in metrics.json must be exact
-            raise RuntimeError(f"LoRA trainable parameters: model has {trainable}, config gives {expected}")
-
-        pre = Preprocess.from_processor(processor)
-        info = dict(dataset=dataset, method="lora", model=lab.model, class_names=class_names,
-                    embed_dim=head.in_features)
-
-        def batches(split: str, order: torch.Tensor | None = None, augment: bool = False) -> Iterable:
-            ds = splits[split]
-            return iter_labelled_batches([p for p, _ in ds.samples], torch.tensor(ds.targets), pre, device,
-                                         torch.float32, cfg.batch_size, order=order, augment=augment,
-                                         num_workers=lab.num_workers)
-
-        def save_best(epoch: int) -> None:
-            meta = head_info(**info, epoch=epoch)
-            save_adapter(out / "adapter", vision, meta)
-            save_head(out / "head.safetensors", head, meta)
-
-        n_train = len(splits["train"])
-        job = TrainJob(
-            name=f"{dataset} LoRA", model=classifier,
-            train_batches=lambda epoch, gen: batches("train", torch.randperm(n_train, generator=gen), cfg.augment),
-            val_batches=lambda: batches("val"),
-            steps_per_epoch=math.ceil(n_train / cfg.batch_size), save_best=save_best, out_dir=out, device=device,
-            batch_size=cfg.batch_size,
-            oom_hint=" or add --grad-checkpointing (LoraSettings(grad_checkpointing=True))",
-            fingerprint={"dataset": dataset, "model": lab.model, "method": "lora", "n_train": n_train,
-                         **{f"lora_{k}": v for k, v in asdict(lora).items() if k != "grad_checkpointing"}},
-        )
-        result = fit(job, cfg, resume=resume, callbacks=callbacks)
-    del classifier, vision, head, job  # free the training copy before loading the best one
+        trained = _train(lab, dataset, splits, cfg, lora, resume, callbacks)
+    result, trainable, total, pre = trained.result, trained.trainable, trained.total, trained.pre
 
     best = load_classifier(lab, dataset, "lora")
     dtype = best.visual_projection.weight.dtype

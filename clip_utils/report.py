@@ -229,7 +229,7 @@ def plot_comparison(rows: Sequence[Mapping], path: str | Path | None = None) -> 
     fig = _figure(figsize=(18, 7))
     axes = fig.subplots(2, 3)
     for ax, key, name in zip(axes[0], ("top1", "top5", "mean_per_class"),
-                             ("test top-1", "test top-5", "mean per-class accuracy")):
+                             ("test top-1", "test top-5", "mean per-class accuracy"), strict=True):
         _bars(ax, rows, lambda r, k=key: 100 * r[k], "%", name)
         ax.set_ylim(0, 105)
     _bars(axes[1][0], rows, lambda r: r["trainable_params"], "parameters (log)", "trainable parameters", log=True)

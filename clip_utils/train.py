@@ -379,7 +379,9 @@ def read_curves(out_dir: str | Path) -> list[dict]:
 # --------------------------------------------------------------------------- shared by probe and LoRA
 
 
-def zeroshot_init_head(model, processor, dataset: str, class_names: Sequence[str], device, batch_size: int) -> nn.Linear:
+def zeroshot_init_head(
+    model, processor, dataset: str, class_names: Sequence[str], device, batch_size: int
+) -> nn.Linear:
     """A head holding the zero-shot classifier of the `domain` prompt set, on `device` in float32.
 
     Args:

@@ -28,7 +28,7 @@ import torch
 MB = 2**20
 
 # Probes currently inside their `with` block, outermost first.
-_ACTIVE: list["VramProbe"] = []
+_ACTIVE: list[VramProbe] = []
 
 
 def _is_cuda(device: str | torch.device) -> bool:
@@ -58,7 +58,7 @@ class VramProbe:
     _start: float = field(default=0.0, init=False, repr=False)
     _folded: tuple[int, int] = field(default=(0, 0), init=False, repr=False)
 
-    def __enter__(self) -> "VramProbe":
+    def __enter__(self) -> VramProbe:
         if _is_cuda(self.device):
             dev = torch.device(self.device)
             torch.cuda.synchronize(dev)

@@ -8,6 +8,7 @@ import io
 import json
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,7 +91,7 @@ def test_a_failed_save_keeps_the_previous_head(tmp_path, monkeypatch):
     before = path.read_bytes()
 
     def dies_mid_write(tensors, filename, metadata=None):
-        open(filename, "wb").write(b"\x00" * 10)
+        Path(filename).write_bytes(b"\x00" * 10)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(safetensors.torch, "save_file", dies_mid_write)

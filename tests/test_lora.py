@@ -40,7 +40,7 @@ def test_count_from_config_matches_the_model(kit, settings):
 
 
 def test_unknown_targets_are_refused_with_the_choices():
-    with pytest.raises(ValueError, match="qkv.*choose among q_proj, k_proj, v_proj, out_proj, fc1, fc2"):
+    with pytest.raises(ValueError, match=r"qkv.*choose among q_proj, k_proj, v_proj, out_proj, fc1, fc2"):
         LoraSettings(targets=("qkv",))
     with pytest.raises(ValueError, match="rank"):
         LoraSettings(rank=0)
@@ -92,24 +92,29 @@ def test_gradient_checkpointing_gives_the_same_output_and_gradients(kit):
         torch.testing.assert_close(grads_ckpt[name], grad)
 
 
-def test_augmented_batches_on_both_input_paths(kit, tiny_clip):
+def _batches(kit, pre, fast: bool, augment: bool, seed: int = 0):
     from clip_utils.data import load_dataset
 
     ds = load_dataset("cub200", kit["data"], "train")
     paths, labels = [p for p, _ in ds.samples][:12], torch.tensor(ds.targets[:12])
-    pre = Preprocess.from_processor(tiny_clip[1])
     order = torch.randperm(12, generator=torch.Generator().manual_seed(0))
-    for fast in (False, True):  # PIL in workers / decode + augment "on the device"
-        def run(augment: bool, seed: int = 0):
-            torch.manual_seed(seed)
-            return list(iter_labelled_batches(paths, labels, pre, "cpu", torch.float32, 5, order=order,
-                                              augment=augment, num_workers=0, fast=fast))
-        plain, aug, again = run(False), run(True), run(True)
-        assert [len(y) for _, y in plain] == [5, 5, 2]
-        assert torch.equal(torch.cat([y for _, y in plain]), labels[order])
-        assert aug[0][0].shape == plain[0][0].shape == (5, 3, 32, 32)
-        assert not torch.allclose(aug[0][0], plain[0][0])
-        assert all(torch.equal(a, b) for (a, _), (b, _) in zip(aug, again))  # seeded: repeatable
+    torch.manual_seed(seed)
+    batches = list(iter_labelled_batches(paths, labels, pre, "cpu", torch.float32, 5, order=order, augment=augment,
+                                         num_workers=0, fast=fast))
+    return batches, labels[order]
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["pil", "device-decode"])
+def test_augmented_batches_on_both_input_paths(kit, tiny_clip, fast):
+    pre = Preprocess.from_processor(tiny_clip[1])
+    plain, ordered_labels = _batches(kit, pre, fast, augment=False)
+    aug, _ = _batches(kit, pre, fast, augment=True)
+    again, _ = _batches(kit, pre, fast, augment=True)
+    assert [len(y) for _, y in plain] == [5, 5, 2]
+    assert torch.equal(torch.cat([y for _, y in plain]), ordered_labels)
+    assert aug[0][0].shape == plain[0][0].shape == (5, 3, 32, 32)
+    assert not torch.allclose(aug[0][0], plain[0][0])
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(aug, again, strict=True))  # seeded: repeatable
 
 
 def test_cli_lora_writes_the_contract_files(kit, tmp_path):

@@ -78,10 +78,9 @@ def test_outer_probe_keeps_the_peak_an_inner_probe_reset(fake_cuda):
 
 
 def test_records_even_when_the_block_raises(fake_cuda):
-    with pytest.raises(RuntimeError, match="boom"):
-        with VramProbe("cuda") as probe:
-            fake_cuda.allocate(42 * MB)
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), VramProbe("cuda") as probe:
+        fake_cuda.allocate(42 * MB)
+        raise RuntimeError("boom")
     assert probe.peak_allocated_mb == 42
 
 
