@@ -78,6 +78,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _upright(img: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # a damaged EXIF block (many exception types) must not cost the picture itself
+        return img
+
+
 def load_photo(path: str | Path) -> Image.Image:
     """Open a photo as an upright RGB image, or raise a `PhotoError` that says why not.
 
@@ -98,8 +105,9 @@ def load_photo(path: str | Path) -> Image.Image:
             if img.format == "JPEG":
                 img.draft(None, (DECODE_SIZE, DECODE_SIZE))  # decode at 1/2..1/8 scale when that is enough
             img.load()
-            upright = ImageOps.exif_transpose(img)
-            return to_rgb(upright)
+            return to_rgb(_upright(img))
+    except PermissionError as err:
+        raise PhotoError(f"cannot read {path}: permission denied (check the file's permissions)") from err
     except Image.DecompressionBombError as err:
         raise PhotoError(
             f"{path} is too large to decode safely ({err}). Downscale it first, or raise "

@@ -286,3 +286,26 @@ def test_cli_predict_with_an_untrained_method_is_one_line(kit, tmp_path, capsys)
     code = main(["predict", str(FLOWER), "--method", "lora", *_common(kit, tmp_path)])
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("error: ") and "lora" in err and "Traceback" not in err
+
+
+def test_unreadable_file(tmp_path, monkeypatch):
+    path = tmp_path / "locked.jpg"
+    Image.new("RGB", (8, 8)).save(path)
+
+    def denied(fp, *args, **kwargs):  # chmod 0 does not stop root, so fake the OS's answer
+        raise PermissionError(13, "Permission denied", str(fp))
+
+    monkeypatch.setattr(photos.Image, "open", denied)
+    with pytest.raises(PhotoError, match="locked.jpg: permission denied"):
+        load_photo(path)
+
+
+def test_damaged_exif_keeps_the_picture(tmp_path, monkeypatch):
+    path = tmp_path / "odd_exif.jpg"
+    Image.new("RGB", (30, 20), (0, 128, 0)).save(path)
+
+    def broken(img):
+        raise SyntaxError("not a TIFF file")
+
+    monkeypatch.setattr(photos.ImageOps, "exif_transpose", broken)
+    assert load_photo(path).size == (30, 20)
