@@ -300,3 +300,16 @@ def test_validation_run_leaves_the_test_results_alone(cub_run):
     assert all(p.is_file() for p in zeroshot.figures(lab.results_dir, "cub200", "default", "val").values())
     assert (lab.results_dir / "cub200" / "zeroshot" / "default" / "metrics.json").read_text() == test_metrics
     assert zeroshot.prompt_table(lab.results_dir)["cub200"]["default"] == results["default"]["top1"]
+
+
+def test_results_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    from clip_utils.results import write_json
+
+    umask = os.umask(0o022)
+    try:
+        path = write_json(tmp_path / "m.json", {"a": 1})
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
