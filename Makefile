@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test demo bench clean-venv
+.PHONY: run test demo bench gpu-check clean-venv
 
 run: $(STAMP)  ## the main job: both notebooks on ViT-L/14 and the real datasets
 	$(PY) -m clip_utils.notebooks Task1.ipynb Task2.ipynb
@@ -17,6 +17,10 @@ demo: $(STAMP)  ## both notebooks offline on the bundled tiny model and generate
 
 bench: $(STAMP)  ## speed benchmark (use on a CUDA machine; --small runs on CPU)
 	$(PY) -m clip_utils.bench
+
+gpu-check: $(STAMP)  ## on a CUDA machine: the GPU-only tests, then the full benchmark
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m cuda tests/test_cuda.py
+	$(PY) -m clip_utils.bench --json results/bench.json
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -334,7 +334,9 @@ def main(argv: list[str] | None = None) -> int:
             rows += bench_lora(model, processor, paths, device, args.batch_size, args.workers)
     print(format_table(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps({"environment": env, "rows": [asdict(r) | {"images_per_s": r.images_per_s} for r in rows]}, indent=1))
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        table = [asdict(r) | {"images_per_s": r.images_per_s} for r in rows]
+        Path(args.json).write_text(json.dumps({"environment": env, "rows": table}, indent=1))
     return 0
 
 

@@ -1,0 +1,83 @@
+"""Checks that need a CUDA GPU: skipped elsewhere, run on a GPU machine with `make gpu-check`.
+
+CI has no GPU, so the CUDA-only code (nvJPEG decode, fp16 inference, bf16 autocast
+training, VRAM probes) is exercised here on the offline kit, against the CPU path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run `make gpu-check` on one)"),
+]
+
+
+@pytest.fixture(scope="module")
+def cuda_lab(kit, tmp_path_factory):
+    from clip_utils.lab import Lab
+
+    return Lab(model=str(kit["model"]), data_root=kit["data"], results_dir=tmp_path_factory.mktemp("cuda"),
+               device="cuda", batch_size=64)
+
+
+def test_gpu_decode_path_agrees_with_the_cpu_pil_path(tiny_clip, kit):
+    from clip_utils.data import load_dataset
+    from clip_utils.features import encode_paths
+    from clip_utils.models import Preprocess
+
+    model, processor = tiny_clip
+    pre = Preprocess.from_processor(processor)
+    paths = [p for p, _ in load_dataset("flowers102", kit["data"], "val").samples]
+    cpu = encode_paths(model, paths, pre, "cpu", fast=False, num_workers=0, desc=None)
+    gpu_model = model.to("cuda", torch.float16)
+    try:
+        gpu = encode_paths(gpu_model, paths, pre, "cuda", desc=None)  # default on CUDA: nvJPEG + fp16
+    finally:
+        model.to("cpu", torch.float32)
+    assert (cpu * gpu).sum(-1).min() > 0.98
+    classes = torch.nn.functional.normalize(torch.randn(cpu.shape[1], 102, generator=torch.Generator().manual_seed(0)), dim=0)
+    assert ((cpu @ classes).argmax(1) == (gpu @ classes).argmax(1)).float().mean() >= 0.99
+
+
+def test_zeroshot_probe_lora_and_predict_on_cuda(cuda_lab):
+    from clip_utils.lora import LoraSettings, run_lora
+    from clip_utils.photos import predict_photos
+    from clip_utils.train import TrainConfig, run_probe
+    from clip_utils.zeroshot import run_zeroshot
+
+    zs = run_zeroshot(cuda_lab, "cub200", ["domain"])["domain"]
+    probe = run_probe(cuda_lab, "cub200", TrainConfig(epochs=3, lr=5e-3))
+    lora = run_lora(cuda_lab, "cub200", TrainConfig(epochs=2, lr=5e-4, augment=True), LoraSettings())
+    for metrics in (zs, probe, lora):
+        assert math.isfinite(metrics["top1"])
+    assert probe["top1"] > 5 / len(probe["class_names"])  # learns on the GPU too
+    assert probe["peak_vram_mb"] > 0 and lora["peak_vram_mb"] > 0
+    for method in ("zeroshot", "probe", "lora"):
+        result = predict_photos(cuda_lab, ["my_photo/flower.png", "my_photo/bird.jpg"], "cub200", method=method)
+        assert all("top_k" in r for r in result), result
+
+
+def test_lora_grad_checkpointing_reduces_peak_memory_on_cuda(cuda_lab):
+    from clip_utils.lab import Lab
+    from clip_utils.lora import LoraSettings, run_lora
+    from clip_utils.train import TrainConfig
+
+    peaks = {}
+    for ckpt in (False, True):
+        lab = Lab(model=cuda_lab.model, data_root=cuda_lab.data_root, device="cuda",
+                             results_dir=cuda_lab.results_dir / f"ckpt{int(ckpt)}", batch_size=64)
+        peaks[ckpt] = run_lora(lab, "cub200", TrainConfig(epochs=1, augment=True),
+                               LoraSettings(grad_checkpointing=ckpt))["peak_vram_mb"]
+    assert peaks[True] <= peaks[False]
+
+
+def test_benchmark_runs_on_cuda(capsys):
+    from clip_utils import bench
+
+    assert bench.main(["--small", "--images", "64", "--device", "cuda"]) == 0
+    assert "model alone" in capsys.readouterr().out
