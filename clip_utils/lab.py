@@ -90,10 +90,9 @@ class Lab:
     def features(self, name: str, split: str) -> Features:
         """Frozen-encoder embeddings of a split: from memory, the disk cache, or encoded now."""
         if (name, split) not in self._features:
-            dataset = self.dataset(name, split)  # first: a missing dataset should not wait on a model load
             model, _ = self.clip()
             self._features[name, split] = encode_dataset(
-                model, dataset, self.preprocess, self.device,
+                model, self.dataset(name, split), self.preprocess, self.device,
                 cache_dir=self.cache_dir, batch_size=self.batch_size, num_workers=self.num_workers,
             )
         return self._features[name, split]
