@@ -91,6 +91,10 @@ def make_tiny_clip(folder: str | Path, image_size: int = TINY_IMAGE_SIZE, seed: 
             "patch_size": 8,
         },
         projection_dim=16,
+        # A random text tower makes the zero-shot head (which both trained methods start
+        # from) a random prior; at CLIP's initial temperature (exp(2.66) = 14) that prior
+        # outweighs the few steps a test or the demo can afford, so the kit uses 1.
+        logit_scale_init_value=0.0,
     )
     torch.manual_seed(seed)
     CLIPModel(config).save_pretrained(folder)

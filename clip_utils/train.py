@@ -119,6 +119,8 @@ class TrainJob:
         oom_hint: extra advice when CUDA runs out of memory.
         fingerprint: everything besides `TrainConfig` a resumed run must share (dataset,
             model, training set size, LoRA settings...).
+        val_model: what `val_batches` are fed to, when not `model` (the augmented probe
+            trains through the encoder but validates its head on cached embeddings).
     """
 
     name: str
@@ -132,6 +134,7 @@ class TrainJob:
     batch_size: int
     oom_hint: str = ""
     fingerprint: dict = field(default_factory=dict)
+    val_model: nn.Module | None = None
 
 
 @dataclass
@@ -214,7 +217,7 @@ def predict(model: nn.Module, batches: Iterable[Batch], device: torch.device) ->
 
 
 def _validate(job: TrainJob) -> tuple[float, float]:
-    logits, labels = predict(job.model, job.val_batches(), job.device)
+    logits, labels = predict(job.val_model or job.model, job.val_batches(), job.device)
     loss = F.cross_entropy(logits, labels).item()
     return loss, (logits.argmax(1) == labels).float().mean().item()
 
@@ -400,6 +403,39 @@ def zeroshot_init_head(
     return zeroshot_head(text.float(), model.logit_scale.exp().item()).to(device)
 
 
+def feature_scaling(x: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std of training features, for training the probe in standard units.
+
+    CLIP embeddings are anisotropic (every image shares a large common component, and the
+    per-dimension spread is a few hundredths), so plain gradient steps on a head over raw
+    embeddings barely move its decisions. In standardised coordinates the same optimiser
+    learns in a few epochs; the head is folded back afterwards (`unstandardized_head`).
+
+    Args:
+        x: `(N, D)` training features.
+        eps: floor on the std, for constant dimensions.
+    """
+    return x.mean(0), x.std(0).clamp_min(eps)
+
+
+@torch.no_grad()
+def standardized_head(head: nn.Linear, mean: torch.Tensor, std: torch.Tensor) -> nn.Linear:
+    """The head on `(x - mean) / std` that computes exactly what `head` computes on `x`."""
+    out = nn.Linear(head.in_features, head.out_features).to(head.weight.device)
+    out.weight.copy_(head.weight * std)
+    out.bias.copy_(head.bias + head.weight @ mean)
+    return out
+
+
+@torch.no_grad()
+def unstandardized_head(head: nn.Linear, mean: torch.Tensor, std: torch.Tensor) -> nn.Linear:
+    """The head on raw `x` that computes what `head` computes on `(x - mean) / std`."""
+    out = nn.Linear(head.in_features, head.out_features).to(head.weight.device)
+    out.weight.copy_(head.weight / std)
+    out.bias.copy_(head.bias - (head.weight / std) @ mean)
+    return out
+
+
 def run_info(lab, dataset: str, method: str, cfg: TrainConfig, fit_result: FitResult, *, trainable: int,
              total: int, peak_vram_mb: float | None, peak_reserved_mb: float | None, seconds: float,
              extra_config: dict | None = None) -> dict:
@@ -488,8 +524,16 @@ def run_probe(lab, dataset: str, cfg: TrainConfig, resume: bool = False,
             order = torch.randperm(len(paths), generator=generator)
             return iter_labelled_batches(paths, feats["train"].labels, lab.preprocess, device, pixel_dtype,
                                          cfg.batch_size, order=order, augment=True, num_workers=lab.num_workers)
+
+        def head_to_save() -> nn.Linear:
+            return head
     else:
-        trained = head
+        mean, std = feature_scaling(train_x)
+        train_x, val_x = (train_x - mean) / std, (val_x - mean) / std
+        trained = standardized_head(head, mean, std)  # same zero-shot start, standard units
+
+        def head_to_save() -> nn.Linear:  # checkpoints always hold a head on raw embeddings
+            return unstandardized_head(trained, mean, std)
 
         def train_batches(epoch: int, generator: torch.Generator) -> Iterable[Batch]:
             return permuted_batches(train_x, train_y, cfg.batch_size, generator)
@@ -499,9 +543,11 @@ def run_probe(lab, dataset: str, cfg: TrainConfig, resume: bool = False,
         # The encoder is frozen: the cached validation features are exactly what it computes.
         val_batches=lambda: permuted_batches(val_x, val_y, max(cfg.batch_size, 1024)),
         steps_per_epoch=math.ceil(len(train_y) / cfg.batch_size),
-        save_best=lambda epoch: save_head(out / "head.safetensors", head, head_info(**info, epoch=epoch)),
+        save_best=lambda epoch: save_head(out / "head.safetensors", head_to_save(), head_info(**info, epoch=epoch)),
         out_dir=out, device=device, batch_size=cfg.batch_size,
-        fingerprint={"dataset": dataset, "model": lab.model, "method": "linear_probe", "n_train": len(train_y)},
+        fingerprint={"dataset": dataset, "model": lab.model, "method": "linear_probe", "n_train": len(train_y),
+                     "augment": cfg.augment},
+        val_model=head if cfg.augment else None,
     )
     with VramProbe(device, label=job.name) as vram:
         result = fit(job, cfg, resume=resume, callbacks=callbacks)

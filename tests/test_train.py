@@ -251,3 +251,48 @@ def test_cli_training_errors_are_one_line(kit, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "run_probe", interrupted)
     code, _, err = _cli(["probe", "--dataset", "cub200", *_common(kit, tmp_path)])
     assert code == 130 and "--resume" in err
+
+
+def test_standardised_head_folds_back_exactly():
+    from clip_utils.train import feature_scaling, standardized_head, unstandardized_head
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 8, generator=g) * 0.05 + 0.3
+    head = torch.nn.Linear(8, 5)
+    mean, std = feature_scaling(x)
+    in_units = standardized_head(head, mean, std)
+    torch.testing.assert_close(in_units((x - mean) / std), head(x))
+    torch.testing.assert_close(unstandardized_head(in_units, mean, std)(x), head(x))
+
+
+@pytest.fixture(scope="module")
+def short_probe_lab(kit, tmp_path_factory):
+    from clip_utils.lab import Lab
+
+    return Lab(model=str(kit["model"]), data_root=kit["data"], results_dir=tmp_path_factory.mktemp("short_probe"),
+               device="cpu", batch_size=32, num_workers=0, download=False)
+
+
+def test_probe_learns_in_a_few_epochs_at_the_notebook_learning_rate(short_probe_lab):
+    """The demo's regime (3 epochs, the notebook's lr): the probe must leave chance behind.
+
+    On the tiny model the zero-shot start is chance and its embeddings are nearly collinear;
+    training in standardised feature units is what makes a few epochs enough.
+    """
+    from clip_utils.train import TrainConfig, run_probe
+
+    metrics = run_probe(short_probe_lab, "cub200", TrainConfig(epochs=3, lr=1e-2))
+    chance = 1 / len(metrics["class_names"])
+    assert metrics["top1"] > 5 * chance
+
+
+def test_augmented_probe_trains_through_the_encoder_and_validates_the_head(short_probe_lab):
+    from clip_utils.checkpoints import load_classifier
+    from clip_utils.train import TrainConfig, read_curves, run_probe
+
+    lab = short_probe_lab
+    lab.results_dir = lab.results_dir / "augmented"
+    metrics = run_probe(lab, "cub200", TrainConfig(epochs=1, lr=1e-2, augment=True))
+    assert metrics["config"]["augment"] is True
+    assert len(read_curves(lab.results_dir / "cub200" / "linear_probe")) == 1
+    assert load_classifier(lab, "cub200", "probe").head.out_features == len(metrics["class_names"])
