@@ -25,7 +25,13 @@ from . import metrics
 RIGHT, WRONG = "#1a9850", "#d73027"
 
 
-def _figure(constrained: bool = True, **kwargs) -> Figure:
+def new_figure(constrained: bool = True, **kwargs) -> Figure:
+    """A pyplot-free figure with an Agg canvas attached (shared by every chart of the package).
+
+    Args:
+        constrained: use matplotlib's constrained layout.
+        **kwargs: passed to `Figure` (e.g. `figsize`).
+    """
     # An Agg canvas from the start: without one every text-size query (seaborn checks tick
     # label overlap) builds a fresh full-size renderer, seconds and gigabytes at 200 classes.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -35,7 +41,14 @@ def _figure(constrained: bool = True, **kwargs) -> Figure:
     return fig
 
 
-def _save(fig: Figure, path: str | Path | None, dpi: int = 150) -> Figure:
+def save_figure(fig: Figure, path: str | Path | None, dpi: int = 150) -> Figure:
+    """Write `fig` as PNG atomically when `path` is given, and return it.
+
+    Args:
+        fig: the figure.
+        path: PNG to write (None: do not save).
+        dpi: resolution.
+    """
     if path is not None:
         from .results import atomic_path
 
@@ -103,7 +116,7 @@ def plot_confusion(
 
     # Fixed margins rather than constrained layout: laying out 2 x 200 tick labels several
     # times costs seconds per figure; bbox_inches="tight" on save trims the edges anyway.
-    fig = _figure(constrained=False, figsize=(15, 11))
+    fig = new_figure(constrained=False, figsize=(15, 11))
     grid = fig.add_gridspec(1, 2, width_ratios=[2.4, 1], wspace=0.02, left=0.16, right=0.99, bottom=0.18)
     ax = fig.add_subplot(grid[0])
     fontsize = float(np.clip(700 / max(n, 1), 3, 9))
@@ -125,7 +138,7 @@ def plot_confusion(
     side.text(0, 1, "\n".join(lines) if lines else "no mistakes", va="top", ha="left", fontsize=8.5,
               family="monospace", transform=side.transAxes)
     # 200 names fit only in small type: a higher resolution keeps them legible when zoomed.
-    return _save(fig, path, dpi=150 if n <= 120 else 220)
+    return save_figure(fig, path, dpi=150 if n <= 120 else 220)
 
 
 def choose_samples(labels: Sequence[int], preds: Sequence[int], n: int, seed: int = 0) -> np.ndarray:
@@ -176,7 +189,7 @@ def plot_sample_predictions(
     picked = choose_samples(labels, preds, n, seed)
     cols = int(np.ceil(np.sqrt(len(picked)))) or 1
     rows = int(np.ceil(len(picked) / cols)) or 1
-    fig = _figure(figsize=(3.1 * cols, 3.6 * rows))
+    fig = new_figure(figsize=(3.1 * cols, 3.6 * rows))
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax in axes:
         ax.set_xticks([])
@@ -199,7 +212,7 @@ def plot_sample_predictions(
                      color=colour, fontsize=8.5)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_prompt_comparison(table: Mapping[str, Mapping[str, float]], path: str | Path | None = None) -> Figure:
@@ -214,7 +227,7 @@ def plot_prompt_comparison(table: Mapping[str, Mapping[str, float]], path: str |
     rows = [(ds, ps, 100 * acc) for ds, sets in table.items() for ps, acc in sets.items()]
     if not rows:
         raise ValueError("no zero-shot results to compare: run zero-shot evaluation first")
-    fig = _figure(figsize=(min(14.0, max(6.0, 2.5 + 0.8 * len(rows))), 4.8))
+    fig = new_figure(figsize=(min(14.0, max(6.0, 2.5 + 0.8 * len(rows))), 4.8))
     ax = fig.add_subplot()
     datasets = list(dict.fromkeys(r[0] for r in rows))
     sets = list(dict.fromkeys(r[1] for r in rows))
@@ -227,7 +240,7 @@ def plot_prompt_comparison(table: Mapping[str, Mapping[str, float]], path: str |
     ax.set_ylim(0, min(100, max(r[2] for r in rows) * 1.15 + 1))
     ax.set_title("Zero-shot top-1 by prompt set")
     ax.legend(title="prompt set", fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_photo_predictions(image, top_k: Sequence[Mapping], title: str, path: str | Path | None = None) -> Figure:
@@ -239,7 +252,7 @@ def plot_photo_predictions(image, top_k: Sequence[Mapping], title: str, path: st
         title: figure title (the photo's name, the dataset, the method).
         path: PNG to write (None: do not save).
     """
-    fig = _figure(figsize=(11, 4.2))
+    fig = new_figure(figsize=(11, 4.2))
     left, right = fig.subplots(1, 2, width_ratios=[1, 1.3])
     left.imshow(image)
     left.axis("off")
@@ -251,4 +264,4 @@ def plot_photo_predictions(image, top_k: Sequence[Mapping], title: str, path: st
     right.set_xlabel("probability (%)")
     right.spines[["top", "right"]].set_visible(False)
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)

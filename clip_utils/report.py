@@ -3,17 +3,22 @@
     paths = make_report("results")     # results/summary.csv, results/figures/*.png
     table = summary_table("results")   # the same numbers as a pandas DataFrame
 
-Everything here reads files (`metrics.json`, `curves.json`) and draws: no model, no GPU,
-no dataset, so figures can be restyled or re-made on a laptop long after training. Runs that
-are missing are skipped and named, with the command that would produce them.
+Everything here reads files (`metrics.json`, `predictions.csv`, `curves.json`) and draws:
+no model, no GPU, so figures can be restyled or re-made on a laptop long after training.
+`make_report` redraws summary.csv, the curves, the comparison, the prompt-set chart and
+every run's confusion matrix; a sample-prediction grid needs the images themselves, so it
+is redrawn only when every image of its predictions.csv is still on disk (and without the
+probabilities, which are not saved). Runs that are missing are skipped and named, with the
+command that would produce them.
 
-Per dataset the zero-shot row is the prompt set with the best test top-1 among those saved
-under `results/<dataset>/zeroshot/` (its name is in the `prompt_set` column); choose the
-set on validation (`--prompts auto`) for an unbiased zero-shot number.
+Per dataset the zero-shot row is never chosen by test accuracy, which would select on the
+test labels: it is `auto` (chosen on validation) when saved, else `domain`, else `default`,
+else the first saved set (its name is in the `prompt_set` column).
 """
 
 from __future__ import annotations
 
+import csv
 import math
 import sys
 from collections.abc import Mapping, Sequence
@@ -21,13 +26,20 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from . import zeroshot
 from .data import DATASETS
-from .plots import _figure, _save
-from .results import figures_dir, read_json, write_csv
+from .evaluation import figure_paths
+from .plots import new_figure, plot_confusion, plot_prompt_comparison, plot_sample_predictions, save_figure
+from .prompts import AUTO
+from .results import figures_dir, method_dir, read_json, write_csv
 
 METHODS = ("zeroshot", "linear_probe", "lora")
 LABELS = {"zeroshot": "zero-shot", "linear_probe": "linear probe", "probe": "linear probe", "lora": "LoRA"}
 COMMANDS = {"zeroshot": "zeroshot --prompts all", "linear_probe": "probe", "lora": "lora"}
+TRAINED = ("linear_probe", "lora")
+# The zero-shot baseline of the comparison, in order of preference: `auto` is the only set
+# chosen without the test labels; `domain` and `default` are the usual fixed baselines.
+ZEROSHOT_PREFERENCE = (AUTO, "domain", "default")
 COLUMNS = ("dataset", "method", "prompt_set", "n", "top1", "top5", "mean_per_class", "trainable_params",
            "trainable_pct", "train_seconds", "seconds", "peak_vram_mb", "epochs", "best_epoch", "model")
 
@@ -35,16 +47,29 @@ COLUMNS = ("dataset", "method", "prompt_set", "n", "top1", "top5", "mean_per_cla
 # --------------------------------------------------------------------------- reading
 
 
-def best_zeroshot(results_dir: str | Path, dataset: str) -> dict | None:
-    """The saved zero-shot metrics of `dataset` with the best test top-1 (None when there are none).
+def baseline_set(saved: Sequence[str]) -> str | None:
+    """The prompt set that stands for zero-shot in the comparison (None when none is saved).
+
+    Args:
+        saved: the saved prompt sets of one dataset, in `zeroshot.saved_results` order
+            (the fallback when no preferred set is among them).
+    """
+    return next((name for name in ZEROSHOT_PREFERENCE if name in saved), next(iter(saved), None))
+
+
+def zeroshot_baseline(results_dir: str | Path, dataset: str) -> dict | None:
+    """The saved zero-shot metrics of `dataset` under `baseline_set` (None when there are none).
 
     Args:
         results_dir: the results root.
         dataset: dataset name.
+
+    Returns:
+        The metrics.json content with `prompt_set` set to the folder it was read from.
     """
-    runs = [read_json(p) | {"prompt_set": p.parent.name}
-            for p in sorted((Path(results_dir) / dataset / "zeroshot").glob("*/metrics.json"))]
-    return max(runs, key=lambda m: m["top1"], default=None)
+    sets = zeroshot.saved_results(results_dir).get(dataset, {})
+    name = baseline_set(list(sets))
+    return None if name is None else sets[name] | {"prompt_set": name}
 
 
 def summary_row(metrics: Mapping) -> dict:
@@ -82,7 +107,7 @@ def collect(results_dir: str | Path) -> tuple[list[dict], list[str]]:
     for dataset in DATASETS:
         for method in METHODS:
             if method == "zeroshot":
-                metrics = best_zeroshot(results_dir, dataset)
+                metrics = zeroshot_baseline(results_dir, dataset)
             else:
                 file = Path(results_dir) / dataset / method / "metrics.json"
                 metrics = read_json(file) if file.is_file() else None
@@ -102,11 +127,57 @@ def saved_curves(results_dir: str | Path) -> dict[str, dict[str, list[dict]]]:
     """
     out: dict[str, dict[str, list[dict]]] = {}
     for dataset in DATASETS:
-        for method in ("linear_probe", "lora"):
+        for method in TRAINED:
             file = Path(results_dir) / dataset / method / "curves.json"
             if file.is_file():
                 out.setdefault(dataset, {})[method] = read_json(file)
     return out
+
+
+def saved_evaluations(results_dir: str | Path) -> list[tuple[Path, dict[str, Path]]]:
+    """Every saved evaluation and where its figures go, named as `save_evaluation` names them.
+
+    Args:
+        results_dir: the results root.
+
+    Returns:
+        `[(folder holding metrics.json and predictions.csv, {"confusion": png, "samples": png})]`,
+        in dataset, method and prompt-set order; zero-shot validation runs (`<set>/val/`) included.
+    """
+    results_dir = Path(results_dir)
+    saved_sets = zeroshot.saved_results(results_dir)
+    out = []
+    for dataset in DATASETS:
+        for name in saved_sets.get(dataset, {}):
+            out.append((zeroshot.output_dir(results_dir, dataset, name),
+                        zeroshot.figures(results_dir, dataset, name)))
+        # saved_results reads test runs only; a `--split val` run keeps its own figures.
+        for file in sorted((results_dir / dataset / "zeroshot").glob("*/val/metrics.json")):
+            name = file.parent.parent.name
+            out.append((file.parent, zeroshot.figures(results_dir, dataset, name, "val")))
+        for method in TRAINED:
+            folder = method_dir(results_dir, dataset, method)
+            if (folder / "metrics.json").is_file():
+                # the prefix train.run_probe and lora.run_lora hand to save_evaluation
+                out.append((folder, figure_paths(results_dir, f"{dataset}_{method}")))
+    return out
+
+
+def read_predictions(path: str | Path) -> tuple[list[str], list[int], list[int]]:
+    """The `path`, `label` and `pred` columns of a predictions.csv.
+
+    Args:
+        path: the predictions.csv file.
+
+    Raises:
+        ValueError: a row without those columns or with a non-integer label.
+    """
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    try:
+        return [r["path"] for r in rows], [int(r["label"]) for r in rows], [int(r["pred"]) for r in rows]
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path} is not a predictions file with path,label,pred columns ({err!r})") from err
 
 
 def summary_table(results_dir: str | Path):
@@ -156,7 +227,7 @@ def plot_curves(curves: Sequence[Mapping], title: str, path: str | Path | None =
     """
     from .train import best_epoch
 
-    fig = _figure(figsize=(10, 3.8))
+    fig = new_figure(figsize=(10, 3.8))
     loss_ax, acc_ax = fig.subplots(1, 2)
     epochs = [e["epoch"] for e in curves]
     loss_ax.plot(epochs, [e["train_loss"] for e in curves], "o-", label="train")
@@ -170,7 +241,7 @@ def plot_curves(curves: Sequence[Mapping], title: str, path: str | Path | None =
         acc_ax.legend()
     acc_ax.set(xlabel="epoch", ylabel="top-1 %", title="validation accuracy")
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_dynamics(curves: Mapping[str, Sequence[Mapping]], title: str, path: str | Path | None = None) -> Figure:
@@ -181,7 +252,7 @@ def plot_dynamics(curves: Mapping[str, Sequence[Mapping]], title: str, path: str
         title: figure title.
         path: PNG to write (None: only return the figure).
     """
-    fig = _figure(figsize=(10, 3.8))
+    fig = new_figure(figsize=(10, 3.8))
     loss_ax, acc_ax = fig.subplots(1, 2, sharex=True)
     for i, (method, entries) in enumerate(curves.items()):
         epochs = [e["epoch"] for e in entries]
@@ -195,7 +266,7 @@ def plot_dynamics(curves: Mapping[str, Sequence[Mapping]], title: str, path: str
     loss_ax.legend(fontsize="small")
     acc_ax.legend(fontsize="small")
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _bars(ax, rows: Sequence[Mapping], value, ylabel: str, title: str, log: bool = False) -> None:
@@ -226,7 +297,7 @@ def plot_comparison(rows: Sequence[Mapping], path: str | Path | None = None) -> 
         rows: summary rows (`collect`).
         path: PNG to write (None: only return the figure).
     """
-    fig = _figure(figsize=(18, 7))
+    fig = new_figure(figsize=(18, 7))
     axes = fig.subplots(2, 3)
     for ax, key, name in zip(axes[0], ("top1", "top5", "mean_per_class"),
                              ("test top-1", "test top-5", "mean per-class accuracy"), strict=True):
@@ -241,20 +312,105 @@ def plot_comparison(rows: Sequence[Mapping], path: str | Path | None = None) -> 
                         ha="center", va="center", color="grey")
     axes[0][0].legend(fontsize="small")
     fig.suptitle("zero-shot vs linear probe vs LoRA: accuracy (top) and cost (bottom)")
-    return _save(fig, path)
+    return save_figure(fig, path)
+
+
+def redraw_evaluation(folder: str | Path, figures: Mapping[str, Path]) -> tuple[list[Path], list[str]]:
+    """Redraw one run's confusion matrix, and its sample grid when every image is still there.
+
+    Args:
+        folder: the run's results folder (metrics.json with `class_names`, predictions.csv).
+        figures: `{"confusion": png, "samples": png}` (`evaluation.figure_paths`).
+
+    Returns:
+        `(written figures, notes on what was not redrawn and why)`.
+    """
+    folder = Path(folder)
+    predictions = folder / "predictions.csv"
+    if not predictions.is_file():
+        return [], [f"{folder}: no predictions.csv, its confusion and sample figures were not redrawn"]
+    try:
+        metrics = read_json(folder / "metrics.json")
+        names = metrics["class_names"]
+        paths, labels, preds = read_predictions(predictions)
+    except (KeyError, ValueError) as err:  # a partial or older run: skip it, keep the rest of the report
+        return [], [f"{folder}: cannot redraw its figures ({err!s})"]
+    # the title save_evaluation gives these figures
+    what = " ".join(str(metrics[k]) for k in ("dataset", "method", "prompt_set") if metrics.get(k))
+    plot_confusion(labels, preds, names, title=f"{what}: top-1 {metrics['top1']:.1%}", path=figures["confusion"])
+    absent = [p for p in paths if not Path(p).is_file()]
+    if absent:
+        return [figures["confusion"]], [f"{figures['samples'].name} not redrawn: {len(absent)} of {len(paths)} "
+                                        f"images listed in {predictions} are missing (e.g. {absent[0]})"]
+    plot_sample_predictions(paths, labels, preds, names, title=f"{what}: sample predictions",
+                            path=figures["samples"])
+    return [figures["confusion"], figures["samples"]], []
 
 
 # --------------------------------------------------------------------------- entry point
 
 
+def draw_curves(curves: Mapping[str, Mapping[str, Sequence[Mapping]]], figures: Path) -> list[Path]:
+    """Each run's curves and each dataset's training dynamics.
+
+    Args:
+        curves: `saved_curves(...)`.
+        figures: the figures folder.
+    """
+    written = []
+    for dataset, runs in curves.items():
+        for method, entries in runs.items():
+            path = figures / f"{dataset}_{method}_curves.png"
+            plot_curves(entries, f"{dataset} {LABELS[method]}", path)
+            written.append(path)
+        path = figures / f"{dataset}_training_dynamics.png"
+        plot_dynamics(runs, f"{dataset}: training dynamics", path)
+        written.append(path)
+    return written
+
+
+def draw_prompt_sets(results_dir: Path, figures: Path) -> list[Path]:
+    """The chart `zeroshot.run_zeroshot` ends with, from every saved prompt set (none: nothing).
+
+    Args:
+        results_dir: the results root.
+        figures: the figures folder.
+    """
+    table = zeroshot.prompt_table(results_dir)
+    if not table:
+        return []
+    path = figures / zeroshot.COMPARISON_FIGURE
+    plot_prompt_comparison(table, path=path)
+    return [path]
+
+
+def draw_evaluations(results_dir: Path) -> list[Path]:
+    """Every saved run's confusion (and, images permitting, sample) figure; skips named on stderr.
+
+    Args:
+        results_dir: the results root.
+    """
+    written = []
+    for folder, paths in saved_evaluations(results_dir):
+        drawn, notes = redraw_evaluation(folder, paths)
+        written += drawn
+        for line in notes:
+            print(f"report: {line}", file=sys.stderr)
+    return written
+
+
 def make_report(results_dir: str | Path) -> list[Path]:
-    """Write summary.csv and redraw every curve and comparison figure from saved files.
+    """Write summary.csv and redraw every figure from saved files.
+
+    Missing runs and figures that cannot be redrawn (no predictions.csv, images gone) are
+    named on stderr, never fatal.
 
     Args:
         results_dir: the results root.
 
     Returns:
-        The written files: summary.csv, then the figures.
+        The written files: summary.csv, then the figures (curves, comparison, prompt-set
+        chart, then each run's confusion and sample figures).
 
     Raises:
         FileNotFoundError: no saved run at all under `results_dir`.
@@ -271,16 +427,8 @@ def make_report(results_dir: str | Path) -> list[Path]:
         print(f"report: no results for {line}", file=sys.stderr)
     figures = figures_dir(results_dir)
     written = [write_csv(results_dir / "summary.csv", COLUMNS, [[r[c] for c in COLUMNS] for r in rows])]
-    for dataset, runs in curves.items():
-        for method, entries in runs.items():
-            path = figures / f"{dataset}_{method}_curves.png"
-            plot_curves(entries, f"{dataset} {LABELS[method]}", path)
-            written.append(path)
-        path = figures / f"{dataset}_training_dynamics.png"
-        plot_dynamics(runs, f"{dataset}: training dynamics", path)
-        written.append(path)
+    written += draw_curves(curves, figures)
     if rows:
-        path = figures / "comparison.png"
-        plot_comparison(rows, path)
-        written.append(path)
-    return written
+        written.append(figures / "comparison.png")
+        plot_comparison(rows, written[-1])
+    return written + draw_prompt_sets(results_dir, figures) + draw_evaluations(results_dir)

@@ -1,4 +1,4 @@
-"""report: the comparison and every curve redrawn from saved files alone."""
+"""report: the comparison and every figure redrawn from saved files alone."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def test_report_redraws_from_files_alone(copied_results, task2_runs, capsys):
     assert float(rows["lora"]["top1"]) == task2_runs["lora"]["top1"]
     assert int(rows["linear_probe"]["trainable_params"]) == task2_runs["probe"]["trainable_params"]
     assert int(rows["zeroshot"]["trainable_params"]) == 0
-    assert rows["zeroshot"]["prompt_set"] in {"default", "domain"}
+    assert rows["zeroshot"]["prompt_set"] == "domain"  # no auto run: the domain set, whatever its top-1
     assert rows["lora"]["peak_vram_mb"] == ""  # CPU runs record none
 
     # The kit's session has no Flowers102 runs: they are named, with the command that makes them.
@@ -57,18 +57,68 @@ def test_report_redraws_from_files_alone(copied_results, task2_runs, capsys):
     assert "flowers102 LoRA (python -m clip_utils lora --dataset flowers102)" in err
 
 
-def test_zeroshot_row_is_the_best_saved_prompt_set(tmp_path):
-    for name, top1 in (("default", 0.4), ("diverse", 0.7), ("domain", 0.5)):
-        folder = tmp_path / "cub200" / "zeroshot" / name
+# Every figure save_evaluation and run_zeroshot wrote for the session's CUB runs.
+REDRAWN = {"cub200_zeroshot_default_confusion.png", "cub200_zeroshot_domain_confusion.png",
+           "cub200_linear_probe_confusion.png", "cub200_lora_confusion.png", "zeroshot_prompt_sets.png",
+           "cub200_zeroshot_default_samples.png", "cub200_lora_samples.png"}
+
+
+def test_report_redraws_evaluation_figures_and_prompt_chart(copied_results, task2_runs):
+    # The names are the ones the runs themselves wrote, so a redraw replaces rather than adds.
+    assert REDRAWN <= {p.name for p in (task2_runs["results"] / "figures").iterdir()}
+    figures = copied_results / "figures"
+    assert not figures.exists()  # the copy leaves every figure behind
+    written = report.make_report(copied_results)
+    assert REDRAWN <= {p.name for p in written}
+    assert all((figures / name).stat().st_size > 0 for name in REDRAWN)
+
+
+def test_report_skips_what_it_cannot_redraw_and_says_so(copied_results, capsys):
+    predictions = copied_results / "cub200" / "lora" / "predictions.csv"
+    lines = predictions.read_text().splitlines()
+    lines[1] = "/nowhere/gone.jpg" + lines[1][lines[1].index(","):]  # one image no longer on disk
+    predictions.write_text("\n".join(lines) + "\n")
+    (copied_results / "cub200" / "zeroshot" / "default" / "predictions.csv").unlink()  # a partial run
+
+    names = {p.name for p in report.make_report(copied_results)}
+    assert "cub200_lora_confusion.png" in names and "cub200_lora_samples.png" not in names
+    assert "cub200_zeroshot_default_confusion.png" not in names
+    assert "cub200_zeroshot_domain_samples.png" in names
+    err = capsys.readouterr().err
+    assert "cub200_lora_samples.png not redrawn: 1 of" in err and "/nowhere/gone.jpg" in err
+    assert "default: no predictions.csv" in err
+
+
+def write_zeroshot(root, dataset, top1s):
+    for name, top1 in top1s.items():
+        folder = root / dataset / "zeroshot" / name
         folder.mkdir(parents=True)
         (folder / "metrics.json").write_text(json.dumps({
-            "dataset": "cub200", "split": "test", "method": "zeroshot", "model": "m", "n": 10, "top1": top1,
+            "dataset": dataset, "split": "test", "method": "zeroshot", "model": "m", "n": 10, "top1": top1,
             "top5": 0.9, "mean_per_class": top1, "seconds": 1.0, "prompt_set": name}))
-    best = report.best_zeroshot(tmp_path, "cub200")
-    assert best["prompt_set"] == "diverse" and best["top1"] == 0.7
+
+
+def test_zeroshot_row_is_chosen_without_test_labels(tmp_path):
+    # auto has the lowest test top-1 here: a rule that looked at test accuracy would not pick it.
+    write_zeroshot(tmp_path, "cub200", {"default": 0.4, "diverse": 0.7, "domain": 0.5, "auto": 0.45})
+    baseline = report.zeroshot_baseline(tmp_path, "cub200")
+    assert baseline["prompt_set"] == "auto" and baseline["top1"] == 0.45
     rows, missing = report.collect(tmp_path)
-    assert [(r["dataset"], r["method"], r["prompt_set"]) for r in rows] == [("cub200", "zeroshot", "diverse")]
+    assert [(r["dataset"], r["method"], r["prompt_set"]) for r in rows] == [("cub200", "zeroshot", "auto")]
     assert len(missing) == 5
+
+
+@pytest.mark.parametrize(("saved", "expected"), [
+    (["diverse", "domain", "default"], "domain"),
+    (["diverse", "default"], "default"),
+    (["domain_ensemble", "diverse", "custom"], "diverse"),  # no preferred set: the first in prompts order
+    ([], None),
+])
+def test_baseline_preference(tmp_path, saved, expected):
+    # the expected set has the lowest test top-1, so the old best-on-test rule would fail here
+    write_zeroshot(tmp_path, "flowers102", {name: 0.3 if name == expected else 0.8 for name in saved})
+    baseline = report.zeroshot_baseline(tmp_path, "flowers102")
+    assert (baseline and baseline["prompt_set"]) == expected
 
 
 def test_report_with_only_curves_still_draws_them(tmp_path):
