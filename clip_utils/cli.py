@@ -23,31 +23,50 @@ from .data import DATASETS
 EPILOG = "Results layout and options: README.md and DESIGN.md."
 
 
-def _positive_int(text: str) -> int:
+def _whole(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    value = _whole(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
     return value
 
 
 def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    value = _number(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = _whole(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected zero or more, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected zero or more, got {value}")
+    return value
+
+
 def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    value = _number(text)
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value}")
     return value
@@ -72,22 +91,21 @@ def _common(parser: argparse.ArgumentParser, dataset: bool = True) -> None:
                    help="results root (default: %(default)s)")
     g.add_argument("--device", default=os.environ.get("CLIP_DEVICE"),
                    help="cuda, cpu, ... (default: cuda when available)")
-    g.add_argument("--batch-size", type=_positive_int,
-                   default=_positive_int(os.environ.get("CLIP_BATCH_SIZE", "128")),
-                   help="images per batch (default: %(default)s)")
+    # String defaults go through `type` at parse time, so a bad CLIP_* value is a usage error.
+    g.add_argument("--batch-size", type=_positive_int, default=os.environ.get("CLIP_BATCH_SIZE", "128"),
+                   help="images per batch (default: $CLIP_BATCH_SIZE or %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    g.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: cores - 1)")
+    g.add_argument("--workers", type=_non_negative_int, default=None, help="DataLoader workers (default: cores - 1)")
     g.add_argument("--no-download", dest="download", action="store_false",
                    help="never download: fail when a dataset is missing")
 
 
 def _training(parser: argparse.ArgumentParser, epochs: int, lr: float) -> None:
     g = parser.add_argument_group("training")
-    g.add_argument("--epochs", type=_positive_int,
-                   default=_positive_int(os.environ.get("CLIP_EPOCHS", str(epochs))),
-                   help="epochs (default: %(default)s)")
+    g.add_argument("--epochs", type=_positive_int, default=os.environ.get("CLIP_EPOCHS", str(epochs)),
+                   help="epochs (default: $CLIP_EPOCHS or %(default)s)")
     g.add_argument("--lr", type=_positive_float, default=lr, help="peak learning rate (default: %(default)s)")
-    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: %(default)s)")
+    g.add_argument("--weight-decay", type=_non_negative_float, default=0.01, help="AdamW weight decay (default: %(default)s)")
     g.add_argument("--resume", action="store_true", help="continue from the last completed epoch")
 
 
@@ -110,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on augmented images (slower: no cached features)")
     _common(p)
     # Training batches: 32 gives ~1000 steps over 30 Flowers102 epochs (encoding is still fast).
-    p.set_defaults(batch_size=_positive_int(os.environ.get("CLIP_BATCH_SIZE", "32")))
+    p.set_defaults(batch_size=os.environ.get("CLIP_BATCH_SIZE", "32"))
 
     p = sub.add_parser("lora", help="LoRA fine-tuning of the vision encoder", epilog=EPILOG)
     _training(p, epochs=10, lr=5e-4)
@@ -125,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-augment", dest="augment", action="store_false", help="train without image augmentation")
     _common(p)
     # Batch 32: about 9 GB peak for ViT-L/14 in bf16 (3 GB with --grad-checkpointing).
-    p.set_defaults(batch_size=_positive_int(os.environ.get("CLIP_BATCH_SIZE", "32")))
+    p.set_defaults(batch_size=os.environ.get("CLIP_BATCH_SIZE", "32"))
 
     p = sub.add_parser("predict", help="top-k classes for your own photos", epilog=EPILOG)
     p.add_argument("photos", nargs="+", metavar="PHOTO", help="image files")
@@ -152,7 +170,7 @@ def _lab(args):
 
 
 def cmd_zeroshot(args) -> None:
-    from .zeroshot import run_zeroshot
+    from .zeroshot import output_dir, run_zeroshot
 
     lab = _lab(args)
     results = run_zeroshot(lab, args.dataset, args.prompts, split=args.split)
@@ -160,7 +178,7 @@ def cmd_zeroshot(args) -> None:
     for name, m in results.items():
         chosen = f" (chose {m['selected_set']} on val)" if "selected_set" in m else ""
         print(f"{name:<16} {m['top1']:7.2%} {m['top5']:7.2%} {m['mean_per_class']:9.2%}  "
-              f"{lab.results_dir / args.dataset / 'zeroshot' / name}{chosen}")
+              f"{output_dir(lab.results_dir, args.dataset, name, args.split)}{chosen}")
 
 
 def _print_run(metrics: dict, folder) -> None:
@@ -222,15 +240,28 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def torch_oom() -> type[BaseException]:
+    """CUDA's out-of-memory error (training turns it into a `TrainingError`; this catches the rest)."""
+    import torch
+
+    return torch.OutOfMemoryError
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = globals()[f"cmd_{args.command}"]
     try:
         return handler(args) or 0
     except KeyboardInterrupt:
-        print("interrupted: the last completed epoch's checkpoint and curves are kept (rerun with --resume)",
-              file=sys.stderr)
+        kept = (" the last completed epoch's checkpoint and curves are kept (rerun with --resume)"
+                if args.command in ("probe", "lora") else " completed results files are kept")
+        print(f"interrupted:{kept}", file=sys.stderr)
         return 130
+    except torch_oom() as err:
+        half = max(1, getattr(args, "batch_size", 2) // 2)
+        print(f"error: CUDA out of memory ({str(err).splitlines()[0]}); try --batch-size {half} "
+              f"(CLIP_BATCH_SIZE={half})", file=sys.stderr)
+        return 1
     except _user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import tarfile
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ SPLITS = ("train", "val", "test")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CAT_TO_NAME = PROJECT_ROOT / "cat_to_name.json"
+BUNDLED_CUB_CLASSES = Path(__file__).resolve().parent / "assets" / "classes.txt"
 
 CUB_URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz"
 CUB_MD5 = "97eceeb196236b17998738112f37df78"
@@ -139,17 +141,24 @@ def load_dataset(
     return ImageListDataset(samples, classes, transform, name=name, split=split)
 
 
-def class_names(name: str, root: str | Path, download: bool = False) -> list[str]:
-    """Class names of a dataset in label order (reads the metadata only, not the images).
+def class_names(name: str, root: str | Path) -> list[str]:
+    """Class names of a dataset in label order, from metadata only (no images, no download).
+
+    Naming the classes of a trained head or of a photo's prediction must not require the
+    1 GB dataset: Flowers102 names come from cat_to_name.json; CUB names from the dataset's
+    own classes.txt when it is on disk, else from the official list bundled with the package.
 
     Args:
         name: `flowers102` or `cub200`.
         root: dataset root folder.
-        download: fetch the dataset when missing.
     """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
     if name == "flowers102":
         return flowers102_class_names()
-    return load_dataset(name, root, "test", download=download).classes
+    local = Path(root) / CUB_DIR / "classes.txt"
+    table = local if local.is_file() else BUNDLED_CUB_CLASSES
+    return [cub_class_name(row[1]) for row in _read_table(table)]
 
 
 # --------------------------------------------------------------------------- Flowers102
@@ -173,8 +182,9 @@ def _load_flowers102(root: Path, split: str, download: bool) -> tuple[list[tuple
 
     folder = root / "flowers-102"
     how = (
-        "Download it with `python -m clip_utils zeroshot --dataset flowers102 --download`, "
-        "load_dataset(..., download=True) or `make run`; for an offline try-out use `make demo`."
+        "Any command downloads it unless given --no-download (e.g. `python -m clip_utils "
+        "zeroshot --dataset flowers102`), as do load_dataset(..., download=True) and `make run`; "
+        "for an offline try-out use `make demo`."
     )
     if download and not (folder / "jpg").is_dir():
         _require_network(FLOWERS_URL, "Flowers102", folder)
@@ -245,9 +255,19 @@ def download_cub200(root: str | Path, url: str = CUB_URL, md5: str = CUB_MD5) ->
                 f"download the archive by hand and extract it so that {root / CUB_DIR} exists."
             ) from err
     verify_archive(archive, md5)
-    with tarfile.open(archive) as tar:
-        tar.extractall(root, filter="data")
-    return root / CUB_DIR
+    target = root / CUB_DIR
+    if target.exists():
+        raise DatasetNotFoundError(
+            f"{target} exists but is incomplete (no images.txt): remove it and run again to extract "
+            f"the verified archive {archive}."
+        )
+    # Extract beside the target and rename at the end: an interrupted extraction must never
+    # look like a complete dataset (images.txt comes early in the archive).
+    with tempfile.TemporaryDirectory(prefix=".extracting-", dir=root) as tmp:
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+        os.replace(Path(tmp) / CUB_DIR, target)
+    return target
 
 
 def verify_archive(archive: Path, md5: str) -> None:
@@ -282,9 +302,9 @@ def _load_cub200(root: Path, split: str, download: bool) -> tuple[list[tuple[str
         if not download:
             raise DatasetNotFoundError(
                 f"CUB-200-2011 not found: expected {base}/images.txt (the official "
-                f"CUB_200_2011.tgz extracted into {root}). Download it with `python -m "
-                f"clip_utils zeroshot --dataset cub200 --download`, load_dataset(..., "
-                f"download=True), or `make run`; for an offline try-out use `make demo`."
+                f"CUB_200_2011.tgz extracted into {root}). Any command downloads it unless given "
+                f"--no-download (e.g. `python -m clip_utils zeroshot --dataset cub200`), as do "
+                f"load_dataset(..., download=True) and `make run`; for an offline try-out use `make demo`."
             )
         download_cub200(root)
     classes = [cub_class_name(row[1]) for row in _read_table(base / "classes.txt")]
@@ -302,8 +322,3 @@ def _load_cub200(root: Path, split: str, download: bool) -> tuple[list[tuple[str
     val = _cub_val_indices([labels[i] for i in train_ids], CUB_VAL_FRACTION, CUB_VAL_SEED)
     keep = (lambda k: k in val) if split == "val" else (lambda k: k not in val)
     return [sample(i) for k, i in enumerate(train_ids) if keep(k)], classes
-
-
-def default_data_root() -> Path:
-    """The dataset root: `$CLIP_DATA_ROOT` or `data`."""
-    return Path(os.environ.get("CLIP_DATA_ROOT", "data"))

@@ -171,7 +171,7 @@ def classifier_for(lab, dataset: str, method: str = "zeroshot", prompt_set: str 
     if method == "zeroshot":
         from .data import class_names
 
-        return _zeroshot_classifier(lab, dataset, class_names(dataset, lab.data_root, download=lab.download),
+        return _zeroshot_classifier(lab, dataset, class_names(dataset, lab.data_root),
                                     prompt_set)
     from .checkpoints import load_classifier  # written by the training side; imported only when used
 
@@ -205,7 +205,7 @@ def predict_photos(
 
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
-    names = class_names(dataset, lab.data_root, download=lab.download)
+    names = class_names(dataset, lab.data_root)
     classifier = classifier_for(lab, dataset, method, prompt_set)
     transform = lab.preprocess.transform()
     dtype = next(classifier.parameters()).dtype

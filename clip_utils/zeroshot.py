@@ -145,7 +145,7 @@ def run_zeroshot(
     feature_seconds = time.perf_counter() - start
     model, processor = lab.clip()
     scale = logit_scale(model)
-    classes = class_names(dataset, lab.data_root, download=lab.download)
+    classes = class_names(dataset, lab.data_root)
     weights: dict[str, torch.Tensor] = {}
 
     def classifier(name: str) -> torch.Tensor:

@@ -29,6 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         (["predict", "--dataset", "flowers102"], "PHOTO"),
         (["predict", "x.jpg", "--dataset", "flowers102", "--top-k", "many"], "whole number"),
         (["zeroshot", "--dataset", "cub200", "--batch-size", "0"], "positive"),
+        (["zeroshot", "--dataset", "cub200", "--workers", "-1"], "zero or more"),
+        (["probe", "--dataset", "cub200", "--weight-decay", "-0.1"], "zero or more"),
     ],
 )
 def test_bad_arguments_are_usage_errors(capsys, argv, fragment):
@@ -81,3 +83,27 @@ def test_make_run_offline_stops_fast_naming_model_and_demo(tmp_path):
     assert "make demo" in proc.stderr
     assert "unreachable" in proc.stderr
     assert elapsed < 30
+
+
+@pytest.mark.parametrize("var,value", [("CLIP_BATCH_SIZE", "abc"), ("CLIP_EPOCHS", "-3")])
+def test_bad_environment_defaults_are_usage_errors(capsys, monkeypatch, var, value):
+    monkeypatch.setenv(var, value)
+    with pytest.raises(SystemExit) as exit_:
+        main(["probe", "--dataset", "cub200"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and value in err
+    assert "Traceback" not in err
+
+
+def test_out_of_memory_outside_training_names_a_batch_size(capsys, monkeypatch):
+    import torch
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr("clip_utils.zeroshot.run_zeroshot", oom)
+    code = main(["zeroshot", "--dataset", "cub200", "--batch-size", "256", "--device", "cpu"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "out of memory" in err and "--batch-size 128" in err

@@ -118,3 +118,27 @@ def test_unreadable_image_names_the_file(kit, tmp_path):
         f.write(b"\xff\xd8 not really a jpeg")
     with pytest.raises(UnreadableImageError, match=bad.split("/")[-1]):
         ds[0]
+
+
+def test_class_names_need_no_images_and_no_download(tmp_path, kit, monkeypatch):
+    monkeypatch.setattr(data, "reachable", lambda url: pytest.fail("must not touch the network"))
+    assert data.class_names("cub200", tmp_path)[0] == "Black footed Albatross"  # bundled official list
+    assert len(data.class_names("cub200", tmp_path)) == 200
+    assert data.class_names("cub200", kit["data"]) == load_dataset("cub200", kit["data"], "test").classes
+    assert data.class_names("flowers102", tmp_path)[0] == "pink primrose"
+
+
+def test_incomplete_extraction_is_never_taken_for_a_dataset(tmp_path, kit):
+    import tarfile
+
+    archive = tmp_path / "CUB_200_2011.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(kit["data"] / "CUB_200_2011", arcname="CUB_200_2011")
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    (tmp_path / "CUB_200_2011" / "images").mkdir(parents=True)  # left by an interrupted extraction
+    with pytest.raises(DatasetNotFoundError, match="incomplete.*remove it"):
+        data.download_cub200(tmp_path, md5=md5)
+    shutil.rmtree(tmp_path / "CUB_200_2011")
+    base = data.download_cub200(tmp_path, md5=md5)
+    assert (base / "images.txt").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp folder left
