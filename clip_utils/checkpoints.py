@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .results import atomic_path, method_dir
+from .results import atomic_path, method_dir, publish
 
 HEAD_FILE = "head.safetensors"
 ADAPTER_DIR = "adapter"
@@ -233,6 +233,7 @@ def save_adapter(folder: str | Path, peft_model, info: HeadInfo) -> Path:
     try:
         peft_model.save_pretrained(str(tmp))
         (tmp / ADAPTER_INFO).write_text(json.dumps(asdict(info), indent=1) + "\n")
+        publish(tmp)
         shutil.rmtree(old, ignore_errors=True)
         if folder.exists():
             os.replace(folder, old)

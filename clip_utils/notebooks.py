@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .data import PROJECT_ROOT
+from .results import atomic_path
 
 NOTEBOOKS = ("Task1.ipynb", "Task2.ipynb")
 
@@ -61,8 +62,8 @@ def execute_notebook(
             f"(the executed notebook up to that cell is saved as {out_path})"
         ) from err
     finally:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        nbformat.write(nb, out_path)
+        with atomic_path(out_path) as tmp:
+            nbformat.write(nb, tmp)
 
 
 def demo_env(folder: str | Path) -> dict[str, str]:

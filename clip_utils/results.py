@@ -23,12 +23,33 @@ from typing import Any
 METHODS = ("zeroshot", "linear_probe", "lora")
 
 
+def _process_umask() -> int:
+    umask = os.umask(0)  # the only way to read it; set straight back, once, at import
+    os.umask(umask)
+    return umask
+
+
+UMASK = _process_umask()
+
+
+def publish(path: str | Path) -> None:
+    """Give a file or folder made by `tempfile` (0600/0700) the permissions `open`/`mkdir` would.
+
+    Args:
+        path: the file or folder.
+    """
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it onto `path` if the block succeeds.
 
+    The file is flushed to disk before the rename, so after a crash or power loss `path`
+    holds either the previous complete file or the new complete one.
+
     Args:
-        path: the final file (or folder) path.
+        path: the final file path.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -37,11 +58,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        # mkstemp creates 0600 files; give results the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        if tmp_path.is_file():
-            os.chmod(tmp_path, 0o666 & ~umask)
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        publish(tmp_path)
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)

@@ -49,6 +49,8 @@ from .results import atomic_path, method_dir, read_json, write_json
 
 CURVES_FILE = "curves.json"
 RESUME_FILE = "resume.pt"
+# Test-set outputs of a previous run in the same folder (written after training ends).
+STALE_ON_RESTART = ("metrics.json", "predictions.csv", "classification_report.txt")
 # Loss checks sync the GPU; every few steps keeps the GPU queue full and still stops a
 # diverged run within a handful of steps.
 CHECK_EVERY = 10
@@ -338,7 +340,14 @@ def fit(
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total_steps = cfg.epochs * job.steps_per_epoch
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.warmup * total_steps), total_steps)
-    done, curves = _load_state(job, cfg, optimizer, scheduler) if resume else (0, [])
+    if resume:
+        done, curves = _load_state(job, cfg, optimizer, scheduler)
+    else:
+        done, curves = 0, []
+        # A fresh run over an old one: drop the old run's outputs now, so that a crash before
+        # this run ends can never leave old metrics beside new curves.
+        for name in (CURVES_FILE, RESUME_FILE, *STALE_ON_RESTART):
+            (job.out_dir / name).unlink(missing_ok=True)
 
     oom = False
     try:

@@ -296,3 +296,21 @@ def test_augmented_probe_trains_through_the_encoder_and_validates_the_head(short
     assert metrics["config"]["augment"] is True
     assert len(read_curves(lab.results_dir / "cub200" / "linear_probe")) == 1
     assert load_classifier(lab, "cub200", "probe").head.out_features == len(metrics["class_names"])
+
+
+def test_a_fresh_run_removes_the_previous_runs_results_first(short_probe_lab):
+    from clip_utils import train
+    from clip_utils.train import TrainConfig, run_probe
+
+    out = short_probe_lab.results_dir / "cub200" / "linear_probe"
+    run_probe(short_probe_lab, "cub200", TrainConfig(epochs=1, lr=1e-2))
+    assert (out / "metrics.json").is_file()
+
+    def crash(epoch, entry):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_probe(short_probe_lab, "cub200", TrainConfig(epochs=2, lr=1e-2), callbacks=[crash])
+    for name in train.STALE_ON_RESTART:
+        assert not (out / name).exists()  # no old metrics beside the new run's curves
+    assert len(train.read_curves(out)) == 1
