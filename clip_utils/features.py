@@ -186,6 +186,7 @@ def iter_pixel_batches(
     device: torch.device,
     dtype: torch.dtype,
     batch_size: int,
+    *,
     num_workers: int | None = None,
     fast: bool | None = None,
     desc: str | None = None,
@@ -236,6 +237,7 @@ def iter_labelled_batches(
     device: torch.device,
     dtype: torch.dtype,
     batch_size: int,
+    *,
     order: torch.Tensor | None = None,
     augment: bool = False,
     num_workers: int | None = None,
@@ -262,7 +264,8 @@ def iter_labelled_batches(
         paths, labels = [paths[i] for i in order.tolist()], labels[order]
     labels = labels.to(device)
     start = 0
-    for pixels in iter_pixel_batches(paths, pre, device, dtype, batch_size, num_workers, fast, desc, augment):
+    for pixels in iter_pixel_batches(paths, pre, device, dtype, batch_size, num_workers=num_workers, fast=fast,
+                                     desc=desc, augment=augment):
         yield pixels, labels[start : start + len(pixels)]
         start += len(pixels)
 
@@ -274,6 +277,7 @@ def encode_paths(
     pre: Preprocess,
     device: str | torch.device,
     batch_size: int = 256,
+    *,
     num_workers: int | None = None,
     fast: bool | None = None,
     desc: str | None = "encoding images",
@@ -291,12 +295,15 @@ def encode_paths(
         desc: progress bar label.
     """
     dtype = next(model.parameters()).dtype
+    # Results stay on the device until the end: a copy to the host per batch would make the
+    # main thread, which also decodes the next batch, wait for the GPU every time.
     chunks = [
-        image_embeddings(model, pixels).float().cpu()
-        for pixels in iter_pixel_batches(paths, pre, device, dtype, batch_size, num_workers, fast, desc)
+        image_embeddings(model, pixels).float()
+        for pixels in iter_pixel_batches(paths, pre, device, dtype, batch_size, num_workers=num_workers, fast=fast,
+                                         desc=desc)
     ]
     dim = model.visual_projection.out_features
-    return torch.cat(chunks) if chunks else torch.empty(0, dim)
+    return torch.cat(chunks).cpu() if chunks else torch.empty(0, dim)
 
 
 @torch.inference_mode()
@@ -398,7 +405,8 @@ def encode_dataset(
             cached = load_file(file)
             return Features(cached["embeddings"], cached["labels"], paths)
     desc = f"encoding {dataset.name}/{dataset.split}"
-    embeddings = encode_paths(model, paths, pre, device, batch_size, num_workers, fast, desc)
+    embeddings = encode_paths(model, paths, pre, device, batch_size=batch_size, num_workers=num_workers, fast=fast,
+                              desc=desc)
     if file is not None:
         file.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(file) as tmp:

@@ -151,6 +151,10 @@ def _train(lab, dataset: str, splits: dict, cfg: TrainConfig, lora: LoraSettings
     model, processor = load_clip(lab.model, device, dtype=torch.float32)
     model.requires_grad_(False)
     head = zeroshot_init_head(model, processor, dataset, class_names, device, lab.batch_size)
+    # The text tower (a quarter of ViT-L/14's CLIP) only initialises the head: off the GPU
+    # with it, so that it does not sit in training memory.
+    model.text_model.to("cpu")
+    model.text_projection.to("cpu")
     vision = add_lora(model.vision_model, lora)
     classifier = ClipClassifier(vision, model.visual_projection, head)  # the text tower is left behind
     expected = lora_trainable_params(model.config.vision_config, lora, len(class_names), head.in_features)
@@ -160,11 +164,12 @@ def _train(lab, dataset: str, splits: dict, cfg: TrainConfig, lora: LoraSettings
     pre = Preprocess.from_processor(processor)
     info = dict(dataset=dataset, method="lora", model=lab.model, class_names=class_names, embed_dim=head.in_features)
 
-    def batches(split: str, order: torch.Tensor | None = None, augment: bool = False) -> Iterable:
+    def batches(split: str, order: torch.Tensor | None = None, augment: bool = False,
+                desc: str | None = None) -> Iterable:
         ds = splits[split]
         return iter_labelled_batches([p for p, _ in ds.samples], torch.tensor(ds.targets), pre, device,
                                      torch.float32, cfg.batch_size, order=order, augment=augment,
-                                     num_workers=lab.num_workers)
+                                     num_workers=lab.num_workers, desc=desc)
 
     def save_best(epoch: int) -> None:
         meta = head_info(**info, epoch=epoch)
@@ -175,7 +180,7 @@ def _train(lab, dataset: str, splits: dict, cfg: TrainConfig, lora: LoraSettings
     job = TrainJob(
         name=f"{dataset} LoRA", model=classifier,
         train_batches=lambda epoch, gen: batches("train", torch.randperm(n_train, generator=gen), cfg.augment),
-        val_batches=lambda: batches("val"),
+        val_batches=lambda: batches("val", desc=f"validating {dataset} LoRA"),
         steps_per_epoch=math.ceil(n_train / cfg.batch_size), save_best=save_best, out_dir=out, device=device,
         batch_size=cfg.batch_size,
         oom_hint=" or add --grad-checkpointing (LoraSettings(grad_checkpointing=True))",

@@ -213,9 +213,9 @@ def predict(model: nn.Module, batches: Iterable[Batch], device: torch.device) ->
     logits, labels = [], []
     with _autocast(device):
         for x, y in batches:
-            logits.append(model(x).float().cpu())
-            labels.append(y.cpu())
-    return torch.cat(logits), torch.cat(labels)
+            logits.append(model(x).float())  # on the device: no host sync per batch
+            labels.append(y)
+    return torch.cat(logits).cpu(), torch.cat(labels).cpu()
 
 
 def _validate(job: TrainJob) -> tuple[float, float]:
