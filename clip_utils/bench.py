@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .features import encode_paths, iter_pixel_batches
+from .features import encode_paths
 from .models import Preprocess, image_embeddings
 from .vram import VramProbe
 
@@ -171,8 +171,13 @@ def bench_zeroshot(model, processor, paths: list[str], device: torch.device, bat
                                                batch_size=256)
             (feats.to(classifier) @ classifier).argmax(1)
 
+    def ours_images() -> None:
+        encode_paths(model, paths, pre, device, batch_size=batch_size, num_workers=workers, desc=None)
+
     encode_paths(model, paths[: batch_size * 2], pre, device, batch_size=batch_size, num_workers=workers, desc=None)
-    rows.append(_timed("zero-shot", f"ours ({len(sets)} prompt sets, batch {batch_size})", n, device, ours))
+    rows.append(_timed("zero-shot", f"ours, images only (batch {batch_size})", n, device, ours_images))
+    rows.append(_timed("zero-shot", f"ours + {len(sets)} prompt sets' text", n, device, ours,
+                       note="what a zero-shot evaluation under every prompt set costs end to end"))
     model_alone(model, pre, device, batch_size * 2, batch_size)  # warm-up
     rows.append(_timed("zero-shot", f"model alone (batch {batch_size})", n, device,
                        lambda: model_alone(model, pre, device, n, batch_size)))
@@ -208,33 +213,60 @@ def lora_steps(classifier, batches, device: torch.device, steps: int) -> int:
     return seen
 
 
-def bench_lora(model, processor, paths: list[str], device: torch.device, batch_size: int,
-               workers: int | None) -> list[Row]:
-    """LoRA train steps: ready tensors (model alone) vs ours (decode + augment on the fly)."""
-    import copy
+def _lora_rows(classifier, pre: Preprocess, paths: list[str], device: torch.device, batch_size: int,
+               workers: int | None, suffix: str, with_ours: bool) -> list[Row]:
+    """Model-alone steps on one ready batch, then (optionally) one epoch of the real loop."""
+    import math
 
     from .features import iter_labelled_batches
+    from .train import TrainConfig, TrainJob, fit
+
+    steps = max(2, len(paths) // batch_size)
+    fixed = (torch.randn(batch_size, 3, *pre.crop, device=device), (torch.arange(batch_size) % 102).to(device))
+    lora_steps(classifier, iter([fixed, fixed]), device, 2)  # warm-up
+    rows = [_timed("LoRA train", f"model alone (batch {batch_size}{suffix})", steps * batch_size, device,
+                   lambda: lora_steps(classifier, iter(lambda: fixed, None), device, steps))]
+    if with_ours:
+        labels = torch.arange(len(paths)) % 102
+
+        def batches(order: torch.Tensor | None, augment: bool, n: int):
+            return iter_labelled_batches(paths[:n], labels[:n], pre, device, torch.float32, batch_size,
+                                         order=order, augment=augment, num_workers=workers)
+
+        def ours() -> None:
+            # The real loop (`train.fit`), as `run_lora` drives it: shuffled, augmented batches
+            # decoded on the fly, schedule, loss checks, a validation pass and the epoch's files.
+            with tempfile.TemporaryDirectory() as out:
+                job = TrainJob(
+                    name="bench LoRA", model=classifier,
+                    train_batches=lambda epoch, gen: batches(torch.randperm(len(paths), generator=gen), True,
+                                                             len(paths)),
+                    val_batches=lambda: batches(None, False, batch_size),
+                    steps_per_epoch=math.ceil(len(paths) / batch_size), save_best=lambda epoch: None,
+                    out_dir=Path(out), device=device, batch_size=batch_size,
+                )
+                fit(job, TrainConfig(epochs=1, lr=1e-4, seed=0, batch_size=batch_size))
+
+        rows.append(_timed("LoRA train", f"ours (batch {batch_size}, augmented, train.fit)", len(paths), device, ours,
+                           note=f"includes one validation pass over {batch_size} images"))
+    return rows
+
+
+def bench_lora(model, processor, paths: list[str], device: torch.device, batch_size: int,
+               workers: int | None) -> list[Row]:
+    """LoRA training: ready tensors (model alone) vs ours (the real loop, images decoded and
+    augmented on the fly), then model alone with gradient checkpointing."""
+    import copy
 
     pre = Preprocess.from_processor(processor)
-    steps = max(2, len(paths) // batch_size)
-    labels = torch.arange(len(paths)) % 102
     rows = []
     for ckpt in (False, True):
         classifier = _lora_classifier(copy.deepcopy(model).float(), 102, grad_checkpointing=ckpt)
-        suffix = " + grad checkpointing" if ckpt else ""
-        fixed = (torch.randn(batch_size, 3, *pre.crop, device=device), (torch.arange(batch_size) % 102).to(device))
-        lora_steps(classifier, iter([fixed, fixed]), device, 2)  # warm-up
-        rows.append(_timed("LoRA train", f"model alone (batch {batch_size}{suffix})", steps * batch_size, device,
-                           lambda: lora_steps(classifier, iter(lambda: fixed, None), device, steps)))
-        if not ckpt:
-            def ours() -> None:
-                order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(0))
-                batches = iter_labelled_batches(paths, labels, pre, device, torch.float32, batch_size, order=order,
-                                                augment=True, num_workers=workers)
-                lora_steps(classifier, batches, device, steps)
-
-            rows.append(_timed("LoRA train", f"ours (batch {batch_size}, augmented)", steps * batch_size, device, ours))
-        del classifier
+        rows += _lora_rows(classifier, pre, paths, device, batch_size, workers,
+                           suffix=" + grad checkpointing" if ckpt else "", with_ours=not ckpt)
+        del classifier  # free one copy before building the next
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 

@@ -30,7 +30,6 @@ from . import zeroshot
 from .data import DATASETS
 from .evaluation import figure_paths
 from .plots import new_figure, plot_confusion, plot_prompt_comparison, plot_sample_predictions, save_figure
-from .prompts import AUTO
 from .results import figures_dir, method_dir, read_json, write_csv
 
 METHODS = ("zeroshot", "linear_probe", "lora")
@@ -39,7 +38,6 @@ COMMANDS = {"zeroshot": "zeroshot --prompts all", "linear_probe": "probe", "lora
 TRAINED = ("linear_probe", "lora")
 # The zero-shot baseline of the comparison, in order of preference: `auto` is the only set
 # chosen without the test labels; `domain` and `default` are the usual fixed baselines.
-ZEROSHOT_PREFERENCE = (AUTO, "domain", "default")
 COLUMNS = ("dataset", "method", "prompt_set", "n", "top1", "top5", "mean_per_class", "trainable_params",
            "trainable_pct", "train_seconds", "seconds", "peak_vram_mb", "epochs", "best_epoch", "model")
 
@@ -51,10 +49,9 @@ def baseline_set(saved: Sequence[str]) -> str | None:
     """The prompt set that stands for zero-shot in the comparison (None when none is saved).
 
     Args:
-        saved: the saved prompt sets of one dataset, in `zeroshot.saved_results` order
-            (the fallback when no preferred set is among them).
+        saved: the saved prompt sets of one dataset, in `zeroshot.saved_results` order.
     """
-    return next((name for name in ZEROSHOT_PREFERENCE if name in saved), next(iter(saved), None))
+    return zeroshot.headline(saved) if saved else None
 
 
 def zeroshot_baseline(results_dir: str | Path, dataset: str) -> dict | None:

@@ -11,8 +11,9 @@ def test_small_benchmark_prints_the_side_by_side_table(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert bench.main(["--small", "--images", "24", "--device", "cpu", "--workers", "0", "--json", str(out)]) == 0
     table = capsys.readouterr().out
-    for pipeline in ("textbook (HF processor", "ours (", "model alone (batch", "epochs on cached features",
-                     "ours (batch 32, augmented)", "grad checkpointing"):
+    for pipeline in ("textbook (HF processor", "ours, images only", "prompt sets' text", "model alone (batch",
+                     "epochs on cached features",
+                     "ours (batch 32, augmented, train.fit)", "grad checkpointing"):
         assert pipeline in table
     rows = json.loads(out.read_text())["rows"]
     assert {r["section"] for r in rows} == {"zero-shot", "linear probe", "LoRA train"}

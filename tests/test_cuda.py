@@ -73,7 +73,7 @@ def test_lora_grad_checkpointing_reduces_peak_memory_on_cuda(cuda_lab):
                              results_dir=cuda_lab.results_dir / f"ckpt{int(ckpt)}", batch_size=64)
         peaks[ckpt] = run_lora(lab, "cub200", TrainConfig(epochs=1, augment=True),
                                LoraSettings(grad_checkpointing=ckpt))["peak_vram_mb"]
-    assert peaks[True] <= peaks[False]
+    assert peaks[True] < peaks[False]
 
 
 def test_benchmark_runs_on_cuda(capsys):
