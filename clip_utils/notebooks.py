@@ -22,6 +22,7 @@ from .data import PROJECT_ROOT
 from .results import atomic_path
 
 NOTEBOOKS = ("Task1.ipynb", "Task2.ipynb")
+DEMO_NOTICE = "DEMO: tiny random-weight CLIP on synthetic images; the numbers mean nothing."
 
 
 class NotebookFailed(RuntimeError):
@@ -33,6 +34,7 @@ def execute_notebook(
     out_path: str | Path,
     env: Mapping[str, str] | None = None,
     timeout: int | None = None,
+    banner: str | None = None,
 ) -> None:
     """Run a notebook top to bottom in a fresh kernel and save the executed copy.
 
@@ -41,6 +43,7 @@ def execute_notebook(
         out_path: where the executed notebook is written, also on failure.
         env: environment variables added to this process's for the kernel.
         timeout: per-cell timeout in seconds (None: no limit).
+        banner: markdown put above the first cell of the executed copy (e.g. a demo warning).
 
     Raises:
         NotebookFailed: a cell raised; the executed copy up to that cell is saved.
@@ -51,6 +54,8 @@ def execute_notebook(
 
     path, out_path = Path(path), Path(out_path)
     nb = nbformat.read(path, as_version=4)
+    if banner:
+        nb.cells.insert(0, nbformat.v4.new_markdown_cell(banner))
     client = NotebookClient(
         nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
     )
@@ -89,7 +94,6 @@ def demo_env(folder: str | Path) -> dict[str, str]:
         # and needs a far higher learning rate than ViT-L/14 to show learning in 3 epochs.
         "CLIP_LORA_LR": os.environ.get("CLIP_LORA_LR", "2e-2"),
         "HF_HUB_OFFLINE": "1",
-        "CLIP_DEMO": "1",
     }
 
 
@@ -108,15 +112,17 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(env.get("CLIP_RESULTS_DIR") or os.environ.get("CLIP_RESULTS_DIR", "results"))
     out = Path(args.out) if args.out else results / "notebooks"
     notebooks = [Path(n) for n in args.notebooks] or [PROJECT_ROOT / n for n in NOTEBOOKS]
+    banner = None
     if args.demo:
-        print("DEMO: tiny random-weight CLIP on synthetic images; the numbers mean nothing.")
+        print(DEMO_NOTICE)
+        banner = f"> **{DEMO_NOTICE}** Run `make run` for the real model and datasets."
     for nb in notebooks:
         if not nb.is_file():
             parser.error(f"notebook not found: {nb}")
         start = time.perf_counter()
         print(f"running {nb.name} ...", flush=True)
         try:
-            execute_notebook(nb, out / nb.name, env)
+            execute_notebook(nb, out / nb.name, env, banner=banner)
         except NotebookFailed as err:
             print(f"error: {err}", file=sys.stderr)
             return 1

@@ -1,0 +1,34 @@
+"""The headless notebook runner behind `make run`, `make demo` and the notebook tests."""
+
+from __future__ import annotations
+
+import nbformat
+import pytest
+
+from clip_utils.notebooks import NotebookFailed, execute_notebook
+
+
+def _notebook(path, *sources):
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(src) for src in sources])
+    nbformat.write(nb, path)
+    return path
+
+
+def test_runs_with_the_given_environment_and_banner(tmp_path):
+    path = _notebook(tmp_path / "nb.ipynb", "import os\nprint(os.environ['CLIP_PROBE'])")
+    execute_notebook(path, tmp_path / "out" / "nb.ipynb", env={"CLIP_PROBE": "hello"}, banner="**DEMO**")
+    done = nbformat.read(tmp_path / "out" / "nb.ipynb", as_version=4)
+    assert done.cells[0].cell_type == "markdown" and done.cells[0].source == "**DEMO**"
+    assert done.cells[1].outputs[0]["text"].strip() == "hello"
+    assert not nbformat.read(path, as_version=4).cells[0].outputs  # the source notebook stays clean
+
+
+def test_a_failing_cell_is_one_line_and_the_executed_copy_is_kept(tmp_path):
+    path = _notebook(tmp_path / "nb.ipynb", "print('before')", "raise ValueError('no such dataset')", "print('after')")
+    out = tmp_path / "out" / "nb.ipynb"
+    with pytest.raises(NotebookFailed, match="nb.ipynb stopped with ValueError: no such dataset") as err:
+        execute_notebook(path, out)
+    assert str(out) in str(err.value)
+    done = nbformat.read(out, as_version=4)
+    assert done.cells[0].outputs[0]["text"].strip() == "before"  # the work up to the failure is saved
+    assert not done.cells[2].outputs
