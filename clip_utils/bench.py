@@ -202,7 +202,7 @@ def lora_steps(classifier, batches, device: torch.device, steps: int) -> int:
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     classifier.train()
     seen = 0
-    for _, (pixels, labels) in zip(range(steps), batches):
+    for _, (pixels, labels) in zip(range(steps), batches, strict=False):  # at most `steps` batches
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = torch.nn.functional.cross_entropy(classifier(pixels), labels)
         loss.backward()
@@ -312,7 +312,8 @@ def format_table(rows: list[Row]) -> str:
     for section in dict.fromkeys(r.section for r in rows):
         group = [r for r in rows if r.section == section]
         textbook = next((r for r in group if r.pipeline.startswith("textbook")), None)
-        alone = next((r for r in group if r.pipeline.startswith("model alone") and "checkpointing" not in r.pipeline), None)
+        alone = next((r for r in group if r.pipeline.startswith("model alone") and "checkpointing" not in r.pipeline),
+                     None)
         for r in group:
             vs_t = f"{r.images_per_s / textbook.images_per_s:.2f}x" if textbook else ""
             vs_m = f"{r.images_per_s / alone.images_per_s:.2f}x" if alone else ""

@@ -105,7 +105,8 @@ def _training(parser: argparse.ArgumentParser, epochs: int, lr: float) -> None:
     g.add_argument("--epochs", type=_positive_int, default=os.environ.get("CLIP_EPOCHS", str(epochs)),
                    help="epochs (default: $CLIP_EPOCHS or %(default)s)")
     g.add_argument("--lr", type=_positive_float, default=lr, help="peak learning rate (default: %(default)s)")
-    g.add_argument("--weight-decay", type=_non_negative_float, default=0.01, help="AdamW weight decay (default: %(default)s)")
+    g.add_argument("--weight-decay", type=_non_negative_float, default=0.01,
+                   help="AdamW weight decay (default: %(default)s)")
     g.add_argument("--resume", action="store_true", help="continue from the last completed epoch")
 
 

@@ -199,7 +199,7 @@ def _load_flowers102(root: Path, split: str, download: bool) -> tuple[list[tuple
         raise DatasetNotFoundError(f"could not download Flowers102 into {folder}: {err}. {how}") from err
     # torchvision keeps the parsed split in private attributes; read them once here so the
     # rest of the package depends only on ImageListDataset.
-    samples = [(str(p), int(y)) for p, y in zip(tv._image_files, tv._labels)]
+    samples = [(str(p), int(y)) for p, y in zip(tv._image_files, tv._labels, strict=True)]
     return samples, flowers102_class_names()
 
 

@@ -124,7 +124,7 @@ def decode_batch(blobs: list[bytes], paths: list[str], device: torch.device) -> 
         try:
             data = [torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in jpeg]
             decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-            for i, img in zip(jpeg, decoded):
+            for i, img in zip(jpeg, decoded, strict=True):
                 out[i] = img
         except RuntimeError:
             pass  # one odd JPEG fails the batch: decode those one by one below

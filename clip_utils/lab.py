@@ -70,6 +70,15 @@ class Lab:
             raise ValueError(f"batch size must be positive, got {self.batch_size}")
 
     @property
+    def encode_batch_size(self) -> int:
+        """Images per forward pass when encoding frozen features: at least 128.
+
+        `batch_size` is often set for training (32 for LoRA); inference keeps no activations
+        for a backward pass, so a larger batch fits in the same memory and keeps the GPU busy.
+        """
+        return max(self.batch_size, 128)
+
+    @property
     def cache_dir(self) -> Path:
         return self.results_dir / "cache" / "features"
 
@@ -93,6 +102,6 @@ class Lab:
             model, _ = self.clip()
             self._features[name, split] = encode_dataset(
                 model, self.dataset(name, split), self.preprocess, self.device,
-                cache_dir=self.cache_dir, batch_size=self.batch_size, num_workers=self.num_workers,
+                cache_dir=self.cache_dir, batch_size=self.encode_batch_size, num_workers=self.num_workers,
             )
         return self._features[name, split]

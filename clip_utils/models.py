@@ -113,7 +113,7 @@ class Preprocess:
     interpolation: int = 3
 
     @classmethod
-    def from_processor(cls, processor) -> "Preprocess":
+    def from_processor(cls, processor) -> Preprocess:
         """Read the preprocessing of a `CLIPProcessor` or `CLIPImageProcessor`."""
         ip = getattr(processor, "image_processor", processor)
         size = ip.size

@@ -110,11 +110,10 @@ def write_csv(path: str | Path, header: Sequence[str], rows: Sequence[Sequence[A
         header: column names.
         rows: one sequence per row.
     """
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(header)
-            writer.writerows(rows)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
     return Path(path)
 
 
@@ -132,7 +131,7 @@ def write_predictions(
         class_names: names in label order, adds `label_name,pred_name` columns.
     """
     header = ["path", "label", "pred"]
-    rows = [[p, int(y), int(q)] for p, y, q in zip(paths, labels, preds)]
+    rows = [[p, int(y), int(q)] for p, y, q in zip(paths, labels, preds, strict=True)]
     if class_names is not None:
         header += ["label_name", "pred_name"]
         rows = [r + [class_names[r[1]], class_names[r[2]]] for r in rows]

@@ -40,7 +40,8 @@ def test_gpu_decode_path_agrees_with_the_cpu_pil_path(tiny_clip, kit):
     finally:
         model.to("cpu", torch.float32)
     assert (cpu * gpu).sum(-1).min() > 0.98
-    classes = torch.nn.functional.normalize(torch.randn(cpu.shape[1], 102, generator=torch.Generator().manual_seed(0)), dim=0)
+    g = torch.Generator().manual_seed(0)
+    classes = torch.nn.functional.normalize(torch.randn(cpu.shape[1], 102, generator=g), dim=0)
     assert ((cpu @ classes).argmax(1) == (gpu @ classes).argmax(1)).float().mean() >= 0.99
 
 

@@ -315,3 +315,11 @@ def test_results_files_get_the_usual_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_top5_with_five_classes_or_fewer_is_certain():
+    from clip_utils.metrics import compute_metrics
+
+    logits = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]])
+    m = compute_metrics(logits, torch.tensor([0, 1, 0]), ["a", "b"])
+    assert m["top1"] == pytest.approx(1 / 3) and m["top5"] == 1.0
