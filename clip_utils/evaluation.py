@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from . import metrics, plots
-from .results import figures_dir, write_json, write_predictions
+from .results import figures_dir, write_json, write_predictions, write_text
 
 REPORT_FILE = "classification_report.txt"
 
@@ -99,15 +99,6 @@ def save_evaluation(
                                   title=f"{what}: sample predictions", path=figures["samples"])
     write_json(out_dir / "metrics.json", record)
     return record
-
-
-def write_text(path: str | Path, text: str) -> Path:
-    """Write a text file atomically."""
-    from .results import atomic_path
-
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-    return Path(path)
 
 
 def report_excerpt(out_dir: str | Path, rows: int = 10) -> str:

@@ -307,22 +307,6 @@ def encode_paths(
     return torch.cat(chunks).cpu() if chunks else torch.empty(0, dim)
 
 
-@torch.inference_mode()
-def encode_images(model, images: Sequence[Image.Image], pre: Preprocess, device: str | torch.device) -> torch.Tensor:
-    """Embeddings of in-memory RGB PIL images (custom photos), `(N, D)` float32 on CPU.
-
-    Args:
-        model: a `CLIPModel` on `device`.
-        images: RGB PIL images.
-        pre: the model's preprocessing.
-        device: where to run.
-    """
-    dtype = next(model.parameters()).dtype
-    transform = pre.transform()
-    pixels = torch.stack([transform(im) for im in images]).to(device, dtype)
-    return image_embeddings(model, pixels).float().cpu()
-
-
 # --------------------------------------------------------------------------- cache
 
 

@@ -30,9 +30,8 @@ from . import zeroshot
 from .data import DATASETS
 from .evaluation import figure_paths
 from .plots import new_figure, plot_confusion, plot_prompt_comparison, plot_sample_predictions, save_figure
-from .results import figures_dir, method_dir, read_json, write_csv
+from .results import METHODS, figures_dir, method_dir, read_json, write_csv
 
-METHODS = ("zeroshot", "linear_probe", "lora")
 LABELS = {"zeroshot": "zero-shot", "linear_probe": "linear probe", "probe": "linear probe", "lora": "LoRA"}
 COMMANDS = {"zeroshot": "zeroshot --prompts all", "linear_probe": "probe", "lora": "lora"}
 TRAINED = ("linear_probe", "lora")

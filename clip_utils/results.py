@@ -91,6 +91,18 @@ def write_json(path: str | Path, data: Any) -> Path:
     return Path(path)
 
 
+def write_text(path: str | Path, text: str) -> Path:
+    """Write a text file atomically.
+
+    Args:
+        path: output file.
+        text: its content.
+    """
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
 def read_json(path: str | Path) -> Any:
     """Read a JSON file, naming the file when it is missing or malformed."""
     path = Path(path)

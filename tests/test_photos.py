@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from clip_utils import photos
@@ -215,13 +216,14 @@ def test_prediction_matches_the_zeroshot_pipeline(lab):
     # The photo path (ClipClassifier with a zero-shot head) scores like the dataset path
     # (cached embeddings @ text classifier): same model, same preprocessing.
     from clip_utils import prompts, zeroshot
-    from clip_utils.features import encode_images
+    from clip_utils.models import image_embeddings
 
     model, processor = lab.clip()
     names = lab.dataset("cub200", "test").classes
     W = prompts.build_text_classifier(model, processor.tokenizer, names, prompts.prompt_sets("cub200")["domain"], "cpu")
-    probs = zeroshot.predict(encode_images(model, [load_photo(FLOWER)], lab.preprocess, "cpu"), W,
-                             zeroshot.logit_scale(model)).softmax(-1)[0]
+    with torch.no_grad():
+        embedding = image_embeddings(model, lab.preprocess.transform()(load_photo(FLOWER))[None])
+    probs = zeroshot.predict(embedding, W, zeroshot.logit_scale(model)).softmax(-1)[0]
     (result,) = predict_photos(lab, [FLOWER], "cub200", top_k=3, prompt_set="domain")
     assert [t["label"] for t in result["top_k"]] == probs.topk(3).indices.tolist()
     assert [t["prob"] for t in result["top_k"]] == pytest.approx(probs.topk(3).values.tolist(), abs=1e-5)
