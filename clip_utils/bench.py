@@ -179,7 +179,8 @@ def bench_zeroshot(model, processor, paths: list[str], device: torch.device, bat
     rows.append(_timed("zero-shot", f"ours + {len(sets)} prompt sets' text", n, device, ours,
                        note="what a zero-shot evaluation under every prompt set costs end to end"))
     model_alone(model, pre, device, batch_size * 2, batch_size)  # warm-up
-    rows.append(_timed("zero-shot", f"model alone (batch {batch_size})", n, device,
+    full_batches = -(-n // batch_size) * batch_size  # what model_alone really pushes through
+    rows.append(_timed("zero-shot", f"model alone (batch {batch_size})", full_batches, device,
                        lambda: model_alone(model, pre, device, n, batch_size)))
     return rows
 

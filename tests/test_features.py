@@ -63,3 +63,23 @@ def test_preprocess_tensors_matches_the_pil_transform(tiny_clip):
     reference = pre.transform()(photo)
     assert ours.shape == reference.shape
     assert (ours - reference).abs().mean() < 0.02
+
+
+@pytest.mark.parametrize("threads", [0, 3])
+def test_file_bytes_come_back_in_order_and_in_batches(tmp_path, threads):
+    from clip_utils.features import iter_file_bytes
+
+    paths = []
+    for i in range(11):
+        (tmp_path / f"f{i}").write_bytes(bytes([i]) * (i + 1))
+        paths.append(str(tmp_path / f"f{i}"))
+    batches = list(iter_file_bytes(paths, batch_size=4, threads=threads, prefetch=1))
+    assert [len(b) for b in batches] == [4, 4, 3]
+    assert [blob for batch in batches for blob in batch] == [bytes([i]) * (i + 1) for i in range(11)]
+
+
+def test_a_missing_file_is_named(tmp_path):
+    from clip_utils.features import iter_file_bytes
+
+    with pytest.raises(FileNotFoundError, match="gone.jpg"):
+        list(iter_file_bytes([str(tmp_path / "gone.jpg")], batch_size=2, threads=2))
