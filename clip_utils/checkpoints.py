@@ -281,6 +281,7 @@ def load_classifier(lab, dataset: str, method: str):
 
     from .data import class_names
     from .lab import inference_dtype
+    from .lora import quiet_peft
     from .models import ClipClassifier, load_clip
 
     paths = checkpoint_paths(lab.results_dir, dataset, method)
@@ -301,7 +302,8 @@ def load_classifier(lab, dataset: str, method: str):
     vision = clip.vision_model
     if lora:
         check_adapter(paths["adapter"], info)
-        vision = PeftModel.from_pretrained(vision, str(paths["adapter"])).to(lab.device)
+        with quiet_peft():
+            vision = PeftModel.from_pretrained(vision, str(paths["adapter"])).to(lab.device)
     dtype = clip.visual_projection.weight.dtype
     return ClipClassifier(vision, clip.visual_projection, head.to(lab.device, dtype)).eval()
 

@@ -21,8 +21,10 @@ model's actual parameters.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -92,6 +94,18 @@ class LoraSettings:
             )
 
 
+@contextlib.contextmanager
+def quiet_peft():
+    """Silence a FutureWarning peft triggers on every adapter it builds or loads.
+
+    peft 0.21 probes `model.is_gradient_checkpointing`, which transformers 5 deprecates;
+    the warning is about peft's code, not the user's, and there is nothing to act on.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def lora_trainable_params(vision_config, settings: LoraSettings, n_classes: int, embed_dim: int) -> int:
     """Exact trainable parameter count of a LoRA run: adapters plus head.
 
@@ -127,7 +141,8 @@ def add_lora(vision: nn.Module, settings: LoraSettings) -> nn.Module:
             vision.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=list(settings.targets), bias="none")
-    return get_peft_model(vision, config)
+    with quiet_peft():
+        return get_peft_model(vision, config)
 
 
 @dataclass
