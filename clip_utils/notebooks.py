@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -49,6 +50,7 @@ def execute_notebook(
         NotebookFailed: a cell raised; the executed copy up to that cell is saved.
     """
     import nbformat
+    from jupyter_client import KernelManager
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
 
@@ -56,19 +58,22 @@ def execute_notebook(
     nb = nbformat.read(path, as_version=4)
     if banner:
         nb.cells.insert(0, nbformat.v4.new_markdown_cell(banner))
-    client = NotebookClient(
-        nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
-    )
-    try:
-        client.execute(env={**os.environ, **(env or {})})
-    except CellExecutionError as err:
-        raise NotebookFailed(
-            f"{path.name} stopped with {err.ename}: {err.evalue}\n"
-            f"(the executed notebook up to that cell is saved as {out_path})"
-        ) from err
-    finally:
-        with atomic_path(out_path) as tmp:
-            nbformat.write(nb, tmp)
+    with tempfile.TemporaryDirectory(prefix="clip-kernel-") as sockets:
+        # Unix sockets in a private folder: local-only, and no warning about unencrypted TCP.
+        km = KernelManager(kernel_name="python3", transport="ipc", ip=str(Path(sockets) / "kernel"))
+        client = NotebookClient(nb, km=km, timeout=timeout, resources={"metadata": {"path": str(path.parent)}})
+        try:
+            client.execute(env={**os.environ, **(env or {})})
+        except CellExecutionError as err:
+            raise NotebookFailed(
+                f"{path.name} stopped with {err.ename}: {err.evalue}\n"
+                f"(the executed notebook up to that cell is saved as {out_path})"
+            ) from err
+        finally:
+            if km.has_kernel:  # nbclient leaves a kernel it was handed running
+                km.shutdown_kernel(now=True)
+            with atomic_path(out_path) as tmp:
+                nbformat.write(nb, tmp)
 
 
 def demo_env(folder: str | Path) -> dict[str, str]:

@@ -23,6 +23,17 @@ def test_runs_with_the_given_environment_and_banner(tmp_path):
     assert not nbformat.read(path, as_version=4).cells[0].outputs  # the source notebook stays clean
 
 
+def test_no_kernel_outlives_its_notebook(tmp_path):
+    import psutil
+
+    path = _notebook(tmp_path / "nb.ipynb", "x = 1")
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    execute_notebook(path, tmp_path / "out.ipynb")
+    left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before and p.is_running()
+            and p.status() != psutil.STATUS_ZOMBIE]
+    assert left == []
+
+
 def test_a_failing_cell_is_one_line_and_the_executed_copy_is_kept(tmp_path):
     path = _notebook(tmp_path / "nb.ipynb", "print('before')", "raise ValueError('no such dataset')", "print('after')")
     out = tmp_path / "out" / "nb.ipynb"
