@@ -60,7 +60,8 @@ def execute_notebook(
         nb.cells.insert(0, nbformat.v4.new_markdown_cell(banner))
     with tempfile.TemporaryDirectory(prefix="clip-kernel-") as sockets:
         # Unix sockets in a private folder: local-only, and no warning about unencrypted TCP.
-        km = KernelManager(kernel_name="python3", transport="ipc", ip=str(Path(sockets) / "kernel"))
+        ipc = {"transport": "ipc", "ip": str(Path(sockets) / "kernel")} if os.name == "posix" else {}
+        km = KernelManager(kernel_name="python3", **ipc)
         client = NotebookClient(nb, km=km, timeout=timeout, resources={"metadata": {"path": str(path.parent)}})
         try:
             client.execute(env={**os.environ, **(env or {})})
