@@ -302,7 +302,7 @@ def plot_comparison(rows: Sequence[Mapping], path: str | Path | None = None) -> 
     _bars(axes[1][0], rows, lambda r: r["trainable_params"], "parameters (log)", "trainable parameters", log=True)
     _bars(axes[1][1], rows, lambda r: r["train_seconds"], "seconds", "training time")
     vram = [r for r in rows if r["peak_vram_mb"] is not None]
-    _bars(axes[1][2], rows, lambda r: r["peak_vram_mb"], "MB", "peak VRAM (training)")
+    _bars(axes[1][2], rows, lambda r: r["peak_vram_mb"], "MB", "peak VRAM (zero-shot: encoding; others: training)")
     if not vram:
         axes[1][2].text(0.5, 0.5, "not recorded\n(no CUDA run)", transform=axes[1][2].transAxes,
                         ha="center", va="center", color="grey")

@@ -30,6 +30,7 @@ from .data import DATASETS, class_names
 from .evaluation import figure_paths, save_evaluation
 from .plots import plot_prompt_comparison
 from .results import figures_dir, method_dir, read_json
+from .vram import VramProbe
 
 COMPARISON_FIGURE = "zeroshot_prompt_sets.png"
 
@@ -140,9 +141,10 @@ def run_zeroshot(
     """
     names = prompts.resolve(prompt_sets, dataset)
     sets = prompts.prompt_sets(dataset)
-    start = time.perf_counter()
-    feats = lab.features(dataset, split)
-    feature_seconds = time.perf_counter() - start
+    # The image side is zero-shot's GPU work (weights plus a batch of activations); the
+    # text side is a few thousand short prompts. Its peak is the method's memory cost.
+    with VramProbe(lab.device, label=f"{dataset} zero-shot images") as images:
+        feats = lab.features(dataset, split)
     model, processor = lab.clip()
     scale = logit_scale(model)
     classes = class_names(dataset, lab.data_root)
@@ -166,7 +168,8 @@ def run_zeroshot(
         info = {
             "dataset": dataset, "split": split, "method": "zeroshot", "model": str(lab.model),
             "prompt_set": name, "templates": sets[chosen], **extra, "logit_scale": scale,
-            "seconds": time.perf_counter() - start, "feature_seconds": feature_seconds,
+            "seconds": time.perf_counter() - start, "feature_seconds": images.seconds,
+            "peak_vram_mb": images.peak_allocated_mb, "peak_reserved_mb": images.peak_reserved_mb,
         }
         results[name] = save_evaluation(
             output_dir(lab.results_dir, dataset, name, split),

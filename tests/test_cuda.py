@@ -57,7 +57,7 @@ def test_zeroshot_probe_lora_and_predict_on_cuda(cuda_lab):
     for metrics in (zs, probe, lora):
         assert math.isfinite(metrics["top1"])
     assert probe["top1"] > 5 / len(probe["class_names"])  # learns on the GPU too
-    assert probe["peak_vram_mb"] > 0 and lora["peak_vram_mb"] > 0
+    assert zs["peak_vram_mb"] > 0 and probe["peak_vram_mb"] > 0 and lora["peak_vram_mb"] > 0
     for method in ("zeroshot", "probe", "lora"):
         result = predict_photos(cuda_lab, ["my_photo/flower.png", "my_photo/bird.jpg"], "cub200", method=method)
         assert all("top_k" in r for r in result), result

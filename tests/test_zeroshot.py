@@ -226,6 +226,7 @@ def test_run_zeroshot_writes_the_contract(cub_run):
     assert set(auto["val_top1"]) == set(sets)
     assert auto["selected_set"] == max(auto["val_top1"], key=auto["val_top1"].get)
     assert (lab.results_dir / "figures" / zeroshot.COMPARISON_FIGURE).is_file()
+    assert all(m["peak_vram_mb"] is None for m in results.values())  # recorded, None on CPU
 
 
 def test_saved_predictions_are_the_prompt_classifier_argmax(cub_run):
