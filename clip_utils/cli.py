@@ -37,39 +37,23 @@ def _number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
-def _positive_int(text: str) -> int:
-    value = _whole(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
+def _checked(parse, ok, expected: str):
+    """An argparse `type` that parses with `parse` and insists on `ok(value)`."""
+
+    def convert(text: str):
+        value = parse(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+        return value
+
+    return convert
 
 
-def _positive_float(text: str) -> float:
-    value = _number(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = _whole(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected zero or more, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = _number(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected zero or more, got {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = _number(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value}")
-    return value
+_positive_int = _checked(_whole, lambda v: v >= 1, "a positive number")
+_positive_float = _checked(_number, lambda v: v > 0, "a positive number")
+_non_negative_int = _checked(_whole, lambda v: v >= 0, "zero or more")
+_non_negative_float = _checked(_number, lambda v: v >= 0, "zero or more")
+_fraction = _checked(_number, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
 def _name_list(text: str) -> list[str]:
