@@ -44,6 +44,15 @@ def figure_paths(results_dir: str | Path, figure_prefix: str) -> dict[str, Path]
     return {kind: folder / f"{figure_prefix}_{kind}.png" for kind in ("confusion", "samples")}
 
 
+def run_label(info: Mapping[str, Any]) -> str:
+    """`flowers102 zeroshot domain`: how figures of a run are titled (also when redrawn).
+
+    Args:
+        info: the run's metrics.json content (or the info going into it).
+    """
+    return " ".join(str(info[k]) for k in ("dataset", "method", "prompt_set") if info.get(k))
+
+
 def save_evaluation(
     out_dir: str | Path,
     *,
@@ -92,7 +101,7 @@ def save_evaluation(
 
     figures_dir(results_dir)
     figures = figure_paths(results_dir, figure_prefix)
-    what = " ".join(str(info.get(k, "")) for k in ("dataset", "method", "prompt_set") if info.get(k))
+    what = run_label(info)
     plots.plot_confusion(labels, preds, class_names, title=f"{what}: top-1 {scores['top1']:.1%}",
                          path=figures["confusion"])
     plots.plot_sample_predictions(paths, labels, preds, class_names, probs=logits.softmax(dim=1).numpy(),

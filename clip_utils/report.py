@@ -28,15 +28,13 @@ from matplotlib.figure import Figure
 
 from . import zeroshot
 from .data import DATASETS
-from .evaluation import figure_paths
+from .evaluation import figure_paths, run_label
 from .plots import new_figure, plot_confusion, plot_prompt_comparison, plot_sample_predictions, save_figure
 from .results import METHODS, figures_dir, method_dir, read_json, write_csv
 
 LABELS = {"zeroshot": "zero-shot", "linear_probe": "linear probe", "probe": "linear probe", "lora": "LoRA"}
 COMMANDS = {"zeroshot": "zeroshot --prompts all", "linear_probe": "probe", "lora": "lora"}
 TRAINED = ("linear_probe", "lora")
-# The zero-shot baseline of the comparison, in order of preference: `auto` is the only set
-# chosen without the test labels; `domain` and `default` are the usual fixed baselines.
 COLUMNS = ("dataset", "method", "prompt_set", "n", "top1", "top5", "mean_per_class", "trainable_params",
            "trainable_pct", "train_seconds", "seconds", "peak_vram_mb", "epochs", "best_epoch", "model")
 
@@ -331,8 +329,7 @@ def redraw_evaluation(folder: str | Path, figures: Mapping[str, Path]) -> tuple[
         paths, labels, preds = read_predictions(predictions)
     except (KeyError, ValueError) as err:  # a partial or older run: skip it, keep the rest of the report
         return [], [f"{folder}: cannot redraw its figures ({err!s})"]
-    # the title save_evaluation gives these figures
-    what = " ".join(str(metrics[k]) for k in ("dataset", "method", "prompt_set") if metrics.get(k))
+    what = run_label(metrics)  # the title save_evaluation gave these figures
     plot_confusion(labels, preds, names, title=f"{what}: top-1 {metrics['top1']:.1%}", path=figures["confusion"])
     absent = [p for p in paths if not Path(p).is_file()]
     if absent:
