@@ -9,14 +9,17 @@ Needs no download: the ViT-L/14 architecture comes from a config kept in the rep
 the weight values), and the images are generated JPEGs of Flowers102's size (500 px short
 side, 60-80 kB). Three pipelines are timed on the same files:
 
-- textbook: `CLIPProcessor` on PIL images in the main process, fp32 model, batch 32;
-- ours: what the notebooks and CLI run (on CUDA: file bytes from DataLoader workers,
-  nvJPEG decode and resize on the GPU, fp16 weights);
+- textbook: `CLIPProcessor` on PIL images in the main process, fp32 model, batch 32 (for
+  the linear probe: scikit-learn's L-BFGS logistic regression, as in the CLIP paper);
+- ours: what the notebooks and CLI run (on CUDA: file bytes read ahead by threads, nvJPEG
+  decode and resize on the GPU, fp16 weights for inference, bf16 autocast for training);
 - model alone: the same model on ready-made tensors already on the device, the ceiling.
 
 Sections: zero-shot (image encoding plus every prompt set's classifier from one pass over
 the images), the linear probe (end to end, once features exist), and LoRA training steps
-(images per second and peak VRAM, with and without gradient checkpointing).
+(images per second and peak VRAM, with and without gradient checkpointing). The zero-shot
+section also times our input path alone (read, decode, resize; no model): when "ours" falls
+short of the model alone, that row says whether the input or the overlap is to blame.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .features import encode_paths
+from .features import encode_paths, iter_pixel_batches
 from .models import Preprocess, image_embeddings
 from .vram import VramProbe
 
@@ -168,13 +171,21 @@ def bench_zeroshot(model, processor, paths: list[str], device: torch.device, bat
         feats = encode_paths(model, paths, pre, device, batch_size=batch_size, num_workers=workers, desc=None)
         for templates in sets.values():  # every prompt set reuses the one pass over the images
             classifier = build_text_classifier(model, processor.tokenizer, class_names, templates, device,
-                                               batch_size=256)
+                                               batch_size=256, progress=False)
             (feats.to(classifier) @ classifier).argmax(1)
 
     def ours_images() -> None:
         encode_paths(model, paths, pre, device, batch_size=batch_size, num_workers=workers, desc=None)
 
+    def input_alone() -> None:
+        dtype = next(model.parameters()).dtype
+        for _ in iter_pixel_batches(paths, pre, device, dtype, batch_size, num_workers=workers):
+            pass
+        _sync(device)
+
     encode_paths(model, paths[: batch_size * 2], pre, device, batch_size=batch_size, num_workers=workers, desc=None)
+    rows.append(_timed("zero-shot", f"ours, input path alone (batch {batch_size})", n, device, input_alone,
+                       note="read, decode, resize, normalise; no model"))
     rows.append(_timed("zero-shot", f"ours, images only (batch {batch_size})", n, device, ours_images))
     rows.append(_timed("zero-shot", f"ours + {len(sets)} prompt sets' text", n, device, ours,
                        note="what a zero-shot evaluation under every prompt set costs end to end"))
@@ -197,14 +208,22 @@ def _lora_classifier(model, n_classes: int, grad_checkpointing: bool):
     return ClipClassifier(vision, model.visual_projection.requires_grad_(False), head).to(model.device)
 
 
-def lora_steps(classifier, batches, device: torch.device, steps: int) -> int:
-    """Train steps (bf16 autocast on CUDA, AdamW) over `(pixels, labels)` batches; returns images seen."""
+def lora_steps(classifier, batches, device: torch.device, steps: int, bf16: bool = True) -> int:
+    """AdamW train steps over `(pixels, labels)` batches; returns images seen.
+
+    Args:
+        classifier: the model to train (its parameters with `requires_grad`).
+        batches: `(pixels, labels)` pairs on the device.
+        device: where training runs.
+        steps: at most this many batches.
+        bf16: bf16 autocast on CUDA, as `train.fit` runs (False: plain fp32, the textbook).
+    """
     params = [p for p in classifier.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     classifier.train()
     seen = 0
     for _, (pixels, labels) in zip(range(steps), batches, strict=False):  # at most `steps` batches
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
             loss = torch.nn.functional.cross_entropy(classifier(pixels), labels)
         loss.backward()
         optimizer.step()
@@ -214,14 +233,26 @@ def lora_steps(classifier, batches, device: torch.device, steps: int) -> int:
     return seen
 
 
-def _lora_rows(classifier, pre: Preprocess, paths: list[str], device: torch.device, batch_size: int,
+def textbook_batches(processor, paths: list[str], labels: torch.Tensor, device: torch.device, batch_size: int):
+    """`(pixels, labels)` batches the textbook way: PIL and the HF processor in the main process."""
+    from PIL import Image
+
+    for start in range(0, len(paths), batch_size):
+        images = [Image.open(p).convert("RGB") for p in paths[start : start + batch_size]]
+        pixels = processor(images=images, return_tensors="pt")["pixel_values"].to(device)
+        yield pixels, labels[start : start + len(images)].to(device)
+
+
+def _lora_rows(classifier, processor, paths: list[str], device: torch.device, batch_size: int,
                workers: int | None, suffix: str, with_ours: bool) -> list[Row]:
-    """Model-alone steps on one ready batch, then (optionally) one epoch of the real loop."""
+    """Model-alone steps on one ready batch, then (optionally) the textbook pipeline and one
+    epoch of our real loop."""
     import math
 
     from .features import iter_labelled_batches
     from .train import TrainConfig, TrainJob, fit
 
+    pre = Preprocess.from_processor(processor)
     steps = max(2, len(paths) // batch_size)
     fixed = (torch.randn(batch_size, 3, *pre.crop, device=device), (torch.arange(batch_size) % 102).to(device))
     lora_steps(classifier, iter([fixed, fixed]), device, 2)  # warm-up
@@ -229,6 +260,10 @@ def _lora_rows(classifier, pre: Preprocess, paths: list[str], device: torch.devi
                    lambda: lora_steps(classifier, iter(lambda: fixed, None), device, steps))]
     if with_ours:
         labels = torch.arange(len(paths)) % 102
+        rows.insert(0, _timed(
+            "LoRA train", f"textbook (HF processor, fp32, batch {batch_size})", steps * batch_size, device,
+            lambda: lora_steps(classifier, textbook_batches(processor, paths, labels, device, batch_size), device,
+                               steps, bf16=False)))
 
         def batches(order: torch.Tensor | None, augment: bool, n: int):
             return iter_labelled_batches(paths[:n], labels[:n], pre, device, torch.float32, batch_size,
@@ -244,7 +279,7 @@ def _lora_rows(classifier, pre: Preprocess, paths: list[str], device: torch.devi
                                                              len(paths)),
                     val_batches=lambda: batches(None, False, batch_size),
                     steps_per_epoch=math.ceil(len(paths) / batch_size), save_best=lambda epoch: None,
-                    out_dir=Path(out), device=device, batch_size=batch_size,
+                    out_dir=Path(out), device=device, batch_size=batch_size, progress=False,
                 )
                 fit(job, TrainConfig(epochs=1, lr=1e-4, seed=0, batch_size=batch_size))
 
@@ -259,11 +294,10 @@ def bench_lora(model, processor, paths: list[str], device: torch.device, batch_s
     augmented on the fly), then model alone with gradient checkpointing."""
     import copy
 
-    pre = Preprocess.from_processor(processor)
     rows = []
     for ckpt in (False, True):
         classifier = _lora_classifier(copy.deepcopy(model).float(), 102, grad_checkpointing=ckpt)
-        rows += _lora_rows(classifier, pre, paths, device, batch_size, workers,
+        rows += _lora_rows(classifier, processor, paths, device, batch_size, workers,
                            suffix=" + grad checkpointing" if ckpt else "", with_ours=not ckpt)
         del classifier  # free one copy before building the next
         if device.type == "cuda":
@@ -295,12 +329,24 @@ def bench_probe(dim: int, n_train: int, n_val: int, n_classes: int, device: torc
                 val_batches=lambda: permuted_batches(feats[n_train:], labels[n_train:], 1024),
                 steps_per_epoch=math.ceil(n_train / 32),
                 save_best=lambda epoch: torch.save(head.state_dict(), Path(out) / "head.pt"),
-                out_dir=Path(out), device=device, batch_size=32,
+                out_dir=Path(out), device=device, batch_size=32, progress=False,
             )
             fit(job, cfg)
 
-    return [_timed("linear probe", f"ours, {epochs} epochs on cached features", n_train * epochs, device, run,
-                   note=f"{n_train} train / {n_val} val features, {n_classes} classes")]
+    def textbook() -> None:
+        from sklearn.linear_model import LogisticRegression
+
+        x, y = feats[:n_train].cpu().numpy(), labels[:n_train].cpu().numpy()
+        probe = LogisticRegression(max_iter=1000).fit(x, y)
+        probe.score(feats[n_train:].cpu().numpy(), labels[n_train:].cpu().numpy())
+
+    # Both rows count one trained probe (n_train images), so their ratio is a ratio of times.
+    return [
+        _timed("linear probe", "textbook (scikit-learn L-BFGS, CPU)", n_train, device, textbook,
+               note="logistic regression on the same features, as in the CLIP paper"),
+        _timed("linear probe", f"ours, {epochs} epochs on cached features", n_train, device, run,
+               note=f"{n_train} train / {n_val} val features, {n_classes} classes"),
+    ]
 
 
 # --------------------------------------------------------------------------- table
@@ -340,13 +386,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32, help="batch for LoRA and the textbook run (default: 32)")
     parser.add_argument("--eval-batch-size", type=int, default=256, help="batch for our zero-shot encoding")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: cores - 1)")
+    parser.add_argument("--workers", type=int, default=None, help="file reader threads (default: cores - 1)")
     parser.add_argument("--sections", default="zeroshot,probe,lora", help="comma list of sections to run")
     parser.add_argument("--json", help="also write the rows and environment to this JSON file")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the table is the output; per-epoch bars would bury it
     n = args.images or (64 if args.small else 2000)
     sections = set(args.sections.split(","))
     env = environment(device)

@@ -199,7 +199,7 @@ def preprocess_tensors(
 
 
 def default_workers() -> int:
-    """DataLoader workers: all cores but one, at most 16."""
+    """Reader threads (or PIL worker processes): all cores but one, at most 16."""
     return max(0, min(16, (os.cpu_count() or 1) - 1))
 
 
@@ -279,7 +279,7 @@ def iter_labelled_batches(
         batch_size: images per batch.
         order: a permutation of `range(N)` (e.g. from a seeded generator; None: file order).
         augment: training augmentation (see `iter_pixel_batches`).
-        num_workers: DataLoader workers (None: `default_workers()`).
+        num_workers: reader threads, or worker processes on the PIL path (None: `default_workers()`).
         fast: decode raw bytes with torchvision on `device` (nvJPEG on CUDA); False: PIL in the workers.
         desc: progress bar label (None hides the bar).
     """
@@ -314,7 +314,7 @@ def encode_paths(
         pre: the model's preprocessing.
         device: where to run.
         batch_size: images per forward pass.
-        num_workers: DataLoader workers.
+        num_workers: reader threads, or worker processes on the PIL path (None: `default_workers()`).
         fast: decode raw bytes with torchvision on `device` (nvJPEG on CUDA); False: PIL in the workers.
         desc: progress bar label.
     """
@@ -384,6 +384,7 @@ def encode_dataset(
     device: str | torch.device,
     cache_dir: str | Path | None = None,
     batch_size: int = 256,
+    *,
     num_workers: int | None = None,
     fast: bool = True,
 ) -> Features:
@@ -396,7 +397,7 @@ def encode_dataset(
         device: where to run.
         cache_dir: feature cache folder (None disables caching).
         batch_size: images per forward pass.
-        num_workers: DataLoader workers.
+        num_workers: reader threads, or worker processes on the PIL path (None: `default_workers()`).
         fast: decode raw bytes with torchvision on `device` (nvJPEG on CUDA); False: PIL in the workers.
     """
     from safetensors.torch import load_file, save_file

@@ -43,7 +43,7 @@ class Lab:
         batch_size: images per batch for encoding.
         seed: random seed for training and sampling.
         download: download missing datasets.
-        num_workers: DataLoader workers (None: all cores but one).
+        num_workers: file reader threads, or worker processes on the PIL path (None: all cores but one).
     """
 
     model: str = DEFAULT_MODEL

@@ -176,6 +176,8 @@ def build_text_classifier(
     templates: Sequence[str],
     device: str | torch.device,
     batch_size: int = 256,
+    *,
+    progress: bool = True,
 ) -> torch.Tensor:
     """Zero-shot classifier weights: one ensembled, normalised text embedding per class.
 
@@ -186,6 +188,7 @@ def build_text_classifier(
         templates: prompt templates with `{}` where the name goes.
         device: where the text encoder runs.
         batch_size: prompts per forward pass (whole classes are kept together).
+        progress: show a progress bar.
 
     Returns:
         `(D, C)` float32 tensor on CPU; column `c` is the unit-norm mean of the unit-norm
@@ -201,7 +204,8 @@ def build_text_classifier(
     max_length = model.config.text_config.max_position_embeddings
     per_batch = max(1, batch_size // len(templates))
     columns = []
-    with tqdm(total=len(class_names), desc="encoding prompts", unit="class", leave=False) as bar:
+    with tqdm(total=len(class_names), desc="encoding prompts", unit="class", leave=False,
+              disable=not progress) as bar:
         for start in range(0, len(class_names), per_batch):
             names = class_names[start : start + per_batch]
             prompts = [p for name in names for p in fill(templates, name)]

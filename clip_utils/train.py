@@ -123,6 +123,7 @@ class TrainJob:
             model, training set size, LoRA settings...).
         val_model: what `val_batches` are fed to, when not `model` (the augmented probe
             trains through the encoder but validates its head on cached embeddings).
+        progress: progress bars and a line per epoch (off for timing runs such as the benchmark).
     """
 
     name: str
@@ -137,6 +138,7 @@ class TrainJob:
     oom_hint: str = ""
     fingerprint: dict = field(default_factory=dict)
     val_model: nn.Module | None = None
+    progress: bool = True
 
 
 @dataclass
@@ -239,7 +241,7 @@ def _train_epoch(job: TrainJob, cfg: TrainConfig, optimizer, scheduler, epoch: i
     total = torch.zeros((), device=job.device)
     seen = step = 0
     bar = tqdm(job.train_batches(epoch, generator), total=job.steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}",
-               unit="step", leave=False)
+               unit="step", leave=False, disable=not job.progress)
     for step, (x, y) in enumerate(bar, start=1):
         with _autocast(job.device):
             logits = job.model(x)
@@ -352,7 +354,7 @@ def fit(
     oom = False
     try:
         for epoch in tqdm(range(done + 1, cfg.epochs + 1), desc=job.name, unit="epoch",
-                          initial=done, total=cfg.epochs):
+                          initial=done, total=cfg.epochs, disable=not job.progress):
             start = time.perf_counter()
             torch.manual_seed(epoch_seed(cfg.seed or 0, epoch))
             train_loss = _train_epoch(job, cfg, optimizer, scheduler, epoch)
@@ -364,8 +366,9 @@ def fit(
                 job.save_best(epoch)
             write_json(job.out_dir / CURVES_FILE, curves)
             _save_state(job, cfg, optimizer, scheduler, epoch, curves)
-            tqdm.write(f"{job.name} epoch {epoch}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
-                       f"val top-1 {val_acc:.2%}")
+            if job.progress:
+                tqdm.write(f"{job.name} epoch {epoch}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
+                           f"val top-1 {val_acc:.2%}")
             for callback in callbacks:
                 callback(epoch, entry)
     except torch.OutOfMemoryError:

@@ -65,6 +65,16 @@ def test_fit_writes_curves_every_epoch_and_learns(tmp_path):
     assert result.best_epoch == train.best_epoch(result.curves)
 
 
+def test_a_quiet_fit_prints_nothing(tmp_path, capsys):
+    import dataclasses
+
+    fit(toy_job(tmp_path / "loud"), TrainConfig(epochs=1, lr=0.05, seed=3))
+    loud = capsys.readouterr()
+    assert "toy epoch 1" in loud.out and "epoch/s" in loud.err
+    fit(dataclasses.replace(toy_job(tmp_path / "quiet"), progress=False), TrainConfig(epochs=1, lr=0.05, seed=3))
+    assert capsys.readouterr() == ("", "")
+
+
 def test_best_epoch_prefers_accuracy_then_loss():
     curves = [{"epoch": 1, "val_acc": 0.5, "val_loss": 1.0}, {"epoch": 2, "val_acc": 0.7, "val_loss": 0.9},
               {"epoch": 3, "val_acc": 0.7, "val_loss": 0.8}, {"epoch": 4, "val_acc": 0.6, "val_loss": 0.1}]
