@@ -430,6 +430,40 @@ def feature_scaling(x: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, t
     return x.mean(0), x.std(0).clamp_min(eps)
 
 
+class FrozenEncoderProbe(nn.Module):
+    """A linear head trained on a frozen CLIP encoder's embeddings of images seen on the fly.
+
+    The encoder runs under `no_grad` (no activations kept for backward), in eval mode and
+    outside autocast, in its own dtype: it computes exactly what encoded the cached features
+    the head is validated and tested on, instead of a bf16 approximation of them.
+
+    Args:
+        clip: anything `image_embeddings` accepts (`vision_model`, `visual_projection`).
+        head: the trained linear layer on the normalised embedding.
+    """
+
+    def __init__(self, clip: nn.Module, head: nn.Linear) -> None:
+        super().__init__()
+        self.vision_model = clip.vision_model
+        self.visual_projection = clip.visual_projection
+        self.head = head
+        self.requires_grad_(False)
+        head.requires_grad_(True)
+
+    def train(self, mode: bool = True) -> FrozenEncoderProbe:
+        super().train(mode)
+        self.vision_model.eval()
+        self.visual_projection.eval()
+        return self
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        from .models import image_embeddings
+
+        with torch.no_grad(), torch.autocast(pixel_values.device.type, enabled=False):
+            embeddings = image_embeddings(self, pixel_values)
+        return self.head(embeddings.float())
+
+
 @torch.no_grad()
 def standardized_head(head: nn.Linear, mean: torch.Tensor, std: torch.Tensor) -> nn.Linear:
     """The head on `(x - mean) / std` that computes exactly what `head` computes on `x`."""
@@ -508,7 +542,7 @@ def run_probe(lab, dataset: str, cfg: TrainConfig, resume: bool = False,
     from .checkpoints import head_info, load_head, save_head
     from .evaluation import save_evaluation
     from .features import iter_labelled_batches
-    from .models import ClipClassifier, count_parameters
+    from .models import count_parameters
     from .vram import VramProbe
 
     start = time.perf_counter()
@@ -527,8 +561,7 @@ def run_probe(lab, dataset: str, cfg: TrainConfig, resume: bool = False,
     train_y = feats["train"].labels.to(device)
     val_x, val_y = feats["val"].embeddings.to(device), feats["val"].labels.to(device)
     if cfg.augment:
-        # Gradients flow only into the head; the encoder runs in its own dtype (fp16 on CUDA).
-        trained: nn.Module = ClipClassifier(model.vision_model, model.visual_projection, head)
+        trained: nn.Module = FrozenEncoderProbe(model, head)
         ds = lab.dataset(dataset, "train")
         paths, pixel_dtype = [p for p, _ in ds.samples], next(model.parameters()).dtype
 

@@ -324,3 +324,30 @@ def test_a_fresh_run_removes_the_previous_runs_results_first(short_probe_lab):
     for name in train.STALE_ON_RESTART:
         assert not (out / name).exists()  # no old metrics beside the new run's curves
     assert len(train.read_curves(out)) == 1
+
+
+def test_the_augmented_probe_runs_its_frozen_encoder_exactly_as_the_cache_did(tiny_clip):
+    """Under the loop's bf16 autocast the encoder still computes the cached features' numbers."""
+    from clip_utils.train import FrozenEncoderProbe
+
+    model, _ = tiny_clip
+    head = nn.Linear(model.visual_projection.out_features, 3)
+    probe = FrozenEncoderProbe(model, head).train()
+    assert not probe.vision_model.training and probe.head.training
+    assert [n for n, p in probe.named_parameters() if p.requires_grad] == ["head.weight", "head.bias"]
+    size = model.config.vision_config.image_size
+    pixels = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
+    seen = []
+    hook = model.visual_projection.register_forward_hook(lambda module, args, out: seen.append(out))
+    try:
+        with torch.no_grad():
+            model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = probe(pixels).float().logsumexp(1).mean()
+    finally:
+        hook.remove()
+    exact, projected = seen
+    assert projected.dtype == torch.float32 and torch.allclose(projected, exact, atol=1e-6)
+    loss.backward()
+    assert head.weight.grad is not None
+    assert all(p.grad is None for n, p in probe.named_parameters() if not n.startswith("head."))
