@@ -439,14 +439,18 @@ class FrozenEncoderProbe(nn.Module):
 
     Args:
         clip: anything `image_embeddings` accepts (`vision_model`, `visual_projection`).
-        head: the trained linear layer on the normalised embedding.
+        head: the trained linear layer, on embeddings in standard units (see `feature_scaling`).
+        mean: per-dimension mean of the training embeddings.
+        std: their per-dimension standard deviation.
     """
 
-    def __init__(self, clip: nn.Module, head: nn.Linear) -> None:
+    def __init__(self, clip: nn.Module, head: nn.Linear, mean: torch.Tensor, std: torch.Tensor) -> None:
         super().__init__()
         self.vision_model = clip.vision_model
         self.visual_projection = clip.visual_projection
         self.head = head
+        self.register_buffer("mean", mean.float())
+        self.register_buffer("std", std.float())
         self.requires_grad_(False)
         head.requires_grad_(True)
 
@@ -461,7 +465,7 @@ class FrozenEncoderProbe(nn.Module):
 
         with torch.no_grad(), torch.autocast(pixel_values.device.type, enabled=False):
             embeddings = image_embeddings(self, pixel_values)
-        return self.head(embeddings.float())
+        return self.head((embeddings.float() - self.mean) / self.std)
 
 
 @torch.no_grad()
@@ -560,8 +564,14 @@ def run_probe(lab, dataset: str, cfg: TrainConfig, resume: bool = False,
     train_x = feats["train"].embeddings.to(device)
     train_y = feats["train"].labels.to(device)
     val_x, val_y = feats["val"].embeddings.to(device), feats["val"].labels.to(device)
+    # The head trains in standard units of the training embeddings (same zero-shot start):
+    # in raw units a few epochs of gradient steps barely move it. Checkpoints always hold
+    # the equivalent head on raw embeddings.
+    mean, std = feature_scaling(train_x)
+    unit_head = standardized_head(head, mean, std)
+    val_x = (val_x - mean) / std
     if cfg.augment:
-        trained: nn.Module = FrozenEncoderProbe(model, head)
+        trained: nn.Module = FrozenEncoderProbe(model, unit_head, mean, std)
         ds = lab.dataset(dataset, "train")
         paths, pixel_dtype = [p for p, _ in ds.samples], next(model.parameters()).dtype
 
@@ -569,16 +579,9 @@ def run_probe(lab, dataset: str, cfg: TrainConfig, resume: bool = False,
             order = torch.randperm(len(paths), generator=generator)
             return iter_labelled_batches(paths, feats["train"].labels, lab.preprocess, device, pixel_dtype,
                                          cfg.batch_size, order=order, augment=True, num_workers=lab.num_workers)
-
-        def head_to_save() -> nn.Linear:
-            return head
     else:
-        mean, std = feature_scaling(train_x)
-        train_x, val_x = (train_x - mean) / std, (val_x - mean) / std
-        trained = standardized_head(head, mean, std)  # same zero-shot start, standard units
-
-        def head_to_save() -> nn.Linear:  # checkpoints always hold a head on raw embeddings
-            return unstandardized_head(trained, mean, std)
+        train_x = (train_x - mean) / std
+        trained = unit_head
 
         def train_batches(epoch: int, generator: torch.Generator) -> Iterable[Batch]:
             return permuted_batches(train_x, train_y, cfg.batch_size, generator)
@@ -588,11 +591,12 @@ def run_probe(lab, dataset: str, cfg: TrainConfig, resume: bool = False,
         # The encoder is frozen: the cached validation features are exactly what it computes.
         val_batches=lambda: permuted_batches(val_x, val_y, max(cfg.batch_size, 1024)),
         steps_per_epoch=math.ceil(len(train_y) / cfg.batch_size),
-        save_best=lambda epoch: save_head(out / "head.safetensors", head_to_save(), head_info(**info, epoch=epoch)),
+        save_best=lambda epoch: save_head(out / "head.safetensors", unstandardized_head(unit_head, mean, std),
+                                          head_info(**info, epoch=epoch)),
         out_dir=out, device=device, batch_size=cfg.batch_size,
         fingerprint={"dataset": dataset, "model": lab.model, "method": "linear_probe", "n_train": len(train_y),
                      "augment": cfg.augment},
-        val_model=head if cfg.augment else None,
+        val_model=unit_head if cfg.augment else None,
     )
     with VramProbe(device, label=job.name) as vram:
         result = fit(job, cfg, resume=resume, callbacks=callbacks)

@@ -302,9 +302,10 @@ def test_augmented_probe_trains_through_the_encoder_and_validates_the_head(short
 
     lab = short_probe_lab
     lab.results_dir = lab.results_dir / "augmented"
-    metrics = run_probe(lab, "cub200", TrainConfig(epochs=1, lr=1e-2, augment=True))
+    metrics = run_probe(lab, "cub200", TrainConfig(epochs=3, lr=1e-2, augment=True))
     assert metrics["config"]["augment"] is True
-    assert len(read_curves(lab.results_dir / "cub200" / "linear_probe")) == 1
+    assert len(read_curves(lab.results_dir / "cub200" / "linear_probe")) == 3
+    assert metrics["top1"] > 5 / len(metrics["class_names"])  # standard units: learns as fast as on the cache
     assert load_classifier(lab, "cub200", "probe").head.out_features == len(metrics["class_names"])
 
 
@@ -332,7 +333,8 @@ def test_the_augmented_probe_runs_its_frozen_encoder_exactly_as_the_cache_did(ti
 
     model, _ = tiny_clip
     head = nn.Linear(model.visual_projection.out_features, 3)
-    probe = FrozenEncoderProbe(model, head).train()
+    dim = model.visual_projection.out_features
+    probe = FrozenEncoderProbe(model, head, torch.zeros(dim), torch.ones(dim)).train()
     assert not probe.vision_model.training and probe.head.training
     assert [n for n, p in probe.named_parameters() if p.requires_grad] == ["head.weight", "head.bias"]
     size = model.config.vision_config.image_size
