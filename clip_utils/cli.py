@@ -92,6 +92,8 @@ def _training(parser: argparse.ArgumentParser, epochs: int, lr: float) -> None:
     g.add_argument("--weight-decay", type=_non_negative_float, default=0.01,
                    help="AdamW weight decay (default: %(default)s)")
     g.add_argument("--resume", action="store_true", help="continue from the last completed epoch")
+    g.add_argument("--encode-batch-size", type=_positive_int, default=128,
+                   help="images per forward pass when encoding the frozen features (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,8 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _lab(args):
     from .lab import Lab
 
+    # zeroshot and predict only encode: their --batch-size is the encoding batch.
+    encode = getattr(args, "encode_batch_size", args.batch_size)
     return Lab(model=args.model, data_root=args.data_root, results_dir=args.results_dir, device=args.device,
-               batch_size=args.batch_size, seed=args.seed, download=args.download, num_workers=args.workers)
+               batch_size=args.batch_size, encode_batch_size=encode, seed=args.seed, download=args.download,
+               num_workers=args.workers)
 
 
 def cmd_zeroshot(args) -> None:
@@ -243,9 +248,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"interrupted:{kept}", file=sys.stderr)
         return 130
     except torch_oom() as err:
-        half = max(1, getattr(args, "batch_size", 2) // 2)
-        print(f"error: CUDA out of memory ({str(err).splitlines()[0]}); try --batch-size {half} "
-              f"(CLIP_BATCH_SIZE={half})", file=sys.stderr)
+        # Training turns its own OOM into a TrainingError; what lands here is encoding or prediction.
+        option, size = (("--encode-batch-size", args.encode_batch_size) if hasattr(args, "encode_batch_size")
+                        else ("--batch-size", getattr(args, "batch_size", 2)))
+        print(f"error: CUDA out of memory at {option} {size} "
+              f"({str(err).splitlines()[0]}); try {option} {max(1, size // 2)}", file=sys.stderr)
         return 1
     except _user_errors() as err:
         print(f"error: {err}", file=sys.stderr)

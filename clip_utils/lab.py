@@ -40,7 +40,10 @@ class Lab:
         data_root: dataset root.
         results_dir: results root.
         device: `cuda`, `cpu`, ... (None: `default_device()`).
-        batch_size: images per batch for encoding.
+        batch_size: images per batch (the training batch of the probe and LoRA).
+        encode_batch_size: images per forward pass when encoding frozen features (None:
+            `max(batch_size, 128)`: inference keeps no activations for a backward pass, so a
+            batch larger than training's fits in the same memory and keeps the GPU busy).
         seed: random seed for training and sampling.
         download: download missing datasets.
         num_workers: file reader threads, or worker processes on the PIL path (None: all cores but one).
@@ -51,6 +54,7 @@ class Lab:
     results_dir: Path | str = "results"
     device: str | None = None
     batch_size: int = 128
+    encode_batch_size: int | None = None
     seed: int = 0
     download: bool = True
     num_workers: int | None = None
@@ -68,15 +72,10 @@ class Lab:
             )
         if self.batch_size < 1:
             raise ValueError(f"batch size must be positive, got {self.batch_size}")
-
-    @property
-    def encode_batch_size(self) -> int:
-        """Images per forward pass when encoding frozen features: at least 128.
-
-        `batch_size` is often set for training (32 for LoRA); inference keeps no activations
-        for a backward pass, so a larger batch fits in the same memory and keeps the GPU busy.
-        """
-        return max(self.batch_size, 128)
+        if self.encode_batch_size is None:
+            self.encode_batch_size = max(self.batch_size, 128)
+        if self.encode_batch_size < 1:
+            raise ValueError(f"encoding batch size must be positive, got {self.encode_batch_size}")
 
     @property
     def cache_dir(self) -> Path:

@@ -107,3 +107,29 @@ def test_out_of_memory_outside_training_names_a_batch_size(capsys, monkeypatch):
     assert code == 1
     err = capsys.readouterr().err
     assert "out of memory" in err and "--batch-size 128" in err
+
+
+def test_out_of_memory_while_a_probe_encodes_names_the_encoding_batch(capsys, monkeypatch):
+    import torch
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr("clip_utils.train.run_probe", oom)
+    code = main(["probe", "--dataset", "cub200", "--batch-size", "16", "--encode-batch-size", "64", "--device", "cpu"])
+    assert code == 1
+    assert "--encode-batch-size 32" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, train, encode", [
+    (["zeroshot", "--dataset", "cub200", "--batch-size", "16"], 16, 16),  # zero-shot only encodes
+    (["predict", "x.jpg", "--dataset", "cub200", "--batch-size", "8"], 8, 8),
+    (["probe", "--dataset", "cub200"], 32, 128),
+    (["lora", "--dataset", "cub200", "--batch-size", "8", "--encode-batch-size", "16"], 8, 16),
+])
+def test_batch_size_options_reach_the_lab(argv, train, encode, monkeypatch):
+    from clip_utils.cli import _lab, build_parser
+
+    monkeypatch.delenv("CLIP_BATCH_SIZE", raising=False)
+    lab = _lab(build_parser().parse_args([*argv, "--device", "cpu"]))
+    assert (lab.batch_size, lab.encode_batch_size) == (train, encode)
