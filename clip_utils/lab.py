@@ -65,6 +65,10 @@ class Lab:
         self.data_root = Path(self.data_root)
         self.results_dir = Path(self.results_dir)
         self.device = self.device or default_device()
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"unknown device {self.device!r}: use cuda, cuda:N, cpu or mps") from None
         if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
             raise ValueError(
                 f"device {self.device!r} requested but CUDA is not available here; "

@@ -32,7 +32,9 @@ class ModelUnavailableError(RuntimeError):
 
 
 def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    from .params import TRUE
+
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in TRUE
 
 
 def _unavailable(name: str, why: str) -> ModelUnavailableError:

@@ -133,3 +133,9 @@ def test_batch_size_options_reach_the_lab(argv, train, encode, monkeypatch):
     monkeypatch.delenv("CLIP_BATCH_SIZE", raising=False)
     lab = _lab(build_parser().parse_args([*argv, "--device", "cpu"]))
     assert (lab.batch_size, lab.encode_batch_size) == (train, encode)
+
+
+def test_an_unknown_device_is_one_line(capsys):
+    code = main(["zeroshot", "--dataset", "cub200", "--device", "gpu0", "--no-download"])
+    err = capsys.readouterr().err
+    assert code == 1 and "unknown device 'gpu0'" in err and "Traceback" not in err

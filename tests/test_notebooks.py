@@ -43,3 +43,29 @@ def test_a_failing_cell_is_one_line_and_the_executed_copy_is_kept(tmp_path):
     done = nbformat.read(out, as_version=4)
     assert done.cells[0].outputs[0]["text"].strip() == "before"  # the work up to the failure is saved
     assert not done.cells[2].outputs
+
+
+def _parameters(notebook: str, monkeypatch, **env) -> dict:
+    """Run a notebook's `parameters` cell (plain Python) under `env`; returns its variables."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    cell = next(c for c in nbformat.read(notebook, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+    scope: dict = {}
+    exec(cell.source, scope)
+    return scope
+
+
+def test_task2_parameters_read_flags_and_lists_as_people_write_them(monkeypatch):
+    scope = _parameters("Task2.ipynb", monkeypatch, CLIP_RESUME="true", CLIP_GRAD_CHECKPOINTING="yes",
+                        CLIP_DATASETS="flowers102, cub200", CLIP_LORA_TARGETS="q_proj, v_proj", CLIP_EPOCHS="4")
+    assert scope["RESUME"] is True and scope["GRAD_CHECKPOINTING"] is True
+    assert scope["DATASETS"] == ["flowers102", "cub200"] and scope["LORA_TARGETS"] == ("q_proj", "v_proj")
+    assert scope["EPOCHS"] == 4
+
+
+@pytest.mark.parametrize("notebook", ["Task1.ipynb", "Task2.ipynb"])
+def test_a_bad_override_stops_the_parameters_cell_naming_the_variable(monkeypatch, notebook):
+    from clip_utils.params import ParameterError
+
+    with pytest.raises(ParameterError, match="CLIP_BATCH_SIZE='lots'"):
+        _parameters(notebook, monkeypatch, CLIP_BATCH_SIZE="lots")

@@ -1,0 +1,108 @@
+"""Notebook parameters from `CLIP_*` environment variables, parsed strictly.
+
+    EPOCHS = env_int("CLIP_EPOCHS", 10)
+    DATASETS = env_list("CLIP_DATASETS", "flowers102,cub200")
+    RESUME = env_flag("CLIP_RESUME")
+
+The notebooks' `parameters` cells read their overrides through these, so `make demo`, the
+tests and users drive the same notebooks. A value that does not parse stops the notebook
+in its first cell with the variable's name, instead of running on a silent misreading
+(`CLIP_RESUME=true` read as false would restart, and delete, an interrupted run).
+Unset or empty variables give the default.
+"""
+
+from __future__ import annotations
+
+import os
+
+TRUE = ("1", "true", "yes", "on")
+FALSE = ("0", "false", "no", "off")
+
+
+class ParameterError(ValueError):
+    """An environment override that does not parse; names the variable and what it accepts."""
+
+
+def _raw(name: str) -> str | None:
+    value = os.environ.get(name, "").strip()
+    return value or None
+
+
+def env_str(name: str, default: str) -> str:
+    """`$name`, or `default` when unset or empty.
+
+    Args:
+        name: environment variable.
+        default: value when unset.
+    """
+    return _raw(name) or default
+
+
+def env_int(name: str, default: int, minimum: int = 1) -> int:
+    """`$name` as a whole number of at least `minimum`.
+
+    Args:
+        name: environment variable.
+        default: value when unset.
+        minimum: smallest accepted value.
+    """
+    raw = _raw(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ParameterError(f"{name}={raw!r}: expected a whole number") from None
+    if value < minimum:
+        raise ParameterError(f"{name}={raw!r}: expected a whole number of at least {minimum}")
+    return value
+
+
+def env_float(name: str, default: float) -> float:
+    """`$name` as a positive number (learning rates, LoRA alpha).
+
+    Args:
+        name: environment variable.
+        default: value when unset.
+    """
+    raw = _raw(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ParameterError(f"{name}={raw!r}: expected a number") from None
+    if not value > 0:
+        raise ParameterError(f"{name}={raw!r}: expected a positive number")
+    return value
+
+
+def env_list(name: str, default: str) -> list[str]:
+    """`$name` as a comma-separated list; spaces around items are dropped.
+
+    Args:
+        name: environment variable.
+        default: comma-separated value when unset.
+    """
+    raw = _raw(name) or default
+    items = [item.strip() for item in raw.split(",") if item.strip()]
+    if not items:
+        raise ParameterError(f"{name}={raw!r}: expected a comma-separated list")
+    return items
+
+
+def env_flag(name: str, default: bool = False) -> bool:
+    """`$name` as a yes/no switch: 1/true/yes/on or 0/false/no/off, any case.
+
+    Args:
+        name: environment variable.
+        default: value when unset.
+    """
+    raw = _raw(name)
+    if raw is None:
+        return default
+    if raw.lower() in TRUE:
+        return True
+    if raw.lower() in FALSE:
+        return False
+    raise ParameterError(f"{name}={raw!r}: expected one of {', '.join(TRUE + FALSE)}")
