@@ -35,10 +35,17 @@ UMASK = _process_umask()
 def publish(path: str | Path) -> None:
     """Give a file or folder made by `tempfile` (0600/0700) the permissions `open`/`mkdir` would.
 
+    A folder's contents get them too: some writers (safetensors) create their files 0600.
+
     Args:
         path: the file or folder.
     """
-    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~UMASK)
+    path = Path(path)
+    if path.is_dir():
+        for child in path.rglob("*"):
+            if not child.is_symlink():
+                os.chmod(child, (0o777 if child.is_dir() else 0o666) & ~UMASK)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~UMASK)
 
 
 @contextlib.contextmanager

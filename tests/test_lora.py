@@ -62,6 +62,10 @@ def test_lora_writes_the_contract_files(task2_runs, tiny_clip):
     assert (folder / "adapter" / "adapter_config.json").is_file()
     assert (folder / "adapter" / "adapter_model.safetensors").is_file()
     assert (folder / "head.safetensors").is_file()
+    # every results file is readable like the rest (safetensors alone writes 0600)
+    mode = (folder / "head.safetensors").stat().st_mode & 0o777
+    assert {p.name: p.stat().st_mode & 0o777 for p in (folder / "adapter").iterdir()} == {
+        p.name: mode for p in (folder / "adapter").iterdir()}
     assert len(json.loads((folder / "curves.json").read_text())) == metrics["epochs"]
     assert len((folder / "predictions.csv").read_text().splitlines()) - 1 == metrics["n"]
 
