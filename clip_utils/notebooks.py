@@ -103,6 +103,23 @@ def demo_env(folder: str | Path) -> dict[str, str]:
     }
 
 
+def _absolute_paths(env: dict[str, str]) -> dict[str, str]:
+    """`env` with the data, results and local model paths made absolute from here.
+
+    Kernels run in their notebook's folder; without this, a relative `CLIP_RESULTS_DIR`
+    given from another folder would put the results there and the executed notebooks here.
+    """
+    def value(name: str, default: str = "") -> str:
+        return env.get(name) or os.environ.get(name, "").strip() or default
+
+    fixed = {name: str(Path(value(name, default)).resolve())
+             for name, default in (("CLIP_RESULTS_DIR", "results"), ("CLIP_DATA_ROOT", "data"))}
+    model = value("CLIP_MODEL")
+    if model and Path(model).exists():  # a local folder, not a hub id
+        fixed["CLIP_MODEL"] = str(Path(model).resolve())
+    return {**env, **fixed}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m clip_utils.notebooks", description="Execute the project notebooks headless."
@@ -114,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         help="run offline on the tiny model and synthetic data (default folder: results/demo)",
     )
     args = parser.parse_args(argv)
-    env = demo_env(args.demo) if args.demo else {}
-    results = Path(env.get("CLIP_RESULTS_DIR") or os.environ.get("CLIP_RESULTS_DIR", "results"))
+    env = _absolute_paths(demo_env(args.demo) if args.demo else {})
+    results = Path(env["CLIP_RESULTS_DIR"])
     out = Path(args.out) if args.out else results / "notebooks"
     notebooks = [Path(n) for n in args.notebooks] or [PROJECT_ROOT / n for n in NOTEBOOKS]
     banner = None

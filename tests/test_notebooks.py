@@ -69,3 +69,19 @@ def test_a_bad_override_stops_the_parameters_cell_naming_the_variable(monkeypatc
 
     with pytest.raises(ParameterError, match="CLIP_BATCH_SIZE='lots'"):
         _parameters(notebook, monkeypatch, CLIP_BATCH_SIZE="lots")
+
+
+def test_relative_paths_mean_the_callers_folder_for_results_and_notebooks(tmp_path, monkeypatch):
+    from clip_utils.notebooks import main
+
+    (tmp_path / "nbdir").mkdir()
+    nb = _notebook(tmp_path / "nbdir" / "nb.ipynb", "import os, pathlib\n"
+                   "out = pathlib.Path(os.environ['CLIP_RESULTS_DIR'])\n"
+                   "out.mkdir(parents=True, exist_ok=True)\n(out / 'written.txt').write_text('1')")
+    here = tmp_path / "elsewhere"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    monkeypatch.setenv("CLIP_RESULTS_DIR", "myresults")
+    assert main([str(nb)]) == 0
+    assert (here / "myresults" / "written.txt").is_file()  # where the kernel wrote
+    assert (here / "myresults" / "notebooks" / "nb.ipynb").is_file()  # and where the notebook went
