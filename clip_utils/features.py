@@ -30,7 +30,7 @@ import os
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -53,11 +53,15 @@ class Features:
         embeddings: `(N, D)` L2-normalised image embeddings (float32, CPU).
         labels: `(N,)` int64 labels.
         paths: image files in the same order.
+        encoding: how the embeddings were computed, kept with the cache so a later run reports
+            the real cost rather than a cache read: `seconds`, `peak_vram_mb` and
+            `peak_reserved_mb` (None off CUDA), `device`, and `from_cache`.
     """
 
     embeddings: torch.Tensor
     labels: torch.Tensor
     paths: list[str]
+    encoding: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -400,7 +404,10 @@ def encode_dataset(
         num_workers: reader threads, or worker processes on the PIL path (None: `default_workers()`).
         fast: decode raw bytes with torchvision on `device` (nvJPEG on CUDA); False: PIL in the workers.
     """
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
+
+    from .vram import VramProbe
 
     paths = [p for p, _ in dataset.samples]
     labels = torch.tensor(dataset.targets, dtype=torch.long)
@@ -411,13 +418,18 @@ def encode_dataset(
         file = Path(cache_dir) / f"{dataset.name}-{dataset.split}-{digest}.safetensors"
         if file.is_file():
             cached = load_file(file)
-            return Features(cached["embeddings"], cached["labels"], paths)
+            with safe_open(file, "pt") as f:
+                encoding = json.loads((f.metadata() or {}).get("encoding", "{}"))
+            return Features(cached["embeddings"], cached["labels"], paths, {**encoding, "from_cache": True})
     desc = f"encoding {dataset.name}/{dataset.split}"
-    embeddings = encode_paths(model, paths, pre, device, batch_size=batch_size, num_workers=num_workers, fast=fast,
-                              desc=desc)
+    with VramProbe(device, label=desc) as probe:
+        embeddings = encode_paths(model, paths, pre, device, batch_size=batch_size, num_workers=num_workers,
+                                  fast=fast, desc=desc)
+    encoding = {"seconds": probe.seconds, "peak_vram_mb": probe.peak_allocated_mb,
+                "peak_reserved_mb": probe.peak_reserved_mb, "device": str(device)}
     if file is not None:
         file.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(file) as tmp:
             save_file({"embeddings": embeddings.contiguous(), "labels": labels}, tmp,
-                      metadata={"key": json.dumps(key, sort_keys=True)})
-    return Features(embeddings, labels, paths)
+                      metadata={"key": json.dumps(key, sort_keys=True), "encoding": json.dumps(encoding)})
+    return Features(embeddings, labels, paths, {**encoding, "from_cache": False})

@@ -30,7 +30,6 @@ from .data import DATASETS, class_names
 from .evaluation import figure_paths, save_evaluation
 from .plots import plot_prompt_comparison
 from .results import figures_dir, method_dir, read_json
-from .vram import VramProbe
 
 COMPARISON_FIGURE = "zeroshot_prompt_sets.png"
 
@@ -136,15 +135,17 @@ def run_zeroshot(
 
     Returns:
         `{set name: metrics.json content}`. `seconds` is the set's own time (text encoding
-        and scoring); `feature_seconds` is the shared image encoding (or cache read) of
-        this run; `auto` adds `selected_set` and `val_top1` (every set's validation top-1).
+        and scoring); `feature_seconds` and `peak_vram_mb` are those of the shared image
+        encoding, also when this run read it from the cache (`features_from_cache`);
+        `auto` adds `selected_set` and `val_top1` (every set's validation top-1).
     """
     names = prompts.resolve(prompt_sets, dataset)
     sets = prompts.prompt_sets(dataset)
+    feats = lab.features(dataset, split)
     # The image side is zero-shot's GPU work (weights plus a batch of activations); the
-    # text side is a few thousand short prompts. Its peak is the method's memory cost.
-    with VramProbe(lab.device, label=f"{dataset} zero-shot images") as images:
-        feats = lab.features(dataset, split)
+    # text side is a few thousand short prompts. The encoding's peak is the method's memory
+    # cost, recorded with the feature cache so a run that reads the cache reports it too.
+    encoding = feats.encoding
     model, processor = lab.clip()
     scale = logit_scale(model)
     classes = class_names(dataset, lab.data_root)
@@ -168,8 +169,9 @@ def run_zeroshot(
         info = {
             "dataset": dataset, "split": split, "method": "zeroshot", "model": str(lab.model),
             "prompt_set": name, "templates": sets[chosen], **extra, "logit_scale": scale,
-            "seconds": time.perf_counter() - start, "feature_seconds": images.seconds,
-            "peak_vram_mb": images.peak_allocated_mb, "peak_reserved_mb": images.peak_reserved_mb,
+            "seconds": time.perf_counter() - start, "feature_seconds": encoding.get("seconds"),
+            "features_from_cache": encoding.get("from_cache"), "peak_vram_mb": encoding.get("peak_vram_mb"),
+            "peak_reserved_mb": encoding.get("peak_reserved_mb"),
         }
         results[name] = save_evaluation(
             output_dir(lab.results_dir, dataset, name, split),

@@ -146,6 +146,11 @@ def test_feature_cache_reused_and_invalidated(kit, tmp_path, encode_calls):
     again = features_of()  # a new Lab: from the disk cache
     assert encode_calls == [n_test]
     torch.testing.assert_close(again.embeddings, first.embeddings)
+    # the cost of the encoding travels with the cache, so a reader reports it, not its own read
+    assert first.encoding["from_cache"] is False and again.encoding["from_cache"] is True
+    assert first.encoding["seconds"] > 0
+    assert {k: v for k, v in again.encoding.items() if k != "from_cache"} == {
+        k: v for k, v in first.encoding.items() if k != "from_cache"}
 
     features_of("val")  # another split
     assert len(encode_calls) == 2
