@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import math
 import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -51,17 +52,21 @@ def baseline_set(saved: Sequence[str]) -> str | None:
     return zeroshot.headline(saved) if saved else None
 
 
-def zeroshot_baseline(results_dir: str | Path, dataset: str) -> dict | None:
+def zeroshot_baseline(results_dir: str | Path, dataset: str, model: str | None = None) -> dict | None:
     """The saved zero-shot metrics of `dataset` under `baseline_set` (None when there are none).
 
     Args:
         results_dir: the results root.
         dataset: dataset name.
+        model: prefer the prompt sets run with this model (the trained methods' model), so a
+            comparison does not set one model's zero-shot beside another's fine-tuning.
 
     Returns:
         The metrics.json content with `prompt_set` set to the folder it was read from.
     """
     sets = zeroshot.saved_results(results_dir).get(dataset, {})
+    same_model = {name: m for name, m in sets.items() if m.get("model") == model}
+    sets = same_model or sets
     name = baseline_set(list(sets))
     return None if name is None else sets[name] | {"prompt_set": name}
 
@@ -99,17 +104,24 @@ def collect(results_dir: str | Path) -> tuple[list[dict], list[str]]:
     """
     rows, missing = [], []
     for dataset in DATASETS:
+        trained = {}
+        for method in TRAINED:
+            file = Path(results_dir) / dataset / method / "metrics.json"
+            if file.is_file():
+                trained[method] = read_json(file)
+        model = next((m["model"] for m in trained.values()), None)
+        found = {"zeroshot": zeroshot_baseline(results_dir, dataset, model), **trained}
         for method in METHODS:
-            if method == "zeroshot":
-                metrics = zeroshot_baseline(results_dir, dataset)
-            else:
-                file = Path(results_dir) / dataset / method / "metrics.json"
-                metrics = read_json(file) if file.is_file() else None
-            if metrics is None:
+            if found.get(method) is None:
                 missing.append(f"{dataset} {LABELS[method]} (python -m clip_utils {COMMANDS[method]} "
                                f"--dataset {dataset})")
             else:
-                rows.append(summary_row(metrics))
+                rows.append(summary_row(found[method]))
+        models = sorted({r["model"] for r in rows if r["dataset"] == dataset})
+        if len(models) > 1:
+            warnings.warn(f"{dataset}: the saved results come from different models ({', '.join(models)}), so "
+                          f"the comparison mixes them; rerun the older ones or keep each model in its own "
+                          f"--results-dir", stacklevel=2)
     return rows, missing
 
 
@@ -183,7 +195,9 @@ def summary_table(results_dir: str | Path):
     import pandas as pd
 
     rows, _ = collect(results_dir)
-    table = pd.DataFrame(rows, columns=list(COLUMNS)).drop(columns=["model"])
+    table = pd.DataFrame(rows, columns=list(COLUMNS))
+    if table["model"].nunique() <= 1:  # one model: say it once, elsewhere, not on every row
+        table = table.drop(columns=["model"])
     for col in ("top1", "top5", "mean_per_class"):
         table[col] = 100 * table[col]
     table["method"] = table["method"].map(LABELS)

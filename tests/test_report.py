@@ -89,12 +89,12 @@ def test_report_skips_what_it_cannot_redraw_and_says_so(copied_results, capsys):
     assert "default: no predictions.csv" in err
 
 
-def write_zeroshot(root, dataset, top1s):
+def write_zeroshot(root, dataset, top1s, model="m"):
     for name, top1 in top1s.items():
         folder = root / dataset / "zeroshot" / name
         folder.mkdir(parents=True)
         (folder / "metrics.json").write_text(json.dumps({
-            "dataset": dataset, "split": "test", "method": "zeroshot", "model": "m", "n": 10, "top1": top1,
+            "dataset": dataset, "split": "test", "method": "zeroshot", "model": model, "n": 10, "top1": top1,
             "top5": 0.9, "mean_per_class": top1, "seconds": 1.0, "prompt_set": name}))
 
 
@@ -119,6 +119,27 @@ def test_baseline_preference(tmp_path, saved, expected):
     write_zeroshot(tmp_path, "flowers102", {name: 0.3 if name == expected else 0.8 for name in saved})
     baseline = report.zeroshot_baseline(tmp_path, "flowers102")
     assert (baseline and baseline["prompt_set"]) == expected
+
+
+def test_a_comparison_keeps_to_one_model_and_warns_when_it_cannot(tmp_path):
+    write_zeroshot(tmp_path, "cub200", {"auto": 0.5}, model="old")  # an earlier model's best set
+    write_zeroshot(tmp_path, "cub200", {"domain": 0.4}, model="new")
+    probe = tmp_path / "cub200" / "linear_probe"
+    probe.mkdir(parents=True)
+    (probe / "metrics.json").write_text(json.dumps({
+        "dataset": "cub200", "split": "test", "method": "linear_probe", "model": "new", "n": 10, "top1": 0.8,
+        "top5": 0.9, "mean_per_class": 0.8, "seconds": 2.0, "trainable_params": 5}))
+    rows, _ = report.collect(tmp_path)
+    assert {(r["method"], r["model"], r["prompt_set"]) for r in rows} == {("zeroshot", "new", "domain"),
+                                                                         ("linear_probe", "new", "")}
+    assert "model" not in report.summary_table(tmp_path).columns  # one model: no column for it
+
+    lora = tmp_path / "cub200" / "lora"
+    lora.mkdir(parents=True)
+    (lora / "metrics.json").write_text((probe / "metrics.json").read_text().replace('"new"', '"other"'))
+    with pytest.warns(UserWarning, match="different models"):
+        table = report.summary_table(tmp_path)
+    assert set(table["model"]) == {"new", "other"}
 
 
 def test_report_with_only_curves_still_draws_them(tmp_path):
