@@ -17,6 +17,8 @@ import argparse
 import json
 import os
 import sys
+import warnings
+from pathlib import Path
 
 from .data import DATASETS
 
@@ -237,11 +239,22 @@ def torch_oom() -> type[BaseException]:
     return torch.OutOfMemoryError
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # Our own warnings are advice for the user: one line, like the errors. Libraries' keep
+    # their usual form (file and line help whoever reports them upstream).
+    if Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent):
+        print(f"warning: {message}", file=file or sys.stderr)
+    else:
+        print(warnings.formatwarning(message, category, filename, lineno, line), end="", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = globals()[f"cmd_{args.command}"]
     try:
-        return handler(args) or 0
+        with warnings.catch_warnings():  # restores the previous display when main returns
+            warnings.showwarning = _show_warning
+            return handler(args) or 0
     except KeyboardInterrupt:
         kept = (" the last completed epoch's checkpoint and curves are kept (rerun with --resume)"
                 if args.command in ("probe", "lora") else " completed results files are kept")

@@ -173,3 +173,16 @@ def test_cli_report_on_an_empty_folder_is_a_one_line_error(tmp_path):
     with contextlib.redirect_stderr(err):
         code = main(["report", "--results-dir", str(tmp_path)])
     assert code == 1 and err.getvalue().startswith("error: no saved results")
+
+
+def test_cli_report_warns_in_one_line_when_models_are_mixed(tmp_path, capsys):
+    write_zeroshot(tmp_path, "cub200", {"domain": 0.4}, model="a")
+    probe = tmp_path / "cub200" / "linear_probe"
+    probe.mkdir(parents=True)
+    (probe / "metrics.json").write_text(json.dumps({
+        "dataset": "cub200", "split": "test", "method": "linear_probe", "model": "b", "n": 10, "top1": 0.8,
+        "top5": 0.9, "mean_per_class": 0.8, "seconds": 2.0, "trainable_params": 5}))
+    assert main(["report", "--results-dir", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: cub200: the saved results come from different models (a, b)" in err
+    assert "UserWarning" not in err
