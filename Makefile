@@ -3,22 +3,25 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# What a command needs first: the venv. `DEPS=` skips it where python already has the
+# packages (a GPU machine with no network: `make gpu-check PY=python3 DEPS=`).
+DEPS ?= $(STAMP)
 
 .PHONY: run test demo bench gpu-check clean-venv
 
-run: $(STAMP)  ## the main job: both notebooks on ViT-L/14 and the real datasets
+run: $(DEPS)  ## the main job: both notebooks on ViT-L/14 and the real datasets
 	$(PY) -m clip_utils.notebooks Task1.ipynb Task2.ipynb
 
-test: $(STAMP)  ## the whole test suite, offline, on CPU
+test: $(DEPS)  ## the whole test suite, offline, on CPU
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 
-demo: $(STAMP)  ## both notebooks offline on the bundled tiny model and generated data
+demo: $(DEPS)  ## both notebooks offline on the bundled tiny model and generated data
 	$(PY) -m clip_utils.notebooks --demo
 
-bench: $(STAMP)  ## speed benchmark (use on a CUDA machine; --small runs on CPU)
+bench: $(DEPS)  ## speed benchmark (use on a CUDA machine; --small runs on CPU)
 	$(PY) -m clip_utils.bench
 
-gpu-check: $(STAMP)  ## on a CUDA machine: the GPU-only tests, then the full benchmark
+gpu-check: $(DEPS)  ## on a CUDA machine: the GPU-only tests, then the full benchmark
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m cuda tests/test_cuda.py
 	$(PY) -m clip_utils.bench --json results/bench.json
 
