@@ -133,6 +133,35 @@ def _decode_one_fallback(data: bytes, path: str) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
+_DECODE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """torchvision's batched JPEG decode, made safe to call while the GPU is still busy.
+
+    On CUDA, torchvision allocates the outputs on the caller's current stream but nvJPEG
+    writes them from a private stream that is never ordered after the caller's queued work
+    (pytorch/vision#9606). The caching allocator hands out memory freed on the current
+    stream at once, so with the GPU running behind the host, as it does here by design,
+    nvJPEG could write into memory that a queued forward pass still reads, corrupting
+    features without an error. So the outputs come from a stream of their own, which has
+    no work of its own; `record_stream` keeps each block from being handed out again until
+    the consumer's work on it has finished, and the consumer waits for the decode.
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if device.type != "cuda":
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    consumer = torch.cuda.current_stream(device)
+    stream = _DECODE_STREAMS.setdefault(device, torch.cuda.Stream(device))
+    with torch.cuda.stream(stream):
+        images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    consumer.wait_stream(stream)
+    for image in images:
+        image.record_stream(consumer)
+    return images
+
+
 def decode_batch(blobs: list[bytes], paths: list[str], device: torch.device) -> list[torch.Tensor]:
     """Decode file bytes to `(3, H, W)` uint8 tensors on `device` (nvJPEG on CUDA).
 
@@ -141,15 +170,15 @@ def decode_batch(blobs: list[bytes], paths: list[str], device: torch.device) -> 
         paths: their paths, for error messages.
         device: where to decode; JPEGs are decoded there in one batched call.
     """
-    from torchvision.io import ImageReadMode, decode_jpeg
-
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     out: list[torch.Tensor | None] = [None] * len(blobs)
     jpeg = [i for i, b in enumerate(blobs) if b[:3] == b"\xff\xd8\xff"]
     if jpeg:
         try:
             data = [torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in jpeg]
-            decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-            for i, img in zip(jpeg, decoded, strict=True):
+            for i, img in zip(jpeg, _decode_jpegs(data, device), strict=True):
                 out[i] = img
         except RuntimeError:
             pass  # one odd JPEG fails the batch: decode those one by one below
@@ -425,6 +454,13 @@ def encode_dataset(
     with VramProbe(device, label=desc) as probe:
         embeddings = encode_paths(model, paths, pre, device, batch_size=batch_size, num_workers=num_workers,
                                   fast=fast, desc=desc)
+    bad = (~torch.isfinite(embeddings).all(dim=1)).nonzero().flatten().tolist()
+    if bad:  # never cache them: every later run would reuse them, and argmax of NaN is class 0
+        raise RuntimeError(
+            f"encoding {dataset.name}/{dataset.split} gave non-finite embeddings for {len(bad)} of "
+            f"{len(paths)} images (first: {paths[bad[0]]}); nothing was cached. Compare with --device cpu, "
+            f"and please report it with the model and device."
+        )
     encoding = {"seconds": probe.seconds, "peak_vram_mb": probe.peak_allocated_mb,
                 "peak_reserved_mb": probe.peak_reserved_mb, "device": str(device)}
     if file is not None:

@@ -45,6 +45,39 @@ def test_gpu_decode_path_agrees_with_the_cpu_pil_path(tiny_clip, kit):
     assert ((cpu @ classes).argmax(1) == (gpu @ classes).argmax(1)).float().mean() >= 0.99
 
 
+def test_gpu_decode_is_intact_while_the_gpu_is_still_busy(tmp_path):
+    """nvJPEG writes from a private stream: its outputs must never reuse memory that work
+    still queued on the consumer's stream writes to (pytorch/vision#9606)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from torchvision.io import decode_jpeg
+
+    from clip_utils.features import decode_batch
+
+    rng = np.random.default_rng(0)
+    blobs = []
+    for _ in range(8):  # 400x400x3 = 480 kB decoded: the same block size as the buffers freed below
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(40, 215, (400, 400, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
+        blobs.append(buf.getvalue())
+    reference = [decode_jpeg(torch.frombuffer(bytearray(b), dtype=torch.uint8)).float() for b in blobs]
+    x = torch.randn(4096, 4096, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(10):
+        busy = [torch.empty(3 * 400 * 400, dtype=torch.uint8, device="cuda") for _ in blobs]
+        for _ in range(20):  # keep the GPU busy, so the writes below are still queued when freed
+            torch.mm(x, x, out=y)
+        for b in busy:
+            b.fill_(0)
+        del b, busy  # freed now; their zero-fills run later
+        images = decode_batch(blobs, [f"img{i}" for i in range(len(blobs))], torch.device("cuda"))
+        torch.cuda.synchronize()
+        for image, ref in zip(images, reference, strict=True):
+            assert (image.cpu().float() - ref).abs().mean() < 3  # nvJPEG vs libjpeg: rounding only
+
+
 def test_zeroshot_probe_lora_and_predict_on_cuda(cuda_lab):
     from clip_utils.lora import LoraSettings, run_lora
     from clip_utils.photos import predict_photos

@@ -329,3 +329,20 @@ def test_top5_with_five_classes_or_fewer_is_certain():
     logits = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]])
     m = compute_metrics(logits, torch.tensor([0, 1, 0]), ["a", "b"])
     assert m["top1"] == pytest.approx(1 / 3) and m["top5"] == 1.0
+
+
+def test_non_finite_embeddings_are_refused_and_never_cached(kit, tmp_path, monkeypatch):
+    real = features.encode_paths
+
+    def poisoned(model, paths, *args, **kwargs):
+        out = real(model, paths, *args, **kwargs).clone()
+        out[3] = float("nan")
+        return out
+
+    monkeypatch.setattr(features, "encode_paths", poisoned)
+    lab = Lab(model=str(kit["model"]), data_root=kit["data"], results_dir=tmp_path, device="cpu", num_workers=0)
+    test = load_dataset("cub200", kit["data"], "test")
+    with pytest.raises(RuntimeError, match="non-finite") as err:
+        lab.features("cub200", "test")
+    assert f"1 of {len(test)} images (first: {test.samples[3][0]})" in str(err.value)
+    assert not list(lab.cache_dir.glob("*.safetensors"))
