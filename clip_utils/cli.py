@@ -81,7 +81,8 @@ def _common(parser: argparse.ArgumentParser, dataset: bool = True) -> None:
     g.add_argument("--batch-size", type=_positive_int, default=os.environ.get("CLIP_BATCH_SIZE", "128"),
                    help="images per batch (default: $CLIP_BATCH_SIZE or %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    g.add_argument("--workers", type=_non_negative_int, default=None, help="file reader threads (default: cores - 1; worker processes with the PIL path)")
+    g.add_argument("--workers", type=_non_negative_int, default=None,
+                   help="file reader threads (default: cores - 1)")
     g.add_argument("--no-download", dest="download", action="store_false",
                    help="never download: fail when a dataset is missing")
 
