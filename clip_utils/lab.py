@@ -91,6 +91,10 @@ class Lab:
             self._clip = load_clip(self.model, self.device, dtype=inference_dtype(self.device))
         return self._clip
 
+    def unload(self) -> None:
+        """Free the loaded model and processor (features stay); `clip()` loads them again."""
+        self._clip = None
+
     @property
     def preprocess(self) -> Preprocess:
         return Preprocess.from_processor(self.clip()[1])

@@ -163,13 +163,19 @@ def _train(lab, dataset: str, splits: dict, cfg: TrainConfig, lora: LoraSettings
     device = torch.device(lab.device)
     out = method_dir(lab.results_dir, dataset, "lora")
     class_names = splits["test"].classes
-    model, processor = load_clip(lab.model, device, dtype=torch.float32)
+    # Loaded on the CPU and moved in parts: the text tower (a quarter of ViT-L/14's CLIP) only
+    # initialises the head, so it visits the GPU for that and leaves before the vision tower
+    # arrives; training memory holds the vision side alone.
+    model, processor = load_clip(lab.model, "cpu", dtype=torch.float32)
     model.requires_grad_(False)
+    text_tower = (model.text_model, model.text_projection)
+    for part in text_tower:
+        part.to(device)
     head = zeroshot_init_head(model, processor, dataset, class_names, device, lab.batch_size)
-    # The text tower (a quarter of ViT-L/14's CLIP) only initialises the head: off the GPU
-    # with it, so that it does not sit in training memory.
-    model.text_model.to("cpu")
-    model.text_projection.to("cpu")
+    for part in text_tower:
+        part.to("cpu")
+    model.vision_model.to(device)
+    model.visual_projection.to(device)
     vision = add_lora(model.vision_model, lora)
     classifier = ClipClassifier(vision, model.visual_projection, head)  # the text tower is left behind
     expected = lora_trainable_params(model.config.vision_config, lora, len(class_names), head.in_features)
@@ -236,6 +242,9 @@ def run_lora(lab, dataset: str, cfg: TrainConfig, lora: LoraSettings | None = No
     out = method_dir(lab.results_dir, dataset, "lora")
     splits = {s: lab.dataset(dataset, s) for s in ("train", "val", "test")}
     class_names = splits["test"].classes
+    # The lab's inference model (fp16 ViT-L/14 on CUDA, loaded by zero-shot or the probe) is
+    # not used here: free it, so LoRA has that memory and its peak is its own.
+    lab.unload()
     with VramProbe(device, label=f"{dataset} LoRA") as vram:
         trained = _train(lab, dataset, splits, cfg, lora, resume, callbacks)
     result, trainable, total, pre = trained.result, trained.trainable, trained.total, trained.pre

@@ -141,3 +141,24 @@ def test_cli_lora_bad_target_is_a_one_line_error(kit, tmp_path):
         code = main(["lora", "--dataset", "cub200", "--targets", "attn", "--model", str(kit["model"]),
                      "--data-root", str(kit["data"]), "--results-dir", str(tmp_path), "--device", "cpu"])
     assert code == 1 and "attn" in err.getvalue() and "q_proj" in err.getvalue()
+
+
+def test_lora_trains_without_the_labs_inference_model_in_memory(kit, tmp_path, monkeypatch):
+    """The lab's frozen model (fp16 ViT-L/14 on CUDA) would sit in LoRA's memory and its peak."""
+    from clip_utils import lora
+    from clip_utils.lab import Lab
+    from clip_utils.train import TrainConfig
+
+    lab = Lab(model=str(kit["model"]), data_root=kit["data"], results_dir=tmp_path, device="cpu", num_workers=0)
+    lab.clip()  # as zero-shot and the probe leave it in the notebook
+    seen = []
+
+    def train(lab, *args, **kwargs):
+        seen.append(lab._clip)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lora, "_train", train)
+    with pytest.raises(KeyboardInterrupt):
+        lora.run_lora(lab, "cub200", TrainConfig(epochs=1))
+    assert seen == [None]
+    assert lab.clip()[0] is not None  # and it comes back on the next use
