@@ -195,7 +195,11 @@ class ClipClassifier(nn.Module):
         return image_embeddings(self, pixel_values)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embed(pixel_values))
+        embeddings = self.embed(pixel_values)
+        # The head runs in its own dtype even under autocast: bf16 logits (8-bit mantissa)
+        # would flip close calls between classes, and this matmul is too small to gain.
+        with torch.autocast(embeddings.device.type, enabled=False):
+            return self.head(embeddings.to(self.head.weight.dtype))
 
 
 def zeroshot_head(text_classifier: torch.Tensor, logit_scale: float) -> nn.Linear:

@@ -5,7 +5,7 @@
     metrics = run_probe(lab, "flowers102", cfg, resume=True)  # after Ctrl-C: continue
 
 `fit` is the loop both methods share: AdamW with linear warmup and cosine decay, bf16
-autocast on CUDA, a validation pass and `curves.json` after every epoch, the best epoch
+autocast on CUDA for LoRA's encoder (heads always run in fp32), a validation pass and `curves.json` after every epoch, the best epoch
 on validation (top-1, then lower loss) saved by a method-specific callback, and a resume
 state written after every epoch. What differs between the methods (which module is trained,
 where batches come from, how the best weights are saved) is a `TrainJob`.
@@ -124,6 +124,9 @@ class TrainJob:
         val_model: what `val_batches` are fed to, when not `model` (the augmented probe
             trains through the encoder but validates its head on cached embeddings).
         progress: progress bars and a line per epoch (off for timing runs such as the benchmark).
+        autocast: bf16 autocast on CUDA. On for LoRA (the encoder's matmuls); off for the
+            probe, a linear layer with nothing to gain, whose bf16 logits (8-bit mantissa)
+            would flip close calls between classes.
     """
 
     name: str
@@ -139,6 +142,7 @@ class TrainJob:
     fingerprint: dict = field(default_factory=dict)
     val_model: nn.Module | None = None
     progress: bool = True
+    autocast: bool = True
 
 
 @dataclass
@@ -189,9 +193,9 @@ def permuted_batches(
         yield inputs[idx], labels[idx]
 
 
-def _autocast(device: torch.device):
+def _autocast(device: torch.device, enabled: bool = True):
     # bf16 on CUDA: fp32 range, so no loss scaling; CPU stays fp32 (bf16 there is slow).
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -203,17 +207,19 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, batches: Iterable[Batch], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(model: nn.Module, batches: Iterable[Batch], device: torch.device,
+            autocast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """`(logits, labels)` of every batch, float32 on CPU, model in eval mode.
 
     Args:
         model: the classifier.
         batches: `(inputs, labels)` pairs.
-        device: for autocast.
+        device: where the model runs.
+        autocast: bf16 autocast on CUDA (see `TrainJob.autocast`).
     """
     model.eval()
     logits, labels = [], []
-    with _autocast(device):
+    with _autocast(device, autocast):
         for x, y in batches:
             logits.append(model(x).float())  # on the device: no host sync per batch
             labels.append(y)
@@ -221,7 +227,7 @@ def predict(model: nn.Module, batches: Iterable[Batch], device: torch.device) ->
 
 
 def _validate(job: TrainJob) -> tuple[float, float]:
-    logits, labels = predict(job.val_model or job.model, job.val_batches(), job.device)
+    logits, labels = predict(job.val_model or job.model, job.val_batches(), job.device, job.autocast)
     loss = F.cross_entropy(logits, labels).item()
     return loss, (logits.argmax(1) == labels).float().mean().item()
 
@@ -243,7 +249,7 @@ def _train_epoch(job: TrainJob, cfg: TrainConfig, optimizer, scheduler, epoch: i
     bar = tqdm(job.train_batches(epoch, generator), total=job.steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}",
                unit="step", leave=False, disable=not job.progress)
     for step, (x, y) in enumerate(bar, start=1):
-        with _autocast(job.device):
+        with _autocast(job.device, job.autocast):
             logits = job.model(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
@@ -597,13 +603,14 @@ def run_probe(lab, dataset: str, cfg: TrainConfig, resume: bool = False,
         fingerprint={"dataset": dataset, "model": lab.model, "method": "linear_probe", "n_train": len(train_y),
                      "augment": cfg.augment},
         val_model=unit_head if cfg.augment else None,
+        autocast=False,
     )
     with VramProbe(device, label=job.name) as vram:
         result = fit(job, cfg, resume=resume, callbacks=callbacks)
     best, _ = load_head(out / "head.safetensors", head_info(**info))
     best = best.to(device)
     logits, labels = predict(best, permuted_batches(feats["test"].embeddings.to(device),
-                                                    feats["test"].labels.to(device), 4096), device)
+                                                    feats["test"].labels.to(device), 4096), device, autocast=False)
     encoder_params = count_parameters(model.vision_model)[1] + count_parameters(model.visual_projection)[1]
     head_params = sum(p.numel() for p in head.parameters())
     run = run_info(lab, dataset, "linear_probe", cfg, result, trainable=head_params,

@@ -45,6 +45,19 @@ def test_image_embeddings_are_normalised(tiny_clip):
     torch.testing.assert_close(emb.norm(dim=-1), torch.ones(3))
 
 
+def test_the_classifier_head_runs_in_full_precision_under_autocast(tiny_clip):
+    """bf16 logits (8-bit mantissa) would flip close calls between classes."""
+    model, _ = tiny_clip
+    head = torch.nn.Linear(model.config.projection_dim, 5)
+    classifier = models.ClipClassifier(model.vision_model, model.visual_projection, head)
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = classifier(pixels)
+        embeddings = classifier.embed(pixels)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, head(embeddings.float()))
+
+
 def test_missing_model_offline_fails_fast_naming_it(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
