@@ -255,7 +255,9 @@ def run_lora(lab, dataset: str, cfg: TrainConfig, lora: LoraSettings | None = No
     test_batches = iter_labelled_batches([p for p, _ in test.samples], torch.tensor(test.targets), pre, device,
                                          dtype, cfg.batch_size, num_workers=lab.num_workers,
                                          desc=f"testing {dataset} LoRA")
-    logits, labels = predict(best, test_batches, device)
+    # The reloaded classifier is already in the inference dtype (fp16 on CUDA): no autocast,
+    # which would recast its fp16 weights to bf16 and lose precision.
+    logits, labels = predict(best, test_batches, device, autocast=False)
     lora_config = {"lora_" + k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(lora).items()}
     run = run_info(lab, dataset, "lora", cfg, result, trainable=trainable, total=total,
                    peak_vram_mb=vram.peak_allocated_mb, peak_reserved_mb=vram.peak_reserved_mb,
