@@ -78,6 +78,29 @@ def test_gpu_decode_is_intact_while_the_gpu_is_still_busy(tmp_path):
             assert (image.cpu().float() - ref).abs().mean() < 3  # nvJPEG vs libjpeg: rounding only
 
 
+def test_gpu_decode_of_grey_cmyk_and_png_matches_the_cpu(tmp_path):
+    """CUB has greyscale JPEGs; CMYK and PNG files must fall back, never decode to wrong colours."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from clip_utils.features import decode_batch
+
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8))
+    blobs = []
+    for image, fmt in ((rgb, "JPEG"), (rgb.convert("L"), "JPEG"), (rgb.convert("CMYK"), "JPEG"), (rgb, "PNG")):
+        buf = io.BytesIO()
+        image.save(buf, format=fmt)
+        blobs.append(buf.getvalue())
+    names = ["rgb.jpg", "grey.jpg", "cmyk.jpg", "rgb.png"]
+    cpu = decode_batch(blobs, names, torch.device("cpu"))
+    gpu = decode_batch(blobs, names, torch.device("cuda"))
+    for name, a, b in zip(names, cpu, gpu, strict=True):
+        assert b.device.type == "cuda" and a.shape == b.shape == (3, 60, 80), name
+        assert (a.float() - b.cpu().float()).abs().mean() < 3, name
+
+
 def test_zeroshot_probe_lora_and_predict_on_cuda(cuda_lab):
     from clip_utils.lora import LoraSettings, run_lora
     from clip_utils.photos import predict_photos
