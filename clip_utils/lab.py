@@ -60,6 +60,7 @@ class Lab:
     num_workers: int | None = None
     _clip: tuple | None = field(default=None, init=False, repr=False)
     _features: dict = field(default_factory=dict, init=False, repr=False)
+    _text: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.data_root = Path(self.data_root)
@@ -92,8 +93,30 @@ class Lab:
         return self._clip
 
     def unload(self) -> None:
-        """Free the loaded model and processor (features stay); `clip()` loads them again."""
+        """Free the loaded model and processor (features and text classifiers stay); `clip()`
+        loads them again."""
         self._clip = None
+
+    def text_classifier(self, dataset: str, prompt_set: str) -> torch.Tensor:
+        """`(D, C)` zero-shot class weights of a prompt set, built once per lab and shared by
+        every user (zero-shot evaluation, `auto`'s selection, photos, the heads' initialisation).
+
+        Args:
+            dataset: `flowers102` or `cub200`.
+            prompt_set: a set of `prompts.prompt_sets(dataset)`.
+        """
+        from .data import class_names
+        from .prompts import build_text_classifier, prompt_sets
+
+        if (dataset, prompt_set) not in self._text:
+            sets = prompt_sets(dataset)
+            if prompt_set not in sets:
+                raise ValueError(f"unknown prompt set {prompt_set!r} for {dataset}: choose from {', '.join(sets)}")
+            model, processor = self.clip()
+            self._text[dataset, prompt_set] = build_text_classifier(
+                model, processor.tokenizer, class_names(dataset, self.data_root), sets[prompt_set], self.device,
+                self.batch_size)
+        return self._text[dataset, prompt_set]
 
     @property
     def preprocess(self) -> Preprocess:

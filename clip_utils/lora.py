@@ -153,9 +153,10 @@ class _Trained:
     pre: Preprocess
 
 
-def _train(lab, dataset: str, splits: dict, cfg: TrainConfig, lora: LoraSettings, resume: bool,
+def _train(lab, dataset: str, splits: dict, head: nn.Linear, cfg: TrainConfig, lora: LoraSettings, resume: bool,
            callbacks: Sequence[EpochCallback]) -> _Trained:
-    """Build the LoRA classifier and run the shared loop; the training copy is freed on return."""
+    """Build the LoRA classifier on `head` and run the shared loop; the training copy is freed
+    on return."""
     from .checkpoints import head_info, save_adapter, save_head
     from .features import iter_labelled_batches
     from .models import ClipClassifier, count_parameters, load_clip
@@ -163,17 +164,10 @@ def _train(lab, dataset: str, splits: dict, cfg: TrainConfig, lora: LoraSettings
     device = torch.device(lab.device)
     out = method_dir(lab.results_dir, dataset, "lora")
     class_names = splits["test"].classes
-    # Loaded on the CPU and moved in parts: the text tower (a quarter of ViT-L/14's CLIP) only
-    # initialises the head, so it visits the GPU for that and leaves before the vision tower
-    # arrives; training memory holds the vision side alone.
+    # Loaded on the CPU, and only the vision side moves to the GPU: the text tower (a quarter
+    # of ViT-L/14's CLIP) has no part in training (the head comes from the lab's classifier).
     model, processor = load_clip(lab.model, "cpu", dtype=torch.float32)
     model.requires_grad_(False)
-    text_tower = (model.text_model, model.text_projection)
-    for part in text_tower:
-        part.to(device)
-    head = zeroshot_init_head(model, processor, dataset, class_names, device, lab.batch_size)
-    for part in text_tower:
-        part.to("cpu")
     model.vision_model.to(device)
     model.visual_projection.to(device)
     vision = add_lora(model.vision_model, lora)
@@ -242,11 +236,12 @@ def run_lora(lab, dataset: str, cfg: TrainConfig, lora: LoraSettings | None = No
     out = method_dir(lab.results_dir, dataset, "lora")
     splits = {s: lab.dataset(dataset, s) for s in ("train", "val", "test")}
     class_names = splits["test"].classes
-    # The lab's inference model (fp16 ViT-L/14 on CUDA, loaded by zero-shot or the probe) is
-    # not used here: free it, so LoRA has that memory and its peak is its own.
+    head = zeroshot_init_head(lab, dataset)  # the zero-shot start, from the lab's model
+    # Then the lab's inference model (fp16 ViT-L/14 on CUDA) is not needed: free it, so LoRA
+    # has that memory and its peak is its own.
     lab.unload()
     with VramProbe(device, label=f"{dataset} LoRA") as vram:
-        trained = _train(lab, dataset, splits, cfg, lora, resume, callbacks)
+        trained = _train(lab, dataset, splits, head, cfg, lora, resume, callbacks)
     result, trainable, total, pre = trained.result, trained.trainable, trained.total, trained.pre
 
     best = load_classifier(lab, dataset, "lora")

@@ -136,19 +136,18 @@ def list_photos(folder: str | Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
-def _zeroshot_classifier(lab, dataset: str, names: list[str], prompt_set: str):
+def _zeroshot_classifier(lab, dataset: str, prompt_set: str):
     from .models import ClipClassifier, zeroshot_head
-    from .prompts import AUTO, build_text_classifier, prompt_sets
+    from .prompts import AUTO, prompt_sets
     from .zeroshot import choose_on_val, logit_scale
 
-    model, processor = lab.clip()
+    model, _ = lab.clip()
     sets = prompt_sets(dataset)
-    if prompt_set == AUTO:
-        weights = {n: build_text_classifier(model, processor.tokenizer, names, t, lab.device, lab.batch_size)
-                   for n, t in sets.items()}
+    if prompt_set == AUTO:  # the lab's text classifiers: built once, shared with run_zeroshot
+        weights = {name: lab.text_classifier(dataset, name) for name in sets}
         text = weights[choose_on_val(lab, dataset, weights)[0]]
     elif prompt_set in sets:
-        text = build_text_classifier(model, processor.tokenizer, names, sets[prompt_set], lab.device, lab.batch_size)
+        text = lab.text_classifier(dataset, prompt_set)
     else:
         raise ValueError(f"unknown prompt set {prompt_set!r}: choose from {', '.join([*sets, AUTO])}")
     dtype = next(model.parameters()).dtype
@@ -169,10 +168,7 @@ def classifier_for(lab, dataset: str, method: str = "zeroshot", prompt_set: str 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     if method == "zeroshot":
-        from .data import class_names
-
-        return _zeroshot_classifier(lab, dataset, class_names(dataset, lab.data_root),
-                                    prompt_set)
+        return _zeroshot_classifier(lab, dataset, prompt_set)
     from .checkpoints import load_classifier  # written by the training side; imported only when used
 
     return load_classifier(lab, dataset, method)

@@ -5,10 +5,11 @@
     metrics = run_probe(lab, "flowers102", cfg, resume=True)  # after Ctrl-C: continue
 
 `fit` is the loop both methods share: AdamW with linear warmup and cosine decay, bf16
-autocast on CUDA for LoRA's encoder (heads always run in fp32), a validation pass and `curves.json` after every epoch, the best epoch
-on validation (top-1, then lower loss) saved by a method-specific callback, and a resume
-state written after every epoch. What differs between the methods (which module is trained,
-where batches come from, how the best weights are saved) is a `TrainJob`.
+autocast on CUDA for LoRA's encoder (heads always run in fp32), a validation pass and
+`curves.json` after every epoch, the best epoch on validation (top-1, then lower loss)
+saved by a method-specific callback, and a resume state written after every epoch. What
+differs between the methods (which module is trained, where batches come from, how the
+best weights are saved) is a `TrainJob`.
 
 Interrupted runs. After each completed epoch the loop writes, atomically and in this
 order, the best checkpoint (when it improved), `curves.json` and `resume.pt` (trainable
@@ -400,25 +401,17 @@ def read_curves(out_dir: str | Path) -> list[dict]:
 # --------------------------------------------------------------------------- shared by probe and LoRA
 
 
-def zeroshot_init_head(
-    model, processor, dataset: str, class_names: Sequence[str], device, batch_size: int
-) -> nn.Linear:
-    """A head holding the zero-shot classifier of the `domain` prompt set, on `device` in float32.
+def zeroshot_init_head(lab, dataset: str) -> nn.Linear:
+    """A float32 head on `lab.device` holding the `domain` prompt set's zero-shot classifier.
 
     Args:
-        model: a `CLIPModel` with its text tower.
-        processor: its `CLIPProcessor` (for the tokenizer).
+        lab: the run context (its shared text classifiers and CLIP's logit scale).
         dataset: dataset name (chooses the domain templates).
-        class_names: names in label order.
-        device: where the text encoder runs and the head goes.
-        batch_size: prompts per text forward pass.
     """
     from .models import zeroshot_head
-    from .prompts import build_text_classifier, prompt_sets
+    from .zeroshot import logit_scale
 
-    templates = prompt_sets(dataset)["domain"]
-    text = build_text_classifier(model, processor.tokenizer, list(class_names), templates, device, batch_size)
-    return zeroshot_head(text.float(), model.logit_scale.exp().item()).to(device)
+    return zeroshot_head(lab.text_classifier(dataset, "domain"), logit_scale(lab.clip()[0])).to(lab.device)
 
 
 def feature_scaling(x: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -559,11 +552,11 @@ def run_probe(lab, dataset: str, cfg: TrainConfig, resume: bool = False,
     cfg = resolved(cfg, lab)
     device = torch.device(lab.device)
     out = method_dir(lab.results_dir, dataset, "linear_probe")
-    model, processor = lab.clip()
+    model, _ = lab.clip()
     model.requires_grad_(False)  # frozen encoder; only the head learns
     feats = {split: lab.features(dataset, split) for split in ("train", "val", "test")}
     class_names = lab.dataset(dataset, "test").classes
-    head = zeroshot_init_head(model, processor, dataset, class_names, device, lab.batch_size)
+    head = zeroshot_init_head(lab, dataset)
     info = dict(dataset=dataset, method="linear_probe", model=lab.model, class_names=class_names,
                 embed_dim=head.in_features)
 

@@ -146,16 +146,11 @@ def run_zeroshot(
     # text side is a few thousand short prompts. The encoding's peak is the method's memory
     # cost, recorded with the feature cache so a run that reads the cache reports it too.
     encoding = feats.encoding
-    model, processor = lab.clip()
-    scale = logit_scale(model)
+    scale = logit_scale(lab.clip()[0])
     classes = class_names(dataset, lab.data_root)
-    weights: dict[str, torch.Tensor] = {}
 
     def classifier(name: str) -> torch.Tensor:
-        if name not in weights:
-            weights[name] = prompts.build_text_classifier(
-                model, processor.tokenizer, classes, sets[name], lab.device, lab.batch_size)
-        return weights[name]
+        return lab.text_classifier(dataset, name)
 
     results = {}
     for name in names:

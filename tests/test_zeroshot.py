@@ -346,3 +346,24 @@ def test_non_finite_embeddings_are_refused_and_never_cached(kit, tmp_path, monke
         lab.features("cub200", "test")
     assert f"1 of {len(test)} images (first: {test.samples[3][0]})" in str(err.value)
     assert not list(lab.cache_dir.glob("*.safetensors"))
+
+
+def test_text_classifiers_are_built_once_per_lab(kit, tmp_path, monkeypatch):
+    """run_zeroshot, `auto` and the photos share the lab's classifiers (ViT-L/14's text tower is not free)."""
+    from clip_utils import photos, prompts
+
+    built = []
+    real = prompts.build_text_classifier
+
+    def spy(model, tokenizer, names, templates, *args, **kwargs):
+        built.append(tuple(templates))
+        return real(model, tokenizer, names, templates, *args, **kwargs)
+
+    monkeypatch.setattr(prompts, "build_text_classifier", spy)
+    lab = Lab(model=str(kit["model"]), data_root=kit["data"], results_dir=tmp_path, device="cpu", num_workers=0)
+    zeroshot.run_zeroshot(lab, "cub200", "all")
+    n_sets = len(prompts.prompt_sets("cub200"))
+    assert len(built) == len(set(built)) == n_sets
+    photos.predict_photos(lab, ["my_photo/bird.jpg"], "cub200", prompt_set="auto")
+    photos.predict_photos(lab, ["my_photo/bird.jpg"], "cub200", prompt_set="domain")
+    assert len(built) == n_sets
