@@ -104,15 +104,17 @@ def demo_env(folder: str | Path) -> dict[str, str]:
 
 
 def _absolute_paths(env: dict[str, str]) -> dict[str, str]:
-    """`env` with the data, results and local model paths made absolute from here.
+    """`env` with the data, results and local model paths made absolute.
 
-    Kernels run in their notebook's folder; without this, a relative `CLIP_RESULTS_DIR`
-    given from another folder would put the results there and the executed notebooks here.
+    Kernels run in their notebook's folder, this runner in the caller's: a relative path
+    given from another folder would otherwise put the results there and the executed
+    notebooks here. Given paths are taken from the caller's folder; unset ones are the
+    project's own `data/` and `results/`, wherever the command is run from.
     """
-    def value(name: str, default: str = "") -> str:
-        return env.get(name) or os.environ.get(name, "").strip() or default
+    def value(name: str) -> str:
+        return env.get(name) or os.environ.get(name, "").strip()
 
-    fixed = {name: str(Path(value(name, default)).resolve())
+    fixed = {name: str(Path(value(name)).resolve() if value(name) else PROJECT_ROOT / default)
              for name, default in (("CLIP_RESULTS_DIR", "results"), ("CLIP_DATA_ROOT", "data"))}
     model = value("CLIP_MODEL")
     if model and Path(model).exists():  # a local folder, not a hub id

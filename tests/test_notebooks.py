@@ -85,3 +85,14 @@ def test_relative_paths_mean_the_callers_folder_for_results_and_notebooks(tmp_pa
     assert main([str(nb)]) == 0
     assert (here / "myresults" / "written.txt").is_file()  # where the kernel wrote
     assert (here / "myresults" / "notebooks" / "nb.ipynb").is_file()  # and where the notebook went
+
+
+def test_unset_paths_are_the_projects_wherever_the_runner_starts(tmp_path, monkeypatch):
+    from clip_utils.notebooks import PROJECT_ROOT, _absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CLIP_RESULTS_DIR", raising=False)
+    monkeypatch.delenv("CLIP_DATA_ROOT", raising=False)
+    env = _absolute_paths({})
+    assert env["CLIP_RESULTS_DIR"] == str(PROJECT_ROOT / "results")
+    assert env["CLIP_DATA_ROOT"] == str(PROJECT_ROOT / "data")
