@@ -95,8 +95,6 @@ def _training(parser: argparse.ArgumentParser, epochs: int, lr: float) -> None:
     g.add_argument("--weight-decay", type=_non_negative_float, default=0.01,
                    help="AdamW weight decay (default: %(default)s)")
     g.add_argument("--resume", action="store_true", help="continue from the last completed epoch")
-    g.add_argument("--encode-batch-size", type=_positive_int, default=128,
-                   help="images per forward pass when encoding the frozen features (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     _training(p, epochs=30, lr=5e-3)
     p.add_argument("--augment", action="store_true",
                    help="train on augmented images (slower: no cached features)")
+    p.add_argument("--encode-batch-size", type=_positive_int, default=128,
+                   help="images per forward pass when encoding the frozen features (default: %(default)s)")
     _common(p)
     # Training batches: 32 gives ~1000 steps over 30 Flowers102 epochs (encoding is still fast).
     p.set_defaults(batch_size=os.environ.get("CLIP_BATCH_SIZE", "32"))
@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _lab(args):
     from .lab import Lab
 
-    # zeroshot and predict only encode: their --batch-size is the encoding batch.
+    # The probe trains on cached features and encodes them at --encode-batch-size; the other
+    # commands' one batch size is also their encoding batch (LoRA encodes nothing frozen).
     encode = getattr(args, "encode_batch_size", args.batch_size)
     return Lab(model=args.model, data_root=args.data_root, results_dir=args.results_dir, device=args.device,
                batch_size=args.batch_size, encode_batch_size=encode, seed=args.seed, download=args.download,

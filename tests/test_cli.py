@@ -125,7 +125,8 @@ def test_out_of_memory_while_a_probe_encodes_names_the_encoding_batch(capsys, mo
     (["zeroshot", "--dataset", "cub200", "--batch-size", "16"], 16, 16),  # zero-shot only encodes
     (["predict", "x.jpg", "--dataset", "cub200", "--batch-size", "8"], 8, 8),
     (["probe", "--dataset", "cub200"], 32, 128),
-    (["lora", "--dataset", "cub200", "--batch-size", "8", "--encode-batch-size", "16"], 8, 16),
+    (["probe", "--dataset", "cub200", "--batch-size", "8", "--encode-batch-size", "16"], 8, 16),
+    (["lora", "--dataset", "cub200", "--batch-size", "8"], 8, 8),
 ])
 def test_batch_size_options_reach_the_lab(argv, train, encode, monkeypatch):
     from clip_utils.cli import _lab, build_parser
