@@ -304,8 +304,8 @@ def load_classifier(lab, dataset: str, method: str):
         check_adapter(paths["adapter"], info)
         with quiet_peft():
             vision = PeftModel.from_pretrained(vision, str(paths["adapter"])).to(lab.device)
-    dtype = clip.visual_projection.weight.dtype
-    return ClipClassifier(vision, clip.visual_projection, head.to(lab.device, dtype)).eval()
+    # The head stays float32 beside an fp16 encoder: ClipClassifier casts the embedding up.
+    return ClipClassifier(vision, clip.visual_projection, head.float().to(lab.device)).eval()
 
 
 def check_adapter(folder: Path, info: HeadInfo) -> None:

@@ -182,7 +182,8 @@ class ClipClassifier(nn.Module):
     Args:
         vision_model: CLIP vision transformer (possibly wrapped by peft).
         visual_projection: CLIP's image projection.
-        head: linear layer from the projection dimension to the classes.
+        head: linear layer from the projection dimension to the classes; float32 even beside
+            an fp16 encoder (the embedding is cast to the head's dtype).
     """
 
     def __init__(self, vision_model: nn.Module, visual_projection: nn.Module, head: nn.Linear) -> None:

@@ -150,8 +150,7 @@ def _zeroshot_classifier(lab, dataset: str, prompt_set: str):
         text = lab.text_classifier(dataset, prompt_set)
     else:
         raise ValueError(f"unknown prompt set {prompt_set!r}: choose from {', '.join([*sets, AUTO])}")
-    dtype = next(model.parameters()).dtype
-    head = zeroshot_head(text, logit_scale(model)).to(lab.device, dtype)
+    head = zeroshot_head(text, logit_scale(model)).to(lab.device)  # float32 (see ClipClassifier)
     return ClipClassifier(model.vision_model, model.visual_projection, head).eval()
 
 
@@ -204,7 +203,7 @@ def predict_photos(
     names = class_names(dataset, lab.data_root)
     classifier = classifier_for(lab, dataset, method, prompt_set)
     transform = lab.preprocess.transform()
-    dtype = next(classifier.parameters()).dtype
+    dtype = classifier.visual_projection.weight.dtype  # the encoder's (fp16 on CUDA)
     k = min(top_k, len(names))
     results = []
     for photo in tqdm(photos, desc="predicting photos", unit="photo", leave=False):
