@@ -593,8 +593,10 @@ def run_probe(lab, dataset: str, cfg: TrainConfig, resume: bool = False,
         save_best=lambda epoch: save_head(out / "head.safetensors", unstandardized_head(unit_head, mean, std),
                                           head_info(**info, epoch=epoch)),
         out_dir=out, device=device, batch_size=cfg.batch_size,
+        # head_units: resume.pt holds the head in standard units (older runs trained the
+        # augmented probe in raw units: same names and shapes, so only this tells them apart).
         fingerprint={"dataset": dataset, "model": lab.model, "method": "linear_probe", "n_train": len(train_y),
-                     "augment": cfg.augment},
+                     "augment": cfg.augment, "head_units": "standard"},
         val_model=unit_head if cfg.augment else None,
         autocast=False,
     )
