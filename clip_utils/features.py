@@ -153,7 +153,9 @@ def _decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.
     if device.type != "cuda":
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
     consumer = torch.cuda.current_stream(device)
-    stream = _DECODE_STREAMS.setdefault(device, torch.cuda.Stream(device))
+    if device not in _DECODE_STREAMS:
+        _DECODE_STREAMS[device] = torch.cuda.Stream(device)
+    stream = _DECODE_STREAMS[device]
     with torch.cuda.stream(stream):
         images = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
     consumer.wait_stream(stream)
