@@ -3,12 +3,14 @@
     cfg = TrainConfig(epochs=10, lr=5e-4, augment=True)
     metrics = run_lora(lab, "flowers102", cfg, LoraSettings(rank=8, alpha=16))
 
-A fresh float32 CLIP is loaded (the lab's model is fp16 on CUDA and shared with zero-shot
-and the probe, so it must not receive adapters); its text tower builds the zero-shot head
-and is then dropped. peft wraps only `model.vision_model`, so the targets (`q_proj`,
-`v_proj` by default) are adapted in the vision encoder alone. Training runs in bf16
-autocast on CUDA, on augmented images decoded on the GPU (`features.iter_labelled_batches`;
-the PIL path on CPU). The best epoch's adapter is saved with `save_pretrained` into
+A fresh float32 CLIP is loaded on the CPU (the lab's model is fp16 on CUDA and shared with
+zero-shot and the probe, so it must not receive adapters), and only its vision side moves
+to the GPU. The head starts from the lab's `domain` text classifier; the lab's model is
+then freed, so training memory, and its reported peak, hold LoRA's model alone. peft wraps
+only `model.vision_model`, so the targets (`q_proj`, `v_proj` by default) are adapted in
+the vision encoder alone. Training runs in bf16 autocast on CUDA (the head in fp32), on
+augmented images decoded where the model runs (`features.iter_labelled_batches`: nvJPEG
+and GPU resizing on CUDA). The best epoch's adapter is saved with `save_pretrained` into
 `results/<dataset>/lora/adapter/` beside `head.safetensors`, and test evaluation reloads
 both through `checkpoints.load_classifier`, exactly as `predict --method lora` does.
 
