@@ -38,6 +38,19 @@ def env_str(name: str, default: str) -> str:
     return _raw(name) or default
 
 
+def _number(name: str, default, parse, ok, expected: str):
+    raw = _raw(name)
+    if raw is None:
+        return default
+    try:
+        value = parse(raw)
+    except ValueError:
+        raise ParameterError(f"{name}={raw!r}: expected {expected}") from None
+    if not ok(value):
+        raise ParameterError(f"{name}={raw!r}: expected {expected}")
+    return value
+
+
 def env_int(name: str, default: int, minimum: int = 1) -> int:
     """`$name` as a whole number of at least `minimum`.
 
@@ -46,16 +59,7 @@ def env_int(name: str, default: int, minimum: int = 1) -> int:
         default: value when unset.
         minimum: smallest accepted value.
     """
-    raw = _raw(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ParameterError(f"{name}={raw!r}: expected a whole number") from None
-    if value < minimum:
-        raise ParameterError(f"{name}={raw!r}: expected a whole number of at least {minimum}")
-    return value
+    return _number(name, default, int, lambda v: v >= minimum, f"a whole number of at least {minimum}")
 
 
 def env_float(name: str, default: float) -> float:
@@ -65,16 +69,7 @@ def env_float(name: str, default: float) -> float:
         name: environment variable.
         default: value when unset.
     """
-    raw = _raw(name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ParameterError(f"{name}={raw!r}: expected a number") from None
-    if not value > 0:
-        raise ParameterError(f"{name}={raw!r}: expected a positive number")
-    return value
+    return _number(name, default, float, lambda v: v > 0, "a positive number")
 
 
 def env_list(name: str, default: str) -> list[str]:

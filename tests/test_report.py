@@ -98,6 +98,14 @@ def write_zeroshot(root, dataset, top1s, model="m"):
             "top5": 0.9, "mean_per_class": top1, "seconds": 1.0, "prompt_set": name}))
 
 
+def write_trained(root, dataset, method, model="m"):
+    folder = root / dataset / method
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({
+        "dataset": dataset, "split": "test", "method": method, "model": model, "n": 10, "top1": 0.8,
+        "top5": 0.9, "mean_per_class": 0.8, "seconds": 2.0, "trainable_params": 5}))
+
+
 def test_zeroshot_row_is_chosen_without_test_labels(tmp_path):
     # auto has the lowest test top-1 here: a rule that looked at test accuracy would not pick it.
     write_zeroshot(tmp_path, "cub200", {"default": 0.4, "diverse": 0.7, "domain": 0.5, "auto": 0.45})
@@ -124,19 +132,13 @@ def test_baseline_preference(tmp_path, saved, expected):
 def test_a_comparison_keeps_to_one_model_and_warns_when_it_cannot(tmp_path):
     write_zeroshot(tmp_path, "cub200", {"auto": 0.5}, model="old")  # an earlier model's best set
     write_zeroshot(tmp_path, "cub200", {"domain": 0.4}, model="new")
-    probe = tmp_path / "cub200" / "linear_probe"
-    probe.mkdir(parents=True)
-    (probe / "metrics.json").write_text(json.dumps({
-        "dataset": "cub200", "split": "test", "method": "linear_probe", "model": "new", "n": 10, "top1": 0.8,
-        "top5": 0.9, "mean_per_class": 0.8, "seconds": 2.0, "trainable_params": 5}))
+    write_trained(tmp_path, "cub200", "linear_probe", model="new")
     rows, _ = report.collect(tmp_path)
     assert {(r["method"], r["model"], r["prompt_set"]) for r in rows} == {("zeroshot", "new", "domain"),
                                                                          ("linear_probe", "new", "")}
     assert "model" not in report.summary_table(tmp_path).columns  # one model: no column for it
 
-    lora = tmp_path / "cub200" / "lora"
-    lora.mkdir(parents=True)
-    (lora / "metrics.json").write_text((probe / "metrics.json").read_text().replace('"new"', '"other"'))
+    write_trained(tmp_path, "cub200", "lora", model="other")
     with pytest.warns(UserWarning, match="different models"):
         table = report.summary_table(tmp_path)
     assert set(table["model"]) == {"new", "other"}
@@ -177,11 +179,7 @@ def test_cli_report_on_an_empty_folder_is_a_one_line_error(tmp_path):
 
 def test_cli_report_warns_in_one_line_when_models_are_mixed(tmp_path, capsys):
     write_zeroshot(tmp_path, "cub200", {"domain": 0.4}, model="a")
-    probe = tmp_path / "cub200" / "linear_probe"
-    probe.mkdir(parents=True)
-    (probe / "metrics.json").write_text(json.dumps({
-        "dataset": "cub200", "split": "test", "method": "linear_probe", "model": "b", "n": 10, "top1": 0.8,
-        "top5": 0.9, "mean_per_class": 0.8, "seconds": 2.0, "trainable_params": 5}))
+    write_trained(tmp_path, "cub200", "linear_probe", model="b")
     assert main(["report", "--results-dir", str(tmp_path)]) == 0
     err = capsys.readouterr().err
     assert "warning: cub200: the saved results come from different models (a, b)" in err
