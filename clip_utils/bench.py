@@ -126,17 +126,21 @@ def _timed(section: str, pipeline: str, images: int, device: torch.device, work:
 # --------------------------------------------------------------------------- zero-shot
 
 
-@torch.inference_mode()
-def textbook_encode(model, processor, paths: list[str], device: torch.device, batch_size: int = 32) -> torch.Tensor:
-    """The pipeline most CLIP notebooks use: PIL + HF processor in the main process, fp32."""
+def textbook_pixels(processor, paths: list[str], device: torch.device, batch_size: int = 32):
+    """Pixel batches the way most CLIP notebooks make them: PIL and the HF processor in the
+    main process."""
     from PIL import Image
 
-    out = []
     for start in range(0, len(paths), batch_size):
         images = [Image.open(p).convert("RGB") for p in paths[start : start + batch_size]]
-        pixels = processor(images=images, return_tensors="pt")["pixel_values"].to(device)
-        out.append(image_embeddings(model, pixels).float().cpu())
-    return torch.cat(out)
+        yield processor(images=images, return_tensors="pt")["pixel_values"].to(device)
+
+
+@torch.inference_mode()
+def textbook_encode(model, processor, paths: list[str], device: torch.device, batch_size: int = 32) -> torch.Tensor:
+    """The textbook zero-shot image side: `textbook_pixels`, fp32 model, results to the host per batch."""
+    return torch.cat([image_embeddings(model, pixels).float().cpu()
+                      for pixels in textbook_pixels(processor, paths, device, batch_size)])
 
 
 @torch.inference_mode()
@@ -233,16 +237,6 @@ def lora_steps(classifier, batches, device: torch.device, steps: int, bf16: bool
     return seen
 
 
-def textbook_batches(processor, paths: list[str], labels: torch.Tensor, device: torch.device, batch_size: int):
-    """`(pixels, labels)` batches the textbook way: PIL and the HF processor in the main process."""
-    from PIL import Image
-
-    for start in range(0, len(paths), batch_size):
-        images = [Image.open(p).convert("RGB") for p in paths[start : start + batch_size]]
-        pixels = processor(images=images, return_tensors="pt")["pixel_values"].to(device)
-        yield pixels, labels[start : start + len(images)].to(device)
-
-
 def _lora_rows(classifier, processor, paths: list[str], device: torch.device, batch_size: int,
                workers: int | None, suffix: str, with_ours: bool) -> list[Row]:
     """Model-alone steps on one ready batch, then (optionally) the textbook pipeline and one
@@ -262,7 +256,8 @@ def _lora_rows(classifier, processor, paths: list[str], device: torch.device, ba
         labels = torch.arange(len(paths)) % 102
         rows.insert(0, _timed(
             "LoRA train", f"textbook (HF processor, fp32, batch {batch_size})", steps * batch_size, device,
-            lambda: lora_steps(classifier, textbook_batches(processor, paths, labels, device, batch_size), device,
+            lambda: lora_steps(classifier, zip(textbook_pixels(processor, paths, device, batch_size),
+                                               labels.to(device).split(batch_size), strict=True), device,
                                steps, bf16=False)))
 
         def batches(order: torch.Tensor | None, augment: bool, n: int):

@@ -144,8 +144,7 @@ def _zeroshot_classifier(lab, dataset: str, prompt_set: str):
     model, _ = lab.clip()
     sets = prompt_sets(dataset)
     if prompt_set == AUTO:  # the lab's text classifiers: built once, shared with run_zeroshot
-        weights = {name: lab.text_classifier(dataset, name) for name in sets}
-        text = weights[choose_on_val(lab, dataset, weights)[0]]
+        text = lab.text_classifier(dataset, choose_on_val(lab, dataset)[0])
     elif prompt_set in sets:
         text = lab.text_classifier(dataset, prompt_set)
     else:

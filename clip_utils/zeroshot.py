@@ -109,15 +109,16 @@ def select_prompt_set(
     return max(scores, key=scores.get), scores  # max keeps the first of equal scores
 
 
-def choose_on_val(lab, dataset: str, classifiers: Mapping[str, torch.Tensor]) -> tuple[str, dict[str, float]]:
-    """`select_prompt_set` on the validation split's (cached) image features.
+def choose_on_val(lab, dataset: str) -> tuple[str, dict[str, float]]:
+    """`auto`: every prompt set of `dataset` scored on the validation split's (cached) image
+    features with the lab's text classifiers; returns `select_prompt_set`'s answer.
 
     Args:
         lab: the run context.
         dataset: the dataset.
-        classifiers: `{set name: (D, C) classifier}`.
     """
     val = lab.features(dataset, "val")
+    classifiers = {name: lab.text_classifier(dataset, name) for name in prompts.prompt_sets(dataset)}
     return select_prompt_set(val.embeddings, val.labels, classifiers, logit_scale(lab.clip()[0]))
 
 
@@ -148,19 +149,15 @@ def run_zeroshot(
     encoding = feats.encoding
     scale = logit_scale(lab.clip()[0])
     classes = class_names(dataset, lab.data_root)
-
-    def classifier(name: str) -> torch.Tensor:
-        return lab.text_classifier(dataset, name)
-
     results = {}
     for name in names:
         start = time.perf_counter()
         extra: dict = {}
         chosen = name
         if name == prompts.AUTO:
-            chosen, val_top1 = choose_on_val(lab, dataset, {n: classifier(n) for n in sets})
+            chosen, val_top1 = choose_on_val(lab, dataset)
             extra = {"selected_set": chosen, "selected_on": "val", "val_top1": val_top1}
-        logits = predict(feats.embeddings, classifier(chosen), scale)
+        logits = predict(feats.embeddings, lab.text_classifier(dataset, chosen), scale)
         info = {
             "dataset": dataset, "split": split, "method": "zeroshot", "model": str(lab.model),
             "prompt_set": name, "templates": sets[chosen], **extra, "logit_scale": scale,
