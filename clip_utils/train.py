@@ -510,8 +510,7 @@ def run_info(lab, dataset: str, method: str, cfg: TrainConfig, fit_result: FitRe
         "epochs": cfg.epochs, "best_epoch": fit_result.best_epoch,
         "best_val_acc": next((e["val_acc"] for e in fit_result.curves if e["epoch"] == fit_result.best_epoch), None),
         "peak_vram_mb": peak_vram_mb, "peak_reserved_mb": peak_reserved_mb, "device": str(lab.device),
-        "config": {**asdict(cfg), **(extra_config or {}), "batch_size": cfg.batch_size or lab.batch_size,
-                   "seed": lab.seed if cfg.seed is None else cfg.seed},
+        "config": {**asdict(resolved(cfg, lab)), **(extra_config or {})},
     }
 
 
