@@ -1,12 +1,19 @@
 """clip_utils: adapt CLIP to fine-grained image classification (Flowers102, CUB-200-2011).
 
-Modules, one concern each: `data` (datasets), `models` (CLIP loading, preprocessing, the
-classifier), `features` (image encoding and its cache), `prompts` and `zeroshot`,
-`metrics`, `train` (the training loop shared by the linear probe and LoRA), `lora`,
-`vram`, `plots`, `photos`, `report`, `results` (layout, atomic writes), `lab` (run
-context), `cli`, `notebooks` (headless execution), `params` (notebook parameters from
-`CLIP_*` variables), `testkit` (offline tiny CLIP and synthetic datasets), `bench` (speed
-benchmark).
+    from clip_utils.lab import Lab
+    from clip_utils.zeroshot import run_zeroshot
+    run_zeroshot(Lab(), "flowers102", ["domain", "auto"])
+
+Layers, imports pointing down only (a test fails on any cycle):
+
+- building blocks, no files: `config` (settings and every default), `methods` (the method
+  table), `params`, `progress`, `prompts`, `preprocess`, `heads`, `metrics`;
+- loading and encoding: `net`, `data`, `models`, `inputs` (the GPU input path), `features`
+  (embeddings and their cache), `train` (the loop), `vram`;
+- files and figures: `results`, `checkpoints`, `evaluation`, `plots`;
+- the run context: `lab`, and `runs` (what the trained methods share);
+- the methods, peers: `zeroshot`, `probe`, `lora`;
+- on top: `photos`, `report`, `cli`, `notebooks`, `testkit`, `bench`.
 """
 
 __version__ = "0.1.0"

@@ -25,7 +25,9 @@ short of the model alone, that row says whether the input or the overlap is to b
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
 import os
 import platform
 import tempfile
@@ -37,8 +39,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .features import encode_paths, iter_pixel_batches
-from .models import Preprocess, image_embeddings
+from .config import LoraSettings, TrainConfig
+from .features import encode_paths
+from .heads import ClipClassifier, image_embeddings
+from .inputs import iter_labelled_batches, iter_pixel_batches
+from .lora import add_lora
+from .preprocess import Preprocess
+from .prompts import build_text_classifier, prompt_sets
+from .testkit import char_tokenizer
+from .train import TrainJob, fit, permuted_batches
 from .vram import VramProbe
 
 ASSET = Path(__file__).resolve().parent / "assets" / "clip-vit-large-patch14"
@@ -95,8 +104,6 @@ def bench_model(small: bool):
         small: a 2-layer, 64-wide ViT with ViT-L/14's preprocessing (224 px input).
     """
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    from .testkit import char_tokenizer
 
     config = CLIPConfig.from_pretrained(ASSET)
     if small:
@@ -156,8 +163,6 @@ def model_alone(model, pre: Preprocess, device: torch.device, n: int, batch_size
 def bench_zeroshot(model, processor, paths: list[str], device: torch.device, batch_size: int,
                    workers: int | None) -> list[Row]:
     """Textbook vs ours vs model alone for zero-shot evaluation under every prompt set."""
-    from .prompts import build_text_classifier, prompt_sets
-
     pre = Preprocess.from_processor(processor)
     n = len(paths)
     class_names = [f"flower number {i}" for i in range(102)]
@@ -204,9 +209,6 @@ def bench_zeroshot(model, processor, paths: list[str], device: torch.device, bat
 
 
 def _lora_classifier(model, n_classes: int, grad_checkpointing: bool):
-    from .lora import LoraSettings, add_lora
-    from .models import ClipClassifier
-
     vision = add_lora(model.vision_model, LoraSettings(grad_checkpointing=grad_checkpointing))
     head = torch.nn.Linear(model.visual_projection.out_features, n_classes)
     return ClipClassifier(vision, model.visual_projection.requires_grad_(False), head).to(model.device)
@@ -241,11 +243,6 @@ def _lora_rows(classifier, processor, paths: list[str], device: torch.device, ba
                workers: int | None, suffix: str, with_ours: bool) -> list[Row]:
     """Model-alone steps on one ready batch, then (optionally) the textbook pipeline and one
     epoch of our real loop."""
-    import math
-
-    from .features import iter_labelled_batches
-    from .train import TrainConfig, TrainJob, fit
-
     pre = Preprocess.from_processor(processor)
     steps = max(2, len(paths) // batch_size)
     fixed = (torch.randn(batch_size, 3, *pre.crop, device=device), (torch.arange(batch_size) % 102).to(device))
@@ -287,8 +284,6 @@ def bench_lora(model, processor, paths: list[str], device: torch.device, batch_s
                workers: int | None) -> list[Row]:
     """LoRA training: ready tensors (model alone) vs ours (the real loop, images decoded and
     augmented on the fly), then model alone with gradient checkpointing."""
-    import copy
-
     rows = []
     for ckpt in (False, True):
         classifier = _lora_classifier(copy.deepcopy(model).float(), 102, grad_checkpointing=ckpt)
@@ -306,10 +301,6 @@ def bench_lora(model, processor, paths: list[str], device: torch.device, batch_s
 def bench_probe(dim: int, n_train: int, n_val: int, n_classes: int, device: torch.device, epochs: int) -> list[Row]:
     """The linear probe once features exist: every epoch's training and validation, checkpoints
     and curves written, as `run_probe` does for Flowers102 (1020 train / 1020 val images)."""
-    import math
-
-    from .train import TrainConfig, TrainJob, fit, permuted_batches
-
     g = torch.Generator().manual_seed(0)
     feats = torch.nn.functional.normalize(torch.randn(n_train + n_val, dim, generator=g), dim=-1).to(device)
     labels = (torch.arange(n_train + n_val) % n_classes).to(device)

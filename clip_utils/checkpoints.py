@@ -1,7 +1,7 @@
 """Saved heads and LoRA adapters: writing them safely, and loading only what fits.
 
-    classifier = load_classifier(lab, "flowers102", "lora")   # ClipClassifier, eval mode
-    probs = classifier(pixels).softmax(-1)
+    save_head(folder / HEAD_FILE, head, head_info(dataset="flowers102", method="lora", ...))
+    head, info = load_head(folder / HEAD_FILE, expected)      # refused unless it fits `expected`
 
 Layout (see DESIGN.md):
 
@@ -15,7 +15,10 @@ list or model is refused with a message naming both sides instead of silently pr
 nonsense. Nothing is unpickled: weights are safetensors, metadata is JSON.
 
 The adapter folder also records the head's metadata (`clip_lab.json`), so a head and an
-adapter from different runs or epochs are never paired.
+adapter from different runs or epochs are never paired. A file that is cut short or damaged
+is a `CheckpointError` naming it and the command that makes a new one. Putting a head
+together with its encoder is each method's job (`probe.load_classifier`,
+`lora.load_classifier`); this module only reads and writes files.
 """
 
 from __future__ import annotations
@@ -32,18 +35,24 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .methods import method as method_named
 from .results import atomic_path, method_dir, publish
 
 HEAD_FILE = "head.safetensors"
 ADAPTER_DIR = "adapter"
 ADAPTER_INFO = "clip_lab.json"
-# `predict --method probe` and the results folder name the linear probe differently.
-METHOD_DIRS = {"probe": "linear_probe", "linear_probe": "linear_probe", "lora": "lora"}
-TRAIN_COMMANDS = {"linear_probe": "probe", "lora": "lora"}
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: damaged, or made for something else."""
+
+
+class CheckpointMismatchError(CheckpointError):
     """A checkpoint exists but was trained for another dataset, class list or model."""
+
+
+def _retrain(dataset: str, method: str) -> str:
+    return f"`python -m clip_utils {method_named(method).command} --dataset {dataset}`"
 
 
 @dataclass(frozen=True)
@@ -102,7 +111,7 @@ def head_info(*, dataset: str, method: str, model: str, class_names: Sequence[st
         embed_dim: CLIP's projection dimension.
         epoch: the epoch the weights come from.
     """
-    return HeadInfo(dataset=dataset, method=METHOD_DIRS[method], model=str(model), n_classes=len(class_names),
+    return HeadInfo(dataset=dataset, method=method_named(method).name, model=str(model), n_classes=len(class_names),
                     classes_hash=classes_hash(class_names), embed_dim=int(embed_dim), epoch=int(epoch))
 
 
@@ -135,14 +144,32 @@ def read_head(path: str | Path) -> tuple[nn.Linear, HeadInfo]:
     from safetensors import safe_open
 
     path = Path(path)
-    with safe_open(str(path), framework="pt") as f:
-        info = HeadInfo.from_metadata(f.metadata() or {}, path)
-        weight, bias = f.get_tensor("weight"), f.get_tensor("bias")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            weight, bias = f.get_tensor("weight"), f.get_tensor("bias")
+    except Exception as err:  # safetensors' own error types for a cut-short or foreign file
+        raise CheckpointError(
+            f"{path} is damaged ({str(err).splitlines()[0] if str(err) else type(err).__name__}): delete it and "
+            f"retrain{_retrain_from(path)}"
+        ) from err
+    info = HeadInfo.from_metadata(meta, path)
+    if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
+        raise CheckpointError(f"{path} is damaged (non-finite weights): delete it and retrain{_retrain_from(path)}")
     head = nn.Linear(weight.shape[1], weight.shape[0])
     with torch.no_grad():
         head.weight.copy_(weight)
         head.bias.copy_(bias)
     return head, info
+
+
+def _retrain_from(path: Path) -> str:
+    # The damaged file's own metadata is unreadable: its folder names the dataset and method.
+    folder = path.parent
+    try:
+        return f" with {_retrain(folder.parent.name, folder.name)}"
+    except ValueError:
+        return ""
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -174,7 +201,7 @@ def check_head(info: HeadInfo, expected: HeadInfo, path: Path) -> None:
     if info.embed_dim != expected.embed_dim:
         problems.append(f"embedding size {info.embed_dim}, not {expected.embed_dim}")
     if problems:
-        command = TRAIN_COMMANDS.get(expected.method, "probe")
+        command = method_named(expected.method).command
         raise CheckpointMismatchError(
             f"{path} was trained for {'; '.join(problems)} (this run: dataset {expected.dataset!r}, "
             f"model {expected.model!r}, {expected.n_classes} classes). Retrain it with "
@@ -204,11 +231,9 @@ def load_head(path: str | Path, expected: HeadInfo) -> tuple[nn.Linear, HeadInfo
 
 def missing_checkpoint(path: Path, dataset: str, method: str) -> FileNotFoundError:
     """The error for a checkpoint that is not there, naming the command that creates it."""
-    command = TRAIN_COMMANDS[METHOD_DIRS[method]]
     return FileNotFoundError(
-        f"no {METHOD_DIRS[method].replace('_', ' ')} checkpoint for {dataset}: expected {path}. "
-        f"Train one with `python -m clip_utils {command} --dataset {dataset}` (or run Task2.ipynb) "
-        f"with the same --results-dir."
+        f"no {method_named(method).label} checkpoint for {dataset}: expected {path}. "
+        f"Train one with {_retrain(dataset, method)} (or run Task2.ipynb) with the same --results-dir."
     )
 
 
@@ -255,57 +280,11 @@ def checkpoint_paths(results_dir: str | Path, dataset: str, method: str) -> dict
         dataset: dataset name.
         method: `probe`, `linear_probe` or `lora`.
     """
-    if method not in METHOD_DIRS:
-        raise ValueError(f"unknown method {method!r}: choose probe or lora")
-    folder = method_dir(results_dir, dataset, METHOD_DIRS[method])
+    m = method_named(method)
+    if not m.trained:
+        raise ValueError(f"{m.label} trains nothing and has no checkpoint: choose probe or lora")
+    folder = method_dir(results_dir, dataset, m.folder)
     return {"head": folder / HEAD_FILE, "adapter": folder / ADAPTER_DIR}
-
-
-def load_classifier(lab, dataset: str, method: str):
-    """The trained classifier of a dataset, ready for prediction: a `ClipClassifier` in eval mode.
-
-    The linear probe shares the lab's frozen CLIP; LoRA gets a fresh copy of the vision
-    encoder with the saved adapter attached (attaching it to the shared model would change
-    zero-shot predictions made later in the same process).
-
-    Args:
-        lab: the run context (model, results folder, device).
-        dataset: dataset name.
-        method: `probe` (or `linear_probe`) or `lora`.
-
-    Raises:
-        FileNotFoundError: not trained yet (the message names the command to run).
-        CheckpointMismatchError: trained for another dataset, class list or model.
-    """
-    from peft import PeftModel
-
-    from .data import class_names
-    from .lab import inference_dtype
-    from .lora import quiet_peft
-    from .models import ClipClassifier, load_clip
-
-    paths = checkpoint_paths(lab.results_dir, dataset, method)
-    if not paths["head"].is_file():
-        raise missing_checkpoint(paths["head"], dataset, method)
-    head, info = read_head(paths["head"])
-    lora = METHOD_DIRS[method] == "lora"
-    if lora:
-        if not (paths["adapter"] / "adapter_config.json").is_file():
-            raise missing_checkpoint(paths["adapter"], dataset, method)
-        clip, _ = load_clip(lab.model, lab.device, dtype=inference_dtype(lab.device))
-    else:
-        clip, _ = lab.clip()
-    expected = head_info(dataset=dataset, method=method, model=lab.model,
-                         class_names=class_names(dataset, lab.data_root),
-                         embed_dim=clip.visual_projection.out_features)
-    check_head(info, expected, paths["head"])
-    vision = clip.vision_model
-    if lora:
-        check_adapter(paths["adapter"], info)
-        with quiet_peft():
-            vision = PeftModel.from_pretrained(vision, str(paths["adapter"])).to(lab.device)
-    # The head stays float32 beside an fp16 encoder: ClipClassifier casts the embedding up.
-    return ClipClassifier(vision, clip.visual_projection, head.float().to(lab.device)).eval()
 
 
 def check_adapter(folder: Path, info: HeadInfo) -> None:
@@ -317,8 +296,13 @@ def check_adapter(folder: Path, info: HeadInfo) -> None:
     """
     file = folder / ADAPTER_INFO
     if not file.is_file():
-        raise CheckpointMismatchError(f"{folder} has no {ADAPTER_INFO}: it was not saved by clip-lab; retrain")
-    recorded = HeadInfo(**json.loads(file.read_text()))
+        raise CheckpointMismatchError(f"{folder} has no {ADAPTER_INFO}: it was not saved by clip-lab; retrain "
+                                      f"with {_retrain(info.dataset, 'lora')}")
+    try:
+        recorded = HeadInfo(**json.loads(file.read_text()))
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{file} is damaged ({err}): delete {folder} and retrain with "
+                              f"{_retrain(info.dataset, 'lora')}") from err
     if recorded != info:
         raise CheckpointMismatchError(
             f"the adapter in {folder} (dataset {recorded.dataset}, epoch {recorded.epoch}) does not belong "

@@ -18,9 +18,25 @@ import json
 import os
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
-from .data import DATASETS
+import torch
+
+from . import config, prompts
+from .checkpoints import CheckpointError
+from .config import LoraSettings, TrainConfig
+from .data import DATASETS, DatasetNotFoundError, UnreadableImageError
+from .lab import Lab, check_device
+from .lora import run_lora
+from .methods import CHOICES
+from .models import ModelUnavailableError
+from .photos import format_predictions, predict_photos
+from .probe import run_probe
+from .report import make_report
+from .results import method_dir
+from .train import TrainingError
+from .zeroshot import output_dir, run_zeroshot
 
 EPILOG = "Results layout and options: README.md and DESIGN.md."
 
@@ -65,20 +81,27 @@ def _name_list(text: str) -> list[str]:
     return items
 
 
-def _common(parser: argparse.ArgumentParser, dataset: bool = True) -> None:
+def _device(text: str) -> str:
+    try:
+        check_device(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def _common(parser: argparse.ArgumentParser, batch_size: int) -> None:
     g = parser.add_argument_group("common options")
-    if dataset:
-        g.add_argument("--dataset", required=True, choices=DATASETS, help="dataset to use")
-    g.add_argument("--model", default=os.environ.get("CLIP_MODEL", "openai/clip-vit-large-patch14"),
+    g.add_argument("--dataset", required=True, choices=DATASETS, help="dataset to use")
+    g.add_argument("--model", default=os.environ.get("CLIP_MODEL", config.DEFAULT_MODEL),
                    help="Hugging Face CLIP id or local folder (default: %(default)s)")
     g.add_argument("--data-root", default=os.environ.get("CLIP_DATA_ROOT", "data"),
                    help="dataset root (default: %(default)s)")
     g.add_argument("--results-dir", default=os.environ.get("CLIP_RESULTS_DIR", "results"),
                    help="results root (default: %(default)s)")
-    g.add_argument("--device", default=os.environ.get("CLIP_DEVICE"),
+    g.add_argument("--device", type=_device, default=os.environ.get("CLIP_DEVICE") or None,
                    help="cuda, cpu, ... (default: cuda when available)")
     # String defaults go through `type` at parse time, so a bad CLIP_* value is a usage error.
-    g.add_argument("--batch-size", type=_positive_int, default=os.environ.get("CLIP_BATCH_SIZE", "128"),
+    g.add_argument("--batch-size", type=_positive_int, default=os.environ.get("CLIP_BATCH_SIZE", str(batch_size)),
                    help="images per batch (default: $CLIP_BATCH_SIZE or %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     g.add_argument("--workers", type=_non_negative_int, default=None,
@@ -87,19 +110,22 @@ def _common(parser: argparse.ArgumentParser, dataset: bool = True) -> None:
                    help="never download: fail when a dataset is missing")
 
 
-def _training(parser: argparse.ArgumentParser, epochs: int, lr: float) -> None:
+def _training(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     g = parser.add_argument_group("training")
-    g.add_argument("--epochs", type=_positive_int, default=os.environ.get("CLIP_EPOCHS", str(epochs)),
+    g.add_argument("--epochs", type=_positive_int, default=os.environ.get("CLIP_EPOCHS", str(defaults.epochs)),
                    help="epochs (default: $CLIP_EPOCHS or %(default)s)")
-    g.add_argument("--lr", type=_positive_float, default=lr, help="peak learning rate (default: %(default)s)")
-    g.add_argument("--weight-decay", type=_non_negative_float, default=0.01,
+    g.add_argument("--lr", type=_positive_float, default=defaults.lr,
+                   help="peak learning rate (default: %(default)s)")
+    g.add_argument("--weight-decay", type=_non_negative_float, default=defaults.weight_decay,
                    help="AdamW weight decay (default: %(default)s)")
     g.add_argument("--resume", action="store_true", help="continue from the last completed epoch")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # `clip-lab` once installed (the console script), else how the README spells it.
+    prog = "clip-lab" if Path(sys.argv[0]).name == "clip-lab" else "python -m clip_utils"
     parser = argparse.ArgumentParser(
-        prog="python -m clip_utils", description="Adapt CLIP to fine-grained classification.", epilog=EPILOG
+        prog=prog, description="Adapt CLIP to fine-grained classification.", epilog=EPILOG
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -108,43 +134,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of prompt sets (default, domain, diverse, domain_ensemble, auto = best "
                         "of them on the validation split) or 'all' (default: all)")
     p.add_argument("--split", default="test", choices=("val", "test"), help="split to evaluate (default: test)")
-    _common(p)
+    _common(p, config.INFERENCE_BATCH_SIZE)
 
     p = sub.add_parser("probe", help="linear probe on the frozen vision encoder", epilog=EPILOG)
-    _training(p, epochs=30, lr=5e-3)
-    p.add_argument("--augment", action="store_true",
+    _training(p, config.PROBE)
+    p.add_argument("--augment", action="store_true", default=config.PROBE.augment,
                    help="train on augmented images (slower: no cached features)")
-    p.add_argument("--encode-batch-size", type=_positive_int, default=128,
+    p.add_argument("--encode-batch-size", type=_positive_int, default=config.ENCODE_BATCH_SIZE,
                    help="images per forward pass when encoding the frozen features (default: %(default)s)")
-    _common(p)
-    # Training batches: 32 gives ~1000 steps over 30 Flowers102 epochs (encoding is still fast).
-    p.set_defaults(batch_size=os.environ.get("CLIP_BATCH_SIZE", "32"))
+    _common(p, config.PROBE.batch_size)
 
     p = sub.add_parser("lora", help="LoRA fine-tuning of the vision encoder", epilog=EPILOG)
-    _training(p, epochs=10, lr=5e-4)
+    _training(p, config.LORA)
+    lora = config.LORA_SETTINGS
     g = p.add_argument_group("LoRA")
-    g.add_argument("--rank", type=_positive_int, default=8, help="LoRA rank r (default: %(default)s)")
-    g.add_argument("--alpha", type=_positive_float, default=16, help="LoRA alpha (default: %(default)s)")
-    g.add_argument("--dropout", type=_fraction, default=0.1, help="LoRA dropout (default: %(default)s)")
-    g.add_argument("--targets", type=_name_list, default=["q_proj", "v_proj"],
-                   help="comma list of modules to adapt (default: q_proj,v_proj)")
-    g.add_argument("--grad-checkpointing", action="store_true",
+    g.add_argument("--rank", type=_positive_int, default=lora.rank, help="LoRA rank r (default: %(default)s)")
+    g.add_argument("--alpha", type=_positive_float, default=lora.alpha, help="LoRA alpha (default: %(default)s)")
+    g.add_argument("--dropout", type=_fraction, default=lora.dropout, help="LoRA dropout (default: %(default)s)")
+    g.add_argument("--targets", type=_name_list, default=list(lora.targets),
+                   help=f"comma list of modules to adapt (default: {','.join(lora.targets)})")
+    g.add_argument("--grad-checkpointing", action="store_true", default=lora.grad_checkpointing,
                    help="recompute activations in the backward pass: far less memory, about 25%% slower")
-    g.add_argument("--no-augment", dest="augment", action="store_false", help="train without image augmentation")
-    _common(p)
-    # Batch 32: about 9 GB peak for ViT-L/14 in bf16 (3 GB with --grad-checkpointing).
-    p.set_defaults(batch_size=os.environ.get("CLIP_BATCH_SIZE", "32"))
+    g.add_argument("--no-augment", dest="augment", action="store_false", default=config.LORA.augment,
+                   help="train without image augmentation")
+    _common(p, config.LORA.batch_size)
 
     p = sub.add_parser("predict", help="top-k classes for your own photos", epilog=EPILOG)
     p.add_argument("photos", nargs="+", metavar="PHOTO", help="image files")
-    p.add_argument("--method", default="zeroshot", choices=("zeroshot", "probe", "lora"),
+    p.add_argument("--method", default="zeroshot", choices=CHOICES,
                    help="which classifier (probe and lora need a trained run; default: zeroshot)")
-    p.add_argument("--top-k", type=_positive_int, default=5, help="classes to show (default: %(default)s)")
-    p.add_argument("--prompts", default="diverse",
+    p.add_argument("--top-k", type=_positive_int, default=config.TOP_K, help="classes to show (default: %(default)s)")
+    p.add_argument("--prompts", default=config.PHOTO_PROMPT_SET,
                    help="prompt set for zero-shot: default, domain, diverse, domain_ensemble or auto "
                         "(default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    _common(p)
+    _common(p, config.INFERENCE_BATCH_SIZE)
 
     p = sub.add_parser("report", help="redraw every figure and summary.csv from saved results", epilog=EPILOG)
     p.add_argument("--results-dir", default=os.environ.get("CLIP_RESULTS_DIR", "results"),
@@ -152,9 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _lab(args):
-    from .lab import Lab
-
+def _lab(args) -> Lab:
     # The probe trains on cached features and encodes them at --encode-batch-size; the other
     # commands' one batch size is also their encoding batch (LoRA encodes nothing frozen).
     encode = getattr(args, "encode_batch_size", args.batch_size)
@@ -164,8 +186,6 @@ def _lab(args):
 
 
 def cmd_zeroshot(args) -> None:
-    from .zeroshot import output_dir, run_zeroshot
-
     lab = _lab(args)
     results = run_zeroshot(lab, args.dataset, args.prompts, split=args.split)
     print(f"{'prompt set':<16} {'top-1':>7} {'top-5':>7} {'per-class':>9}  results")
@@ -181,21 +201,18 @@ def _print_run(metrics: dict, folder) -> None:
           f"{metrics['trainable_params']:,} trainable parameters) -> {folder}")
 
 
-def cmd_probe(args) -> None:
-    from .results import method_dir
-    from .train import TrainConfig, run_probe
+def _config(args, defaults: TrainConfig) -> TrainConfig:
+    return replace(defaults, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, augment=args.augment,
+                   batch_size=args.batch_size, seed=args.seed)
 
-    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, augment=args.augment)
-    metrics = run_probe(_lab(args), args.dataset, cfg, resume=args.resume)
+
+def cmd_probe(args) -> None:
+    metrics = run_probe(_lab(args), args.dataset, _config(args, config.PROBE), resume=args.resume)
     _print_run(metrics, method_dir(args.results_dir, args.dataset, "linear_probe"))
 
 
 def cmd_lora(args) -> None:
-    from .lora import LoraSettings, run_lora
-    from .results import method_dir
-    from .train import TrainConfig
-
-    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, augment=args.augment)
+    cfg = _config(args, config.LORA)
     lora = LoraSettings(rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=tuple(args.targets),
                         grad_checkpointing=args.grad_checkpointing)
     metrics = run_lora(_lab(args), args.dataset, cfg, lora, resume=args.resume)
@@ -203,42 +220,20 @@ def cmd_lora(args) -> None:
 
 
 def cmd_predict(args) -> int:
-    from .photos import format_predictions, predict_photos
-
     results = predict_photos(_lab(args), args.photos, args.dataset, method=args.method, top_k=args.top_k,
                              prompt_set=args.prompts)
     print(json.dumps(results, indent=1) if args.json else format_predictions(results))
-    return 1 if all("error" in r for r in results) else 0
+    return 1 if any("error" in r for r in results) else 0
 
 
 def cmd_report(args) -> None:
-    from .report import make_report
-
     for path in make_report(args.results_dir):
         print(path)
 
 
 # Errors a user can act on: one line, no traceback.
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .data import DatasetNotFoundError, UnreadableImageError
-    from .models import ModelUnavailableError
-
-    errors: list[type[BaseException]] = [DatasetNotFoundError, UnreadableImageError, ModelUnavailableError,
-                                         FileNotFoundError, ValueError]
-    try:
-        from .train import TrainingError
-
-        errors.append(TrainingError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
-def torch_oom() -> type[BaseException]:
-    """CUDA's out-of-memory error (training turns it into a `TrainingError`; this catches the rest)."""
-    import torch
-
-    return torch.OutOfMemoryError
+USER_ERRORS = (DatasetNotFoundError, UnreadableImageError, ModelUnavailableError, CheckpointError, TrainingError,
+               FileNotFoundError, ValueError)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -250,8 +245,19 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
         print(warnings.formatwarning(message, category, filename, lineno, line), end="", file=file or sys.stderr)
 
 
+def _check_arguments(parser: argparse.ArgumentParser, args) -> None:
+    """Usage errors that need more than one argument to see, found before anything loads."""
+    if args.command == "zeroshot" or (args.command == "predict" and args.method == "zeroshot"):
+        try:
+            prompts.resolve(args.prompts, args.dataset)
+        except ValueError as err:
+            parser.error(f"--prompts: {err}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_arguments(parser, args)
     handler = globals()[f"cmd_{args.command}"]
     try:
         with warnings.catch_warnings():  # restores the previous display when main returns
@@ -262,13 +268,13 @@ def main(argv: list[str] | None = None) -> int:
                 if args.command in ("probe", "lora") else " completed results files are kept")
         print(f"interrupted:{kept}", file=sys.stderr)
         return 130
-    except torch_oom() as err:
+    except torch.OutOfMemoryError as err:
         # Training turns its own OOM into a TrainingError; what lands here is encoding or prediction.
         option, size = (("--encode-batch-size", args.encode_batch_size) if hasattr(args, "encode_batch_size")
                         else ("--batch-size", getattr(args, "batch_size", 2)))
         print(f"error: CUDA out of memory at {option} {size} "
               f"({str(err).splitlines()[0]}); try {option} {max(1, size // 2)}", file=sys.stderr)
         return 1
-    except _user_errors() as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -33,9 +33,11 @@ from .net import reachable
 DATASETS = ("flowers102", "cub200")
 SPLITS = ("train", "val", "test")
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-CAT_TO_NAME = PROJECT_ROOT / "cat_to_name.json"
-BUNDLED_CUB_CLASSES = Path(__file__).resolve().parent / "assets" / "classes.txt"
+# Shipped as package data, so an installed package works from any folder. The seed layout's
+# top-level cat_to_name.json is kept identical to this copy (a test checks it).
+ASSETS = Path(__file__).resolve().parent / "assets"
+CAT_TO_NAME = ASSETS / "cat_to_name.json"
+BUNDLED_CUB_CLASSES = ASSETS / "classes.txt"
 
 CUB_URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz"
 CUB_MD5 = "97eceeb196236b17998738112f37df78"
@@ -141,7 +143,7 @@ def load_dataset(
     return ImageListDataset(samples, classes, transform, name=name, split=split)
 
 
-def class_names(name: str, root: str | Path) -> list[str]:
+def class_names(name: str, root: str | Path = "data") -> list[str]:
     """Class names of a dataset in label order, from metadata only (no images, no download).
 
     Naming the classes of a trained head or of a photo's prediction must not require the
@@ -150,7 +152,7 @@ def class_names(name: str, root: str | Path) -> list[str]:
 
     Args:
         name: `flowers102` or `cub200`.
-        root: dataset root folder.
+        root: dataset root folder (only CUB reads it, for a local classes.txt).
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")

@@ -2,23 +2,29 @@
 
     lab = Lab(model="openai/clip-vit-large-patch14", data_root="data", results_dir="results")
     feats = lab.features("flowers102", "test")      # encoded once, cached on disk
+    other = lab.replace(model="openai/clip-vit-base-patch16")   # a new lab, nothing shared
 
-Notebook cells and CLI commands receive a `Lab` instead of a dozen loose arguments, and the
-model, processor and encoded features are loaded lazily and shared by everything that runs
-in the same process (every prompt set, the probe, the photo predictions).
+Notebook cells and CLI commands receive a `Lab` instead of a dozen loose arguments. A lab is
+immutable: its model, processor, encoded features and text classifiers are loaded lazily
+and shared by everything that runs with it (every prompt set, the probe, the photo
+predictions), and a change of model, data root or device means a new lab, so no cache can
+ever serve something it was not computed for.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from .data import ImageListDataset, load_dataset
+from .config import DEFAULT_MODEL, INFERENCE_BATCH_SIZE
+from .data import ImageListDataset, class_names, load_dataset
 from .features import Features, encode_dataset
-from .models import DEFAULT_MODEL, Preprocess, load_clip
+from .models import Clip, load_clip, load_preprocess
+from .preprocess import Preprocess
+from .prompts import build_text_classifier, prompt_sets
 
 
 def default_device() -> str:
@@ -31,71 +37,105 @@ def inference_dtype(device: str | torch.device) -> torch.dtype:
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
 
+def check_device(device: str) -> None:
+    """Raise `ValueError` (one line naming the fix) unless `device` names a usable device.
+
+    Args:
+        device: e.g. `cuda`, `cuda:1`, `cpu`, `mps`.
+    """
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}: use cuda, cuda:N, cpu or mps") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available here; "
+                         f"use --device cpu (or CLIP_DEVICE=cpu)")
+
+
 @dataclass
+class _Loaded:
+    """What a lab has loaded so far; private to one lab, never copied to another."""
+
+    clip: Clip | None = None
+    preprocess: Preprocess | None = None
+    features: dict[tuple[str, str], Features] = field(default_factory=dict)
+    text: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Lab:
-    """Run settings plus lazily loaded model, processor and features.
+    """Run settings plus lazily loaded model, processor, features and text classifiers.
 
     Args:
         model: Hugging Face CLIP id or local folder.
         data_root: dataset root.
         results_dir: results root.
         device: `cuda`, `cpu`, ... (None: `default_device()`).
-        batch_size: images per batch (the training batch of the probe and LoRA).
+        batch_size: images per batch (the training batch of the probe and LoRA when their
+            config leaves it open).
         encode_batch_size: images per forward pass when encoding frozen features (None:
-            `max(batch_size, 128)`: inference keeps no activations for a backward pass, so a
-            batch larger than training's fits in the same memory and keeps the GPU busy).
+            `max(batch_size, INFERENCE_BATCH_SIZE)`: inference keeps no activations for a
+            backward pass, so a larger batch fits in the same memory and keeps the GPU busy).
         seed: random seed for training and sampling.
         download: download missing datasets.
         num_workers: file reader threads, or worker processes on the PIL path (None: all cores but one).
     """
 
     model: str = DEFAULT_MODEL
-    data_root: Path | str = "data"
-    results_dir: Path | str = "results"
+    data_root: Path = Path("data")
+    results_dir: Path = Path("results")
     device: str | None = None
-    batch_size: int = 128
+    batch_size: int = INFERENCE_BATCH_SIZE
     encode_batch_size: int | None = None
     seed: int = 0
     download: bool = True
     num_workers: int | None = None
-    _clip: tuple | None = field(default=None, init=False, repr=False)
-    _features: dict = field(default_factory=dict, init=False, repr=False)
-    _text: dict = field(default_factory=dict, init=False, repr=False)
+    _loaded: _Loaded = field(default_factory=_Loaded, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.data_root = Path(self.data_root)
-        self.results_dir = Path(self.results_dir)
-        self.device = self.device or default_device()
-        try:
-            torch.device(self.device)
-        except RuntimeError:
-            raise ValueError(f"unknown device {self.device!r}: use cuda, cuda:N, cpu or mps") from None
-        if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(
-                f"device {self.device!r} requested but CUDA is not available here; "
-                f"use --device cpu (or CLIP_DEVICE=cpu)"
-            )
+        # Normalise once (frozen: set through object.__setattr__, before anyone reads them).
+        set_ = object.__setattr__
+        set_(self, "model", str(self.model))
+        set_(self, "data_root", Path(self.data_root))
+        set_(self, "results_dir", Path(self.results_dir))
+        set_(self, "device", self.device or default_device())
+        check_device(self.device)
         if self.batch_size < 1:
             raise ValueError(f"batch size must be positive, got {self.batch_size}")
         if self.encode_batch_size is None:
-            self.encode_batch_size = max(self.batch_size, 128)
+            set_(self, "encode_batch_size", max(self.batch_size, INFERENCE_BATCH_SIZE))
         if self.encode_batch_size < 1:
             raise ValueError(f"encoding batch size must be positive, got {self.encode_batch_size}")
+
+    def replace(self, **changes) -> Lab:
+        """A new lab with some settings changed and nothing loaded (`dataclasses.replace`)."""
+        return replace(self, **changes)
 
     @property
     def cache_dir(self) -> Path:
         return self.results_dir / "cache" / "features"
 
-    def clip(self):
+    def clip(self) -> Clip:
         """The frozen CLIP model and processor (fp16 on CUDA), loaded on first use."""
-        if self._clip is None:
-            self._clip = load_clip(self.model, self.device, dtype=inference_dtype(self.device))
-        return self._clip
+        if self._loaded.clip is None:
+            self._loaded.clip = load_clip(self.model, self.device, dtype=inference_dtype(self.device))
+        return self._loaded.clip
 
     def unload(self) -> None:
-        """Free the loaded model and processor (features and text classifiers stay); `clip()`
-        loads them again."""
-        self._clip = None
+        """Free the loaded model (features and text classifiers stay); `clip()` loads it again."""
+        self._loaded.clip = None
+
+    @property
+    def preprocess(self) -> Preprocess:
+        """The model's image preprocessing, read from its processor config (no weights loaded)."""
+        if self._loaded.preprocess is None:
+            clip = self._loaded.clip
+            self._loaded.preprocess = clip.preprocess if clip is not None else load_preprocess(self.model)
+        return self._loaded.preprocess
+
+    def class_names(self, dataset: str) -> list[str]:
+        """Class names of `dataset` in label order (metadata only, no images)."""
+        return class_names(dataset, self.data_root)
 
     def text_classifier(self, dataset: str, prompt_set: str) -> torch.Tensor:
         """`(D, C)` zero-shot class weights of a prompt set, built once per lab and shared by
@@ -105,22 +145,16 @@ class Lab:
             dataset: `flowers102` or `cub200`.
             prompt_set: a set of `prompts.prompt_sets(dataset)`.
         """
-        from .data import class_names
-        from .prompts import build_text_classifier, prompt_sets
-
-        if (dataset, prompt_set) not in self._text:
+        key = (dataset, prompt_set)
+        if key not in self._loaded.text:
             sets = prompt_sets(dataset)
             if prompt_set not in sets:
                 raise ValueError(f"unknown prompt set {prompt_set!r} for {dataset}: choose from {', '.join(sets)}")
-            model, processor = self.clip()
-            self._text[dataset, prompt_set] = build_text_classifier(
-                model, processor.tokenizer, class_names(dataset, self.data_root), sets[prompt_set], self.device,
-                self.batch_size)
-        return self._text[dataset, prompt_set]
-
-    @property
-    def preprocess(self) -> Preprocess:
-        return Preprocess.from_processor(self.clip()[1])
+            clip = self.clip()
+            self._loaded.text[key] = build_text_classifier(
+                clip.model, clip.tokenizer, self.class_names(dataset), sets[prompt_set], self.device,
+                self.batch_size, desc=f"encoding {dataset} prompts ({prompt_set})")
+        return self._loaded.text[key]
 
     def dataset(self, name: str, split: str, transform=None) -> ImageListDataset:
         """A dataset split (downloaded when missing and `download` is set)."""
@@ -128,10 +162,12 @@ class Lab:
 
     def features(self, name: str, split: str) -> Features:
         """Frozen-encoder embeddings of a split: from memory, the disk cache, or encoded now."""
-        if (name, split) not in self._features:
-            model, _ = self.clip()
-            self._features[name, split] = encode_dataset(
-                model, self.dataset(name, split), self.preprocess, self.device,
+        key = (name, split)
+        if key not in self._loaded.features:
+            clip = self.clip()
+            self._loaded.features[key] = encode_dataset(
+                clip.model, self.dataset(name, split), clip.preprocess, self.device,
                 cache_dir=self.cache_dir, batch_size=self.encode_batch_size, num_workers=self.num_workers,
+                fingerprint=clip.fingerprint,
             )
-        return self._features[name, split]
+        return self._loaded.features[key]

@@ -1,7 +1,8 @@
 """LoRA fine-tuning of CLIP's vision encoder with peft, on the shared training loop.
 
-    cfg = TrainConfig(epochs=10, lr=5e-4, augment=True)
-    metrics = run_lora(lab, "flowers102", cfg, LoraSettings(rank=8, alpha=16))
+    metrics = run_lora(lab, "flowers102")                     # config.LORA, config.LORA_SETTINGS
+    metrics = run_lora(lab, "flowers102", cfg, LoraSettings(rank=4, alpha=8), resume=True)
+    classifier = load_classifier(lab, "flowers102")           # the best epoch, for predictions
 
 A fresh float32 CLIP is loaded on the CPU (the lab's model is fp16 on CUDA and shared with
 zero-shot and the probe, so it must not receive adapters), and only its vision side moves
@@ -12,7 +13,7 @@ the vision encoder alone. Training runs in bf16 autocast on CUDA (the head in fp
 augmented images decoded where the model runs (`features.iter_labelled_batches`: nvJPEG
 and GPU resizing on CUDA). The best epoch's adapter is saved with `save_pretrained` into
 `results/<dataset>/lora/adapter/` beside `head.safetensors`, and test evaluation reloads
-both through `checkpoints.load_classifier`, exactly as `predict --method lora` does.
+both through `load_classifier`, exactly as `predict --method lora` does.
 
 Trainable parameters. peft adds `A` (r x d_in) and `B` (d_out x r) to each adapted linear
 layer, so each contributes `r * (d_in + d_out)`; the head adds `D * C + C`. For ViT-L/14
@@ -33,19 +34,33 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .models import Preprocess
-from .results import method_dir
-from .train import (
-    EpochCallback,
-    FitResult,
-    TrainConfig,
-    TrainJob,
-    fit,
-    predict,
-    resolved,
-    run_info,
-    zeroshot_init_head,
+from . import config
+from .checkpoints import (
+    ADAPTER_DIR,
+    HEAD_FILE,
+    CheckpointError,
+    check_adapter,
+    check_head,
+    checkpoint_paths,
+    head_info,
+    missing_checkpoint,
+    read_head,
+    save_adapter,
+    save_head,
 )
+from .config import LoraSettings, TrainConfig
+from .evaluation import save_evaluation
+from .heads import ClipClassifier, count_parameters
+from .inputs import iter_labelled_batches
+from .lab import Lab, inference_dtype
+from .models import load_clip
+from .preprocess import Preprocess
+from .results import method_dir
+from .runs import resolved, run_info, zeroshot_init_head
+from .train import EpochCallback, FitResult, TrainJob, fit, predict
+from .vram import VramProbe
+
+METHOD = "lora"
 
 
 def linear_shapes(vision_config) -> dict[str, tuple[int, int]]:
@@ -57,43 +72,6 @@ def linear_shapes(vision_config) -> dict[str, tuple[int, int]]:
     hidden, mlp = vision_config.hidden_size, vision_config.intermediate_size
     return {"q_proj": (hidden, hidden), "k_proj": (hidden, hidden), "v_proj": (hidden, hidden),
             "out_proj": (hidden, hidden), "fc1": (hidden, mlp), "fc2": (mlp, hidden)}
-
-
-TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """LoRA hyper-parameters.
-
-    Attributes:
-        rank: r, the rank of the update `B @ A`.
-        alpha: scaling numerator (the update is scaled by alpha / r).
-        dropout: dropout on the adapter's input.
-        targets: linear layers of each vision encoder layer to adapt.
-        grad_checkpointing: recompute activations in the backward pass (far less memory,
-            about a quarter slower).
-    """
-
-    rank: int = 8
-    alpha: float = 16
-    dropout: float = 0.1
-    targets: tuple[str, ...] = ("q_proj", "v_proj")
-    grad_checkpointing: bool = False
-
-    def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"LoRA rank must be at least 1, got {self.rank}")
-        if not self.alpha > 0:
-            raise ValueError(f"LoRA alpha must be positive, got {self.alpha}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-        unknown = [t for t in self.targets if t not in TARGETS]
-        if unknown or not self.targets:
-            raise ValueError(
-                f"LoRA targets {', '.join(unknown) or '(none)'} are not linear layers of the CLIP vision "
-                f"encoder: choose among {', '.join(TARGETS)} (e.g. --targets q_proj,v_proj)"
-            )
 
 
 @contextlib.contextmanager
@@ -155,20 +133,17 @@ class _Trained:
     pre: Preprocess
 
 
-def _train(lab, dataset: str, splits: dict, head: nn.Linear, cfg: TrainConfig, lora: LoraSettings, resume: bool,
-           callbacks: Sequence[EpochCallback]) -> _Trained:
+def _train(lab: Lab, dataset: str, splits: dict, head: nn.Linear, cfg: TrainConfig, lora: LoraSettings,
+           resume: bool, callbacks: Sequence[EpochCallback]) -> _Trained:
     """Build the LoRA classifier on `head` and run the shared loop; the training copy is freed
     on return."""
-    from .checkpoints import head_info, save_adapter, save_head
-    from .features import iter_labelled_batches
-    from .models import ClipClassifier, count_parameters, load_clip
-
     device = torch.device(lab.device)
-    out = method_dir(lab.results_dir, dataset, "lora")
+    out = method_dir(lab.results_dir, dataset, METHOD)
     class_names = splits["test"].classes
     # Loaded on the CPU, and only the vision side moves to the GPU: the text tower (a quarter
     # of ViT-L/14's CLIP) has no part in training (the head comes from the lab's classifier).
-    model, processor = load_clip(lab.model, "cpu", dtype=torch.float32)
+    clip = load_clip(lab.model, "cpu", dtype=torch.float32)
+    model = clip.model
     model.requires_grad_(False)
     model.vision_model.to(device)
     model.visual_projection.to(device)
@@ -178,8 +153,8 @@ def _train(lab, dataset: str, splits: dict, head: nn.Linear, cfg: TrainConfig, l
     trainable, total = count_parameters(classifier)
     if trainable != expected:  # the count in metrics.json must be exact
         raise RuntimeError(f"LoRA trainable parameters: model has {trainable}, config gives {expected}")
-    pre = Preprocess.from_processor(processor)
-    info = dict(dataset=dataset, method="lora", model=lab.model, class_names=class_names, embed_dim=head.in_features)
+    pre = clip.preprocess
+    info = dict(dataset=dataset, method=METHOD, model=lab.model, class_names=class_names, embed_dim=head.in_features)
 
     def batches(split: str, order: torch.Tensor | None = None, augment: bool = False,
                 desc: str | None = None) -> Iterable:
@@ -190,25 +165,25 @@ def _train(lab, dataset: str, splits: dict, head: nn.Linear, cfg: TrainConfig, l
 
     def save_best(epoch: int) -> None:
         meta = head_info(**info, epoch=epoch)
-        save_adapter(out / "adapter", vision, meta)
-        save_head(out / "head.safetensors", head, meta)
+        save_adapter(out / ADAPTER_DIR, vision, meta)
+        save_head(out / HEAD_FILE, head, meta)
 
     n_train = len(splits["train"])
     job = TrainJob(
         name=f"{dataset} LoRA", model=classifier,
         train_batches=lambda epoch, gen: batches("train", torch.randperm(n_train, generator=gen), cfg.augment),
         val_batches=lambda: batches("val", desc=f"validating {dataset} LoRA"),
-        steps_per_epoch=math.ceil(n_train / cfg.batch_size), save_best=save_best, out_dir=out, device=device,
-        batch_size=cfg.batch_size,
+        steps_per_epoch=math.ceil(n_train / cfg.batch_size), save_best=save_best,
+        checkpoints=(HEAD_FILE, ADAPTER_DIR), out_dir=out, device=device, batch_size=cfg.batch_size,
         oom_hint=" or add --grad-checkpointing (LoraSettings(grad_checkpointing=True))",
-        fingerprint={"dataset": dataset, "model": lab.model, "method": "lora", "n_train": n_train,
+        fingerprint={"dataset": dataset, "model": lab.model, "method": METHOD, "n_train": n_train,
                      **{f"lora_{k}": v for k, v in asdict(lora).items() if k != "grad_checkpointing"}},
     )
     return _Trained(fit(job, cfg, resume=resume, callbacks=callbacks), trainable, total, pre)
 
 
-def run_lora(lab, dataset: str, cfg: TrainConfig, lora: LoraSettings | None = None, resume: bool = False,
-             callbacks: Sequence[EpochCallback] = ()) -> dict:
+def run_lora(lab: Lab, dataset: str, cfg: TrainConfig = config.LORA, lora: LoraSettings = config.LORA_SETTINGS,
+             resume: bool = False, callbacks: Sequence[EpochCallback] = ()) -> dict:
     """Fine-tune the vision encoder with LoRA, evaluate the best epoch on test, save everything.
 
     Writes `results/<dataset>/lora/`: metrics.json, predictions.csv, curves.json,
@@ -218,24 +193,19 @@ def run_lora(lab, dataset: str, cfg: TrainConfig, lora: LoraSettings | None = No
     Args:
         lab: the run context (model, data, results folder, device, seed).
         dataset: `flowers102` or `cub200`.
-        cfg: hyper-parameters (`augment=False` trains on centre crops).
-        lora: adapter settings (None: `LoraSettings()`).
+        cfg: hyper-parameters (default: `config.LORA`, as the CLI and Task2.ipynb;
+            `augment=False` trains on centre crops).
+        lora: adapter settings (default: `config.LORA_SETTINGS`).
         resume: continue an interrupted run from its last completed epoch.
         callbacks: called as `callback(epoch, curve_entry)` after each epoch.
 
     Returns:
         The metrics.json content.
     """
-    from .checkpoints import load_classifier
-    from .evaluation import save_evaluation
-    from .features import iter_labelled_batches
-    from .vram import VramProbe
-
     start = time.perf_counter()
-    lora = lora or LoraSettings()
     cfg = resolved(cfg, lab)
     device = torch.device(lab.device)
-    out = method_dir(lab.results_dir, dataset, "lora")
+    out = method_dir(lab.results_dir, dataset, METHOD)
     splits = {s: lab.dataset(dataset, s) for s in ("train", "val", "test")}
     class_names = splits["test"].classes
     head = zeroshot_init_head(lab, dataset)  # the zero-shot start, from the lab's model
@@ -246,7 +216,7 @@ def run_lora(lab, dataset: str, cfg: TrainConfig, lora: LoraSettings | None = No
         trained = _train(lab, dataset, splits, head, cfg, lora, resume, callbacks)
     result, trainable, total, pre = trained.result, trained.trainable, trained.total, trained.pre
 
-    best = load_classifier(lab, dataset, "lora")
+    best = load_classifier(lab, dataset)
     dtype = best.visual_projection.weight.dtype
     test = splits["test"]
     test_batches = iter_labelled_batches([p for p, _ in test.samples], torch.tensor(test.targets), pre, device,
@@ -256,9 +226,48 @@ def run_lora(lab, dataset: str, cfg: TrainConfig, lora: LoraSettings | None = No
     # which would recast its fp16 weights to bf16 and lose precision.
     logits, labels = predict(best, test_batches, device, autocast=False)
     lora_config = {"lora_" + k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(lora).items()}
-    run = run_info(lab, dataset, "lora", cfg, result, trainable=trainable, total=total,
+    run = run_info(lab, dataset, METHOD, cfg, result, trainable=trainable, total=total,
                    peak_vram_mb=vram.peak_allocated_mb, peak_reserved_mb=vram.peak_reserved_mb,
                    seconds=time.perf_counter() - start, extra_config=lora_config)
     return save_evaluation(out, logits=logits, labels=labels, paths=[p for p, _ in test.samples],
                            class_names=class_names, info=run, figure_prefix=f"{dataset}_lora",
                            results_dir=lab.results_dir)
+
+
+def load_classifier(lab: Lab, dataset: str) -> ClipClassifier:
+    """The trained LoRA classifier of a dataset, ready for prediction: a `ClipClassifier` in eval mode.
+
+    A fresh copy of the vision encoder (in the lab's inference dtype) gets the saved adapter:
+    attaching it to the lab's shared model would change zero-shot predictions made later in
+    the same process.
+
+    Args:
+        lab: the run context (model, results folder, device).
+        dataset: dataset name.
+
+    Raises:
+        FileNotFoundError: not trained yet (the message names the command to run).
+        CheckpointError: damaged, or trained for another dataset, class list or model.
+    """
+    from peft import PeftModel
+
+    paths = checkpoint_paths(lab.results_dir, dataset, METHOD)
+    if not paths["head"].is_file():
+        raise missing_checkpoint(paths["head"], dataset, METHOD)
+    if not (paths["adapter"] / "adapter_config.json").is_file():
+        raise missing_checkpoint(paths["adapter"], dataset, METHOD)
+    head, info = read_head(paths["head"])
+    clip = load_clip(lab.model, lab.device, dtype=inference_dtype(lab.device))
+    check_head(info, head_info(dataset=dataset, method=METHOD, model=lab.model, class_names=lab.class_names(dataset),
+                               embed_dim=clip.embed_dim), paths["head"])
+    check_adapter(paths["adapter"], info)
+    try:
+        with quiet_peft():
+            vision = PeftModel.from_pretrained(clip.model.vision_model, str(paths["adapter"])).to(lab.device)
+    except Exception as err:  # a cut-short or edited adapter file: peft and safetensors raise many types
+        raise CheckpointError(
+            f"the LoRA adapter in {paths['adapter']} is damaged ({str(err).splitlines()[0]}): delete it and retrain "
+            f"with `python -m clip_utils lora --dataset {dataset}`"
+        ) from err
+    # The head stays float32 beside an fp16 encoder: ClipClassifier casts the embedding up.
+    return ClipClassifier(vision, clip.model.visual_projection, head.float().to(lab.device)).eval()

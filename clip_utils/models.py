@@ -1,7 +1,8 @@
-"""Loading CLIP, its preprocessing, and the vision-tower-plus-head classifier.
+"""Loading a CLIP checkpoint: the model, its processor and what is read off them once.
 
     from clip_utils.models import load_clip
-    model, processor = load_clip("openai/clip-vit-large-patch14", device="cuda")
+    clip = load_clip("openai/clip-vit-large-patch14", device="cuda", dtype=torch.float16)
+    clip.model, clip.tokenizer, clip.preprocess, clip.logit_scale, clip.fingerprint
 
 Any Hugging Face CLIP id or local folder works. Loading never waits on a network that is
 not there: a model that is neither a folder nor in the local cache is fetched only after a
@@ -14,17 +15,21 @@ mean, std), never from constants: the tiny test model and ViT-L/14 differ in all
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
+from .config import DEFAULT_MODEL
+from .heads import logit_scale
 from .net import reachable
-
-DEFAULT_MODEL = "openai/clip-vit-large-patch14"
+from .params import TRUE
+from .preprocess import Preprocess
 
 
 class ModelUnavailableError(RuntimeError):
@@ -32,9 +37,12 @@ class ModelUnavailableError(RuntimeError):
 
 
 def _offline() -> bool:
-    from .params import TRUE
-
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in TRUE
+
+
+def _looks_like_path(name: str) -> bool:
+    # Hub ids are `name` or `org/name`; anything else with a separator is meant as a folder.
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
 def _unavailable(name: str, why: str) -> ModelUnavailableError:
@@ -46,11 +54,70 @@ def _unavailable(name: str, why: str) -> ModelUnavailableError:
     )
 
 
+@torch.no_grad()
+def model_fingerprint(model) -> str:
+    """A short hash of a model's config and of every weight tensor.
+
+    Each tensor contributes its sum, its sum of squares and a position-weighted sum, computed
+    where the weights live (one fast pass even for ViT-L/14 on a GPU, no copy to the host):
+    any fine-tuning or in-place edit changes them, so a stale cache entry is never reused.
+    """
+    h = hashlib.sha256(model.config.to_json_string().encode())
+    for name, param in sorted(model.state_dict().items()):
+        x = param.detach().flatten().double()
+        ramp = torch.linspace(1.0, 2.0, x.numel(), device=x.device, dtype=torch.float64)
+        stats = torch.stack([x.sum(), (x * x).sum(), (x * ramp).sum()]).cpu().numpy()
+        h.update(name.encode() + str(tuple(param.shape)).encode() + stats.tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Clip:
+    """A loaded CLIP checkpoint.
+
+    Attributes:
+        name: the id or folder it was loaded from.
+        model: the `CLIPModel`, in eval mode.
+        processor: its `CLIPProcessor`.
+    """
+
+    name: str
+    model: Any
+    processor: Any
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @cached_property
+    def preprocess(self) -> Preprocess:
+        """The image preprocessing of the processor config."""
+        return Preprocess.from_processor(self.processor)
+
+    @cached_property
+    def logit_scale(self) -> float:
+        """CLIP's temperature, `exp(model.logit_scale)`."""
+        return logit_scale(self.model)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """`model_fingerprint` of the weights as loaded, computed once (the model is frozen)."""
+        return model_fingerprint(self.model)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.visual_projection.out_features)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
 def load_clip(
     name_or_path: str | Path = DEFAULT_MODEL,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
-):
+) -> Clip:
     """Load a CLIP model and its processor, failing fast when it cannot be fetched.
 
     Args:
@@ -59,26 +126,53 @@ def load_clip(
         dtype: parameter dtype (None keeps the checkpoint's, float32 for OpenAI CLIP).
 
     Returns:
-        `(CLIPModel in eval mode, CLIPProcessor)`.
+        The `Clip`: model in eval mode on `device`, and its processor.
 
     Raises:
         ModelUnavailableError: not on disk and the hub cannot be reached (or offline mode).
     """
     from transformers import CLIPModel, CLIPProcessor
 
+    def load(name: str, local_only: bool):
+        model = CLIPModel.from_pretrained(name, dtype=dtype, local_files_only=local_only)
+        return model, CLIPProcessor.from_pretrained(name, local_files_only=local_only)
+
     name = str(name_or_path)
+    model, processor = _from_pretrained(name, load)
+    return Clip(name=name, model=model.to(device).eval(), processor=processor)
+
+
+
+
+def load_preprocess(name_or_path: str | Path = DEFAULT_MODEL) -> Preprocess:
+    """The image preprocessing of a checkpoint, read from its processor config alone (no weights).
+
+    Args:
+        name_or_path: Hugging Face model id or a local folder.
+
+    Raises:
+        ModelUnavailableError: as `load_clip`.
+    """
+    from transformers import CLIPImageProcessor
+
+    def load(name: str, local_only: bool):
+        return CLIPImageProcessor.from_pretrained(name, local_files_only=local_only)
+
+    return Preprocess.from_processor(_from_pretrained(str(name_or_path), load))
+
+
+def _from_pretrained(name: str, load: Callable[[str, bool], Any]) -> Any:
+    """`load(name, local_only)` from disk first, then from the hub only when it can answer."""
     is_folder = Path(name).is_dir()
     if not is_folder and Path(name).exists():
         raise ModelUnavailableError(f"model path {name!r} exists but is not a folder")
-
-    def _load(local_only: bool):
-        kwargs = {"local_files_only": local_only}
-        model = CLIPModel.from_pretrained(name, dtype=dtype, **kwargs)
-        processor = CLIPProcessor.from_pretrained(name, **kwargs)
-        return model, processor
-
+    if not is_folder and _looks_like_path(name):
+        raise ModelUnavailableError(
+            f"model folder {name!r} does not exist (from {os.getcwd()}): check the path, or give a "
+            f"Hugging Face id such as {DEFAULT_MODEL}"
+        )
     try:
-        model, processor = _load(local_only=True)
+        return load(name, True)
     except OSError as err:
         if is_folder:
             raise ModelUnavailableError(f"folder {name!r} does not hold a CLIP model: {err}") from err
@@ -89,141 +183,4 @@ def load_clip(
         ok, why = reachable(constants.ENDPOINT)
         if not ok:
             raise _unavailable(name, f"the Hugging Face hub is unreachable ({why})") from err
-        model, processor = _load(local_only=False)
-    return model.to(device).eval(), processor
-
-
-# --------------------------------------------------------------------------- preprocessing
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """The image preprocessing a CLIP checkpoint expects, read from its processor config.
-
-    Attributes:
-        resize: shortest-edge size before cropping.
-        crop: (height, width) of the centre crop.
-        mean: per-channel normalisation mean.
-        std: per-channel normalisation std.
-        interpolation: PIL resample code (3 = bicubic for CLIP).
-    """
-
-    resize: int
-    crop: tuple[int, int]
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: int = 3
-
-    @classmethod
-    def from_processor(cls, processor) -> Preprocess:
-        """Read the preprocessing of a `CLIPProcessor` or `CLIPImageProcessor`."""
-        ip = getattr(processor, "image_processor", processor)
-        size = ip.size
-        resize = size.get("shortest_edge") or min(size.get("height", 0), size.get("width", 0))
-        crop = ip.crop_size if getattr(ip, "do_center_crop", True) else size
-        resample = getattr(ip, "resample", 3)
-        return cls(
-            resize=int(resize),
-            crop=(int(crop["height"]), int(crop["width"])),
-            mean=tuple(float(v) for v in ip.image_mean),
-            std=tuple(float(v) for v in ip.image_std),
-            interpolation=int(getattr(resample, "value", resample)),
-        )
-
-    def as_dict(self) -> dict:
-        return {
-            "resize": self.resize,
-            "crop": list(self.crop),
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "interpolation": self.interpolation,
-        }
-
-    def transform(self, augment: bool = False):
-        """A torchvision transform from RGB PIL image to a normalised tensor.
-
-        Args:
-            augment: training augmentation (random resized crop and horizontal flip)
-                instead of resize plus centre crop.
-        """
-        from torchvision import transforms as T
-
-        interp = T.InterpolationMode.BICUBIC if self.interpolation == 3 else T.InterpolationMode.BILINEAR
-        if augment:
-            geometry = [
-                T.RandomResizedCrop(self.crop, scale=(0.6, 1.0), interpolation=interp),
-                T.RandomHorizontalFlip(),
-            ]
-        else:
-            geometry = [T.Resize(self.resize, interpolation=interp), T.CenterCrop(self.crop)]
-        return T.Compose([*geometry, T.ToTensor(), T.Normalize(self.mean, self.std)])
-
-
-# --------------------------------------------------------------------------- image encoder
-
-
-def image_embeddings(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    """L2-normalised CLIP image embeddings (vision tower, then projection).
-
-    Args:
-        model: a `CLIPModel` (or anything with `vision_model` and `visual_projection`).
-        pixel_values: `(B, 3, H, W)` preprocessed images.
-    """
-    pooled = model.vision_model(pixel_values=pixel_values).pooler_output
-    return F.normalize(model.visual_projection(pooled), dim=-1)
-
-
-class ClipClassifier(nn.Module):
-    """CLIP's vision tower and projection with a linear head on the normalised embedding.
-
-    The same head serves the linear probe (trained on cached embeddings) and LoRA (trained
-    through the adapted tower), so a probe and a LoRA model are scored identically.
-
-    Args:
-        vision_model: CLIP vision transformer (possibly wrapped by peft).
-        visual_projection: CLIP's image projection.
-        head: linear layer from the projection dimension to the classes; float32 even beside
-            an fp16 encoder (the embedding is cast to the head's dtype).
-    """
-
-    def __init__(self, vision_model: nn.Module, visual_projection: nn.Module, head: nn.Linear) -> None:
-        super().__init__()
-        self.vision_model = vision_model
-        self.visual_projection = visual_projection
-        self.head = head
-
-    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return image_embeddings(self, pixel_values)
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        embeddings = self.embed(pixel_values)
-        # The head runs in its own dtype even under autocast: bf16 logits (8-bit mantissa)
-        # would flip close calls between classes, and this matmul is too small to gain.
-        with torch.autocast(embeddings.device.type, enabled=False):
-            return self.head(embeddings.to(self.head.weight.dtype))
-
-
-def zeroshot_head(text_classifier: torch.Tensor, logit_scale: float) -> nn.Linear:
-    """A linear head initialised to the zero-shot classifier.
-
-    Starting from the text embeddings (times CLIP's logit scale) means training begins at
-    zero-shot accuracy instead of chance, which converges faster and generalises better on
-    the few examples per class these datasets have.
-
-    Args:
-        text_classifier: `(D, C)` normalised class embeddings.
-        logit_scale: CLIP's learned temperature (exp of `model.logit_scale`).
-    """
-    dim, n_classes = text_classifier.shape
-    head = nn.Linear(dim, n_classes)
-    with torch.no_grad():
-        head.weight.copy_(text_classifier.T.float() * logit_scale)
-        head.bias.zero_()
-    return head
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """`(trainable, total)` parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total
+        return load(name, False)

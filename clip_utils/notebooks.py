@@ -19,8 +19,11 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from .data import PROJECT_ROOT
 from .results import atomic_path
+from .testkit import make_kit
+
+# The repository checkout this runner belongs to: where the notebooks, data/ and results/ live.
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 NOTEBOOKS = ("Task1.ipynb", "Task2.ipynb")
 DEMO_NOTICE = "DEMO: tiny random-weight CLIP on synthetic images; the numbers mean nothing."
@@ -83,8 +86,6 @@ def demo_env(folder: str | Path) -> dict[str, str]:
     Args:
         folder: where the kit (`kit/`) and the demo results (`results/`) go.
     """
-    from .testkit import make_kit
-
     folder = Path(folder).resolve()
     kit = folder / "kit"
     if not (kit / "KIT.json").is_file():

@@ -38,10 +38,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from tqdm.auto import tqdm
+
+from . import config, lora, probe, zeroshot
+from .heads import ClipClassifier
+from .lab import Lab
+from .methods import method as method_named
+from .plots import plot_photo_predictions
+from .progress import bar
 
 DECODE_SIZE = 1024
-METHODS = ("zeroshot", "probe", "lora")
 
 
 class PhotoError(ValueError):
@@ -136,24 +141,8 @@ def list_photos(folder: str | Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
-def _zeroshot_classifier(lab, dataset: str, prompt_set: str):
-    from .models import ClipClassifier, zeroshot_head
-    from .prompts import AUTO, prompt_sets
-    from .zeroshot import choose_on_val, logit_scale
-
-    model, _ = lab.clip()
-    sets = prompt_sets(dataset)
-    if prompt_set == AUTO:  # the lab's text classifiers: built once, shared with run_zeroshot
-        text = lab.text_classifier(dataset, choose_on_val(lab, dataset)[0])
-    elif prompt_set in sets:
-        text = lab.text_classifier(dataset, prompt_set)
-    else:
-        raise ValueError(f"unknown prompt set {prompt_set!r}: choose from {', '.join([*sets, AUTO])}")
-    head = zeroshot_head(text, logit_scale(model)).to(lab.device)  # float32 (see ClipClassifier)
-    return ClipClassifier(model.vision_model, model.visual_projection, head).eval()
-
-
-def classifier_for(lab, dataset: str, method: str = "zeroshot", prompt_set: str = "diverse"):
+def classifier_for(lab: Lab, dataset: str, method: str = "zeroshot",
+                   prompt_set: str = config.PHOTO_PROMPT_SET) -> ClipClassifier:
     """The `ClipClassifier` (vision tower + head, eval mode, on `lab.device`) of a method.
 
     Args:
@@ -163,28 +152,29 @@ def classifier_for(lab, dataset: str, method: str = "zeroshot", prompt_set: str 
             (the trained run's checkpoint in the results folder).
         prompt_set: zero-shot prompt set, `auto` included.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
-    if method == "zeroshot":
-        return _zeroshot_classifier(lab, dataset, prompt_set)
-    from .checkpoints import load_classifier  # written by the training side; imported only when used
-
-    return load_classifier(lab, dataset, method)
+    name = method_named(method).name
+    if name == zeroshot.METHOD:
+        return zeroshot.load_classifier(lab, dataset, prompt_set)
+    trained = {probe.METHOD: probe.load_classifier, lora.METHOD: lora.load_classifier}
+    return trained[name](lab, dataset)
 
 
 @torch.inference_mode()
 def predict_photos(
-    lab,
+    lab: Lab,
     photos: Sequence[str | Path],
     dataset: str,
     method: str = "zeroshot",
-    top_k: int = 5,
-    prompt_set: str = "diverse",
+    top_k: int = config.TOP_K,
+    prompt_set: str = config.PHOTO_PROMPT_SET,
 ) -> list[dict]:
     """Top-k classes of each photo; a photo that cannot be read gets an error entry instead.
 
+    Every photo is opened before any model is loaded, so a list of unreadable files is
+    answered in milliseconds.
+
     Args:
-        lab: the run context (`clip_utils.lab.Lab`).
+        lab: the run context.
         photos: image files.
         dataset: whose classes to predict (`flowers102` or `cub200`).
         method: `zeroshot`, `probe` or `lora`.
@@ -195,28 +185,29 @@ def predict_photos(
         One dict per photo, in order: `{"photo": path, "top_k": [{"label": int, "name": str,
         "prob": float}, ...]}` (most likely first) or `{"photo": path, "error": message}`.
     """
-    from .data import class_names
-
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
-    names = class_names(dataset, lab.data_root)
+    names = lab.class_names(dataset)
+    images: dict[int, Image.Image] = {}
+    results: list[dict] = []
+    for i, photo in enumerate(photos):
+        try:
+            images[i] = load_photo(photo)
+            results.append({"photo": str(photo)})
+        except PhotoError as err:
+            results.append({"photo": str(photo), "error": str(err)})
+    if not images:
+        return results
     classifier = classifier_for(lab, dataset, method, prompt_set)
     transform = lab.preprocess.transform()
     dtype = classifier.visual_projection.weight.dtype  # the encoder's (fp16 on CUDA)
     k = min(top_k, len(names))
-    results = []
-    for photo in tqdm(photos, desc="predicting photos", unit="photo", leave=False):
-        try:
-            image = load_photo(photo)
-        except PhotoError as err:
-            results.append({"photo": str(photo), "error": str(err)})
-            continue
+    for i, image in bar(images.items(), desc="predicting photos", unit="photo", total=len(images)):
         pixels = transform(image).unsqueeze(0).to(lab.device, dtype)
         probs = classifier(pixels).float().softmax(dim=-1)[0].cpu()
         top = probs.topk(k)
-        ranked = [{"label": int(i), "name": names[int(i)], "prob": float(p)}
-                  for p, i in zip(top.values, top.indices, strict=True)]
-        results.append({"photo": str(photo), "top_k": ranked})
+        results[i]["top_k"] = [{"label": int(j), "name": names[int(j)], "prob": float(p)}
+                               for p, j in zip(top.values, top.indices, strict=True)]
     return results
 
 
@@ -248,8 +239,6 @@ def photo_figures(results: Sequence[dict], title: str = "", folder: str | Path |
     Returns:
         The matplotlib Figures, in order.
     """
-    from .plots import plot_photo_predictions
-
     figures = []
     for r in results:
         if "error" in r:

@@ -13,6 +13,7 @@ displays the returned figure (once) as the cell's value.
 
 from __future__ import annotations
 
+import math
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,6 +22,11 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from . import metrics
+from .data import UnreadableImageError, open_rgb
+from .methods import METHODS
+from .methods import method as method_named
+from .results import atomic_path
+from .train import best_epoch
 
 RIGHT, WRONG = "#1a9850", "#d73027"
 
@@ -50,8 +56,6 @@ def save_figure(fig: Figure, path: str | Path | None, dpi: int = 150) -> Figure:
         dpi: resolution.
     """
     if path is not None:
-        from .results import atomic_path
-
         # atomic_path's temporary name has no .png suffix, so name the format explicitly.
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
@@ -184,8 +188,6 @@ def plot_sample_predictions(
         title: figure title.
         path: PNG to write (None: do not save).
     """
-    from .data import UnreadableImageError, open_rgb
-
     picked = choose_samples(labels, preds, n, seed)
     cols = int(np.ceil(np.sqrt(len(picked)))) or 1
     rows = int(np.ceil(len(picked) / cols)) or 1
@@ -264,4 +266,103 @@ def plot_photo_predictions(image, top_k: Sequence[Mapping], title: str, path: st
     right.set_xlabel("probability (%)")
     right.spines[["top", "right"]].set_visible(False)
     fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+# --------------------------------------------------------------------------- training and comparison
+
+
+def plot_curves(curves: Sequence[Mapping], title: str, path: str | Path | None = None) -> Figure:
+    """Loss (train and validation) and validation top-1 per epoch of one run; best epoch marked.
+
+    Args:
+        curves: the entries of a curves.json.
+        title: figure title.
+        path: PNG to write (None: only return the figure).
+    """
+    fig = new_figure(figsize=(10, 3.8))
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    epochs = [e["epoch"] for e in curves]
+    loss_ax.plot(epochs, [e["train_loss"] for e in curves], "o-", label="train")
+    loss_ax.plot(epochs, [e["val_loss"] for e in curves], "s-", label="validation")
+    loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    loss_ax.legend()
+    acc_ax.plot(epochs, [100 * e["val_acc"] for e in curves], "o-", color="C2")
+    best = best_epoch(curves)
+    if best:
+        acc_ax.axvline(best, color="grey", ls="--", lw=1, label=f"best epoch ({best})")
+        acc_ax.legend()
+    acc_ax.set(xlabel="epoch", ylabel="top-1 %", title="validation accuracy")
+    fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def plot_dynamics(curves: Mapping[str, Sequence[Mapping]], title: str, path: str | Path | None = None) -> Figure:
+    """The training dynamics of several methods on shared axes: loss and validation top-1 per epoch.
+
+    Args:
+        curves: `{method: curves}`, e.g. `{"linear_probe": [...], "lora": [...]}`.
+        title: figure title.
+        path: PNG to write (None: only return the figure).
+    """
+    fig = new_figure(figsize=(10, 3.8))
+    loss_ax, acc_ax = fig.subplots(1, 2, sharex=True)
+    for i, (method, entries) in enumerate(curves.items()):
+        epochs = [e["epoch"] for e in entries]
+        label = method_named(method).label
+        loss_ax.plot(epochs, [e["train_loss"] for e in entries], "-", color=f"C{i}", alpha=0.6,
+                     label=f"{label} train")
+        loss_ax.plot(epochs, [e["val_loss"] for e in entries], "--", color=f"C{i}", label=f"{label} validation")
+        acc_ax.plot(epochs, [100 * e["val_acc"] for e in entries], "o-", color=f"C{i}", label=label)
+    loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    acc_ax.set(xlabel="epoch", ylabel="top-1 %", title="validation accuracy")
+    loss_ax.legend(fontsize="small")
+    acc_ax.legend(fontsize="small")
+    fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def _bars(ax, rows: Sequence[Mapping], value, ylabel: str, title: str, log: bool = False) -> None:
+    """Grouped bars: one group per dataset, one bar per method; missing values left out."""
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    width = 0.8 / len(METHODS)
+    for k, (method, entry) in enumerate(METHODS.items()):
+        xs, ys = [], []
+        for i, dataset in enumerate(datasets):
+            row = next((r for r in rows if r["dataset"] == dataset and r["method"] == method), None)
+            y = value(row) if row else None
+            if y is not None and not (isinstance(y, float) and math.isnan(y)) and (y > 0 or not log):
+                xs.append(i + (k - (len(METHODS) - 1) / 2) * width)
+                ys.append(y)
+        bars = ax.bar(xs, ys, width, label=entry.label, color=f"C{k}")
+        ax.bar_label(bars, fmt="%.3g", fontsize="x-small", padding=1)
+    ax.set_xticks(range(len(datasets)), datasets)
+    ax.set(ylabel=ylabel, title=title)
+    if log:
+        ax.set_yscale("log")
+
+
+def plot_comparison(rows: Sequence[Mapping], path: str | Path | None = None) -> Figure:
+    """Accuracy and cost side by side: test top-1 / top-5 / mean per-class, trainable parameters,
+    training time and peak VRAM, per dataset and method.
+
+    Args:
+        rows: summary rows (`collect`).
+        path: PNG to write (None: only return the figure).
+    """
+    fig = new_figure(figsize=(18, 7))
+    axes = fig.subplots(2, 3)
+    for ax, key, name in zip(axes[0], ("top1", "top5", "mean_per_class"),
+                             ("test top-1", "test top-5", "mean per-class accuracy"), strict=True):
+        _bars(ax, rows, lambda r, k=key: 100 * r[k], "%", name)
+        ax.set_ylim(0, 105)
+    _bars(axes[1][0], rows, lambda r: r["trainable_params"], "parameters (log)", "trainable parameters", log=True)
+    _bars(axes[1][1], rows, lambda r: r["train_seconds"], "seconds", "training time")
+    vram = [r for r in rows if r["peak_vram_mb"] is not None]
+    _bars(axes[1][2], rows, lambda r: r["peak_vram_mb"], "MB", "peak VRAM (zero-shot: encoding; others: training)")
+    if not vram:
+        axes[1][2].text(0.5, 0.5, "not recorded\n(no CUDA run)", transform=axes[1][2].transAxes,
+                        ha="center", va="center", color="grey")
+    axes[0][0].legend(fontsize="small")
+    fig.suptitle("zero-shot vs linear probe vs LoRA: accuracy (top) and cost (bottom)")
     return save_figure(fig, path)

@@ -31,7 +31,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+
+from .progress import bar
 
 AUTO = "auto"
 ALL = "all"
@@ -178,6 +179,7 @@ def build_text_classifier(
     batch_size: int = 256,
     *,
     progress: bool = True,
+    desc: str = "encoding prompts",
 ) -> torch.Tensor:
     """Zero-shot classifier weights: one ensembled, normalised text embedding per class.
 
@@ -189,6 +191,7 @@ def build_text_classifier(
         device: where the text encoder runs.
         batch_size: prompts per forward pass (whole classes are kept together).
         progress: show a progress bar.
+        desc: its label.
 
     Returns:
         `(D, C)` float32 tensor on CPU; column `c` is the unit-norm mean of the unit-norm
@@ -204,8 +207,7 @@ def build_text_classifier(
     max_length = model.config.text_config.max_position_embeddings
     per_batch = max(1, batch_size // len(templates))
     columns = []
-    with tqdm(total=len(class_names), desc="encoding prompts", unit="class", leave=False,
-              disable=not progress) as bar:
+    with bar(total=len(class_names), desc=desc, unit="class", enabled=progress) as classes:
         for start in range(0, len(class_names), per_batch):
             names = class_names[start : start + per_batch]
             prompts = [p for name in names for p in fill(templates, name)]
@@ -213,5 +215,5 @@ def build_text_classifier(
             emb = text_embeddings(model, tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
             emb = F.normalize(emb.float(), dim=-1).view(len(names), len(templates), -1)
             columns.append(F.normalize(emb.mean(dim=1), dim=-1).cpu())
-            bar.update(len(names))
+            classes.update(len(names))
     return torch.cat(columns).T.contiguous()

@@ -19,23 +19,26 @@ else the first saved set (its name is in the `prompt_set` column).
 from __future__ import annotations
 
 import csv
-import math
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from matplotlib.figure import Figure
 
 from . import zeroshot
 from .data import DATASETS
 from .evaluation import figure_paths, run_label
-from .plots import new_figure, plot_confusion, plot_prompt_comparison, plot_sample_predictions, save_figure
-from .results import METHODS, figures_dir, method_dir, read_json, write_csv
-
-LABELS = {"zeroshot": "zero-shot", "linear_probe": "linear probe", "probe": "linear probe", "lora": "LoRA"}
-COMMANDS = {"zeroshot": "zeroshot --prompts all", "linear_probe": "probe", "lora": "lora"}
-TRAINED = ("linear_probe", "lora")
+from .methods import METHODS, TRAINED
+from .methods import method as method_named
+from .plots import (
+    plot_comparison,
+    plot_confusion,
+    plot_curves,
+    plot_dynamics,
+    plot_prompt_comparison,
+    plot_sample_predictions,
+)
+from .results import figures_dir, method_dir, read_json, write_csv
 COLUMNS = ("dataset", "method", "prompt_set", "n", "top1", "top5", "mean_per_class", "trainable_params",
            "trainable_pct", "train_seconds", "seconds", "peak_vram_mb", "epochs", "best_epoch", "model")
 
@@ -113,7 +116,9 @@ def collect(results_dir: str | Path) -> tuple[list[dict], list[str]]:
         found = {"zeroshot": zeroshot_baseline(results_dir, dataset, model), **trained}
         for method in METHODS:
             if found.get(method) is None:
-                missing.append(f"{dataset} {LABELS[method]} (python -m clip_utils {COMMANDS[method]} "
+                m = METHODS[method]
+                command = m.command + (" --prompts all" if m.name == zeroshot.METHOD else "")
+                missing.append(f"{dataset} {m.label} (python -m clip_utils {command} "
                                f"--dataset {dataset})")
             else:
                 rows.append(summary_row(found[method]))
@@ -200,7 +205,7 @@ def summary_table(results_dir: str | Path):
         table = table.drop(columns=["model"])
     for col in ("top1", "top5", "mean_per_class"):
         table[col] = 100 * table[col]
-    table["method"] = table["method"].map(LABELS)
+    table["method"] = table["method"].map(lambda name: method_named(name).label)
     return table.rename(columns={"top1": "top1 %", "top5": "top5 %", "mean_per_class": "mean per class %",
                                  "trainable_pct": "trainable %"}).round(3)
 
@@ -218,109 +223,11 @@ def photo_table(predictions: Mapping[str, Sequence[Mapping]]):
         for r in results:
             top = r.get("top_k") or [{}]
             cell = r["error"] if "error" in r else f"{top[0]['name']} ({top[0]['prob']:.0%})"
-            rows.setdefault(Path(r["photo"]).name, {})[LABELS.get(method, method)] = cell
+            rows.setdefault(Path(r["photo"]).name, {})[method_named(method).label] = cell
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
 # --------------------------------------------------------------------------- figures
-
-
-def plot_curves(curves: Sequence[Mapping], title: str, path: str | Path | None = None) -> Figure:
-    """Loss (train and validation) and validation top-1 per epoch of one run; best epoch marked.
-
-    Args:
-        curves: the entries of a curves.json.
-        title: figure title.
-        path: PNG to write (None: only return the figure).
-    """
-    from .train import best_epoch
-
-    fig = new_figure(figsize=(10, 3.8))
-    loss_ax, acc_ax = fig.subplots(1, 2)
-    epochs = [e["epoch"] for e in curves]
-    loss_ax.plot(epochs, [e["train_loss"] for e in curves], "o-", label="train")
-    loss_ax.plot(epochs, [e["val_loss"] for e in curves], "s-", label="validation")
-    loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    loss_ax.legend()
-    acc_ax.plot(epochs, [100 * e["val_acc"] for e in curves], "o-", color="C2")
-    best = best_epoch(curves)
-    if best:
-        acc_ax.axvline(best, color="grey", ls="--", lw=1, label=f"best epoch ({best})")
-        acc_ax.legend()
-    acc_ax.set(xlabel="epoch", ylabel="top-1 %", title="validation accuracy")
-    fig.suptitle(title)
-    return save_figure(fig, path)
-
-
-def plot_dynamics(curves: Mapping[str, Sequence[Mapping]], title: str, path: str | Path | None = None) -> Figure:
-    """The training dynamics of several methods on shared axes: loss and validation top-1 per epoch.
-
-    Args:
-        curves: `{method: curves}`, e.g. `{"linear_probe": [...], "lora": [...]}`.
-        title: figure title.
-        path: PNG to write (None: only return the figure).
-    """
-    fig = new_figure(figsize=(10, 3.8))
-    loss_ax, acc_ax = fig.subplots(1, 2, sharex=True)
-    for i, (method, entries) in enumerate(curves.items()):
-        epochs = [e["epoch"] for e in entries]
-        label = LABELS.get(method, method)
-        loss_ax.plot(epochs, [e["train_loss"] for e in entries], "-", color=f"C{i}", alpha=0.6,
-                     label=f"{label} train")
-        loss_ax.plot(epochs, [e["val_loss"] for e in entries], "--", color=f"C{i}", label=f"{label} validation")
-        acc_ax.plot(epochs, [100 * e["val_acc"] for e in entries], "o-", color=f"C{i}", label=label)
-    loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    acc_ax.set(xlabel="epoch", ylabel="top-1 %", title="validation accuracy")
-    loss_ax.legend(fontsize="small")
-    acc_ax.legend(fontsize="small")
-    fig.suptitle(title)
-    return save_figure(fig, path)
-
-
-def _bars(ax, rows: Sequence[Mapping], value, ylabel: str, title: str, log: bool = False) -> None:
-    """Grouped bars: one group per dataset, one bar per method; missing values left out."""
-    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-    width = 0.8 / len(METHODS)
-    for k, method in enumerate(METHODS):
-        xs, ys = [], []
-        for i, dataset in enumerate(datasets):
-            row = next((r for r in rows if r["dataset"] == dataset and r["method"] == method), None)
-            y = value(row) if row else None
-            if y is not None and not (isinstance(y, float) and math.isnan(y)) and (y > 0 or not log):
-                xs.append(i + (k - (len(METHODS) - 1) / 2) * width)
-                ys.append(y)
-        bars = ax.bar(xs, ys, width, label=LABELS[method], color=f"C{k}")
-        ax.bar_label(bars, fmt="%.3g", fontsize="x-small", padding=1)
-    ax.set_xticks(range(len(datasets)), datasets)
-    ax.set(ylabel=ylabel, title=title)
-    if log:
-        ax.set_yscale("log")
-
-
-def plot_comparison(rows: Sequence[Mapping], path: str | Path | None = None) -> Figure:
-    """Accuracy and cost side by side: test top-1 / top-5 / mean per-class, trainable parameters,
-    training time and peak VRAM, per dataset and method.
-
-    Args:
-        rows: summary rows (`collect`).
-        path: PNG to write (None: only return the figure).
-    """
-    fig = new_figure(figsize=(18, 7))
-    axes = fig.subplots(2, 3)
-    for ax, key, name in zip(axes[0], ("top1", "top5", "mean_per_class"),
-                             ("test top-1", "test top-5", "mean per-class accuracy"), strict=True):
-        _bars(ax, rows, lambda r, k=key: 100 * r[k], "%", name)
-        ax.set_ylim(0, 105)
-    _bars(axes[1][0], rows, lambda r: r["trainable_params"], "parameters (log)", "trainable parameters", log=True)
-    _bars(axes[1][1], rows, lambda r: r["train_seconds"], "seconds", "training time")
-    vram = [r for r in rows if r["peak_vram_mb"] is not None]
-    _bars(axes[1][2], rows, lambda r: r["peak_vram_mb"], "MB", "peak VRAM (zero-shot: encoding; others: training)")
-    if not vram:
-        axes[1][2].text(0.5, 0.5, "not recorded\n(no CUDA run)", transform=axes[1][2].transAxes,
-                        ha="center", va="center", color="grey")
-    axes[0][0].legend(fontsize="small")
-    fig.suptitle("zero-shot vs linear probe vs LoRA: accuracy (top) and cost (bottom)")
-    return save_figure(fig, path)
 
 
 def redraw_evaluation(folder: str | Path, figures: Mapping[str, Path]) -> tuple[list[Path], list[str]]:
@@ -368,7 +275,7 @@ def draw_curves(curves: Mapping[str, Mapping[str, Sequence[Mapping]]], figures: 
     for dataset, runs in curves.items():
         for method, entries in runs.items():
             path = figures / f"{dataset}_{method}_curves.png"
-            plot_curves(entries, f"{dataset} {LABELS[method]}", path)
+            plot_curves(entries, f"{dataset} {METHODS[method].label}", path)
             written.append(path)
         path = figures / f"{dataset}_training_dynamics.png"
         plot_dynamics(runs, f"{dataset}: training dynamics", path)

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-METHODS = ("zeroshot", "linear_probe", "lora")
+from .methods import method as method_named
 
 
 def _process_umask() -> int:
@@ -163,13 +163,12 @@ def method_dir(results_dir: str | Path, dataset: str, method: str, prompt_set: s
     Args:
         results_dir: the results root.
         dataset: dataset name.
-        method: `zeroshot`, `linear_probe` or `lora`.
+        method: a method of `methods.METHODS` (`zeroshot`, `linear_probe` or `probe`, `lora`).
         prompt_set: the prompt set (zero-shot only).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
-    folder = Path(results_dir) / dataset / method
-    return folder / prompt_set if method == "zeroshot" and prompt_set else folder
+    m = method_named(method)
+    folder = Path(results_dir) / dataset / m.folder
+    return folder / prompt_set if m.name == "zeroshot" and prompt_set else folder
 
 
 def figures_dir(results_dir: str | Path) -> Path:

@@ -20,16 +20,21 @@ one prompt-set result that was not chosen by looking at the test labels.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 
 from . import prompts
-from .data import DATASETS, class_names
+from .data import DATASETS
 from .evaluation import figure_paths, save_evaluation
+from .heads import ClipClassifier, zeroshot_head
+from .lab import Lab
 from .plots import plot_prompt_comparison
 from .results import figures_dir, method_dir, read_json
+
+METHOD = "zeroshot"
 
 COMPARISON_FIGURE = "zeroshot_prompt_sets.png"
 
@@ -83,11 +88,6 @@ def predict(features: torch.Tensor, classifier: torch.Tensor, logit_scale: float
     return logit_scale * (features.float() @ classifier.float())
 
 
-def logit_scale(model) -> float:
-    """CLIP's learned temperature, `exp(model.logit_scale)`."""
-    return float(model.logit_scale.detach().float().exp().item())
-
-
 def select_prompt_set(
     features: torch.Tensor, labels: torch.Tensor, classifiers: Mapping[str, torch.Tensor], scale: float
 ) -> tuple[str, dict[str, float]]:
@@ -109,7 +109,7 @@ def select_prompt_set(
     return max(scores, key=scores.get), scores  # max keeps the first of equal scores
 
 
-def choose_on_val(lab, dataset: str) -> tuple[str, dict[str, float]]:
+def choose_on_val(lab: Lab, dataset: str) -> tuple[str, dict[str, float]]:
     """`auto`: every prompt set of `dataset` scored on the validation split's (cached) image
     features with the lab's text classifiers; returns `select_prompt_set`'s answer.
 
@@ -119,11 +119,11 @@ def choose_on_val(lab, dataset: str) -> tuple[str, dict[str, float]]:
     """
     val = lab.features(dataset, "val")
     classifiers = {name: lab.text_classifier(dataset, name) for name in prompts.prompt_sets(dataset)}
-    return select_prompt_set(val.embeddings, val.labels, classifiers, logit_scale(lab.clip()[0]))
+    return select_prompt_set(val.embeddings, val.labels, classifiers, lab.clip().logit_scale)
 
 
 def run_zeroshot(
-    lab, dataset: str, prompt_sets: list[str] | str, split: str = "test"
+    lab: Lab, dataset: str, prompt_sets: list[str] | str = prompts.ALL, split: str = "test"
 ) -> dict[str, dict]:
     """Evaluate zero-shot CLIP on a split under prompt sets and write their results.
 
@@ -147,8 +147,8 @@ def run_zeroshot(
     # text side is a few thousand short prompts. The encoding's peak is the method's memory
     # cost, recorded with the feature cache so a run that reads the cache reports it too.
     encoding = feats.encoding
-    scale = logit_scale(lab.clip()[0])
-    classes = class_names(dataset, lab.data_root)
+    scale = lab.clip().logit_scale
+    classes = lab.class_names(dataset)
     results = {}
     for name in names:
         start = time.perf_counter()
@@ -159,7 +159,7 @@ def run_zeroshot(
             extra = {"selected_set": chosen, "selected_on": "val", "val_top1": val_top1}
         logits = predict(feats.embeddings, lab.text_classifier(dataset, chosen), scale)
         info = {
-            "dataset": dataset, "split": split, "method": "zeroshot", "model": str(lab.model),
+            "dataset": dataset, "split": split, "method": METHOD, "model": str(lab.model),
             "prompt_set": name, "templates": sets[chosen], **extra, "logit_scale": scale,
             "seconds": time.perf_counter() - start, "feature_seconds": encoding.get("seconds"),
             "features_from_cache": encoding.get("from_cache"), "peak_vram_mb": encoding.get("peak_vram_mb"),
@@ -170,15 +170,35 @@ def run_zeroshot(
             logits=logits, labels=feats.labels, paths=feats.paths, class_names=classes, info=info,
             figure_prefix=_figure_prefix(dataset, name, split), results_dir=lab.results_dir,
         )
-    plot_prompt_comparison(prompt_table(lab.results_dir), path=figures_dir(lab.results_dir) / COMPARISON_FIGURE)
+    plot_prompt_comparison(prompt_table(lab.results_dir, lab.model),
+                           path=figures_dir(lab.results_dir) / COMPARISON_FIGURE)
     return results
 
 
-def saved_results(results_dir: str | Path) -> dict[str, dict[str, dict]]:
+def load_classifier(lab: Lab, dataset: str, prompt_set: str = prompts.AUTO) -> ClipClassifier:
+    """Zero-shot CLIP as a `ClipClassifier` (the lab's model, a prompt set's text classifier as head).
+
+    Args:
+        lab: the run context; its text classifiers are built once and shared with `run_zeroshot`.
+        dataset: whose classes.
+        prompt_set: a set of `prompts.prompt_sets(dataset)`, or `auto` (chosen on validation).
+    """
+    sets = prompts.prompt_sets(dataset)
+    if prompt_set == prompts.AUTO:
+        prompt_set = choose_on_val(lab, dataset)[0]
+    elif prompt_set not in sets:
+        raise ValueError(f"unknown prompt set {prompt_set!r}: choose from {', '.join([*sets, prompts.AUTO])}")
+    clip = lab.clip()
+    head = zeroshot_head(lab.text_classifier(dataset, prompt_set), clip.logit_scale).to(lab.device)  # float32
+    return ClipClassifier(clip.model.vision_model, clip.model.visual_projection, head).eval()
+
+
+def saved_results(results_dir: str | Path, model: str | None = None) -> dict[str, dict[str, dict]]:
     """Every zero-shot metrics.json under `results_dir`: `{dataset: {prompt_set: metrics}}`.
 
     Args:
         results_dir: the results root.
+        model: keep only the runs of this model (None: every run, whatever its model).
     """
     out: dict[str, dict[str, dict]] = {}
     for dataset in DATASETS:
@@ -186,35 +206,53 @@ def saved_results(results_dir: str | Path) -> dict[str, dict[str, dict]]:
         known = [*prompts.prompt_sets(dataset), prompts.AUTO]
         found = sorted(folder.glob("*/metrics.json"), key=lambda p: (
             known.index(p.parent.name) if p.parent.name in known else len(known), p.parent.name))
-        if found:
-            out[dataset] = {p.parent.name: read_json(p) for p in found}
+        runs = {p.parent.name: read_json(p) for p in found}
+        runs = {name: m for name, m in runs.items() if model is None or m.get("model") == model}
+        if runs:
+            out[dataset] = runs
     return out
 
 
-def prompt_table(results_dir: str | Path) -> dict[str, dict[str, float]]:
+def prompt_table(results_dir: str | Path, model: str | None = None) -> dict[str, dict[str, float]]:
     """Top-1 per dataset and prompt set from the saved results (input of the comparison chart).
 
     Args:
         results_dir: the results root.
+        model: only this model's runs (None: all; several models then warn, see `results_table`).
     """
-    return {ds: {name: m["top1"] for name, m in sets.items()} for ds, sets in saved_results(results_dir).items()}
+    saved = _one_model(saved_results(results_dir, model))
+    return {ds: {name: m["top1"] for name, m in sets.items()} for ds, sets in saved.items()}
 
 
-def results_table(results_dir: str | Path):
+def _one_model(saved: dict[str, dict[str, dict]]) -> dict[str, dict[str, dict]]:
+    models = sorted({str(m.get("model")) for sets in saved.values() for m in sets.values()})
+    if len(models) > 1:
+        warnings.warn(f"the saved zero-shot results come from {len(models)} models ({', '.join(models)}): "
+                      f"pass the model to keep one, or keep each model in its own --results-dir", stacklevel=3)
+    return saved
+
+
+def results_table(results_dir: str | Path, model: str | None = None):
     """The saved zero-shot results as a pandas DataFrame, one row per dataset and prompt set.
 
     Args:
         results_dir: the results root.
+        model: only this model's runs (None: every run; a `model` column appears, with a
+            warning, when they come from several models).
     """
     import pandas as pd
 
+    saved = _one_model(saved_results(results_dir, model))
     rows = [
         {"dataset": ds, "prompt_set": name, "templates": len(m["templates"]),
          "selected_set": m.get("selected_set", ""), "n": m["n"], "top1 %": 100 * m["top1"],
-         "top5 %": 100 * m["top5"], "mean per class %": 100 * m["mean_per_class"]}
-        for ds, sets in saved_results(results_dir).items() for name, m in sets.items()
+         "top5 %": 100 * m["top5"], "mean per class %": 100 * m["mean_per_class"], "model": m.get("model")}
+        for ds, sets in saved.items() for name, m in sets.items()
     ]
-    return pd.DataFrame(rows).round(2)
+    table = pd.DataFrame(rows)
+    if not table.empty and table["model"].nunique() <= 1:
+        table = table.drop(columns=["model"])
+    return table.round(2)
 
 
 # The set that stands for zero-shot in reports and comparisons: `auto` was chosen on the

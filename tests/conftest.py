@@ -28,10 +28,11 @@ def kit(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def tiny_clip(kit):
-    """The tiny CLIP model and processor, loaded once."""
+    """`(model, processor)` of the tiny CLIP, loaded once."""
     from clip_utils.models import load_clip
 
-    return load_clip(kit["model"])
+    clip = load_clip(kit["model"])
+    return clip.model, clip.processor
 
 
 @pytest.fixture(scope="session")
@@ -64,8 +65,10 @@ def task2_runs(kit, tmp_path_factory):
     tests that modify files work on a copy of `results`.
     """
     from clip_utils.lab import Lab
-    from clip_utils.lora import LoraSettings, run_lora
-    from clip_utils.train import TrainConfig, run_probe
+    from clip_utils.config import LoraSettings
+    from clip_utils.lora import run_lora
+    from clip_utils.config import TrainConfig
+    from clip_utils.probe import run_probe
     from clip_utils.zeroshot import run_zeroshot
 
     results = tmp_path_factory.mktemp("task2_results")

@@ -18,18 +18,23 @@ from clip_utils import checkpoints
 from clip_utils.checkpoints import (
     CheckpointMismatchError,
     head_info,
-    load_classifier,
     load_head,
     read_head,
     save_adapter,
     save_head,
 )
 from clip_utils.cli import main
-from clip_utils.features import iter_labelled_batches
+from clip_utils.config import LoraSettings
+from clip_utils.heads import ClipClassifier
+from clip_utils.inputs import iter_labelled_batches
 from clip_utils.lab import Lab
-from clip_utils.lora import LoraSettings, add_lora
-from clip_utils.models import ClipClassifier, Preprocess, load_clip
+from clip_utils.lora import add_lora
+from clip_utils.models import load_clip
+from clip_utils.photos import classifier_for
+from clip_utils.preprocess import Preprocess
 from clip_utils.train import predict
+
+ROOT = Path(__file__).resolve().parents[1]
 
 NAMES = [f"class {i}" for i in range(5)]
 
@@ -78,9 +83,9 @@ def test_missing_checkpoint_names_the_path_and_the_command(kit, tmp_path):
     lab = Lab(model=str(kit["model"]), data_root=kit["data"], results_dir=tmp_path, device="cpu", download=False)
     with pytest.raises(FileNotFoundError, match=r"linear_probe/head.safetensors.*python -m clip_utils probe "
                                                 r"--dataset cub200"):
-        load_classifier(lab, "cub200", "probe")
+        classifier_for(lab, "cub200", "probe")
     with pytest.raises(FileNotFoundError, match="python -m clip_utils lora --dataset flowers102"):
-        load_classifier(lab, "flowers102", "lora")
+        classifier_for(lab, "flowers102", "lora")
 
 
 def test_a_failed_save_keeps_the_previous_head(tmp_path, monkeypatch):
@@ -106,7 +111,7 @@ def test_a_failed_save_keeps_the_previous_head(tmp_path, monkeypatch):
 
 def _test_logits(classifier, lab, dataset="cub200"):
     ds = lab.dataset(dataset, "test")
-    pre = Preprocess.from_processor(lab.clip()[1])
+    pre = Preprocess.from_processor(lab.clip().processor)
     batches = iter_labelled_batches([p for p, _ in ds.samples], torch.tensor(ds.targets), pre, "cpu",
                                     torch.float32, 64, num_workers=0)
     return predict(classifier, batches, torch.device("cpu"))[0]
@@ -120,15 +125,15 @@ def _saved_preds(folder):
 @pytest.mark.parametrize("method, folder", [("probe", "linear_probe"), ("lora", "lora")])
 def test_reloaded_classifier_reproduces_the_saved_predictions(task2_runs, method, folder):
     lab = task2_runs["lab"]
-    first = _test_logits(load_classifier(lab, "cub200", method), lab)
-    again = _test_logits(load_classifier(lab, "cub200", method), lab)
+    first = _test_logits(classifier_for(lab, "cub200", method), lab)
+    again = _test_logits(classifier_for(lab, "cub200", method), lab)
     assert torch.equal(first, again)
     assert first.argmax(1).tolist() == _saved_preds(task2_runs["results"] / "cub200" / folder)
 
 
 def test_lora_adapter_saved_and_reloaded_gives_identical_logits(kit, tmp_path):
     lab = Lab(model=str(kit["model"]), data_root=kit["data"], results_dir=tmp_path, device="cpu", download=False)
-    model, _ = load_clip(kit["model"])
+    model = load_clip(kit["model"]).model
     vision = add_lora(model.requires_grad_(False).vision_model, LoraSettings())
     with torch.no_grad():  # a trained-looking adapter: B is zero after initialisation
         for name, p in vision.named_parameters():
@@ -141,14 +146,14 @@ def test_lora_adapter_saved_and_reloaded_gives_identical_logits(kit, tmp_path):
     save_adapter(folder / "adapter", vision, meta)
     save_head(folder / "head.safetensors", trained.head, meta)
 
-    reloaded = load_classifier(lab, "cub200", "lora")
+    reloaded = classifier_for(lab, "cub200", "lora")
     assert not reloaded.training
     torch.testing.assert_close(_test_logits(reloaded, lab), _test_logits(trained, lab), rtol=0, atol=1e-6)
 
     # An adapter from another epoch (or run) beside this head is never paired with it.
     save_adapter(folder / "adapter", vision, replace(meta, epoch=5))
     with pytest.raises(CheckpointMismatchError, match="does not belong to the head"):
-        load_classifier(lab, "cub200", "lora")
+        classifier_for(lab, "cub200", "lora")
 
 
 def test_a_head_copied_to_another_dataset_is_refused(task2_runs, tmp_path):
@@ -159,7 +164,7 @@ def test_a_head_copied_to_another_dataset_is_refused(task2_runs, tmp_path):
     other = Lab(model=lab.model, data_root=lab.data_root, results_dir=tmp_path, device="cpu", download=False)
     with pytest.raises(CheckpointMismatchError, match=r"dataset 'cub200', not 'flowers102'.*20 classes, not 102"
                                                       r".*python -m clip_utils probe --dataset flowers102"):
-        load_classifier(other, "flowers102", "probe")
+        classifier_for(other, "flowers102", "probe")
 
 
 def test_predict_with_the_probe_and_lora_from_the_cli(task2_runs, kit):
@@ -179,3 +184,21 @@ def test_method_names(tmp_path):
     assert checkpoints.checkpoint_paths(tmp_path, "cub200", "probe")["head"].parent.name == "linear_probe"
     with pytest.raises(ValueError, match="choose probe or lora"):
         checkpoints.checkpoint_paths(tmp_path, "cub200", "zeroshot")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garble"])
+def test_a_damaged_head_is_one_line_naming_the_file_and_the_fix(task2_runs, kit, tmp_path, capsys, damage):
+    results = tmp_path / "results"
+    shutil.copytree(task2_runs["results"], results, ignore=shutil.ignore_patterns("cache", "figures"))
+    head = results / "cub200" / "linear_probe" / "head.safetensors"
+    data = head.read_bytes()
+    if damage == "truncate":
+        head.write_bytes(data[: len(data) // 2])
+    else:  # the weights' bytes overwritten with NaN patterns, the header intact
+        head.write_bytes(data[: len(data) - 64] + b"\xff" * 64)
+    code = main(["predict", str(ROOT / "my_photo" / "bird.jpg"), "--dataset", "cub200", "--method", "probe",
+                 "--model", str(kit["model"]), "--data-root", str(kit["data"]), "--results-dir", str(results),
+                 "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert str(head) in err and "damaged" in err and "python -m clip_utils probe --dataset cub200" in err

@@ -61,9 +61,10 @@ def test_missing_dataset_is_one_line_not_a_traceback(capsys, tmp_path, kit):
 
 def test_cuda_requested_without_cuda_is_explained(capsys, tmp_path, kit, monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    code = main(["zeroshot", "--dataset", "cub200", "--model", str(kit["model"]), "--device", "cuda",
-                 "--data-root", str(kit["data"]), "--results-dir", str(tmp_path)])
-    assert code == 1
+    with pytest.raises(SystemExit) as exit_:
+        main(["zeroshot", "--dataset", "cub200", "--model", str(kit["model"]), "--device", "cuda",
+              "--data-root", str(kit["data"]), "--results-dir", str(tmp_path)])
+    assert exit_.value.code == 2  # a usage error, found before anything loads
     assert "CUDA is not available" in capsys.readouterr().err
 
 
@@ -102,7 +103,7 @@ def test_out_of_memory_outside_training_names_a_batch_size(capsys, monkeypatch):
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr("clip_utils.zeroshot.run_zeroshot", oom)
+    monkeypatch.setattr("clip_utils.cli.run_zeroshot", oom)
     code = main(["zeroshot", "--dataset", "cub200", "--batch-size", "256", "--device", "cpu"])
     assert code == 1
     err = capsys.readouterr().err
@@ -115,7 +116,7 @@ def test_out_of_memory_while_a_probe_encodes_names_the_encoding_batch(capsys, mo
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr("clip_utils.train.run_probe", oom)
+    monkeypatch.setattr("clip_utils.cli.run_probe", oom)
     code = main(["probe", "--dataset", "cub200", "--batch-size", "16", "--encode-batch-size", "64", "--device", "cpu"])
     assert code == 1
     assert "--encode-batch-size 32" in capsys.readouterr().err
@@ -136,7 +137,13 @@ def test_batch_size_options_reach_the_lab(argv, train, encode, monkeypatch):
     assert (lab.batch_size, lab.encode_batch_size) == (train, encode)
 
 
-def test_an_unknown_device_is_one_line(capsys):
-    code = main(["zeroshot", "--dataset", "cub200", "--device", "gpu0", "--no-download"])
+@pytest.mark.parametrize("argv, message", [
+    (["zeroshot", "--dataset", "cub200", "--device", "gpu0"], "unknown device 'gpu0'"),
+    (["zeroshot", "--dataset", "cub200", "--prompts", "bogus"], "unknown prompt set 'bogus'"),
+    (["predict", "x.jpg", "--dataset", "cub200", "--prompts", "bogus"], "unknown prompt set 'bogus'"),
+])
+def test_bad_arguments_are_usage_errors(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--no-download", "--model", "./no/such/model"])
     err = capsys.readouterr().err
-    assert code == 1 and "unknown device 'gpu0'" in err and "Traceback" not in err
+    assert exit_.value.code == 2 and message in err and "usage:" in err and "Traceback" not in err

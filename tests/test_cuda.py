@@ -28,7 +28,7 @@ def cuda_lab(kit, tmp_path_factory):
 def test_gpu_decode_path_agrees_with_the_cpu_pil_path(tiny_clip, kit):
     from clip_utils.data import load_dataset
     from clip_utils.features import encode_paths
-    from clip_utils.models import Preprocess
+    from clip_utils.preprocess import Preprocess
 
     model, processor = tiny_clip
     pre = Preprocess.from_processor(processor)
@@ -53,7 +53,7 @@ def test_gpu_decode_is_intact_while_the_gpu_is_still_busy(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from clip_utils.features import decode_batch
+    from clip_utils.inputs import decode_batch
 
     rng = np.random.default_rng(0)
     blobs = []
@@ -86,7 +86,7 @@ def test_gpu_decode_of_grey_cmyk_and_png_matches_the_cpu(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from clip_utils.features import decode_batch
+    from clip_utils.inputs import decode_batch
 
     # A smooth picture, saved without chroma subsampling: nvJPEG and libjpeg upsample chroma
     # differently (with and without interpolation), which is not what this test is about.
@@ -107,9 +107,11 @@ def test_gpu_decode_of_grey_cmyk_and_png_matches_the_cpu(tmp_path):
 
 
 def test_zeroshot_probe_lora_and_predict_on_cuda(cuda_lab):
-    from clip_utils.lora import LoraSettings, run_lora
+    from clip_utils.config import LoraSettings
+    from clip_utils.lora import run_lora
     from clip_utils.photos import predict_photos
-    from clip_utils.train import TrainConfig, run_probe
+    from clip_utils.config import TrainConfig
+    from clip_utils.probe import run_probe
     from clip_utils.zeroshot import run_zeroshot
 
     zs = run_zeroshot(cuda_lab, "cub200", ["domain"])["domain"]
@@ -126,8 +128,9 @@ def test_zeroshot_probe_lora_and_predict_on_cuda(cuda_lab):
 
 def test_lora_grad_checkpointing_reduces_peak_memory_on_cuda(cuda_lab):
     from clip_utils.lab import Lab
-    from clip_utils.lora import LoraSettings, run_lora
-    from clip_utils.train import TrainConfig
+    from clip_utils.config import LoraSettings
+    from clip_utils.lora import run_lora
+    from clip_utils.config import TrainConfig
 
     peaks = {}
     for ckpt in (False, True):

@@ -56,7 +56,7 @@ def test_cub_parsing_and_stratified_val(kit):
 
 def test_cub_real_class_list_names():
     names = [data.cub_class_name(line.split()[1]) for line in
-             (data.PROJECT_ROOT / "clip_utils/assets/classes.txt").read_text().splitlines()]
+             (data.ASSETS / "classes.txt").read_text().splitlines()]
     assert len(names) == 200
     assert names[0] == "Black footed Albatross" and names[-1] == "Common Yellowthroat"
 

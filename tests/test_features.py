@@ -8,8 +8,9 @@ import torch
 from PIL import Image
 
 from clip_utils.data import UnreadableImageError, load_dataset
-from clip_utils.features import decode_batch, encode_paths, preprocess_tensors
-from clip_utils.models import Preprocess
+from clip_utils.features import encode_paths
+from clip_utils.inputs import decode_batch
+from clip_utils.preprocess import Preprocess, preprocess_tensors
 
 
 def test_fast_path_predictions_agree_with_pil_path(tiny_clip, kit):
@@ -67,7 +68,7 @@ def test_preprocess_tensors_matches_the_pil_transform(tiny_clip):
 
 @pytest.mark.parametrize("threads", [0, 3])
 def test_file_bytes_come_back_in_order_and_in_batches(tmp_path, threads):
-    from clip_utils.features import iter_file_bytes
+    from clip_utils.inputs import iter_file_bytes
 
     paths = []
     for i in range(11):
@@ -79,7 +80,25 @@ def test_file_bytes_come_back_in_order_and_in_batches(tmp_path, threads):
 
 
 def test_a_missing_file_is_named(tmp_path):
-    from clip_utils.features import iter_file_bytes
+    from clip_utils.inputs import iter_file_bytes
 
     with pytest.raises(FileNotFoundError, match="gone.jpg"):
         list(iter_file_bytes([str(tmp_path / "gone.jpg")], batch_size=2, threads=2))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garble"])
+def test_a_damaged_feature_cache_is_removed_and_encoded_again(kit, tmp_path, damage):
+    from clip_utils.lab import Lab
+
+    def lab():  # a new lab each time: nothing in memory, only the disk cache
+        return Lab(model=str(kit["model"]), data_root=kit["data"], results_dir=tmp_path, device="cpu",
+                   num_workers=0, download=False)
+
+    clean = lab().features("cub200", "val").embeddings
+    (file,) = lab().cache_dir.glob("cub200-val-*.safetensors")
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2] if damage == "truncate" else data[:-16] + bytes(16))
+    with pytest.warns(UserWarning, match=f"feature cache {file} is damaged .*removed, encoding again"):
+        again = lab().features("cub200", "val")
+    assert not again.encoding["from_cache"] and torch.equal(again.embeddings, clean)
+    assert lab().features("cub200", "val").encoding["from_cache"]  # the new file is good

@@ -11,9 +11,12 @@ import torch
 from transformers import CLIPVisionConfig
 
 from clip_utils.cli import main
-from clip_utils.features import iter_labelled_batches
-from clip_utils.lora import LoraSettings, add_lora, lora_trainable_params
-from clip_utils.models import ClipClassifier, Preprocess, count_parameters, load_clip
+from clip_utils.inputs import iter_labelled_batches
+from clip_utils.config import LoraSettings
+from clip_utils.lora import add_lora, lora_trainable_params
+from clip_utils.heads import ClipClassifier, count_parameters
+from clip_utils.models import load_clip
+from clip_utils.preprocess import Preprocess
 
 VIT_L14 = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)
 
@@ -31,7 +34,7 @@ def test_vit_l14_count_is_r_times_d_in_plus_d_out_per_adapted_layer():
 @pytest.mark.parametrize("settings", [LoraSettings(), LoraSettings(rank=4, targets=("q_proj", "k_proj", "v_proj",
                                                                                      "out_proj", "fc1", "fc2"))])
 def test_count_from_config_matches_the_model(kit, settings):
-    model, _ = load_clip(kit["model"])
+    model = load_clip(kit["model"]).model
     head = torch.nn.Linear(model.config.projection_dim, 7)
     classifier = ClipClassifier(add_lora(model.requires_grad_(False).vision_model, settings),
                                 model.visual_projection, head)
@@ -71,7 +74,7 @@ def test_lora_writes_the_contract_files(task2_runs, tiny_clip):
 
 
 def _grads(kit, checkpointing: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    model, _ = load_clip(kit["model"])
+    model = load_clip(kit["model"]).model
     torch.manual_seed(0)  # the same adapter initialisation in both runs
     vision = add_lora(model.requires_grad_(False).vision_model,
                       LoraSettings(dropout=0.0, grad_checkpointing=checkpointing))
@@ -147,18 +150,18 @@ def test_lora_trains_without_the_labs_inference_model_in_memory(kit, tmp_path, m
     """The lab's frozen model (fp16 ViT-L/14 on CUDA) would sit in LoRA's memory and its peak."""
     from clip_utils import lora
     from clip_utils.lab import Lab
-    from clip_utils.train import TrainConfig
+    from clip_utils.config import TrainConfig
 
     lab = Lab(model=str(kit["model"]), data_root=kit["data"], results_dir=tmp_path, device="cpu", num_workers=0)
     lab.clip()  # as zero-shot and the probe leave it in the notebook
     seen = []
 
     def train(lab, *args, **kwargs):
-        seen.append(lab._clip)
+        seen.append(lab._loaded.clip)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(lora, "_train", train)
     with pytest.raises(KeyboardInterrupt):
         lora.run_lora(lab, "cub200", TrainConfig(epochs=1))
     assert seen == [None]
-    assert lab.clip()[0] is not None  # and it comes back on the next use
+    assert lab.clip().model is not None  # and it comes back on the next use

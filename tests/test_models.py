@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from clip_utils import models
-from clip_utils.models import ModelUnavailableError, Preprocess, load_clip
+from clip_utils import heads, models
+from clip_utils.models import ModelUnavailableError, load_clip
+from clip_utils.preprocess import Preprocess
 
 
 def test_tiny_clip_loads_with_from_pretrained(tiny_clip):
@@ -31,7 +33,7 @@ def test_transform_matches_the_hf_processor(tiny_clip):
     from PIL import Image
 
     _, processor = tiny_clip
-    photo = Image.open(models.__file__.replace("clip_utils/models.py", "my_photo/flower.png")).convert("RGB")
+    photo = Image.open(str(Path(models.__file__).parents[1] / "my_photo" / "flower.png")).convert("RGB")
     ours = Preprocess.from_processor(processor).transform()(photo)
     theirs = processor(images=photo, return_tensors="pt")["pixel_values"][0]
     assert ours.shape == theirs.shape == (3, 32, 32)
@@ -40,7 +42,7 @@ def test_transform_matches_the_hf_processor(tiny_clip):
 
 def test_image_embeddings_are_normalised(tiny_clip):
     model, _ = tiny_clip
-    emb = models.image_embeddings(model, torch.randn(3, 3, 32, 32))
+    emb = heads.image_embeddings(model, torch.randn(3, 3, 32, 32))
     assert emb.shape == (3, model.config.projection_dim)
     torch.testing.assert_close(emb.norm(dim=-1), torch.ones(3))
 
@@ -49,7 +51,7 @@ def test_the_classifier_head_runs_in_full_precision_under_autocast(tiny_clip):
     """bf16 logits (8-bit mantissa) would flip close calls between classes."""
     model, _ = tiny_clip
     head = torch.nn.Linear(model.config.projection_dim, 5)
-    classifier = models.ClipClassifier(model.vision_model, model.visual_projection, head)
+    classifier = heads.ClipClassifier(model.vision_model, model.visual_projection, head)
     pixels = torch.randn(2, 3, 32, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = classifier(pixels)
@@ -83,7 +85,7 @@ def test_folder_without_model_is_named(tmp_path):
 
 def test_zeroshot_head_reproduces_text_logits():
     text = torch.nn.functional.normalize(torch.randn(8, 5), dim=0)
-    head = models.zeroshot_head(text, logit_scale=100.0)
+    head = heads.zeroshot_head(text, logit_scale=100.0)
     x = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
     torch.testing.assert_close(head(x), 100.0 * x @ text)
 
@@ -101,7 +103,7 @@ def test_model_in_the_local_hub_cache_loads_without_network(kit, tmp_path):
     (tmp_path / "hub" / "models--someorg--tiny-clip" / "refs" / "main").write_text("0123abcd")
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(HF_HUB_CACHE=str(tmp_path / "hub"), HF_ENDPOINT="http://127.0.0.1:9")
-    code = "from clip_utils.models import load_clip; m, p = load_clip('someorg/tiny-clip'); print(type(m).__name__)"
+    code = "from clip_utils.models import load_clip; clip = load_clip('someorg/tiny-clip'); print(type(clip.model).__name__)"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0, proc.stderr

@@ -60,7 +60,7 @@ def test_task2_parameters_read_flags_and_lists_as_people_write_them(monkeypatch)
                         CLIP_DATASETS="flowers102, cub200", CLIP_LORA_TARGETS="q_proj, v_proj", CLIP_EPOCHS="4")
     assert scope["RESUME"] is True and scope["GRAD_CHECKPOINTING"] is True
     assert scope["DATASETS"] == ["flowers102", "cub200"] and scope["LORA_TARGETS"] == ("q_proj", "v_proj")
-    assert scope["EPOCHS"] == 4
+    assert scope["PROBE_EPOCHS"] == scope["LORA_EPOCHS"] == 4
 
 
 @pytest.mark.parametrize("notebook", ["Task1.ipynb", "Task2.ipynb"])

@@ -216,14 +216,14 @@ def test_prediction_matches_the_zeroshot_pipeline(lab):
     # The photo path (ClipClassifier with a zero-shot head) scores like the dataset path
     # (cached embeddings @ text classifier): same model, same preprocessing.
     from clip_utils import prompts, zeroshot
-    from clip_utils.models import image_embeddings
+    from clip_utils.heads import image_embeddings
 
-    model, processor = lab.clip()
+    model, processor = lab.clip().model, lab.clip().processor
     names = lab.dataset("cub200", "test").classes
     W = prompts.build_text_classifier(model, processor.tokenizer, names, prompts.prompt_sets("cub200")["domain"], "cpu")
     with torch.no_grad():
         embedding = image_embeddings(model, lab.preprocess.transform()(load_photo(FLOWER))[None])
-    probs = zeroshot.predict(embedding, W, zeroshot.logit_scale(model)).softmax(-1)[0]
+    probs = zeroshot.predict(embedding, W, lab.clip().logit_scale).softmax(-1)[0]
     (result,) = predict_photos(lab, [FLOWER], "cub200", top_k=3, prompt_set="domain")
     assert [t["label"] for t in result["top_k"]] == probs.topk(3).indices.tolist()
     assert [t["prob"] for t in result["top_k"]] == pytest.approx(probs.topk(3).values.tolist(), abs=1e-5)
@@ -259,12 +259,21 @@ def _common(kit, tmp_path):
 def test_cli_predict_json_and_errors(kit, tmp_path, capsys):
     code = main(["predict", str(FLOWER), str(tmp_path / "gone.jpg"), "--json", "--top-k", "3", *_common(kit, tmp_path)])
     results = json.loads(capsys.readouterr().out)
-    assert code == 0
+    assert code == 1  # one of the two photos failed: a script must be able to tell
     assert len(results[0]["top_k"]) == 3 and set(results[0]["top_k"][0]) == {"label", "name", "prob"}
     assert set(results[1]) == {"photo", "error"} and results[1]["photo"] == str(tmp_path / "gone.jpg")
     assert results[1]["error"].startswith(f"photo not found: {tmp_path / 'gone.jpg'}")
     assert main(["predict", str(tmp_path), *_common(kit, tmp_path)]) == 1  # nothing could be read
     assert "is a folder" in capsys.readouterr().out
+
+
+def test_predict_checks_the_photos_before_loading_any_model(tmp_path, capsys):
+    # A model path that cannot load: the missing photo must be reported first, and alone.
+    code = main(["predict", str(tmp_path / "missing.jpg"), "--dataset", "flowers102", "--model",
+                 str(tmp_path / "no-model"), "--results-dir", str(tmp_path), "--device", "cpu", "--no-download"])
+    captured = capsys.readouterr()
+    assert code == 1 and "photo not found" in captured.out
+    assert "model" not in captured.err
 
 
 def test_python_m_clip_utils_predict_prints_top5(kit, tmp_path):

@@ -61,7 +61,17 @@ def test_trained_methods_write_the_contract_files(executed, kit):
         assert [e["epoch"] for e in curves] == list(range(1, EPOCHS + 1))
         assert (folder / "head.safetensors").is_file()
     assert (results / DATASET / "lora" / "adapter" / "adapter_config.json").is_file()
-    assert (results / DATASET / "zeroshot" / "domain" / "metrics.json").is_file()
+    assert (results / DATASET / "zeroshot" / "auto" / "metrics.json").is_file()
+
+
+def test_the_baseline_is_the_zero_shot_number_of_the_summary(executed):
+    results, nb = executed
+    baseline = json.loads((results / DATASET / "zeroshot" / "auto" / "metrics.json").read_text())
+    summary = json.loads((results / "task2_summary.json").read_text())
+    row = next(r for r in summary["comparison"] if r["dataset"] == DATASET and r["method"] == "zeroshot")
+    assert row["prompt_set"] == f"auto ({baseline['selected_set']})" and row["top1"] == baseline["top1"]
+    printed = "".join(o.get("text", "") for c in nb.cells if "run_zeroshot" in c.source for o in c.outputs)
+    assert f"top-1 {baseline['top1']:.2%}" in printed and baseline["selected_set"] in printed
 
 
 def test_comparison_figures_and_summary(executed):

@@ -251,20 +251,20 @@ def test_cli_training_errors_are_one_line(kit, tmp_path, monkeypatch):
     def diverge(*args, **kwargs):
         raise TrainingError("training loss became nan at epoch 1, step 1: the run diverged. Try a lower lr")
 
-    monkeypatch.setattr(train, "run_probe", diverge)
+    monkeypatch.setattr("clip_utils.cli.run_probe", diverge)
     code, _, err = _cli(["probe", "--dataset", "cub200", *_common(kit, tmp_path)])
     assert code == 1 and err.startswith("error: training loss became nan") and "Traceback" not in err
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "run_probe", interrupted)
+    monkeypatch.setattr("clip_utils.cli.run_probe", interrupted)
     code, _, err = _cli(["probe", "--dataset", "cub200", *_common(kit, tmp_path)])
     assert code == 130 and "--resume" in err
 
 
 def test_standardised_head_folds_back_exactly():
-    from clip_utils.train import feature_scaling, standardized_head, unstandardized_head
+    from clip_utils.heads import feature_scaling, standardized_head, unstandardized_head
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(50, 8, generator=g) * 0.05 + 0.3
@@ -289,7 +289,8 @@ def test_probe_learns_in_a_few_epochs_at_the_notebook_learning_rate(short_probe_
     On the tiny model the zero-shot start is chance and its embeddings are nearly collinear;
     training in standardised feature units is what makes a few epochs enough.
     """
-    from clip_utils.train import TrainConfig, run_probe
+    from clip_utils.config import TrainConfig
+    from clip_utils.probe import run_probe
 
     metrics = run_probe(short_probe_lab, "cub200", TrainConfig(epochs=3, lr=1e-2))
     chance = 1 / len(metrics["class_names"])
@@ -297,21 +298,23 @@ def test_probe_learns_in_a_few_epochs_at_the_notebook_learning_rate(short_probe_
 
 
 def test_augmented_probe_trains_through_the_encoder_and_validates_the_head(short_probe_lab):
-    from clip_utils.checkpoints import load_classifier
-    from clip_utils.train import TrainConfig, read_curves, run_probe
+    from clip_utils.config import TrainConfig
+    from clip_utils.photos import classifier_for
+    from clip_utils.probe import run_probe
+    from clip_utils.train import read_curves
 
-    lab = short_probe_lab
-    lab.results_dir = lab.results_dir / "augmented"
+    lab = short_probe_lab.replace(results_dir=short_probe_lab.results_dir / "augmented")
     metrics = run_probe(lab, "cub200", TrainConfig(epochs=3, lr=1e-2, augment=True))
     assert metrics["config"]["augment"] is True
     assert len(read_curves(lab.results_dir / "cub200" / "linear_probe")) == 3
     assert metrics["top1"] > 5 / len(metrics["class_names"])  # standard units: learns as fast as on the cache
-    assert load_classifier(lab, "cub200", "probe").head.out_features == len(metrics["class_names"])
+    assert classifier_for(lab, "cub200", "probe").head.out_features == len(metrics["class_names"])
 
 
 def test_a_fresh_run_removes_the_previous_runs_results_first(short_probe_lab):
     from clip_utils import train
-    from clip_utils.train import TrainConfig, run_probe
+    from clip_utils.config import TrainConfig
+    from clip_utils.probe import run_probe
 
     out = short_probe_lab.results_dir / "cub200" / "linear_probe"
     run_probe(short_probe_lab, "cub200", TrainConfig(epochs=1, lr=1e-2))
@@ -327,9 +330,27 @@ def test_a_fresh_run_removes_the_previous_runs_results_first(short_probe_lab):
     assert len(train.read_curves(out)) == 1
 
 
+def test_a_fresh_run_that_dies_before_its_first_checkpoint_leaves_no_old_head(short_probe_lab, monkeypatch):
+    from clip_utils import train
+    from clip_utils.config import TrainConfig
+    from clip_utils.probe import run_probe
+
+    out = short_probe_lab.results_dir / "cub200" / "linear_probe"
+    run_probe(short_probe_lab, "cub200", TrainConfig(epochs=1, lr=1e-2))
+    assert (out / "head.safetensors").is_file()
+
+    def dies(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "_train_epoch", dies)
+    with pytest.raises(KeyboardInterrupt):
+        run_probe(short_probe_lab, "cub200", TrainConfig(epochs=2, lr=1e-2))
+    assert not (out / "head.safetensors").exists()  # predict cannot take the old run's head for this one's
+
+
 def test_the_augmented_probe_runs_its_frozen_encoder_exactly_as_the_cache_did(tiny_clip):
     """Under the loop's bf16 autocast the encoder still computes the cached features' numbers."""
-    from clip_utils.train import FrozenEncoderProbe
+    from clip_utils.heads import FrozenEncoderProbe
 
     model, _ = tiny_clip
     head = nn.Linear(model.visual_projection.out_features, 3)

@@ -236,12 +236,12 @@ def test_run_zeroshot_writes_the_contract(cub_run):
 
 def test_saved_predictions_are_the_prompt_classifier_argmax(cub_run):
     lab, results = cub_run
-    model, processor = lab.clip()
+    model, processor = lab.clip().model, lab.clip().processor
     names = results["domain_ensemble"]["class_names"]
     templates = prompts.prompt_sets("cub200")["domain_ensemble"]
     W = prompts.build_text_classifier(model, processor.tokenizer, names, templates, "cpu")
     feats = lab.features("cub200", "test")
-    expected = zeroshot.predict(feats.embeddings, W, zeroshot.logit_scale(model)).argmax(1)
+    expected = zeroshot.predict(feats.embeddings, W, lab.clip().logit_scale).argmax(1)
     rows = _rows(lab.results_dir / "cub200" / "zeroshot" / "domain_ensemble" / "predictions.csv")
     assert [int(r["pred"]) for r in rows] == expected.tolist()
 
@@ -265,7 +265,7 @@ def test_unknown_prompt_set_is_refused_before_any_work(kit, tmp_path, encode_cal
     lab = Lab(model=str(kit["model"]), data_root=kit["data"], results_dir=tmp_path, device="cpu")
     with pytest.raises(ValueError, match="unknown prompt set 'fancy'.*domain_ensemble"):
         zeroshot.run_zeroshot(lab, "cub200", ["fancy"])
-    assert encode_calls == [] and lab._clip is None
+    assert encode_calls == [] and lab._loaded.clip is None
 
 
 # --------------------------------------------------------------------------- command line
@@ -288,13 +288,14 @@ def test_cli_zeroshot_all_prompt_sets(zeroshot_cli_run, kit):
     assert "top-1" in out
 
 
-def test_cli_zeroshot_unknown_set_is_one_line(kit, tmp_path, capsys):
+def test_cli_zeroshot_unknown_set_is_a_usage_error(kit, tmp_path, capsys):
     from clip_utils.cli import main
 
-    code = main(["zeroshot", "--dataset", "cub200", "--prompts", "fancy", "--model", str(kit["model"]),
-                 "--data-root", str(kit["data"]), "--results-dir", str(tmp_path), "--device", "cpu"])
+    with pytest.raises(SystemExit) as exit_:
+        main(["zeroshot", "--dataset", "cub200", "--prompts", "fancy", "--model", str(kit["model"]),
+              "--data-root", str(kit["data"]), "--results-dir", str(tmp_path), "--device", "cpu"])
     err = capsys.readouterr().err
-    assert code == 1 and err.startswith("error: unknown prompt set 'fancy'") and "Traceback" not in err
+    assert exit_.value.code == 2 and "unknown prompt set 'fancy'" in err and "Traceback" not in err
 
 
 def test_validation_run_leaves_the_test_results_alone(cub_run):
@@ -359,7 +360,7 @@ def test_text_classifiers_are_built_once_per_lab(kit, tmp_path, monkeypatch):
         built.append(tuple(templates))
         return real(model, tokenizer, names, templates, *args, **kwargs)
 
-    monkeypatch.setattr(prompts, "build_text_classifier", spy)
+    monkeypatch.setattr("clip_utils.lab.build_text_classifier", spy)
     lab = Lab(model=str(kit["model"]), data_root=kit["data"], results_dir=tmp_path, device="cpu", num_workers=0)
     zeroshot.run_zeroshot(lab, "cub200", "all")
     n_sets = len(prompts.prompt_sets("cub200"))

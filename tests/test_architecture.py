@@ -1,0 +1,198 @@
+"""The package's shape: imports point one way, an immutable Lab, one place for defaults, installable."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+import clip_utils
+from clip_utils import config, lora, probe, progress
+from clip_utils.cli import build_parser
+from clip_utils.lab import Lab
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = Path(clip_utils.__file__).resolve().parent
+
+
+def import_graph(package: Path) -> dict[str, set[str]]:
+    """`{module: package modules it imports}`, every import statement counted, function bodies included."""
+    graph: dict[str, set[str]] = {}
+    for file in sorted(package.glob("*.py")):
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                # `from . import a, b` names modules; `from .a import x` names module a.
+                deps |= {a.name for a in node.names} if node.module is None else {node.module.split(".")[0]}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(f"{package.name}."):
+                deps.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith(f"{package.name}.")}
+        graph[file.stem] = deps & {f.stem for f in package.glob("*.py")}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as `[a, b, ..., a]`, or None."""
+    state: dict[str, str] = {}
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = "open"
+        path.append(node)
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == "open":
+                return path[path.index(dep):] + [dep]
+            if dep not in state and (cycle := visit(dep)):
+                return cycle
+        state[node] = "done"
+        path.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_cycle_finder_finds_a_planted_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_the_package_has_no_import_cycle_even_inside_functions():
+    graph = import_graph(PACKAGE)
+    assert {"lab", "train", "probe", "lora", "zeroshot", "checkpoints"} <= set(graph)
+    cycle = find_cycle(graph)
+    assert cycle is None, " -> ".join(cycle)
+
+
+def test_the_training_loop_knows_nothing_of_datasets_labs_or_methods():
+    graph = import_graph(PACKAGE)
+    assert not graph["train"] & {"data", "lab", "probe", "lora", "zeroshot", "features"}
+    # the methods are peers: none imports another
+    for method in ("zeroshot", "probe", "lora"):
+        assert not graph[method] & ({"zeroshot", "probe", "lora"} - {method}), method
+
+
+def test_a_lab_is_immutable(kit, tmp_path):
+    lab = Lab(model=str(kit["model"]), data_root=kit["data"], results_dir=tmp_path, device="cpu")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        lab.model = "openai/clip-vit-base-patch32"
+    assert lab.replace(batch_size=7).batch_size == 7 and lab.batch_size != 7
+
+
+def test_labs_with_different_models_never_share_features_or_text_classifiers(kit, tmp_path):
+    from clip_utils.testkit import make_tiny_clip
+
+    other_model = make_tiny_clip(tmp_path / "other-model", seed=1)
+    a = Lab(model=str(kit["model"]), data_root=kit["data"], results_dir=tmp_path / "r", device="cpu", num_workers=0,
+            download=False)
+    b = a.replace(model=str(other_model))  # same results folder and feature cache folder
+    fa, fb = a.features("cub200", "val"), b.features("cub200", "val")
+    assert not fb.encoding["from_cache"]  # b encoded with its own model instead of reading a's cache
+    assert not fa.embeddings.allclose(fb.embeddings)
+    assert len(list(a.cache_dir.glob("cub200-val-*.safetensors"))) == 2
+    assert not a.text_classifier("cub200", "domain").allclose(b.text_classifier("cub200", "domain"))
+    assert a.clip() is not b.clip() and a.clip() is a.clip()
+
+
+def _parameters(notebook: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLIP_")}
+    cell = next(c for c in nbformat.read(ROOT / notebook, as_version=4).cells
+                if "parameters" in c.metadata.get("tags", []))
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        scope: dict = {}
+        exec(cell.source, scope)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return scope
+
+
+def _cli_defaults(command: str, *extra: str) -> dict:
+    env = {k: os.environ.pop(k) for k in ("CLIP_EPOCHS", "CLIP_BATCH_SIZE") if k in os.environ}
+    try:
+        return vars(build_parser().parse_args([command, *extra, "--dataset", "flowers102"]))
+    finally:
+        os.environ.update(env)
+
+
+def test_the_cli_notebooks_and_api_train_and_predict_with_the_same_defaults():
+    cli_probe, cli_lora = _cli_defaults("probe"), _cli_defaults("lora")
+    cli_predict = _cli_defaults("predict", "photo.jpg")
+    task1, task2 = _parameters("Task1.ipynb"), _parameters("Task2.ipynb")
+    for cfg, cli, epochs, lr in ((config.PROBE, cli_probe, "PROBE_EPOCHS", "PROBE_LR"),
+                                 (config.LORA, cli_lora, "LORA_EPOCHS", "LORA_LR")):
+        assert (cli["epochs"], cli["lr"], cli["weight_decay"], cli["augment"], cli["batch_size"]) == (
+            cfg.epochs, cfg.lr, cfg.weight_decay, cfg.augment, cfg.batch_size)
+        assert (task2[epochs], task2[lr], task2["BATCH_SIZE"]) == (cfg.epochs, cfg.lr, cfg.batch_size)
+    settings = config.LORA_SETTINGS
+    assert (cli_lora["rank"], cli_lora["alpha"], cli_lora["dropout"], tuple(cli_lora["targets"])) == (
+        settings.rank, settings.alpha, settings.dropout, settings.targets)
+    assert (task2["LORA_RANK"], task2["LORA_ALPHA"], task2["LORA_DROPOUT"], task2["LORA_TARGETS"]) == (
+        settings.rank, settings.alpha, settings.dropout, settings.targets)
+    assert cli_predict["prompts"] == task1["PHOTO_PROMPT_SET"] == task2["PHOTO_PROMPT_SET"] == config.PHOTO_PROMPT_SET
+    assert cli_predict["top_k"] == task1["TOP_K"] == task2["TOP_K"] == config.TOP_K
+    assert inspect.signature(probe.run_probe).parameters["cfg"].default is config.PROBE
+    assert inspect.signature(lora.run_lora).parameters["cfg"].default is config.LORA
+    assert inspect.signature(lora.run_lora).parameters["lora"].default is config.LORA_SETTINGS
+
+
+def test_the_packaged_class_names_are_the_seed_layouts_file():
+    assert json.loads((PACKAGE / "assets" / "cat_to_name.json").read_text()) == json.loads(
+        (ROOT / "cat_to_name.json").read_text())
+
+
+def test_the_installed_package_works_from_any_folder(tmp_path):
+    source = tmp_path / "source"  # a copy, so the build leaves nothing in the checkout
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(PACKAGE, source / "clip_utils", ignore=shutil.ignore_patterns("__pycache__"))
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--disable-pip-version-check", "--target", str(target), str(source)],
+                   check=True, capture_output=True, timeout=300)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    helped = subprocess.run([str(target / "bin" / "clip-lab"), "--help"], cwd=elsewhere, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert helped.returncode == 0, helped.stderr
+    assert helped.stdout.startswith("usage: clip-lab") and "zeroshot" in helped.stdout
+    code = ("import clip_utils; from clip_utils.data import class_names; "
+            "print(clip_utils.__file__); print(class_names('flowers102')[0])")
+    run = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    where, first = run.stdout.splitlines()
+    assert Path(where).is_relative_to(target) and first == "pink primrose"
+
+
+def test_tqdm_disable_hides_every_bar(monkeypatch, capsys):
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert list(progress.bar(range(3), desc="x")) == [0, 1, 2]
+    assert capsys.readouterr().err == ""
+
+
+def test_a_bar_in_a_log_prints_a_few_lines_not_carriage_returns(monkeypatch, capsys):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    for _ in progress.bar(range(5000), desc="long pass", unit="img"):
+        pass
+    err = capsys.readouterr().err  # captured: not a terminal, as in CI or under nohup
+    assert "\r" not in err
+    lines = err.strip().splitlines()
+    assert 1 <= len(lines) <= 3 and "5000/5000" in lines[-1]
