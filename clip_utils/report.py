@@ -26,18 +26,12 @@ from pathlib import Path
 
 
 from . import zeroshot
+from .charts import plot_comparison, plot_curves, plot_dynamics
 from .data import DATASETS
 from .evaluation import figure_paths, run_label
 from .methods import METHODS, TRAINED
 from .methods import method as method_named
-from .plots import (
-    plot_comparison,
-    plot_confusion,
-    plot_curves,
-    plot_dynamics,
-    plot_prompt_comparison,
-    plot_sample_predictions,
-)
+from .plots import plot_confusion, plot_prompt_comparison, plot_sample_predictions
 from .results import figures_dir, method_dir, read_json, write_csv
 COLUMNS = ("dataset", "method", "prompt_set", "n", "top1", "top5", "mean_per_class", "trainable_params",
            "trainable_pct", "train_seconds", "seconds", "peak_vram_mb", "epochs", "best_epoch", "model")
@@ -256,8 +250,7 @@ def redraw_evaluation(folder: str | Path, figures: Mapping[str, Path]) -> tuple[
     if absent:
         return [figures["confusion"]], [f"{figures['samples'].name} not redrawn: {len(absent)} of {len(paths)} "
                                         f"images listed in {predictions} are missing (e.g. {absent[0]})"]
-    plot_sample_predictions(paths, labels, preds, names, title=f"{what}: sample predictions",
-                            path=figures["samples"])
+    plot_sample_predictions(paths, labels, preds, names, title=what, path=figures["samples"])
     return [figures["confusion"], figures["samples"]], []
 
 

@@ -13,6 +13,7 @@ import pytest
 from clip_utils import prompts
 from clip_utils.data import load_dataset
 from clip_utils.notebooks import execute_notebook
+from notebook_outputs import bar_lines, saved_text, unfinished_bars, widgets
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "Task1.ipynb"
@@ -95,3 +96,21 @@ def test_the_executed_notebook_shows_its_pictures(executed):
     assert len(images) >= 5 + 3 * len(DATASETS)
     text = "".join(o.get("text", "") for o in outputs)
     assert "more classes in" in text and "macro avg" in text and "task1_summary.json" in text
+
+
+def test_saved_progress_is_plain_text_that_ends_at_each_total(executed):
+    _, nb, _ = executed
+    text = saved_text(nb)
+    assert widgets(nb) == 0  # a viewer without widget support would show `0%| | 0/N`
+    assert bar_lines(text), "no progress saved at all"
+    assert unfinished_bars(text) == []
+    assert "\x1b" not in text  # no terminal escape codes in a saved notebook
+    assert "Loading weights" not in text
+
+
+def test_each_prompt_set_is_encoded_under_its_own_bar_once(executed):
+    _, nb, _ = executed
+    descs = [desc for desc, *_ in bar_lines(saved_text(nb))]
+    for dataset in DATASETS:
+        for name in prompts.prompt_sets(dataset):
+            assert descs.count(f"encoding {dataset} prompts ({name})") == 1, (dataset, name)

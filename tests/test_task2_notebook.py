@@ -11,6 +11,7 @@ import pytest
 
 from clip_utils.data import load_dataset
 from clip_utils.notebooks import execute_notebook
+from notebook_outputs import bar_lines, saved_text, unfinished_bars, widgets
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "Task2.ipynb"
@@ -89,3 +90,14 @@ def test_comparison_figures_and_summary(executed):
     assert all(v["peak_allocated_mb"] is None for v in summary["vram"].values())
     images = sum(1 for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {}))
     assert images >= 5  # curves, reports, comparison and photos are shown, not only saved
+
+
+def test_saved_progress_is_plain_text_that_ends_at_each_total(executed):
+    _, nb = executed
+    text = saved_text(nb)
+    assert widgets(nb) == 0  # a viewer without widget support would show `0%| | 0/N`
+    descs = [desc for desc, *_ in bar_lines(text)]
+    assert f"{DATASET} LoRA" in descs and f"{DATASET} linear probe" in descs  # the epoch bars
+    assert unfinished_bars(text) == []
+    assert "\x1b" not in text  # no terminal escape codes in a saved notebook
+    assert "Loading weights" not in text  # one bar per model load, seven in a run, said nothing
