@@ -25,6 +25,7 @@ import torch
 
 from . import config, prompts
 from .checkpoints import CheckpointError
+from .classnames import NAMINGS
 from .config import LoraSettings, TrainConfig
 from .data import DATASETS, DatasetNotFoundError, UnreadableImageError
 from .lab import Lab, check_device
@@ -108,6 +109,9 @@ def _common(parser: argparse.ArgumentParser, batch_size: int) -> None:
                    help="file reader threads (default: cores - 1)")
     g.add_argument("--no-download", dest="download", action="store_false",
                    help="never download: fail when a dataset is missing")
+    g.add_argument("--class-names", choices=NAMINGS, default=os.environ.get("CLIP_CLASS_NAMES") or config.CLASS_NAMING,
+                   help="class names in prompts and results: curated (CLIP's Flowers102 list, CUB's proper bird "
+                        "names) or original (the datasets' own) (default: %(default)s)")
 
 
 def _training(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
@@ -182,7 +186,7 @@ def _lab(args) -> Lab:
     encode = getattr(args, "encode_batch_size", args.batch_size)
     return Lab(model=args.model, data_root=args.data_root, results_dir=args.results_dir, device=args.device,
                batch_size=args.batch_size, encode_batch_size=encode, seed=args.seed, download=args.download,
-               num_workers=args.workers)
+               num_workers=args.workers, class_naming=args.class_names)
 
 
 def cmd_zeroshot(args) -> None:

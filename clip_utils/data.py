@@ -28,6 +28,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from .classnames import check_naming, cub_proper_name, curated_flowers102
 from .net import reachable
 
 DATASETS = ("flowers102", "cub200")
@@ -143,7 +144,7 @@ def load_dataset(
     return ImageListDataset(samples, classes, transform, name=name, split=split)
 
 
-def class_names(name: str, root: str | Path = "data") -> list[str]:
+def class_names(name: str, root: str | Path = "data", naming: str = "curated") -> list[str]:
     """Class names of a dataset in label order, from metadata only (no images, no download).
 
     Naming the classes of a trained head or of a photo's prediction must not require the
@@ -153,14 +154,19 @@ def class_names(name: str, root: str | Path = "data") -> list[str]:
     Args:
         name: `flowers102` or `cub200`.
         root: dataset root folder (only CUB reads it, for a local classes.txt).
+        naming: `curated` (the names prompts use: CLIP's Flowers102 list, CUB's birds' proper
+            names; see `classnames`) or `original` (what the dataset ships, as `.classes`).
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    curated = check_naming(naming) == "curated"
     if name == "flowers102":
-        return flowers102_class_names()
+        names = flowers102_class_names()
+        return curated_flowers102(names) if curated else names
     local = Path(root) / CUB_DIR / "classes.txt"
     table = local if local.is_file() else BUNDLED_CUB_CLASSES
-    return [cub_class_name(row[1]) for row in _read_table(table)]
+    folders = [row[1] for row in _read_table(table)]
+    return [cub_proper_name(f) if curated else cub_class_name(f) for f in folders]
 
 
 # --------------------------------------------------------------------------- Flowers102

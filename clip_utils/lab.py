@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .config import DEFAULT_MODEL, INFERENCE_BATCH_SIZE
+from .classnames import check_naming
+from .config import CLASS_NAMING, DEFAULT_MODEL, INFERENCE_BATCH_SIZE
 from .data import ImageListDataset, class_names, load_dataset
 from .features import Features, encode_dataset
 from .models import Clip, load_clip, load_preprocess
@@ -79,6 +80,8 @@ class Lab:
         seed: random seed for training and sampling.
         download: download missing datasets.
         num_workers: file reader threads, or worker processes on the PIL path (None: all cores but one).
+        class_naming: the class names prompts, tables and figures use: `curated` (CLIP's
+            Flowers102 list, CUB's proper bird names) or `original` (the datasets' own).
     """
 
     model: str = DEFAULT_MODEL
@@ -90,6 +93,7 @@ class Lab:
     seed: int = 0
     download: bool = True
     num_workers: int | None = None
+    class_naming: str = CLASS_NAMING
     _loaded: _Loaded = field(default_factory=_Loaded, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -100,6 +104,7 @@ class Lab:
         set_(self, "results_dir", Path(self.results_dir))
         set_(self, "device", self.device or default_device())
         check_device(self.device)
+        check_naming(self.class_naming)
         if self.batch_size < 1:
             raise ValueError(f"batch size must be positive, got {self.batch_size}")
         if self.encode_batch_size is None:
@@ -134,8 +139,13 @@ class Lab:
         return self._loaded.preprocess
 
     def class_names(self, dataset: str) -> list[str]:
-        """Class names of `dataset` in label order (metadata only, no images)."""
-        return class_names(dataset, self.data_root)
+        """Class names of `dataset` in label order as `class_naming` says (metadata only, no images)."""
+        return class_names(dataset, self.data_root, self.class_naming)
+
+    def label_map(self, dataset: str) -> list[str]:
+        """The dataset's own class names in label order: what checkpoints are checked against,
+        so a head trained under one naming still loads under the other."""
+        return class_names(dataset, self.data_root, "original")
 
     def text_classifier(self, dataset: str, prompt_set: str) -> torch.Tensor:
         """`(D, C)` zero-shot class weights of a prompt set, built once per lab and shared by

@@ -81,9 +81,9 @@ def run_probe(lab: Lab, dataset: str, cfg: TrainConfig = config.PROBE, resume: b
     model = lab.clip().model
     model.requires_grad_(False)  # frozen encoder; only the head learns
     feats = {split: lab.features(dataset, split) for split in ("train", "val", "test")}
-    class_names = lab.dataset(dataset, "test").classes
+    class_names = lab.class_names(dataset)
     head = zeroshot_init_head(lab, dataset)
-    info = dict(dataset=dataset, method=METHOD, model=lab.model, class_names=class_names,
+    info = dict(dataset=dataset, method=METHOD, model=lab.model, class_names=lab.label_map(dataset),
                 embed_dim=head.in_features)
 
     train_x = feats["train"].embeddings.to(device)
@@ -122,8 +122,8 @@ def run_probe(lab: Lab, dataset: str, cfg: TrainConfig = config.PROBE, resume: b
         out_dir=out, device=device, batch_size=cfg.batch_size,
         # head_units: resume.pt holds the head in standard units (older runs trained the
         # augmented probe in raw units: same names and shapes, so only this tells them apart).
-        fingerprint={"dataset": dataset, "model": lab.model, "method": METHOD, "n_train": len(train_y),
-                     "augment": cfg.augment, "head_units": "standard"},
+        fingerprint={"dataset": dataset, "model": lab.model, "method": METHOD, "class_naming": lab.class_naming,
+                     "n_train": len(train_y), "augment": cfg.augment, "head_units": "standard"},
         val_model=unit_head if cfg.augment else None,
         autocast=False,
     )
@@ -158,7 +158,7 @@ def load_classifier(lab: Lab, dataset: str) -> ClipClassifier:
         raise missing_checkpoint(path, dataset, METHOD)
     head, info = read_head(path)
     clip = lab.clip()
-    check_head(info, head_info(dataset=dataset, method=METHOD, model=lab.model, class_names=lab.class_names(dataset),
+    check_head(info, head_info(dataset=dataset, method=METHOD, model=lab.model, class_names=lab.label_map(dataset),
                                embed_dim=clip.embed_dim), path)
     # The head stays float32 beside an fp16 encoder: ClipClassifier casts the embedding up.
     return ClipClassifier(clip.model.vision_model, clip.model.visual_projection, head.float().to(lab.device)).eval()

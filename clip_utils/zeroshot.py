@@ -160,6 +160,7 @@ def run_zeroshot(
         logits = predict(feats.embeddings, lab.text_classifier(dataset, chosen), scale)
         info = {
             "dataset": dataset, "split": split, "method": METHOD, "model": str(lab.model),
+            "class_names_source": lab.class_naming,
             "prompt_set": name, "templates": sets[chosen], **extra, "logit_scale": scale,
             "seconds": time.perf_counter() - start, "feature_seconds": encoding.get("seconds"),
             "features_from_cache": encoding.get("from_cache"), "peak_vram_mb": encoding.get("peak_vram_mb"),

@@ -122,10 +122,23 @@ def test_unreadable_image_names_the_file(kit, tmp_path):
 
 def test_class_names_need_no_images_and_no_download(tmp_path, kit, monkeypatch):
     monkeypatch.setattr(data, "reachable", lambda url: pytest.fail("must not touch the network"))
-    assert data.class_names("cub200", tmp_path)[0] == "Black footed Albatross"  # bundled official list
+    assert data.class_names("cub200", tmp_path, "original")[0] == "Black footed Albatross"  # bundled official list
     assert len(data.class_names("cub200", tmp_path)) == 200
-    assert data.class_names("cub200", kit["data"]) == load_dataset("cub200", kit["data"], "test").classes
+    assert data.class_names("cub200", kit["data"], "original") == load_dataset("cub200", kit["data"], "test").classes
     assert data.class_names("flowers102", tmp_path)[0] == "pink primrose"
+
+
+def test_curated_names_are_the_anchors_and_the_birds_proper_names(tmp_path):
+    flowers, cub = data.class_names("flowers102", tmp_path), data.class_names("cub200", tmp_path)
+    original = data.class_names("flowers102", tmp_path, "original")
+    assert (original[77], flowers[77]) == ("lotus lotus", "lotus")  # CLIP's list, behind the published 79.2%
+    assert (original[92], flowers[92]) == ("ball moss", "air plant")
+    assert sum(a != b for a, b in zip(original, flowers, strict=True)) == 4
+    assert (cub[0], cub[8], cub[21]) == ("Black-footed Albatross", "Brewer's Blackbird", "Chuck-will's-widow")
+    assert "Black-and-white Warbler" in cub and "Arctic Tern" in cub and "Le Conte's Sparrow" in cub
+    assert len(set(cub)) == 200 and not any("_" in name for name in cub)
+    with pytest.raises(ValueError, match="curated or original"):
+        data.class_names("cub200", tmp_path, "fancy")
 
 
 def test_incomplete_extraction_is_never_taken_for_a_dataset(tmp_path, kit):

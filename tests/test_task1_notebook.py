@@ -11,7 +11,7 @@ import nbformat
 import pytest
 
 from clip_utils import prompts
-from clip_utils.data import load_dataset
+from clip_utils.data import class_names, load_dataset
 from clip_utils.notebooks import execute_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +55,7 @@ def test_results_files_follow_the_contract(executed, kit):
             assert {"dataset", "split", "method", "model", "n", "top1", "top5", "mean_per_class", "class_names",
                     "seconds", "templates", "prompt_set"} <= set(m)
             assert m["dataset"] == dataset and m["method"] == "zeroshot" and m["model"] == str(kit["model"])
-            assert m["class_names"] == test.classes
+            assert m["class_names"] == class_names(dataset, kit["data"]) and m["class_names_source"] == "curated"
             assert m["templates"] == sets[m.get("selected_set", name)]
             with open(folder / "predictions.csv", newline="") as f:
                 rows = list(csv.DictReader(f))

@@ -9,7 +9,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from clip_utils.data import load_dataset
+from clip_utils.data import class_names, load_dataset
 from clip_utils.notebooks import execute_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def test_trained_methods_write_the_contract_files(executed, kit):
                 "seconds", "trainable_params", "trainable_pct", "epochs", "best_epoch", "peak_vram_mb",
                 "config"} <= set(m)
         assert (m["method"], m["epochs"], m["n"], m["peak_vram_mb"]) == (method, EPOCHS, len(test), None)
-        assert m["class_names"] == test.classes and m["model"] == str(kit["model"])
+        assert m["class_names"] == class_names(DATASET, kit["data"]) and m["model"] == str(kit["model"])
         with open(folder / "predictions.csv", newline="") as f:
             rows = list(csv.DictReader(f))
         assert len(rows) == len(test) and {"path", "label", "pred"} <= set(rows[0])
