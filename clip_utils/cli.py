@@ -28,6 +28,7 @@ from .checkpoints import CheckpointError
 from .classnames import NAMINGS
 from .config import LoraSettings, TrainConfig
 from .data import DATASETS, DatasetNotFoundError, UnreadableImageError
+from .imagefolder import PREFIX
 from .lab import Lab, check_device
 from .lora import run_lora
 from .methods import CHOICES
@@ -90,9 +91,21 @@ def _device(text: str) -> str:
     return text
 
 
+def _dataset(text: str) -> str:
+    # The name's form only; an image folder's contents are checked when it loads (exit 1).
+    if text in DATASETS or text.startswith(PREFIX):
+        return text
+    raise argparse.ArgumentTypeError(f"unknown dataset {text!r}: choose one of {', '.join(DATASETS)}, "
+                                     f"or {PREFIX}PATH for your own folder of class folders")
+
+
 def _common(parser: argparse.ArgumentParser, batch_size: int) -> None:
     g = parser.add_argument_group("common options")
-    g.add_argument("--dataset", required=True, choices=DATASETS, help="dataset to use")
+    g.add_argument("--dataset", required=True, type=_dataset, metavar="DATASET",
+                   help=f"{', '.join(DATASETS)}, or {PREFIX}PATH (your own class folders; see README)")
+    g.add_argument("--domain", default=None, metavar="PHRASE",
+                   help="what an image-folder dataset's images show, for the domain prompts "
+                        "(e.g. 'a type of mushroom'; default: its classes.json, else none)")
     g.add_argument("--model", default=os.environ.get("CLIP_MODEL", config.DEFAULT_MODEL),
                    help="Hugging Face CLIP id or local folder (default: %(default)s)")
     g.add_argument("--data-root", default=os.environ.get("CLIP_DATA_ROOT", "data"),
@@ -186,7 +199,7 @@ def _lab(args) -> Lab:
     encode = getattr(args, "encode_batch_size", args.batch_size)
     return Lab(model=args.model, data_root=args.data_root, results_dir=args.results_dir, device=args.device,
                batch_size=args.batch_size, encode_batch_size=encode, seed=args.seed, download=args.download,
-               num_workers=args.workers, class_naming=args.class_names)
+               num_workers=args.workers, class_naming=args.class_names, domain=args.domain)
 
 
 def cmd_zeroshot(args) -> None:
@@ -251,7 +264,11 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def _check_arguments(parser: argparse.ArgumentParser, args) -> None:
     """Usage errors that need more than one argument to see, found before anything loads."""
-    if args.command == "zeroshot" or (args.command == "predict" and args.method == "zeroshot"):
+    if getattr(args, "domain", None) and not args.dataset.startswith(PREFIX):
+        parser.error(f"--domain is for {PREFIX}PATH datasets; {args.dataset} has its own domain phrase")
+    # An image folder's sets depend on its classes.json: they are checked when it loads.
+    zeroshot_prompts = args.command == "zeroshot" or (args.command == "predict" and args.method == "zeroshot")
+    if zeroshot_prompts and args.dataset in DATASETS:
         try:
             prompts.resolve(args.prompts, args.dataset)
         except ValueError as err:

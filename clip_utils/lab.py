@@ -82,6 +82,8 @@ class Lab:
         num_workers: file reader threads, or worker processes on the PIL path (None: all cores but one).
         class_naming: the class names prompts, tables and figures use: `curated` (CLIP's
             Flowers102 list, CUB's proper bird names) or `original` (the datasets' own).
+        domain: a domain phrase for the `domain` prompt sets (`a type of mushroom`), over the
+            dataset's own (an image folder's classes.json); None: the dataset's.
     """
 
     model: str = DEFAULT_MODEL
@@ -94,6 +96,7 @@ class Lab:
     download: bool = True
     num_workers: int | None = None
     class_naming: str = CLASS_NAMING
+    domain: str | None = None
     _loaded: _Loaded = field(default_factory=_Loaded, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -147,6 +150,10 @@ class Lab:
         so a head trained under one naming still loads under the other."""
         return class_names(dataset, self.data_root, "original")
 
+    def prompt_sets(self, dataset: str) -> dict[str, list[str]]:
+        """The prompt sets of `dataset` (`prompts.prompt_sets`, with this lab's domain phrase)."""
+        return prompt_sets(dataset, self.domain)
+
     def text_classifier(self, dataset: str, prompt_set: str) -> torch.Tensor:
         """`(D, C)` zero-shot class weights of a prompt set, built once per lab and shared by
         every user (zero-shot evaluation, `auto`'s selection, photos, the heads' initialisation).
@@ -157,7 +164,7 @@ class Lab:
         """
         key = (dataset, prompt_set)
         if key not in self._loaded.text:
-            sets = prompt_sets(dataset)
+            sets = self.prompt_sets(dataset)
             if prompt_set not in sets:
                 raise ValueError(f"unknown prompt set {prompt_set!r} for {dataset}: choose from {', '.join(sets)}")
             clip = self.clip()

@@ -49,6 +49,7 @@ from .checkpoints import (
     save_head,
 )
 from .config import LoraSettings, TrainConfig
+from .data import canonical_name, results_name
 from .evaluation import save_evaluation
 from .heads import ClipClassifier, count_parameters
 from .inputs import iter_labelled_batches
@@ -180,7 +181,7 @@ def _train(lab: Lab, dataset: str, splits: dict, head: nn.Linear, cfg: TrainConf
         steps_per_epoch=math.ceil(n_train / cfg.batch_size), save_best=save_best,
         checkpoints=(HEAD_FILE, ADAPTER_DIR), out_dir=out, device=device, batch_size=cfg.batch_size,
         oom_hint=" or add --grad-checkpointing (LoraSettings(grad_checkpointing=True))",
-        fingerprint={"dataset": dataset, "model": lab.model, "method": METHOD, "class_naming": lab.class_naming,
+        fingerprint={"dataset": dataset, "model": lab.model, "method": METHOD, "class_naming": lab.class_naming, "domain": lab.domain,
                      "n_train": n_train, **{f"lora_{k}": v for k, v in asdict(lora).items() if k != "grad_checkpointing"}},
     )
     return _Trained(fit(job, cfg, resume=resume, callbacks=callbacks), trainable, total, pre)
@@ -207,6 +208,7 @@ def run_lora(lab: Lab, dataset: str, cfg: TrainConfig = config.LORA, lora: LoraS
         The metrics.json content.
     """
     start = time.perf_counter()
+    dataset = canonical_name(dataset)
     cfg = resolved(cfg, lab)
     device = torch.device(lab.device)
     out = method_dir(lab.results_dir, dataset, METHOD)
@@ -234,7 +236,7 @@ def run_lora(lab: Lab, dataset: str, cfg: TrainConfig = config.LORA, lora: LoraS
                    peak_vram_mb=vram.peak_allocated_mb, peak_reserved_mb=vram.peak_reserved_mb,
                    seconds=time.perf_counter() - start, extra_config=lora_config)
     return save_evaluation(out, logits=logits, labels=labels, paths=[p for p, _ in test.samples],
-                           class_names=class_names, info=run, figure_prefix=f"{dataset}_lora",
+                           class_names=class_names, info=run, figure_prefix=f"{results_name(dataset)}_{METHOD}",
                            results_dir=lab.results_dir)
 
 
@@ -255,6 +257,7 @@ def load_classifier(lab: Lab, dataset: str) -> ClipClassifier:
     """
     from peft import PeftModel
 
+    dataset = canonical_name(dataset)
     paths = checkpoint_paths(lab.results_dir, dataset, METHOD)
     if not paths["head"].is_file():
         raise missing_checkpoint(paths["head"], dataset, METHOD)

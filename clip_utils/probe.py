@@ -38,6 +38,7 @@ from .checkpoints import (
     save_head,
 )
 from .config import TrainConfig
+from .data import canonical_name, results_name
 from .evaluation import save_evaluation
 from .heads import (
     ClipClassifier,
@@ -75,6 +76,7 @@ def run_probe(lab: Lab, dataset: str, cfg: TrainConfig = config.PROBE, resume: b
         The metrics.json content.
     """
     start = time.perf_counter()
+    dataset = canonical_name(dataset)
     cfg = resolved(cfg, lab)
     device = torch.device(lab.device)
     out = method_dir(lab.results_dir, dataset, METHOD)
@@ -122,7 +124,7 @@ def run_probe(lab: Lab, dataset: str, cfg: TrainConfig = config.PROBE, resume: b
         out_dir=out, device=device, batch_size=cfg.batch_size,
         # head_units: resume.pt holds the head in standard units (older runs trained the
         # augmented probe in raw units: same names and shapes, so only this tells them apart).
-        fingerprint={"dataset": dataset, "model": lab.model, "method": METHOD, "class_naming": lab.class_naming,
+        fingerprint={"dataset": dataset, "model": lab.model, "method": METHOD, "class_naming": lab.class_naming, "domain": lab.domain,
                      "n_train": len(train_y), "augment": cfg.augment, "head_units": "standard"},
         val_model=unit_head if cfg.augment else None,
         autocast=False,
@@ -139,7 +141,7 @@ def run_probe(lab: Lab, dataset: str, cfg: TrainConfig = config.PROBE, resume: b
                    total=encoder_params + head_params, peak_vram_mb=vram.peak_allocated_mb,
                    peak_reserved_mb=vram.peak_reserved_mb, seconds=time.perf_counter() - start)
     return save_evaluation(out, logits=logits, labels=labels, paths=feats["test"].paths, class_names=class_names,
-                           info=run, figure_prefix=f"{dataset}_linear_probe", results_dir=lab.results_dir)
+                           info=run, figure_prefix=f"{results_name(dataset)}_{METHOD}", results_dir=lab.results_dir)
 
 
 def load_classifier(lab: Lab, dataset: str) -> ClipClassifier:
@@ -153,6 +155,7 @@ def load_classifier(lab: Lab, dataset: str) -> ClipClassifier:
         FileNotFoundError: not trained yet (the message names the command to run).
         CheckpointError: damaged, or trained for another dataset, class list or model.
     """
+    dataset = canonical_name(dataset)
     path = checkpoint_paths(lab.results_dir, dataset, METHOD)["head"]
     if not path.is_file():
         raise missing_checkpoint(path, dataset, METHOD)
