@@ -28,6 +28,8 @@ from typing import Any
 import torch
 
 from . import metrics, plots
+from .data import results_name
+from .methods import method as method_named
 from .results import figures_dir, write_json, write_predictions, write_text
 
 REPORT_FILE = "classification_report.txt"
@@ -42,6 +44,17 @@ def figure_paths(results_dir: str | Path, figure_prefix: str) -> dict[str, Path]
     """
     folder = Path(results_dir) / "figures"
     return {kind: folder / f"{figure_prefix}_{kind}.png" for kind in ("confusion", "samples")}
+
+
+def method_figures(results_dir: str | Path, dataset: str, method: str) -> dict[str, Path]:
+    """The confusion and sample figures of a trained method's test run: `{"confusion", "samples"}`.
+
+    Args:
+        results_dir: the results root.
+        dataset: a registered dataset or `imagefolder:PATH`.
+        method: `linear_probe` (or `probe`) or `lora`.
+    """
+    return figure_paths(results_dir, f"{results_name(dataset)}_{method_named(method).name}")
 
 
 def run_label(info: Mapping[str, Any]) -> str:

@@ -181,9 +181,10 @@ class Lab:
         """Frozen-encoder embeddings of a split: from memory, the disk cache, or encoded now."""
         key = (name, split)
         if key not in self._loaded.features:
+            dataset = self.dataset(name, split)  # first: a missing dataset is said before a model loads
             clip = self.clip()
             self._loaded.features[key] = encode_dataset(
-                clip.model, self.dataset(name, split), clip.preprocess, self.device,
+                clip.model, dataset, clip.preprocess, self.device,
                 cache_dir=self.cache_dir, batch_size=self.encode_batch_size, num_workers=self.num_workers,
                 fingerprint=clip.fingerprint,
             )

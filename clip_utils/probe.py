@@ -80,9 +80,9 @@ def run_probe(lab: Lab, dataset: str, cfg: TrainConfig = config.PROBE, resume: b
     cfg = resolved(cfg, lab)
     device = torch.device(lab.device)
     out = method_dir(lab.results_dir, dataset, METHOD)
+    feats = {split: lab.features(dataset, split) for split in ("train", "val", "test")}
     model = lab.clip().model
     model.requires_grad_(False)  # frozen encoder; only the head learns
-    feats = {split: lab.features(dataset, split) for split in ("train", "val", "test")}
     class_names = lab.class_names(dataset)
     head = zeroshot_init_head(lab, dataset)
     info = dict(dataset=dataset, method=METHOD, model=lab.model, class_names=lab.label_map(dataset),

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from . import zeroshot
 from .data import results_name
-from .evaluation import figure_paths, run_label
+from .evaluation import method_figures, run_label
 from .methods import METHODS, TRAINED
 from .methods import method as method_named
 from .plots import (
@@ -172,8 +172,7 @@ def saved_evaluations(results_dir: str | Path) -> list[tuple[Path, dict[str, Pat
         for method in TRAINED:
             folder = method_dir(results_dir, dataset, method)
             if (folder / "metrics.json").is_file():
-                # the prefix train.run_probe and lora.run_lora hand to save_evaluation
-                out.append((folder, figure_paths(results_dir, f"{dataset}_{method}")))
+                out.append((folder, method_figures(results_dir, dataset, method)))
     return out
 
 

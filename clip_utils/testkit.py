@@ -184,6 +184,42 @@ def make_cub200(
     return base
 
 
+def make_imagefolder(
+    folder: str | Path,
+    layout: str = "flat",
+    n_classes: int = 5,
+    per_class: int = 12,
+    size: tuple[int, int] = (40, 36),
+    seed: int = 3,
+) -> Path:
+    """Write a user's image folder (`--dataset imagefolder:PATH`) with class-coded images.
+
+    Args:
+        folder: the dataset folder to create.
+        layout: `flat` (`<class>/*.jpg`), `splits` (`train/`, `val/`, `test/`, each with class
+            folders: half, a quarter and a quarter of `per_class`) or `train-test` (no `val/`).
+        n_classes: classes, named `class_00`, `class-01`, ... (underscores and hyphens both).
+        per_class: images per class.
+        size: `(width, height)` of every image.
+        seed: seed of the class colours.
+    """
+    folder = Path(folder)
+    colours = _class_colours(n_classes, seed)
+    names = [f"class{'_' if k % 2 == 0 else '-'}{k:02d}" for k in range(n_classes)]
+    quarter = max(1, per_class // 4)
+    shares = {"flat": {"": per_class}, "splits": {"train": per_class - 2 * quarter, "val": quarter, "test": quarter},
+              "train-test": {"train": per_class - quarter, "test": quarter}}[layout]
+    index = 0
+    for label, name in enumerate(names):
+        for split, count in shares.items():
+            target = folder / split / name
+            target.mkdir(parents=True, exist_ok=True)
+            for k in range(count):
+                index += 1
+                class_image(label, index, size, colours).save(target / f"img_{k:03d}.jpg", quality=90)
+    return folder
+
+
 def make_kit(folder: str | Path, cub_classes: int = 200) -> dict[str, Path]:
     """Build the whole kit: `<folder>/model` (tiny CLIP) and `<folder>/data` (both datasets).
 

@@ -11,7 +11,7 @@ import nbformat
 import pytest
 
 from clip_utils import prompts
-from clip_utils.data import class_names, load_dataset
+from clip_utils.data import canonical_name, class_names, load_dataset
 from clip_utils.notebooks import execute_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,7 +20,7 @@ DATASETS = ("flowers102", "cub200")
 
 
 @pytest.fixture(scope="module")
-def executed(kit, zeroshot_cli_run, tmp_path_factory):
+def executed(kit, zeroshot_cli_run, image_folders, tmp_path_factory):
     """Run the notebook once; its results folder starts with the CLI run's feature cache."""
     results = tmp_path_factory.mktemp("task1") / "results"
     shutil.copytree(zeroshot_cli_run[0] / "cache", results / "cache")
@@ -28,6 +28,8 @@ def executed(kit, zeroshot_cli_run, tmp_path_factory):
     env = {
         "CLIP_MODEL": str(kit["model"]), "CLIP_DATA_ROOT": str(kit["data"]), "CLIP_RESULTS_DIR": str(results),
         "CLIP_EPOCHS": "1", "CLIP_BATCH_SIZE": "256", "CLIP_DEVICE": "cpu", "HF_HUB_OFFLINE": "1",
+        # A user's own folder beside the benchmarks: `CLIP_DATASETS` takes `imagefolder:PATH` like any name.
+        "CLIP_DATASETS": ",".join([*DATASETS, f"imagefolder:{image_folders['flat']}"]),
     }
     out = results / "notebooks" / "Task1.ipynb"
     execute_notebook(NOTEBOOK, out, env, timeout=600)
@@ -77,9 +79,9 @@ def test_photos_and_summary(executed):
     results, nb, _ = executed
     photos = sorted(p.name for p in (ROOT / "my_photo").iterdir())
     figures = sorted(p.name for p in (results / "figures").glob("photo_*.png"))
-    assert len(figures) == len(photos) * len(DATASETS)
+    assert len(figures) == len(photos) * (len(DATASETS) + 1)  # and the image folder
     summary = json.loads((results / "task1_summary.json").read_text())
-    assert set(summary["zeroshot"]) == set(DATASETS)
+    assert set(DATASETS) < set(summary["zeroshot"]) and len(summary["zeroshot"]) == len(DATASETS) + 1
     for dataset in DATASETS:
         assert [Path(r["photo"]).name for r in summary["photos"][dataset]] == photos
         assert all(len(r["top_k"]) == 5 for r in summary["photos"][dataset])
@@ -92,6 +94,16 @@ def test_the_executed_notebook_shows_its_pictures(executed):
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     # 2 confusion matrices + 2 sample grids + the comparison chart + one chart per photo and dataset
-    assert len(images) >= 5 + 3 * len(DATASETS)
+    assert len(images) >= 5 + 3 * (len(DATASETS) + 1)
     text = "".join(o.get("text", "") for o in outputs)
     assert "more classes in" in text and "macro avg" in text and "task1_summary.json" in text
+
+
+def test_an_image_folder_runs_through_the_notebook(executed, image_folders):
+    results, _, _ = executed
+    name = f"imagefolder:{image_folders['flat']}"
+    for prompt_set in [*prompts.prompt_sets(name), "auto"]:
+        m = json.loads((results / "mushrooms_flat" / "zeroshot" / prompt_set / "metrics.json").read_text())
+        assert m["dataset"] == canonical_name(name) and m["class_names"] == class_names(name)
+    table = json.loads((results / "task1_summary.json").read_text())["zeroshot"][name]
+    assert table["auto"]["selected_set"] in prompts.prompt_sets(name)

@@ -17,14 +17,16 @@ NOTEBOOK = ROOT / "Task2.ipynb"
 # The kit's 20-class CUB keeps the run to seconds; `make demo` runs both datasets.
 DATASET = "cub200"
 EPOCHS = 2
+# A user's own folder beside it: `CLIP_DATASETS` takes `imagefolder:PATH` like any name.
+FOLDER = "mushrooms_flat"
 
 
 @pytest.fixture(scope="module")
-def executed(kit, tmp_path_factory):
+def executed(kit, image_folders, tmp_path_factory):
     results = tmp_path_factory.mktemp("task2") / "results"
     env = {
         "CLIP_MODEL": str(kit["model"]), "CLIP_DATA_ROOT": str(kit["data"]), "CLIP_RESULTS_DIR": str(results),
-        "CLIP_DATASETS": DATASET, "CLIP_EPOCHS": str(EPOCHS), "CLIP_BATCH_SIZE": "32", "CLIP_DEVICE": "cpu",
+        "CLIP_DATASETS": f"{DATASET},imagefolder:{image_folders['flat']}", "CLIP_EPOCHS": str(EPOCHS), "CLIP_BATCH_SIZE": "32", "CLIP_DEVICE": "cpu",
         "HF_HUB_OFFLINE": "1",
     }
     out = results / "notebooks" / "Task2.ipynb"
@@ -89,3 +91,12 @@ def test_comparison_figures_and_summary(executed):
     assert all(v["peak_allocated_mb"] is None for v in summary["vram"].values())
     images = sum(1 for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {}))
     assert images >= 5  # curves, reports, comparison and photos are shown, not only saved
+
+
+def test_an_image_folder_runs_through_every_method(executed):
+    results, _ = executed
+    rows = [r for r in csv.DictReader(open(results / "summary.csv", newline="")) if r["dataset"] == FOLDER]
+    assert [r["method"] for r in rows] == ["zeroshot", "linear_probe", "lora"]
+    for method in ("linear_probe", "lora"):
+        assert (results / FOLDER / method / "head.safetensors").is_file()
+        assert (results / "figures" / f"{FOLDER}_{method}_confusion.png").is_file()
