@@ -4,6 +4,7 @@
     python -m clip_utils probe    --dataset cub200 --epochs 20
     python -m clip_utils lora     --dataset flowers102 --rank 8 --alpha 16
     python -m clip_utils predict  my_photo/flower.png --dataset flowers102 --method lora
+    python -m clip_utils predict  my_photo/*.jpg --dataset cub200 --method all   # side by side
     python -m clip_utils report
 
 Every command has `--help`. Bad arguments end in a usage error (exit code 2), and the
@@ -31,9 +32,9 @@ from .data import DATASETS, DatasetNotFoundError, UnreadableImageError
 from .imagefolder import PREFIX
 from .lab import Lab, check_device
 from .lora import run_lora
-from .methods import CHOICES
+from .methods import CHOICES, METHODS
 from .models import ModelUnavailableError
-from .photos import format_predictions, predict_photos
+from .photos import compare_photos, format_comparison, format_predictions, predict_photos
 from .probe import run_probe
 from .report import make_report
 from .results import method_dir
@@ -41,6 +42,7 @@ from .train import TrainingError
 from .zeroshot import output_dir, run_zeroshot
 
 EPILOG = "Results layout and options: README.md and DESIGN.md."
+ALL_METHODS = "all"  # `predict --method all`: every method side by side
 
 
 def _whole(text: str) -> int:
@@ -178,13 +180,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="top-k classes for your own photos", epilog=EPILOG)
     p.add_argument("photos", nargs="+", metavar="PHOTO", help="image files")
-    p.add_argument("--method", default="zeroshot", choices=CHOICES,
-                   help="which classifier (probe and lora need a trained run; default: zeroshot)")
+    p.add_argument("--method", default="zeroshot", choices=(*CHOICES, ALL_METHODS),
+                   help="which classifier (probe and lora need a trained run), or all of them side by side, "
+                        "skipping those not trained yet (default: zeroshot)")
     p.add_argument("--top-k", type=_positive_int, default=config.TOP_K, help="classes to show (default: %(default)s)")
     p.add_argument("--prompts", default=config.PHOTO_PROMPT_SET,
                    help="prompt set for zero-shot: default, domain, diverse, domain_ensemble or auto "
                         "(default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--json", action="store_true",
+                   help='print JSON instead of a table (with --method all: {"photo", "methods": {method: '
+                        '{"top_k"} or {"error"}}} per photo)')
     _common(p, config.INFERENCE_BATCH_SIZE)
 
     p = sub.add_parser("report", help="redraw every figure and summary.csv from saved results", epilog=EPILOG)
@@ -237,9 +242,28 @@ def cmd_lora(args) -> None:
 
 
 def cmd_predict(args) -> int:
+    if args.method == ALL_METHODS:
+        return _predict_all(args)
     results = predict_photos(_lab(args), args.photos, args.dataset, method=args.method, top_k=args.top_k,
                              prompt_set=args.prompts)
     print(json.dumps(results, indent=1) if args.json else format_predictions(results))
+    return 1 if any("error" in r for r in results) else 0
+
+
+def _predict_all(args) -> int:
+    results = compare_photos(_lab(args), args.photos, args.dataset, top_k=args.top_k, prompt_set=args.prompts)
+    print(json.dumps(results, indent=1) if args.json else format_comparison(results))
+    read = next((r["methods"] for r in results if "methods" in r), None)
+    if read is None:  # no photo could be read: no model was loaded, each photo's error is above
+        return 1
+    # A method's error is the same for every photo: say it once, after the tables.
+    skipped = {name: entry["error"] for name, entry in read.items() if "error" in entry}
+    if len(skipped) == len(read):
+        print(f"error: no method can predict for {args.dataset}: {'; '.join(skipped.values())}", file=sys.stderr)
+        return 1
+    if skipped:
+        print("warning: skipped " + "; ".join(f"{METHODS[name].label} ({why})" for name, why in skipped.items()),
+              file=sys.stderr)
     return 1 if any("error" in r for r in results) else 0
 
 
@@ -267,7 +291,8 @@ def _check_arguments(parser: argparse.ArgumentParser, args) -> None:
     if getattr(args, "domain", None) and not args.dataset.startswith(PREFIX):
         parser.error(f"--domain is for {PREFIX}PATH datasets; {args.dataset} has its own domain phrase")
     # An image folder's sets depend on its classes.json: they are checked when it loads.
-    zeroshot_prompts = args.command == "zeroshot" or (args.command == "predict" and args.method == "zeroshot")
+    zeroshot_prompts = args.command == "zeroshot" or (
+        args.command == "predict" and args.method in ("zeroshot", ALL_METHODS))
     if zeroshot_prompts and args.dataset in DATASETS:
         try:
             prompts.resolve(args.prompts, args.dataset)

@@ -107,3 +107,14 @@ def test_an_image_folder_runs_through_the_notebook(executed, image_folders):
         assert m["dataset"] == canonical_name(name) and m["class_names"] == class_names(name)
     table = json.loads((results / "task1_summary.json").read_text())["zeroshot"][name]
     assert table["auto"]["selected_set"] in prompts.prompt_sets(name)
+
+
+def test_the_explorer_cell_shows_its_widget_with_a_first_result(executed):
+    _, nb, _ = executed
+    (cell,) = [c for c in nb.cells if c.cell_type == "code" and "photo_explorer" in c.source]
+    (view,) = [o for o in cell.outputs if o.output_type == "execute_result"]  # progress bars are widgets too
+    # nbclient saved the widgets' state: the explorer's Output holds its first photo's charts.
+    state = nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    assert view.data["application/vnd.jupyter.widget-view+json"]["model_id"] in state
+    shown = [o for w in state.values() if w["model_name"] == "OutputModel" for o in w["state"].get("outputs", [])]
+    assert any("image/png" in o.get("data", {}) for o in shown)

@@ -100,3 +100,14 @@ def test_an_image_folder_runs_through_every_method(executed):
     for method in ("linear_probe", "lora"):
         assert (results / FOLDER / method / "head.safetensors").is_file()
         assert (results / "figures" / f"{FOLDER}_{method}_confusion.png").is_file()
+
+
+def test_the_explorer_cell_shows_its_widget_with_a_first_result(executed):
+    _, nb = executed
+    (cell,) = [c for c in nb.cells if c.cell_type == "code" and "photo_explorer" in c.source]
+    (view,) = [o for o in cell.outputs if o.output_type == "execute_result"]  # progress bars are widgets too
+    # nbclient saved the widgets' state: the explorer's Output holds its first photo's charts.
+    state = nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    assert view.data["application/vnd.jupyter.widget-view+json"]["model_id"] in state
+    shown = [o for w in state.values() if w["model_name"] == "OutputModel" for o in w["state"].get("outputs", [])]
+    assert sum("image/png" in o.get("data", {}) for o in shown) == 3  # zero-shot, linear probe, LoRA
