@@ -2,6 +2,8 @@
 
     curated_flowers102(original_names)   # CLIP's Flowers102 list (CLIP_benchmark's anchor: 79.2%)
     cub_proper_name("022.Chuck_will_Widow")  # "Chuck-will's-widow"
+    curated_pets(["American Bulldog"])   # ["american bulldog"]: CLIP's Oxford-IIIT Pets list
+    curated_eurosat(["Sea Lake"])        # ["lake or sea"]: CLIP's EuroSAT names
 
 The label maps stay what the datasets ship (`cat_to_name.json` for Flowers102, `classes.txt`
 for CUB); only the words put into prompts, tables and figures change, and `--class-names
@@ -9,6 +11,12 @@ original` puts the shipped names back. Why it matters: `lotus lotus` and `ball m
 not how people caption photos, and the ViT-L/14 anchors in DESIGN.md were measured with
 CLIP's own list; CUB's folder names lose the apostrophes and hyphens of the birds' names
 (`Chuck will Widow`, `Brewer Blackbird`).
+
+The other benchmarks (`benchmarks`): CLIP's lists for FGVC Aircraft, DTD, Food-101 and
+Stanford Cars are the names torchvision parses (Food-101's with spaces for underscores), so
+curated = original there. CLIP's Pets list differs from torchvision's only in case (cats
+capitalised, dogs lower-case, as the dataset's file names are); CLIP's tokenizer lower-cases
+text, so both namings give CLIP the same tokens. CLIP renamed EuroSAT's ten classes.
 """
 
 from __future__ import annotations
@@ -54,6 +62,32 @@ CUB_EXCEPTIONS = {
 }
 
 
+# CLIP's Oxford-IIIT Pets names (data/prompts.md), in the dataset's label order (list.txt:
+# breeds sorted ignoring case). torchvision title-cases every word (`American Bulldog`).
+PETS_CLIP = (
+    "Abyssinian", "american bulldog", "american pit bull terrier", "basset hound", "beagle", "Bengal", "Birman",
+    "Bombay", "boxer", "British Shorthair", "chihuahua", "Egyptian Mau", "english cocker spaniel",
+    "english setter", "german shorthaired", "great pyrenees", "havanese", "japanese chin", "keeshond",
+    "leonberger", "Maine Coon", "miniature pinscher", "newfoundland", "Persian", "pomeranian", "pug", "Ragdoll",
+    "Russian Blue", "saint bernard", "samoyed", "scottish terrier", "shiba inu", "Siamese", "Sphynx",
+    "staffordshire bull terrier", "wheaten terrier", "yorkshire terrier",
+)
+
+# CLIP's EuroSAT names (data/prompts.md) for torchvision's class folders, in label order.
+EUROSAT_CLIP = {
+    "AnnualCrop": "annual crop land",
+    "Forest": "forest",
+    "HerbaceousVegetation": "brushland or shrubland",
+    "Highway": "highway or road",
+    "Industrial": "industrial buildings or commercial buildings",
+    "Pasture": "pasture land",
+    "PermanentCrop": "permanent crop land",
+    "Residential": "residential buildings or homes or apartments",
+    "River": "river",
+    "SeaLake": "lake or sea",
+}
+
+
 def check_naming(naming: str) -> str:
     """`naming` if it is one of `NAMINGS`, else a `ValueError` naming the choices."""
     if naming not in NAMINGS:
@@ -83,3 +117,29 @@ def cub_proper_name(folder: str) -> str:
     if words in CUB_EXCEPTIONS:
         return CUB_EXCEPTIONS[words]
     return re.sub(r"_(?=[a-z])", "-", words).replace("_", " ")
+
+
+def curated_pets(original: Sequence[str]) -> list[str]:
+    """CLIP's Oxford-IIIT Pets names for torchvision's (`American Bulldog` -> `american bulldog`).
+
+    Args:
+        original: torchvision's class names in label order; a name CLIP's list lacks is kept.
+    """
+    clip = {name.lower(): name for name in PETS_CLIP}
+    return [clip.get(name.lower(), name) for name in original]
+
+
+def camel_words(folder: str) -> str:
+    """A CamelCase folder name as words: `HerbaceousVegetation` -> `Herbaceous Vegetation`."""
+    return re.sub(r"(?<=[a-z])(?=[A-Z])", " ", folder)
+
+
+def curated_eurosat(original: Sequence[str]) -> list[str]:
+    """CLIP's EuroSAT names for the spaced folder names (`Sea Lake` -> `lake or sea`).
+
+    Args:
+        original: the class folders as words (`camel_words`) in label order; a name CLIP's
+            list lacks is kept.
+    """
+    clip = {camel_words(folder): name for folder, name in EUROSAT_CLIP.items()}
+    return [clip.get(name, name) for name in original]

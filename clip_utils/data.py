@@ -21,7 +21,7 @@ from typing import Any
 
 from PIL import Image
 
-from .benchmarks import FLOWERS102
+from .benchmarks import DTD, EUROSAT, FGVC_AIRCRAFT, FLOWERS102, FOOD101, PETS, STANFORD_CARS
 from .cub import CUB200
 from .imagefolder import PREFIX, imagefolder_spec
 from .imagelist import (  # noqa: F401  (the package's dataset types, importable from here)
@@ -33,7 +33,10 @@ from .imagelist import (  # noqa: F401  (the package's dataset types, importable
     open_rgb,
 )
 
-DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (FLOWERS102, CUB200)}
+# The notebooks' two datasets first, then the field's other fine-grained benchmarks.
+DATASETS: dict[str, DatasetSpec] = {
+    spec.name: spec for spec in (FLOWERS102, CUB200, PETS, FGVC_AIRCRAFT, DTD, FOOD101, EUROSAT, STANFORD_CARS)
+}
 
 
 def dataset_spec(name: str) -> DatasetSpec:
@@ -82,12 +85,14 @@ def load_dataset(
     """Load a split of a registered dataset or of your own image folder.
 
     Args:
-        name: a key of `DATASETS` (`flowers102`, `cub200`, ...) or `imagefolder:PATH`.
+        name: a key of `DATASETS` (`flowers102`, `cub200`, `pets`, ...) or `imagefolder:PATH`.
         root: dataset root folder (Flowers102 lives in `<root>/flowers-102/`, CUB in
-            `<root>/CUB_200_2011/`; an image folder ignores it).
+            `<root>/CUB_200_2011/`, the other benchmarks where torchvision puts them: see
+            `benchmarks`; an image folder ignores it).
         split: `train`, `val` or `test`.
         transform: applied to each RGB PIL image.
-        download: fetch the dataset when it is missing (checksums verified).
+        download: fetch the dataset when it is missing (checksums verified, except FGVC
+            Aircraft's: torchvision has none for it; Stanford Cars cannot be fetched).
 
     Raises:
         ValueError: unknown dataset or split.
@@ -107,12 +112,14 @@ def class_names(name: str, root: str | Path = "data", naming: str = "curated") -
 
     Naming the classes of a trained head or of a photo's prediction must not require the
     whole dataset: Flowers102 names come from cat_to_name.json; CUB names from the dataset's
-    own classes.txt when it is on disk, else from the official list bundled with the package.
+    own classes.txt when it is on disk, else from the official list bundled with the package;
+    the other benchmarks' from their metadata files, so they must be on disk (a
+    `DatasetNotFoundError` names the folder otherwise).
 
     Args:
         name: a registered dataset or `imagefolder:PATH`.
         root: dataset root folder.
-        naming: `curated` (the names prompts use: CLIP's Flowers102 list, CUB's birds' proper
-            names; see `classnames`) or `original` (what the dataset ships, as `.classes`).
+        naming: `curated` (the names prompts use: CLIP's lists, CUB's birds' proper names;
+            see `classnames`) or `original` (what the dataset ships, as `.classes`).
     """
     return dataset_spec(name).names(Path(root), naming)

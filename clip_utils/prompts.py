@@ -21,7 +21,9 @@ The templates themselves are data (`templates`, and each dataset's declaration).
 - `domain_ensemble`: the domain template in many phrasings (close-up, in the garden or
   the wild, cropped, field-guide style): the ensemble gains of `diverse`, each prompt
   still saying what kind of thing the class is (datasets with a domain phrase).
-- `clip`: CLIP's own ensemble for the dataset, where it published several templates.
+- `clip`: CLIP's own templates for the dataset, where they are not already the `domain`
+  set (several templates, as for DTD or Stanford Cars, or one in another form, as Food-101's
+  `a photo of {}, a type of food.`).
 - `auto` (not a template list): every set above scored on the validation split, the best
   one used on test. Choosing on validation is what makes the chosen number honest.
 """
@@ -45,7 +47,7 @@ def prompt_sets(dataset: str, domain: str | None = None) -> dict[str, list[str]]
 
     `default` and `diverse` always; `domain` is the template with the dataset's domain
     phrase (the default template when it has none); `domain_ensemble` when the dataset has a
-    domain phrase; `clip` when CLIP published an ensemble of several templates for it.
+    domain phrase; `clip` when CLIP published templates for it other than the `domain` set.
 
     Args:
         dataset: a registered dataset or `imagefolder:PATH`.
@@ -61,7 +63,8 @@ def prompt_sets(dataset: str, domain: str | None = None) -> dict[str, list[str]]
     if phrase:
         written = spec.domain_ensemble if spec.domain_ensemble and not domain else ()
         sets["domain_ensemble"] = list(written or generic_domain_ensemble(phrase))
-    if len(spec.clip_templates) > 1:
+    # CLIP's single template is usually the `domain` one (Flowers102, Pets): no second copy.
+    if spec.clip_templates and list(spec.clip_templates) != sets["domain"]:
         sets["clip"] = list(spec.clip_templates)
     return sets
 
