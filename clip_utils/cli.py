@@ -125,7 +125,7 @@ def _common(parser: argparse.ArgumentParser, batch_size: int) -> None:
     g.add_argument("--no-download", dest="download", action="store_false",
                    help="never download: fail when a dataset is missing")
     g.add_argument("--class-names", choices=NAMINGS, default=os.environ.get("CLIP_CLASS_NAMES") or config.CLASS_NAMING,
-                   help="class names in prompts and results: curated (CLIP's Flowers102 list, CUB's proper bird "
+                   help="class names in prompts and results: curated (CLIP's class lists, CUB's proper bird "
                         "names) or original (the datasets' own) (default: %(default)s)")
 
 
@@ -150,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("zeroshot", help="zero-shot evaluation under prompt sets", epilog=EPILOG)
     p.add_argument("--prompts", type=_name_list, default=["all"],
-                   help="comma list of prompt sets (default, domain, diverse, domain_ensemble, auto = best "
-                        "of them on the validation split) or 'all' (default: all)")
+                   help="comma list of prompt sets (default, domain, diverse, domain_ensemble, clip = CLIP's "
+                        "own where published, auto = best of them on the validation split) or 'all' (default: all)")
     p.add_argument("--split", default="test", choices=("val", "test"), help="split to evaluate (default: test)")
     _common(p, config.INFERENCE_BATCH_SIZE)
 
@@ -289,7 +289,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def _check_arguments(parser: argparse.ArgumentParser, args) -> None:
     """Usage errors that need more than one argument to see, found before anything loads."""
     if getattr(args, "domain", None) and not args.dataset.startswith(PREFIX):
-        parser.error(f"--domain is for {PREFIX}PATH datasets; {args.dataset} has its own domain phrase")
+        parser.error(f"--domain is for {PREFIX}PATH datasets; registered ones such as {args.dataset} declare "
+                     f"their prompts")
     # An image folder's sets depend on its classes.json: they are checked when it loads.
     zeroshot_prompts = args.command == "zeroshot" or (
         args.command == "predict" and args.method in ("zeroshot", ALL_METHODS))
