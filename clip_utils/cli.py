@@ -4,6 +4,7 @@
     python -m clip_utils probe    --dataset cub200 --epochs 20
     python -m clip_utils lora     --dataset flowers102 --rank 8 --alpha 16
     python -m clip_utils predict  my_photo/flower.png --dataset flowers102 --method lora
+    python -m clip_utils predict  my_photo/*.jpg --dataset cub200 --method all   # side by side
     python -m clip_utils report
 
 Every command has `--help`. Bad arguments end in a usage error (exit code 2), and the
@@ -25,13 +26,15 @@ import torch
 
 from . import config, prompts
 from .checkpoints import CheckpointError
+from .classnames import NAMINGS
 from .config import LoraSettings, TrainConfig
 from .data import DATASETS, DatasetNotFoundError, UnreadableImageError
+from .imagefolder import PREFIX
 from .lab import Lab, check_device
 from .lora import run_lora
-from .methods import CHOICES
+from .methods import CHOICES, METHODS
 from .models import ModelUnavailableError
-from .photos import format_predictions, predict_photos
+from .photos import compare_photos, format_comparison, format_predictions, predict_photos
 from .probe import run_probe
 from .report import make_report
 from .results import method_dir
@@ -39,6 +42,7 @@ from .train import TrainingError
 from .zeroshot import output_dir, run_zeroshot
 
 EPILOG = "Results layout and options: README.md and DESIGN.md."
+ALL_METHODS = "all"  # `predict --method all`: every method side by side
 
 
 def _whole(text: str) -> int:
@@ -89,9 +93,21 @@ def _device(text: str) -> str:
     return text
 
 
+def _dataset(text: str) -> str:
+    # The name's form only; an image folder's contents are checked when it loads (exit 1).
+    if text in DATASETS or text.startswith(PREFIX):
+        return text
+    raise argparse.ArgumentTypeError(f"unknown dataset {text!r}: choose one of {', '.join(DATASETS)}, "
+                                     f"or {PREFIX}PATH for your own folder of class folders")
+
+
 def _common(parser: argparse.ArgumentParser, batch_size: int) -> None:
     g = parser.add_argument_group("common options")
-    g.add_argument("--dataset", required=True, choices=DATASETS, help="dataset to use")
+    g.add_argument("--dataset", required=True, type=_dataset, metavar="DATASET",
+                   help=f"{', '.join(DATASETS)}, or {PREFIX}PATH (your own class folders; see README)")
+    g.add_argument("--domain", default=None, metavar="PHRASE",
+                   help="what an image-folder dataset's images show, for the domain prompts "
+                        "(e.g. 'a type of mushroom'; default: its classes.json, else none)")
     g.add_argument("--model", default=os.environ.get("CLIP_MODEL", config.DEFAULT_MODEL),
                    help="Hugging Face CLIP id or local folder (default: %(default)s)")
     g.add_argument("--data-root", default=os.environ.get("CLIP_DATA_ROOT", "data"),
@@ -108,6 +124,9 @@ def _common(parser: argparse.ArgumentParser, batch_size: int) -> None:
                    help="file reader threads (default: cores - 1)")
     g.add_argument("--no-download", dest="download", action="store_false",
                    help="never download: fail when a dataset is missing")
+    g.add_argument("--class-names", choices=NAMINGS, default=os.environ.get("CLIP_CLASS_NAMES") or config.CLASS_NAMING,
+                   help="class names in prompts and results: curated (CLIP's class lists, CUB's proper bird "
+                        "names) or original (the datasets' own) (default: %(default)s)")
 
 
 def _training(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
@@ -131,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("zeroshot", help="zero-shot evaluation under prompt sets", epilog=EPILOG)
     p.add_argument("--prompts", type=_name_list, default=["all"],
-                   help="comma list of prompt sets (default, domain, diverse, domain_ensemble, auto = best "
-                        "of them on the validation split) or 'all' (default: all)")
+                   help="comma list of prompt sets (default, domain, diverse, domain_ensemble, clip = CLIP's "
+                        "own where published, auto = best of them on the validation split) or 'all' (default: all)")
     p.add_argument("--split", default="test", choices=("val", "test"), help="split to evaluate (default: test)")
     _common(p, config.INFERENCE_BATCH_SIZE)
 
@@ -161,13 +180,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="top-k classes for your own photos", epilog=EPILOG)
     p.add_argument("photos", nargs="+", metavar="PHOTO", help="image files")
-    p.add_argument("--method", default="zeroshot", choices=CHOICES,
-                   help="which classifier (probe and lora need a trained run; default: zeroshot)")
+    p.add_argument("--method", default="zeroshot", choices=(*CHOICES, ALL_METHODS),
+                   help="which classifier (probe and lora need a trained run), or all of them side by side, "
+                        "skipping those not trained yet (default: zeroshot)")
     p.add_argument("--top-k", type=_positive_int, default=config.TOP_K, help="classes to show (default: %(default)s)")
     p.add_argument("--prompts", default=config.PHOTO_PROMPT_SET,
                    help="prompt set for zero-shot: default, domain, diverse, domain_ensemble or auto "
                         "(default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--json", action="store_true",
+                   help='print JSON instead of a table (with --method all: {"photo", "methods": {method: '
+                        '{"top_k"} or {"error"}}} per photo)')
     _common(p, config.INFERENCE_BATCH_SIZE)
 
     p = sub.add_parser("report", help="redraw every figure and summary.csv from saved results", epilog=EPILOG)
@@ -182,7 +204,7 @@ def _lab(args) -> Lab:
     encode = getattr(args, "encode_batch_size", args.batch_size)
     return Lab(model=args.model, data_root=args.data_root, results_dir=args.results_dir, device=args.device,
                batch_size=args.batch_size, encode_batch_size=encode, seed=args.seed, download=args.download,
-               num_workers=args.workers)
+               num_workers=args.workers, class_naming=args.class_names, domain=args.domain)
 
 
 def cmd_zeroshot(args) -> None:
@@ -220,9 +242,28 @@ def cmd_lora(args) -> None:
 
 
 def cmd_predict(args) -> int:
+    if args.method == ALL_METHODS:
+        return _predict_all(args)
     results = predict_photos(_lab(args), args.photos, args.dataset, method=args.method, top_k=args.top_k,
                              prompt_set=args.prompts)
     print(json.dumps(results, indent=1) if args.json else format_predictions(results))
+    return 1 if any("error" in r for r in results) else 0
+
+
+def _predict_all(args) -> int:
+    results = compare_photos(_lab(args), args.photos, args.dataset, top_k=args.top_k, prompt_set=args.prompts)
+    print(json.dumps(results, indent=1) if args.json else format_comparison(results))
+    read = next((r["methods"] for r in results if "methods" in r), None)
+    if read is None:  # no photo could be read: no model was loaded, each photo's error is above
+        return 1
+    # A method's error is the same for every photo: say it once, after the tables.
+    skipped = {name: entry["error"] for name, entry in read.items() if "error" in entry}
+    if len(skipped) == len(read):
+        print(f"error: no method can predict for {args.dataset}: {'; '.join(skipped.values())}", file=sys.stderr)
+        return 1
+    if skipped:
+        print("warning: skipped " + "; ".join(f"{METHODS[name].label} ({why})" for name, why in skipped.items()),
+              file=sys.stderr)
     return 1 if any("error" in r for r in results) else 0
 
 
@@ -247,7 +288,13 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def _check_arguments(parser: argparse.ArgumentParser, args) -> None:
     """Usage errors that need more than one argument to see, found before anything loads."""
-    if args.command == "zeroshot" or (args.command == "predict" and args.method == "zeroshot"):
+    if getattr(args, "domain", None) and not args.dataset.startswith(PREFIX):
+        parser.error(f"--domain is for {PREFIX}PATH datasets; registered ones such as {args.dataset} declare "
+                     f"their prompts")
+    # An image folder's sets depend on its classes.json: they are checked when it loads.
+    zeroshot_prompts = args.command == "zeroshot" or (
+        args.command == "predict" and args.method in ("zeroshot", ALL_METHODS))
+    if zeroshot_prompts and args.dataset in DATASETS:
         try:
             prompts.resolve(args.prompts, args.dataset)
         except ValueError as err:

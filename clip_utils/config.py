@@ -123,3 +123,7 @@ LORA_SETTINGS = LoraSettings()
 # the trained heads start from.
 PHOTO_PROMPT_SET = "domain"
 TOP_K = 5
+
+# Class names in prompts, tables and figures (`classnames`): CLIP's own Flowers102 list and
+# CUB's proper bird names, the names the published zero-shot anchors were measured with.
+CLASS_NAMING = "curated"

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from . import metrics, plots
+from .data import results_name
 from .methods import method as method_named
 from .results import figures_dir, write_json, write_predictions, write_text
 
@@ -45,14 +46,28 @@ def figure_paths(results_dir: str | Path, figure_prefix: str) -> dict[str, Path]
     return {kind: folder / f"{figure_prefix}_{kind}.png" for kind in ("confusion", "samples")}
 
 
+def method_figures(results_dir: str | Path, dataset: str, method: str) -> dict[str, Path]:
+    """The confusion and sample figures of a trained method's test run: `{"confusion", "samples"}`.
+
+    Args:
+        results_dir: the results root.
+        dataset: a registered dataset or `imagefolder:PATH`.
+        method: `linear_probe` (or `probe`) or `lora`.
+    """
+    return figure_paths(results_dir, f"{results_name(dataset)}_{method_named(method).name}")
+
+
 def run_label(info: Mapping[str, Any]) -> str:
-    """`flowers102 zero-shot domain`: how figures of a run are titled (also when redrawn), the
-    method by its label in `methods.METHODS`, as every figure and table names it.
+    """`flowers102 zero-shot domain`: how figures of a run are titled (also when redrawn): the
+    dataset by its results folder's name (an image folder's name, not its path), the method
+    by its label in `methods.METHODS`, as every figure and table names it.
 
     Args:
         info: the run's metrics.json content (or the info going into it).
     """
     parts = dict(info)
+    if parts.get("dataset"):
+        parts["dataset"] = results_name(str(parts["dataset"]))
     if parts.get("method"):
         parts["method"] = method_named(str(parts["method"])).label
     return " ".join(str(parts[k]) for k in ("dataset", "method", "prompt_set") if parts.get(k))

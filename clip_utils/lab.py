@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .config import DEFAULT_MODEL, INFERENCE_BATCH_SIZE
+from .classnames import check_naming
+from .config import CLASS_NAMING, DEFAULT_MODEL, INFERENCE_BATCH_SIZE
 from .data import ImageListDataset, class_names, load_dataset
 from .features import Features, encode_dataset
 from .models import Clip, load_clip, load_preprocess
@@ -80,6 +81,10 @@ class Lab:
         seed: random seed for training and sampling.
         download: download missing datasets.
         num_workers: file reader threads, or worker processes on the PIL path (None: all cores but one).
+        class_naming: the class names prompts, tables and figures use: `curated` (CLIP's
+            Flowers102 list, CUB's proper bird names) or `original` (the datasets' own).
+        domain: a domain phrase for the `domain` prompt sets (`a type of mushroom`), over the
+            dataset's own (an image folder's classes.json); None: the dataset's.
     """
 
     model: str = DEFAULT_MODEL
@@ -91,6 +96,8 @@ class Lab:
     seed: int = 0
     download: bool = True
     num_workers: int | None = None
+    class_naming: str = CLASS_NAMING
+    domain: str | None = None
     _loaded: _Loaded = field(default_factory=_Loaded, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -101,6 +108,7 @@ class Lab:
         set_(self, "results_dir", Path(self.results_dir))
         set_(self, "device", self.device or default_device())
         check_device(self.device)
+        check_naming(self.class_naming)
         if self.batch_size < 1:
             raise ValueError(f"batch size must be positive, got {self.batch_size}")
         if self.encode_batch_size is None:
@@ -143,8 +151,17 @@ class Lab:
         return self._loaded.preprocess
 
     def class_names(self, dataset: str) -> list[str]:
-        """Class names of `dataset` in label order (metadata only, no images)."""
-        return class_names(dataset, self.data_root)
+        """Class names of `dataset` in label order as `class_naming` says (metadata only, no images)."""
+        return class_names(dataset, self.data_root, self.class_naming)
+
+    def label_map(self, dataset: str) -> list[str]:
+        """The dataset's own class names in label order: what checkpoints are checked against,
+        so a head trained under one naming still loads under the other."""
+        return class_names(dataset, self.data_root, "original")
+
+    def prompt_sets(self, dataset: str) -> dict[str, list[str]]:
+        """The prompt sets of `dataset` (`prompts.prompt_sets`, with this lab's domain phrase)."""
+        return prompt_sets(dataset, self.domain)
 
     def text_classifier(self, dataset: str, prompt_set: str) -> torch.Tensor:
         """`(D, C)` zero-shot class weights of a prompt set, built once per lab and shared by
@@ -156,7 +173,7 @@ class Lab:
         """
         key = (dataset, prompt_set)
         if key not in self._loaded.text:
-            sets = prompt_sets(dataset)
+            sets = self.prompt_sets(dataset)
             if prompt_set not in sets:
                 raise ValueError(f"unknown prompt set {prompt_set!r} for {dataset}: choose from {', '.join(sets)}")
             clip = self.clip()
@@ -173,9 +190,10 @@ class Lab:
         """Frozen-encoder embeddings of a split: from memory, the disk cache, or encoded now."""
         key = (name, split)
         if key not in self._loaded.features:
+            dataset = self.dataset(name, split)  # first: a missing dataset is said before a model loads
             clip = self.clip()
             self._loaded.features[key] = encode_dataset(
-                clip.model, self.dataset(name, split), clip.preprocess, self.device,
+                clip.model, dataset, clip.preprocess, self.device,
                 cache_dir=self.cache_dir, batch_size=self.encode_batch_size, num_workers=self.num_workers,
                 fingerprint=clip.fingerprint,
             )

@@ -4,13 +4,13 @@
     metrics = run_lora(lab, "flowers102", cfg, LoraSettings(rank=4, alpha=8), resume=True)
     classifier = load_classifier(lab, "flowers102")           # the best epoch, for predictions
 
-A fresh float32 CLIP is loaded on the CPU (the lab's model is fp16 on CUDA and shared with
+A fresh CLIP is loaded on the CPU (the lab's model is fp16 on CUDA and shared with
 zero-shot and the probe, so it must not receive adapters), and only its vision side moves
-to the GPU. The head starts from the lab's `domain` text classifier; the lab's model is
+to the GPU: frozen base weights in bf16 on CUDA (fp32 on the CPU), adapters and head fp32. The head starts from the lab's `domain` text classifier; the lab's model is
 then freed, so training memory, and its reported peak, hold LoRA's model alone. peft wraps
 only `model.vision_model`, so the targets (`q_proj`, `v_proj` by default) are adapted in
 the vision encoder alone. Training runs in bf16 autocast on CUDA (the head in fp32), on
-augmented images decoded where the model runs (`features.iter_labelled_batches`: nvJPEG
+augmented images decoded where the model runs (`inputs.iter_labelled_batches`: nvJPEG
 and GPU resizing on CUDA). The best epoch's adapter is saved with `save_pretrained` into
 `results/<dataset>/lora/adapter/` beside `head.safetensors`, and test evaluation reloads
 both through `load_classifier`, exactly as `predict --method lora` does.
@@ -49,6 +49,7 @@ from .checkpoints import (
     save_head,
 )
 from .config import LoraSettings, TrainConfig
+from .data import canonical_name, results_name
 from .evaluation import save_evaluation
 from .heads import ClipClassifier, count_parameters
 from .inputs import iter_labelled_batches
@@ -56,7 +57,7 @@ from .lab import Lab, inference_dtype
 from .models import load_clip
 from .preprocess import Preprocess
 from .results import method_dir
-from .runs import resolved, run_info, zeroshot_init_head
+from .runs import freeing_memory_on_failure, resolved, run_info, zeroshot_init_head
 from .train import EpochCallback, FitResult, TrainJob, fit, predict
 from .vram import VramProbe
 
@@ -139,10 +140,14 @@ def _train(lab: Lab, dataset: str, splits: dict, head: nn.Linear, cfg: TrainConf
     on return."""
     device = torch.device(lab.device)
     out = method_dir(lab.results_dir, dataset, METHOD)
-    class_names = splits["test"].classes
+    class_names = lab.label_map(dataset)
     # Loaded on the CPU, and only the vision side moves to the GPU: the text tower (a quarter
     # of ViT-L/14's CLIP) has no part in training (the head comes from the lab's classifier).
-    clip = load_clip(lab.model, "cpu", dtype=torch.float32)
+    # peft's mixed-precision recipe: frozen base weights in bf16 on CUDA (half the memory, no
+    # fp32 -> bf16 re-cast under autocast at every step), adapters upcast to fp32 by peft
+    # (`autocast_adapter_dtype`), the head fp32. The CPU keeps fp32: bf16 is slow there.
+    base_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    clip = load_clip(lab.model, "cpu", dtype=base_dtype)
     model = clip.model
     model.requires_grad_(False)
     model.vision_model.to(device)
@@ -160,7 +165,7 @@ def _train(lab: Lab, dataset: str, splits: dict, head: nn.Linear, cfg: TrainConf
                 desc: str | None = None) -> Iterable:
         ds = splits[split]
         return iter_labelled_batches([p for p, _ in ds.samples], torch.tensor(ds.targets), pre, device,
-                                     torch.float32, cfg.batch_size, order=order, augment=augment,
+                                     base_dtype, cfg.batch_size, order=order, augment=augment,
                                      num_workers=lab.num_workers, desc=desc)
 
     def save_best(epoch: int) -> None:
@@ -176,8 +181,8 @@ def _train(lab: Lab, dataset: str, splits: dict, head: nn.Linear, cfg: TrainConf
         steps_per_epoch=math.ceil(n_train / cfg.batch_size), save_best=save_best,
         checkpoints=(HEAD_FILE, ADAPTER_DIR), out_dir=out, device=device, batch_size=cfg.batch_size,
         oom_hint=" or add --grad-checkpointing (LoraSettings(grad_checkpointing=True))",
-        fingerprint={"dataset": dataset, "model": lab.model, "method": METHOD, "n_train": n_train,
-                     **{f"lora_{k}": v for k, v in asdict(lora).items() if k != "grad_checkpointing"}},
+        fingerprint={"dataset": dataset, "model": lab.model, "method": METHOD, "class_naming": lab.class_naming, "domain": lab.domain,
+                     "n_train": n_train, **{f"lora_{k}": v for k, v in asdict(lora).items() if k != "grad_checkpointing"}},
     )
     return _Trained(fit(job, cfg, resume=resume, callbacks=callbacks), trainable, total, pre)
 
@@ -203,17 +208,18 @@ def run_lora(lab: Lab, dataset: str, cfg: TrainConfig = config.LORA, lora: LoraS
         The metrics.json content.
     """
     start = time.perf_counter()
+    dataset = canonical_name(dataset)
     cfg = resolved(cfg, lab)
     device = torch.device(lab.device)
     out = method_dir(lab.results_dir, dataset, METHOD)
     splits = {s: lab.dataset(dataset, s) for s in ("train", "val", "test")}
-    class_names = splits["test"].classes
+    class_names = lab.class_names(dataset)
     head = zeroshot_init_head(lab, dataset)  # the zero-shot start, from the lab's model
     # Then the lab's inference model (fp16 ViT-L/14 on CUDA) is not needed: free it, so LoRA
     # has that memory and its peak is its own.
     lab.unload()
     with VramProbe(device, label=f"{dataset} LoRA") as vram:
-        trained = _train(lab, dataset, splits, head, cfg, lora, resume, callbacks)
+        trained = freeing_memory_on_failure(_train, lab, dataset, splits, head, cfg, lora, resume, callbacks)
     result, trainable, total, pre = trained.result, trained.trainable, trained.total, trained.pre
 
     best = load_classifier(lab, dataset)
@@ -230,7 +236,7 @@ def run_lora(lab: Lab, dataset: str, cfg: TrainConfig = config.LORA, lora: LoraS
                    peak_vram_mb=vram.peak_allocated_mb, peak_reserved_mb=vram.peak_reserved_mb,
                    seconds=time.perf_counter() - start, extra_config=lora_config)
     return save_evaluation(out, logits=logits, labels=labels, paths=[p for p, _ in test.samples],
-                           class_names=class_names, info=run, figure_prefix=f"{dataset}_lora",
+                           class_names=class_names, info=run, figure_prefix=f"{results_name(dataset)}_{METHOD}",
                            results_dir=lab.results_dir)
 
 
@@ -251,6 +257,7 @@ def load_classifier(lab: Lab, dataset: str) -> ClipClassifier:
     """
     from peft import PeftModel
 
+    dataset = canonical_name(dataset)
     paths = checkpoint_paths(lab.results_dir, dataset, METHOD)
     if not paths["head"].is_file():
         raise missing_checkpoint(paths["head"], dataset, METHOD)
@@ -258,7 +265,7 @@ def load_classifier(lab: Lab, dataset: str) -> ClipClassifier:
         raise missing_checkpoint(paths["adapter"], dataset, METHOD)
     head, info = read_head(paths["head"])
     clip = load_clip(lab.model, lab.device, dtype=inference_dtype(lab.device))
-    check_head(info, head_info(dataset=dataset, method=METHOD, model=lab.model, class_names=lab.class_names(dataset),
+    check_head(info, head_info(dataset=dataset, method=METHOD, model=lab.model, class_names=lab.label_map(dataset),
                                embed_dim=clip.embed_dim), paths["head"])
     check_adapter(paths["adapter"], info)
     try:

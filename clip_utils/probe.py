@@ -38,6 +38,7 @@ from .checkpoints import (
     save_head,
 )
 from .config import TrainConfig
+from .data import canonical_name, results_name
 from .evaluation import save_evaluation
 from .heads import (
     ClipClassifier,
@@ -75,15 +76,16 @@ def run_probe(lab: Lab, dataset: str, cfg: TrainConfig = config.PROBE, resume: b
         The metrics.json content.
     """
     start = time.perf_counter()
+    dataset = canonical_name(dataset)
     cfg = resolved(cfg, lab)
     device = torch.device(lab.device)
     out = method_dir(lab.results_dir, dataset, METHOD)
+    feats = {split: lab.features(dataset, split) for split in ("train", "val", "test")}
     model = lab.clip().model
     model.requires_grad_(False)  # frozen encoder; only the head learns
-    feats = {split: lab.features(dataset, split) for split in ("train", "val", "test")}
-    class_names = lab.dataset(dataset, "test").classes
+    class_names = lab.class_names(dataset)
     head = zeroshot_init_head(lab, dataset)
-    info = dict(dataset=dataset, method=METHOD, model=lab.model, class_names=class_names,
+    info = dict(dataset=dataset, method=METHOD, model=lab.model, class_names=lab.label_map(dataset),
                 embed_dim=head.in_features)
 
     train_x = feats["train"].embeddings.to(device)
@@ -122,8 +124,8 @@ def run_probe(lab: Lab, dataset: str, cfg: TrainConfig = config.PROBE, resume: b
         out_dir=out, device=device, batch_size=cfg.batch_size,
         # head_units: resume.pt holds the head in standard units (older runs trained the
         # augmented probe in raw units: same names and shapes, so only this tells them apart).
-        fingerprint={"dataset": dataset, "model": lab.model, "method": METHOD, "n_train": len(train_y),
-                     "augment": cfg.augment, "head_units": "standard"},
+        fingerprint={"dataset": dataset, "model": lab.model, "method": METHOD, "class_naming": lab.class_naming, "domain": lab.domain,
+                     "n_train": len(train_y), "augment": cfg.augment, "head_units": "standard"},
         val_model=unit_head if cfg.augment else None,
         autocast=False,
     )
@@ -139,7 +141,7 @@ def run_probe(lab: Lab, dataset: str, cfg: TrainConfig = config.PROBE, resume: b
                    total=encoder_params + head_params, peak_vram_mb=vram.peak_allocated_mb,
                    peak_reserved_mb=vram.peak_reserved_mb, seconds=time.perf_counter() - start)
     return save_evaluation(out, logits=logits, labels=labels, paths=feats["test"].paths, class_names=class_names,
-                           info=run, figure_prefix=f"{dataset}_linear_probe", results_dir=lab.results_dir)
+                           info=run, figure_prefix=f"{results_name(dataset)}_{METHOD}", results_dir=lab.results_dir)
 
 
 def load_classifier(lab: Lab, dataset: str) -> ClipClassifier:
@@ -153,12 +155,13 @@ def load_classifier(lab: Lab, dataset: str) -> ClipClassifier:
         FileNotFoundError: not trained yet (the message names the command to run).
         CheckpointError: damaged, or trained for another dataset, class list or model.
     """
+    dataset = canonical_name(dataset)
     path = checkpoint_paths(lab.results_dir, dataset, METHOD)["head"]
     if not path.is_file():
         raise missing_checkpoint(path, dataset, METHOD)
     head, info = read_head(path)
     clip = lab.clip()
-    check_head(info, head_info(dataset=dataset, method=METHOD, model=lab.model, class_names=lab.class_names(dataset),
+    check_head(info, head_info(dataset=dataset, method=METHOD, model=lab.model, class_names=lab.label_map(dataset),
                                embed_dim=clip.embed_dim), path)
     # The head stays float32 beside an fp16 encoder: ClipClassifier casts the embedding up.
     return ClipClassifier(clip.model.vision_model, clip.model.visual_projection, head.float().to(lab.device)).eval()

@@ -1,4 +1,4 @@
-"""Prompt sets as data, and the zero-shot text classifier built from them.
+"""Prompt sets per dataset, and the zero-shot text classifier built from them.
 
     sets = prompt_sets("flowers102")          # {"default": [...], "domain": [...], ...}
     names = resolve(["all"], "flowers102")    # every set, plus "auto"
@@ -10,17 +10,20 @@ weight vector is CLIP's prompt ensembling: embed every template filled with the 
 L2-normalise each embedding, average them, and normalise the mean again (as in the CLIP
 paper and CLIP_benchmark).
 
-The sets:
+The templates themselves are data (`templates`, and each dataset's declaration). The sets:
 
 - `default`: `a photo of a {}.`, CLIP's plain prompt.
-- `domain`: `a photo of a {}, a type of flower.` / `... a type of bird.`, CLIP's published
-  single template for each dataset (79.17% top-1 on Flowers102 test with ViT-L/14 in
-  CLIP_benchmark).
+- `domain`: `a photo of a {}, a type of flower.` / `... a type of bird.`: the dataset's
+  domain phrase in CLIP's single template (79.17% top-1 on Flowers102 test with ViT-L/14 in
+  CLIP_benchmark); the default template for a dataset without a phrase.
 - `diverse`: generic templates that vary the wording, framing and image quality, taken
   from CLIP's ImageNet ensemble; they add no knowledge about the domain.
 - `domain_ensemble`: the domain template in many phrasings (close-up, in the garden or
   the wild, cropped, field-guide style): the ensemble gains of `diverse`, each prompt
-  still saying what kind of thing the class is.
+  still saying what kind of thing the class is (datasets with a domain phrase).
+- `clip`: CLIP's own templates for the dataset, where they are not already the `domain`
+  set (several templates, as for DTD or Stanford Cars, or one in another form, as Food-101's
+  `a photo of {}, a type of food.`).
 - `auto` (not a template list): every set above scored on the validation split, the best
   one used on test. Choosing on validation is what makes the chosen number honest.
 """
@@ -32,99 +35,47 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .data import dataset_spec
 from .progress import bar
+from .templates import DEFAULT, DIVERSE, domain_template, generic_domain_ensemble
 
 AUTO = "auto"
 ALL = "all"
 
-DEFAULT = ["a photo of a {}."]
-
-# CLIP's ImageNet templates (Radford et al. 2021, notebooks/Prompt_Engineering), a subset that
-# spans style, size, quality and medium.
-DIVERSE = [
-    "a photo of a {}.",
-    "a bad photo of a {}.",
-    "a low resolution photo of a {}.",
-    "a cropped photo of a {}.",
-    "a close-up photo of a {}.",
-    "a bright photo of a {}.",
-    "a dark photo of a {}.",
-    "a blurry photo of a {}.",
-    "a good photo of a {}.",
-    "a photo of the large {}.",
-    "a photo of the small {}.",
-    "a photo of my {}.",
-    "itap of a {}.",
-    "art of the {}.",
-    "a drawing of a {}.",
-    "a painting of the {}.",
-    "a jpeg corrupted photo of a {}.",
-    "a rendition of a {}.",
-]
-
-# What a Flowers102 or CUB image is, in words CLIP saw in captions during pre-training.
-DOMAIN = {
-    "flowers102": ["a photo of a {}, a type of flower."],
-    "cub200": ["a photo of a {}, a type of bird."],
-}
-
-DOMAIN_ENSEMBLE = {
-    "flowers102": [
-        "a photo of a {}, a type of flower.",
-        "a close-up photo of a {}, a type of flower.",
-        "a cropped photo of a {}, a type of flower.",
-        "a bright photo of a {}, a type of flower.",
-        "a good photo of a {}, a type of flower.",
-        "a low resolution photo of a {}, a type of flower.",
-        "a photo of the {} flower.",
-        "a photo of a {} flower in bloom.",
-        "a photo of {} flowers in the garden.",
-        "a close-up photo of the petals of a {} flower.",
-        "a botanical photo of a {}, a flowering plant.",
-        "{}, a type of flower.",
-    ],
-    "cub200": [
-        "a photo of a {}, a type of bird.",
-        "a close-up photo of a {}, a type of bird.",
-        "a cropped photo of a {}, a type of bird.",
-        "a bright photo of a {}, a type of bird.",
-        "a good photo of a {}, a type of bird.",
-        "a low resolution photo of a {}, a type of bird.",
-        "a photo of the {}, a bird species.",
-        "a photo of a {}, a wild bird.",
-        "a photo of a {} bird perched on a branch.",
-        "a bird watching photo of a {}.",
-        "a field guide photo of the {}, a bird.",
-        "{}, a type of bird.",
-    ],
-}
-
-
-def prompt_sets(dataset: str) -> dict[str, list[str]]:
+def prompt_sets(dataset: str, domain: str | None = None) -> dict[str, list[str]]:
     """Every prompt set for `dataset`, by name, in presentation order.
 
+    `default` and `diverse` always; `domain` is the template with the dataset's domain
+    phrase (the default template when it has none); `domain_ensemble` when the dataset has a
+    domain phrase; `clip` when CLIP published templates for it other than the `domain` set.
+
     Args:
-        dataset: `flowers102` or `cub200`.
+        dataset: a registered dataset or `imagefolder:PATH`.
+        domain: a domain phrase replacing the dataset's own (`a type of mushroom`).
 
     Returns:
         `{name: templates}`; each template holds one `{}` for the class name.
     """
-    if dataset not in DOMAIN:
-        raise ValueError(f"no prompt sets for dataset {dataset!r}: choose one of {', '.join(DOMAIN)}")
-    return {
-        "default": list(DEFAULT),
-        "domain": list(DOMAIN[dataset]),
-        "diverse": list(DIVERSE),
-        "domain_ensemble": list(DOMAIN_ENSEMBLE[dataset]),
-    }
+    spec = dataset_spec(dataset)
+    phrase = domain or spec.domain
+    sets = {"default": list(DEFAULT), "domain": [domain_template(phrase)] if phrase else list(DEFAULT),
+            "diverse": list(DIVERSE)}
+    if phrase:
+        written = spec.domain_ensemble if spec.domain_ensemble and not domain else ()
+        sets["domain_ensemble"] = list(written or generic_domain_ensemble(phrase))
+    # CLIP's single template is usually the `domain` one (Flowers102, Pets): no second copy.
+    if spec.clip_templates and list(spec.clip_templates) != sets["domain"]:
+        sets["clip"] = list(spec.clip_templates)
+    return sets
 
 
-def resolve(names: Sequence[str] | str, dataset: str) -> list[str]:
+def resolve(names: Sequence[str] | str, dataset: str, domain: str | None = None) -> list[str]:
     """Expand and check prompt-set names: `all` means every set plus `auto`.
 
     Args:
         names: set names (a comma-separated string is split), `all` or `auto` among them.
         dataset: the dataset whose sets are meant.
+        domain: its domain phrase override (see `prompt_sets`).
 
     Returns:
         The names in order, without duplicates.
@@ -134,7 +85,7 @@ def resolve(names: Sequence[str] | str, dataset: str) -> list[str]:
     """
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
-    known = [*prompt_sets(dataset), AUTO]
+    known = [*prompt_sets(dataset, domain), AUTO]
     out: list[str] = []
     for name in names:
         if name == ALL:

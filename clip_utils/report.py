@@ -27,12 +27,12 @@ from pathlib import Path
 
 from . import zeroshot
 from .charts import plot_comparison, plot_curves, plot_dynamics
-from .data import DATASETS
-from .evaluation import figure_paths, run_label
+from .data import results_name
+from .evaluation import method_figures, run_label
 from .methods import METHODS, TRAINED
 from .methods import method as method_named
 from .plots import plot_confusion, plot_prompt_comparison, plot_sample_predictions
-from .results import figures_dir, method_dir, read_json, write_csv
+from .results import dataset_folders, figures_dir, method_dir, read_json, write_csv
 COLUMNS = ("dataset", "method", "prompt_set", "n", "top1", "top5", "mean_per_class", "trainable_params",
            "trainable_pct", "train_seconds", "seconds", "peak_vram_mb", "epochs", "best_epoch", "model")
 
@@ -79,7 +79,8 @@ def summary_row(metrics: Mapping) -> dict:
     if zeroshot and metrics.get("selected_set"):
         prompt_set = f"{prompt_set} ({metrics['selected_set']})"
     return {
-        "dataset": metrics["dataset"], "method": metrics["method"], "prompt_set": prompt_set if zeroshot else "",
+        "dataset": results_name(metrics["dataset"]), "method": metrics["method"],
+        "prompt_set": prompt_set if zeroshot else "",
         "n": metrics["n"], "top1": metrics["top1"], "top5": metrics["top5"],
         "mean_per_class": metrics["mean_per_class"],
         "trainable_params": 0 if zeroshot else metrics["trainable_params"],
@@ -100,7 +101,7 @@ def collect(results_dir: str | Path) -> tuple[list[dict], list[str]]:
         `(rows, missing)`: rows in dataset then method order; `missing` lines say what to run.
     """
     rows, missing = [], []
-    for dataset in DATASETS:
+    for dataset in (folder.name for folder in dataset_folders(results_dir)):
         trained = {}
         for method in TRAINED:
             file = Path(results_dir) / dataset / method / "metrics.json"
@@ -108,12 +109,14 @@ def collect(results_dir: str | Path) -> tuple[list[dict], list[str]]:
                 trained[method] = read_json(file)
         model = next((m["model"] for m in trained.values()), None)
         found = {"zeroshot": zeroshot_baseline(results_dir, dataset, model), **trained}
+        # What --dataset said (an image folder's path), for the commands that fill the gaps.
+        given = next((m["dataset"] for m in found.values() if m), dataset)
         for method in METHODS:
             if found.get(method) is None:
                 m = METHODS[method]
                 command = m.command + (" --prompts all" if m.name == zeroshot.METHOD else "")
                 missing.append(f"{dataset} {m.label} (python -m clip_utils {command} "
-                               f"--dataset {dataset})")
+                               f"--dataset {given})")
             else:
                 rows.append(summary_row(found[method]))
         models = sorted({r["model"] for r in rows if r["dataset"] == dataset})
@@ -131,7 +134,7 @@ def saved_curves(results_dir: str | Path) -> dict[str, dict[str, list[dict]]]:
         results_dir: the results root.
     """
     out: dict[str, dict[str, list[dict]]] = {}
-    for dataset in DATASETS:
+    for dataset in (folder.name for folder in dataset_folders(results_dir)):
         for method in TRAINED:
             file = Path(results_dir) / dataset / method / "curves.json"
             if file.is_file():
@@ -152,7 +155,7 @@ def saved_evaluations(results_dir: str | Path) -> list[tuple[Path, dict[str, Pat
     results_dir = Path(results_dir)
     saved_sets = zeroshot.saved_results(results_dir)
     out = []
-    for dataset in DATASETS:
+    for dataset in (folder.name for folder in dataset_folders(results_dir)):
         for name in saved_sets.get(dataset, {}):
             out.append((zeroshot.output_dir(results_dir, dataset, name),
                         zeroshot.figures(results_dir, dataset, name)))
@@ -163,8 +166,7 @@ def saved_evaluations(results_dir: str | Path) -> list[tuple[Path, dict[str, Pat
         for method in TRAINED:
             folder = method_dir(results_dir, dataset, method)
             if (folder / "metrics.json").is_file():
-                # the prefix train.run_probe and lora.run_lora hand to save_evaluation
-                out.append((folder, figure_paths(results_dir, f"{dataset}_{method}")))
+                out.append((folder, method_figures(results_dir, dataset, method)))
     return out
 
 

@@ -20,6 +20,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from .data import results_name
+from .methods import METHODS
 from .methods import method as method_named
 
 
@@ -162,13 +164,29 @@ def method_dir(results_dir: str | Path, dataset: str, method: str, prompt_set: s
 
     Args:
         results_dir: the results root.
-        dataset: dataset name.
+        dataset: a registered dataset or `imagefolder:PATH` (its folder is `data.results_name`).
         method: a method of `methods.METHODS` (`zeroshot`, `linear_probe` or `probe`, `lora`).
         prompt_set: the prompt set (zero-shot only).
     """
     m = method_named(method)
-    folder = Path(results_dir) / dataset / m.folder
+    folder = Path(results_dir) / results_name(dataset) / m.folder
     return folder / prompt_set if m.name == "zeroshot" and prompt_set else folder
+
+
+def dataset_folders(results_dir: str | Path) -> list[Path]:
+    """The folders under `results_dir` that hold some method's results, one per dataset, sorted.
+
+    Reports read what is there rather than a list of known datasets, so a user's own image
+    folder is reported like any benchmark.
+
+    Args:
+        results_dir: the results root.
+    """
+    root = Path(results_dir)
+    if not root.is_dir():
+        return []
+    return sorted(d for d in root.iterdir()
+                  if d.is_dir() and any((d / m.folder).is_dir() for m in METHODS.values()))
 
 
 def figures_dir(results_dir: str | Path) -> Path:

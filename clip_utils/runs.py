@@ -11,16 +11,21 @@ runs describe themselves in metrics.json with the same fields (DESIGN.md).
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Callable
 from dataclasses import asdict
+from typing import TypeVar
 
+import torch
 from torch import nn
 
 from .config import TrainConfig
 from .heads import zeroshot_head
 from .lab import Lab
-from .train import FitResult
+from .train import FitResult, TrainingError
 
 HEAD_INIT_SET = "domain"
+T = TypeVar("T")
 
 
 def zeroshot_init_head(lab: Lab, dataset: str) -> nn.Linear:
@@ -64,5 +69,30 @@ def run_info(lab: Lab, dataset: str, method: str, cfg: TrainConfig, fit_result: 
         "epochs": cfg.epochs, "best_epoch": fit_result.best_epoch,
         "best_val_acc": next((e["val_acc"] for e in fit_result.curves if e["epoch"] == fit_result.best_epoch), None),
         "peak_vram_mb": peak_vram_mb, "peak_reserved_mb": peak_reserved_mb, "device": str(lab.device),
+        "class_names_source": lab.class_naming,
         "config": {**asdict(resolved(cfg, lab)), **(extra_config or {})},
     }
+
+
+def freeing_memory_on_failure(train: Callable[..., T], *args) -> T:
+    """`train(*args)`; a `TrainingError` (CUDA out of memory, divergence) leaves it without its
+    traceback, after the memory the training frames held has been freed.
+
+    A notebook keeps the last traceback (`sys.last_traceback`), and with it every frame's
+    locals: the training model and its optimizer state would stay on the GPU, and the next
+    cell's smaller batch would not fit. The error's message says all the user needs.
+
+    Args:
+        train: the function building and training the model (its locals hold the model).
+        *args: its arguments.
+    """
+    failure = None
+    try:
+        return train(*args)
+    except TrainingError as err:
+        failure = err.with_traceback(None)
+    # Outside the handler: no frame of `train` is referenced any more.
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    raise failure

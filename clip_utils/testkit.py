@@ -10,6 +10,8 @@ Used by the tests and by `make demo`, so the whole pipeline runs without network
 - Flowers102 reuses the real `imagelabels.mat` and `setid.mat` (torchvision verifies their
   checksums), so torchvision parses it exactly as the real dataset: 1020/1020/6149 images.
 - CUB-200-2011 follows the official archive layout with the real class list.
+- The other torchvision benchmarks (Pets, FGVC Aircraft, DTD, Food-101, EuroSAT, Stanford
+  Cars) are in `testkit_benchmarks`, built on demand rather than into every kit.
 
 Every image's colours are fixed by its class (two colour patches per class, plus per-image
 noise and jitter), so a classifier trained on them can really learn and a test can tell
@@ -101,7 +103,13 @@ def make_tiny_clip(folder: str | Path, image_size: int = TINY_IMAGE_SIZE, seed: 
     return folder
 
 
-def _class_colours(n_classes: int, seed: int) -> np.ndarray:
+def class_colours(n_classes: int, seed: int) -> np.ndarray:
+    """`(n_classes, 2, 3)` RGB colours, two per class, for `class_image`.
+
+    Args:
+        n_classes: how many classes.
+        seed: the colours' seed (each synthetic dataset has its own).
+    """
     return np.random.default_rng(seed).integers(0, 256, size=(n_classes, 2, 3))
 
 
@@ -139,7 +147,7 @@ def make_flowers102(root: str | Path, size: tuple[int, int] = (48, 40), seed: in
     for name in FLOWERS_FILES:
         shutil.copyfile(ASSETS / name, base / name)
     labels = loadmat(base / "imagelabels.mat")["labels"][0] - 1
-    colours = _class_colours(102, seed)
+    colours = class_colours(102, seed)
     for i, label in enumerate(labels, start=1):
         class_image(int(label), i, size, colours).save(base / "jpg" / f"image_{i:05d}.jpg", quality=90)
     return base
@@ -165,7 +173,7 @@ def make_cub200(
     """
     base = Path(root) / "CUB_200_2011"
     folders = [line.split()[1] for line in (ASSETS / "classes.txt").read_text().splitlines()][:n_classes]
-    colours = _class_colours(len(folders), seed)
+    colours = class_colours(len(folders), seed)
     images, labels, split = [], [], []
     image_id = 0
     for label, folder in enumerate(folders):
@@ -182,6 +190,42 @@ def make_cub200(
     (base / "image_class_labels.txt").write_text("\n".join(labels) + "\n")
     (base / "train_test_split.txt").write_text("\n".join(split) + "\n")
     return base
+
+
+def make_imagefolder(
+    folder: str | Path,
+    layout: str = "flat",
+    n_classes: int = 5,
+    per_class: int = 12,
+    size: tuple[int, int] = (40, 36),
+    seed: int = 3,
+) -> Path:
+    """Write a user's image folder (`--dataset imagefolder:PATH`) with class-coded images.
+
+    Args:
+        folder: the dataset folder to create.
+        layout: `flat` (`<class>/*.jpg`), `splits` (`train/`, `val/`, `test/`, each with class
+            folders: half, a quarter and a quarter of `per_class`) or `train-test` (no `val/`).
+        n_classes: classes, named `class_00`, `class-01`, ... (underscores and hyphens both).
+        per_class: images per class.
+        size: `(width, height)` of every image.
+        seed: seed of the class colours.
+    """
+    folder = Path(folder)
+    colours = class_colours(n_classes, seed)
+    names = [f"class{'_' if k % 2 == 0 else '-'}{k:02d}" for k in range(n_classes)]
+    quarter = max(1, per_class // 4)
+    shares = {"flat": {"": per_class}, "splits": {"train": per_class - 2 * quarter, "val": quarter, "test": quarter},
+              "train-test": {"train": per_class - quarter, "test": quarter}}[layout]
+    index = 0
+    for label, name in enumerate(names):
+        for split, count in shares.items():
+            target = folder / split / name
+            target.mkdir(parents=True, exist_ok=True)
+            for k in range(count):
+                index += 1
+                class_image(label, index, size, colours).save(target / f"img_{k:03d}.jpg", quality=90)
+    return folder
 
 
 def make_kit(folder: str | Path, cub_classes: int = 200) -> dict[str, Path]:

@@ -27,14 +27,16 @@ from pathlib import Path
 import torch
 
 from . import prompts
-from .data import DATASETS
+from .data import canonical_name, results_name
 from .evaluation import figure_paths, save_evaluation
 from .heads import ClipClassifier, zeroshot_head
 from .lab import Lab
 from .plots import plot_prompt_comparison
-from .results import figures_dir, method_dir, read_json
+from .results import dataset_folders, figures_dir, method_dir, read_json
 
 METHOD = "zeroshot"
+# How tables list the prompt sets of any dataset (each dataset has some of them).
+SET_ORDER = ("default", "domain", "diverse", "domain_ensemble", "clip")
 
 COMPARISON_FIGURE = "zeroshot_prompt_sets.png"
 
@@ -68,7 +70,7 @@ def figures(results_dir: str | Path, dataset: str, prompt_set: str, split: str =
 
 
 def _figure_prefix(dataset: str, prompt_set: str, split: str) -> str:
-    return f"{dataset}_zeroshot_{prompt_set}" + ("" if split == "test" else f"_{split}")
+    return f"{results_name(dataset)}_zeroshot_{prompt_set}" + ("" if split == "test" else f"_{split}")
 
 
 def predict(features: torch.Tensor, classifier: torch.Tensor, logit_scale: float) -> torch.Tensor:
@@ -118,7 +120,7 @@ def choose_on_val(lab: Lab, dataset: str) -> tuple[str, dict[str, float]]:
         dataset: the dataset.
     """
     val = lab.features(dataset, "val")
-    classifiers = {name: lab.text_classifier(dataset, name) for name in prompts.prompt_sets(dataset)}
+    classifiers = {name: lab.text_classifier(dataset, name) for name in lab.prompt_sets(dataset)}
     return select_prompt_set(val.embeddings, val.labels, classifiers, lab.clip().logit_scale)
 
 
@@ -140,8 +142,9 @@ def run_zeroshot(
         encoding, also when this run read it from the cache (`features_from_cache`);
         `auto` adds `selected_set` and `val_top1` (every set's validation top-1).
     """
-    names = prompts.resolve(prompt_sets, dataset)
-    sets = prompts.prompt_sets(dataset)
+    dataset = canonical_name(dataset)
+    names = prompts.resolve(prompt_sets, dataset, lab.domain)
+    sets = lab.prompt_sets(dataset)
     feats = lab.features(dataset, split)
     # The image side is zero-shot's GPU work (weights plus a batch of activations); the
     # text side is a few thousand short prompts. The encoding's peak is the method's memory
@@ -160,6 +163,7 @@ def run_zeroshot(
         logits = predict(feats.embeddings, lab.text_classifier(dataset, chosen), scale)
         info = {
             "dataset": dataset, "split": split, "method": METHOD, "model": str(lab.model),
+            "class_names_source": lab.class_naming,
             "prompt_set": name, "templates": sets[chosen], **extra, "logit_scale": scale,
             "seconds": time.perf_counter() - start, "feature_seconds": encoding.get("seconds"),
             "features_from_cache": encoding.get("from_cache"), "peak_vram_mb": encoding.get("peak_vram_mb"),
@@ -183,7 +187,8 @@ def load_classifier(lab: Lab, dataset: str, prompt_set: str = prompts.AUTO) -> C
         dataset: whose classes.
         prompt_set: a set of `prompts.prompt_sets(dataset)`, or `auto` (chosen on validation).
     """
-    sets = prompts.prompt_sets(dataset)
+    dataset = canonical_name(dataset)
+    sets = lab.prompt_sets(dataset)
     if prompt_set == prompts.AUTO:
         prompt_set = choose_on_val(lab, dataset)[0]
     elif prompt_set not in sets:
@@ -194,16 +199,16 @@ def load_classifier(lab: Lab, dataset: str, prompt_set: str = prompts.AUTO) -> C
 
 
 def saved_results(results_dir: str | Path, model: str | None = None) -> dict[str, dict[str, dict]]:
-    """Every zero-shot metrics.json under `results_dir`: `{dataset: {prompt_set: metrics}}`.
+    """Every zero-shot metrics.json under `results_dir`: `{dataset folder: {prompt_set: metrics}}`.
 
     Args:
         results_dir: the results root.
         model: keep only the runs of this model (None: every run, whatever its model).
     """
     out: dict[str, dict[str, dict]] = {}
-    for dataset in DATASETS:
-        folder = Path(results_dir) / dataset / "zeroshot"
-        known = [*prompts.prompt_sets(dataset), prompts.AUTO]
+    for folder in dataset_folders(results_dir):
+        dataset, folder = folder.name, folder / "zeroshot"
+        known = [*SET_ORDER, prompts.AUTO]
         found = sorted(folder.glob("*/metrics.json"), key=lambda p: (
             known.index(p.parent.name) if p.parent.name in known else len(known), p.parent.name))
         runs = {p.parent.name: read_json(p) for p in found}

@@ -78,3 +78,11 @@ def task2_runs(kit, tmp_path_factory):
     probe = run_probe(lab, "cub200", TrainConfig(epochs=30, lr=0.3))
     lora = run_lora(lab, "cub200", TrainConfig(epochs=10, lr=0.02, augment=True), LoraSettings())
     return {"lab": lab, "results": results, "probe": probe, "lora": lora}
+
+
+@pytest.fixture(scope="session")
+def image_folders(tmp_path_factory) -> dict[str, Path]:
+    """A user's own datasets (`imagefolder:PATH`) in both layouts: `{"flat": ..., "splits": ...}`."""
+    root = tmp_path_factory.mktemp("image_folders")
+    return {layout: testkit.make_imagefolder(root / f"mushrooms_{layout}", layout=layout)
+            for layout in ("flat", "splits")}

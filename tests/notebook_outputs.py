@@ -21,9 +21,11 @@ def saved_text(nb) -> str:
     return "\n".join(parts)
 
 
-def widgets(nb) -> int:
-    """How many outputs are widgets (a viewer without widget support shows their stale text)."""
-    return sum(WIDGET in out.get("data", {}) for cell in nb.cells for out in cell.get("outputs", []))
+def progress_widgets(nb) -> list[str]:
+    """The plain-text fallbacks of progress bars saved as widgets (a viewer without widget
+    support shows that stale text); other widgets (the photo explorer) are not progress."""
+    return [out.data["text/plain"] for cell in nb.cells for out in cell.get("outputs", [])
+            if WIDGET in out.get("data", {}) and bar_lines(out.data.get("text/plain", ""))]
 
 
 def bar_lines(text: str) -> list[tuple[str, int, int, str]]:

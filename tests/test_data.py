@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 import torch
 
-from clip_utils import data
+from clip_utils import cub, data, imagelist
 from clip_utils.data import DatasetNotFoundError, UnreadableImageError, load_dataset
 
 
@@ -31,7 +31,7 @@ def test_flowers102_class_names_follow_cat_to_name(kit):
 
 
 def test_splits_are_disjoint(kit):
-    for name in data.DATASETS:
+    for name in ("flowers102", "cub200"):  # the kit's; the other benchmarks: test_benchmarks.py
         paths = {s: {p for p, _ in load_dataset(name, kit["data"], s).samples} for s in data.SPLITS}
         assert not paths["train"] & paths["val"]
         assert not paths["train"] & paths["test"]
@@ -55,8 +55,8 @@ def test_cub_parsing_and_stratified_val(kit):
 
 
 def test_cub_real_class_list_names():
-    names = [data.cub_class_name(line.split()[1]) for line in
-             (data.ASSETS / "classes.txt").read_text().splitlines()]
+    names = [cub.cub_class_name(line.split()[1]) for line in
+             cub.BUNDLED_CUB_CLASSES.read_text().splitlines()]
     assert len(names) == 200
     assert names[0] == "Black footed Albatross" and names[-1] == "Common Yellowthroat"
 
@@ -84,7 +84,7 @@ def test_missing_dataset_names_folder_and_download(tmp_path, name, folder):
 
 @pytest.mark.parametrize("name", ["flowers102", "cub200"])
 def test_download_offline_fails_fast_and_clearly(tmp_path, name, monkeypatch):
-    monkeypatch.setattr(data, "reachable", lambda url: (False, "no route to host"))
+    monkeypatch.setattr(imagelist, "reachable", lambda url: (False, "no route to host"))
     with pytest.raises(DatasetNotFoundError, match="unreachable.*no route to host"):
         load_dataset(name, tmp_path, "test", download=True)
 
@@ -93,7 +93,7 @@ def test_checksum_mismatch_removes_partial_archive(tmp_path):
     archive = tmp_path / "CUB_200_2011.tgz"
     archive.write_bytes(b"half a download")
     with pytest.raises(OSError, match="checksum mismatch.*removed"):
-        data.verify_archive(archive, data.CUB_MD5)
+        cub.verify_archive(archive, cub.CUB_MD5)
     assert not archive.exists()
 
 
@@ -104,8 +104,8 @@ def test_good_archive_is_extracted_without_network(tmp_path, kit, monkeypatch):
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(kit["data"] / "CUB_200_2011", arcname="CUB_200_2011")
     md5 = hashlib.md5(archive.read_bytes()).hexdigest()
-    monkeypatch.setattr(data, "reachable", lambda url: pytest.fail("must not touch the network"))
-    base = data.download_cub200(tmp_path, md5=md5)
+    monkeypatch.setattr(imagelist, "reachable", lambda url: pytest.fail("must not touch the network"))
+    base = cub.download_cub200(tmp_path, md5=md5)
     assert (base / "images.txt").is_file()
 
 
@@ -121,11 +121,24 @@ def test_unreadable_image_names_the_file(kit, tmp_path):
 
 
 def test_class_names_need_no_images_and_no_download(tmp_path, kit, monkeypatch):
-    monkeypatch.setattr(data, "reachable", lambda url: pytest.fail("must not touch the network"))
-    assert data.class_names("cub200", tmp_path)[0] == "Black footed Albatross"  # bundled official list
+    monkeypatch.setattr(imagelist, "reachable", lambda url: pytest.fail("must not touch the network"))
+    assert data.class_names("cub200", tmp_path, "original")[0] == "Black footed Albatross"  # bundled official list
     assert len(data.class_names("cub200", tmp_path)) == 200
-    assert data.class_names("cub200", kit["data"]) == load_dataset("cub200", kit["data"], "test").classes
+    assert data.class_names("cub200", kit["data"], "original") == load_dataset("cub200", kit["data"], "test").classes
     assert data.class_names("flowers102", tmp_path)[0] == "pink primrose"
+
+
+def test_curated_names_are_the_anchors_and_the_birds_proper_names(tmp_path):
+    flowers, cub = data.class_names("flowers102", tmp_path), data.class_names("cub200", tmp_path)
+    original = data.class_names("flowers102", tmp_path, "original")
+    assert (original[77], flowers[77]) == ("lotus lotus", "lotus")  # CLIP's list, behind the published 79.2%
+    assert (original[92], flowers[92]) == ("ball moss", "air plant")
+    assert sum(a != b for a, b in zip(original, flowers, strict=True)) == 4
+    assert (cub[0], cub[8], cub[21]) == ("Black-footed Albatross", "Brewer's Blackbird", "Chuck-will's-widow")
+    assert "Black-and-white Warbler" in cub and "Arctic Tern" in cub and "Le Conte's Sparrow" in cub
+    assert len(set(cub)) == 200 and not any("_" in name for name in cub)
+    with pytest.raises(ValueError, match="curated or original"):
+        data.class_names("cub200", tmp_path, "fancy")
 
 
 def test_incomplete_extraction_is_never_taken_for_a_dataset(tmp_path, kit):
@@ -137,8 +150,8 @@ def test_incomplete_extraction_is_never_taken_for_a_dataset(tmp_path, kit):
     md5 = hashlib.md5(archive.read_bytes()).hexdigest()
     (tmp_path / "CUB_200_2011" / "images").mkdir(parents=True)  # left by an interrupted extraction
     with pytest.raises(DatasetNotFoundError, match="incomplete.*remove it"):
-        data.download_cub200(tmp_path, md5=md5)
+        cub.download_cub200(tmp_path, md5=md5)
     shutil.rmtree(tmp_path / "CUB_200_2011")
-    base = data.download_cub200(tmp_path, md5=md5)
+    base = cub.download_cub200(tmp_path, md5=md5)
     assert (base / "images.txt").is_file()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp folder left

@@ -165,3 +165,26 @@ def test_lora_trains_without_the_labs_inference_model_in_memory(kit, tmp_path, m
         lora.run_lora(lab, "cub200", TrainConfig(epochs=1))
     assert seen == [None]
     assert lab.clip().model is not None  # and it comes back on the next use
+
+
+def test_a_failed_lora_run_leaves_no_frame_holding_its_model(kit, tmp_path, monkeypatch):
+    """A notebook keeps the last traceback: it must not keep LoRA's model (and its GPU memory)."""
+    from clip_utils import lora
+    from clip_utils.lab import Lab
+    from clip_utils.train import TrainingError
+
+    def out_of_memory(job, *args, **kwargs):
+        raise TrainingError("CUDA out of memory while training: try --batch-size 16")
+
+    monkeypatch.setattr(lora, "fit", out_of_memory)
+    lab = Lab(model=str(kit["model"]), data_root=kit["data"], results_dir=tmp_path, device="cpu", num_workers=0)
+    with pytest.raises(TrainingError, match="try --batch-size 16") as caught:
+        lora.run_lora(lab, "cub200")
+    frames, tb = [], caught.value.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    held = [name for frame in frames for name, value in frame.f_locals.items()
+            if isinstance(value, torch.nn.Module) and any(p.requires_grad for p in value.parameters())
+            and sum(p.numel() for p in value.parameters()) > 10_000]
+    assert frames and not held  # the head alone is small; no adapted encoder survives

@@ -20,6 +20,7 @@ from PIL import Image
 from clip_utils import photos
 from clip_utils.cli import main
 from clip_utils.lab import Lab
+from clip_utils.data import class_names
 from clip_utils.photos import PhotoError, format_predictions, load_photo, predict_photos
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,13 +195,13 @@ def test_one_bad_photo_does_not_stop_the_others(lab, tmp_path):
     assert [r["photo"] for r in results] == [str(FLOWER), str(bad), str(tmp_path / "missing.jpg"), str(FLOWER)]
     assert "error" in results[1] and "bad.png" in results[1]["error"]
     assert "not found" in results[2]["error"]
-    names = json.loads((ROOT / "cat_to_name.json").read_text())
+    names = lab.class_names("flowers102")
     for r in (results[0], results[3]):
         top = r["top_k"]
         assert len(top) == 5
         probs = [t["prob"] for t in top]
         assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
-        assert all(t["name"] == names[str(t["label"] + 1)] for t in top)
+        assert all(t["name"] == names[t["label"]] for t in top)
     assert results[0]["top_k"] == results[3]["top_k"]  # deterministic
     text = format_predictions(results)
     assert str(FLOWER) in text and "error:" in text and "%" in text
@@ -219,7 +220,7 @@ def test_prediction_matches_the_zeroshot_pipeline(lab):
     from clip_utils.heads import image_embeddings
 
     model, processor = lab.clip().model, lab.clip().processor
-    names = lab.dataset("cub200", "test").classes
+    names = lab.class_names("cub200")
     W = prompts.build_text_classifier(model, processor.tokenizer, names, prompts.prompt_sets("cub200")["domain"], "cpu")
     with torch.no_grad():
         embedding = image_embeddings(model, lab.preprocess.transform()(load_photo(FLOWER))[None])
@@ -287,7 +288,7 @@ def test_python_m_clip_utils_predict_prints_top5(kit, tmp_path):
     assert run.returncode == 0, run.stderr
     lines = run.stdout.strip().splitlines()
     assert lines[0] == "my_photo/flower.png"
-    names = set(json.loads((ROOT / "cat_to_name.json").read_text()).values())
+    names = set(class_names("flowers102"))
     assert len(lines) == 6
     for rank, line in enumerate(lines[1:], 1):
         number, rest = line.split(".", 1)

@@ -11,9 +11,9 @@ import nbformat
 import pytest
 
 from clip_utils import prompts
-from clip_utils.data import load_dataset
+from clip_utils.data import canonical_name, class_names, load_dataset
 from clip_utils.notebooks import execute_notebook
-from notebook_outputs import bar_lines, saved_text, unfinished_bars, widgets
+from notebook_outputs import bar_lines, progress_widgets, saved_text, unfinished_bars
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "Task1.ipynb"
@@ -21,7 +21,7 @@ DATASETS = ("flowers102", "cub200")
 
 
 @pytest.fixture(scope="module")
-def executed(kit, zeroshot_cli_run, tmp_path_factory):
+def executed(kit, zeroshot_cli_run, image_folders, tmp_path_factory):
     """Run the notebook once; its results folder starts with the CLI run's feature cache."""
     results = tmp_path_factory.mktemp("task1") / "results"
     shutil.copytree(zeroshot_cli_run[0] / "cache", results / "cache")
@@ -29,6 +29,8 @@ def executed(kit, zeroshot_cli_run, tmp_path_factory):
     env = {
         "CLIP_MODEL": str(kit["model"]), "CLIP_DATA_ROOT": str(kit["data"]), "CLIP_RESULTS_DIR": str(results),
         "CLIP_EPOCHS": "1", "CLIP_BATCH_SIZE": "256", "CLIP_DEVICE": "cpu", "HF_HUB_OFFLINE": "1",
+        # A user's own folder beside the benchmarks: `CLIP_DATASETS` takes `imagefolder:PATH` like any name.
+        "CLIP_DATASETS": ",".join([*DATASETS, f"imagefolder:{image_folders['flat']}"]),
     }
     out = results / "notebooks" / "Task1.ipynb"
     execute_notebook(NOTEBOOK, out, env, timeout=600)
@@ -56,7 +58,7 @@ def test_results_files_follow_the_contract(executed, kit):
             assert {"dataset", "split", "method", "model", "n", "top1", "top5", "mean_per_class", "class_names",
                     "seconds", "templates", "prompt_set"} <= set(m)
             assert m["dataset"] == dataset and m["method"] == "zeroshot" and m["model"] == str(kit["model"])
-            assert m["class_names"] == test.classes
+            assert m["class_names"] == class_names(dataset, kit["data"]) and m["class_names_source"] == "curated"
             assert m["templates"] == sets[m.get("selected_set", name)]
             with open(folder / "predictions.csv", newline="") as f:
                 rows = list(csv.DictReader(f))
@@ -78,9 +80,9 @@ def test_photos_and_summary(executed):
     results, nb, _ = executed
     photos = sorted(p.name for p in (ROOT / "my_photo").iterdir())
     figures = sorted(p.name for p in (results / "figures").glob("photo_*.png"))
-    assert len(figures) == len(photos) * len(DATASETS)
+    assert len(figures) == len(photos) * (len(DATASETS) + 1)  # and the image folder
     summary = json.loads((results / "task1_summary.json").read_text())
-    assert set(summary["zeroshot"]) == set(DATASETS)
+    assert set(DATASETS) < set(summary["zeroshot"]) and len(summary["zeroshot"]) == len(DATASETS) + 1
     for dataset in DATASETS:
         assert [Path(r["photo"]).name for r in summary["photos"][dataset]] == photos
         assert all(len(r["top_k"]) == 5 for r in summary["photos"][dataset])
@@ -93,15 +95,36 @@ def test_the_executed_notebook_shows_its_pictures(executed):
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     # 2 confusion matrices + 2 sample grids + the comparison chart + one chart per photo and dataset
-    assert len(images) >= 5 + 3 * len(DATASETS)
+    assert len(images) >= 5 + 3 * (len(DATASETS) + 1)
     text = "".join(o.get("text", "") for o in outputs)
     assert "more classes in" in text and "macro avg" in text and "task1_summary.json" in text
+
+
+def test_an_image_folder_runs_through_the_notebook(executed, image_folders):
+    results, _, _ = executed
+    name = f"imagefolder:{image_folders['flat']}"
+    for prompt_set in [*prompts.prompt_sets(name), "auto"]:
+        m = json.loads((results / "mushrooms_flat" / "zeroshot" / prompt_set / "metrics.json").read_text())
+        assert m["dataset"] == canonical_name(name) and m["class_names"] == class_names(name)
+    table = json.loads((results / "task1_summary.json").read_text())["zeroshot"][name]
+    assert table["auto"]["selected_set"] in prompts.prompt_sets(name)
+
+
+def test_the_explorer_cell_shows_its_widget_with_a_first_result(executed):
+    _, nb, _ = executed
+    (cell,) = [c for c in nb.cells if c.cell_type == "code" and "photo_explorer" in c.source]
+    (view,) = [o for o in cell.outputs if o.output_type == "execute_result"]  # progress bars are widgets too
+    # nbclient saved the widgets' state: the explorer's Output holds its first photo's charts.
+    state = nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    assert view.data["application/vnd.jupyter.widget-view+json"]["model_id"] in state
+    shown = [o for w in state.values() if w["model_name"] == "OutputModel" for o in w["state"].get("outputs", [])]
+    assert any("image/png" in o.get("data", {}) for o in shown)
 
 
 def test_saved_progress_is_plain_text_that_ends_at_each_total(executed):
     _, nb, _ = executed
     text = saved_text(nb)
-    assert widgets(nb) == 0  # a viewer without widget support would show `0%| | 0/N`
+    assert progress_widgets(nb) == []  # a viewer without widget support would show `0%| | 0/N`
     assert bar_lines(text), "no progress saved at all"
     assert unfinished_bars(text) == []
     assert "\x1b" not in text  # no terminal escape codes in a saved notebook

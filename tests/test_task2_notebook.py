@@ -9,23 +9,25 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from clip_utils.data import load_dataset
+from clip_utils.data import class_names, load_dataset
 from clip_utils.notebooks import execute_notebook
-from notebook_outputs import bar_lines, saved_text, unfinished_bars, widgets
+from notebook_outputs import bar_lines, progress_widgets, saved_text, unfinished_bars
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "Task2.ipynb"
 # The kit's 20-class CUB keeps the run to seconds; `make demo` runs both datasets.
 DATASET = "cub200"
 EPOCHS = 2
+# A user's own folder beside it: `CLIP_DATASETS` takes `imagefolder:PATH` like any name.
+FOLDER = "mushrooms_flat"
 
 
 @pytest.fixture(scope="module")
-def executed(kit, tmp_path_factory):
+def executed(kit, image_folders, tmp_path_factory):
     results = tmp_path_factory.mktemp("task2") / "results"
     env = {
         "CLIP_MODEL": str(kit["model"]), "CLIP_DATA_ROOT": str(kit["data"]), "CLIP_RESULTS_DIR": str(results),
-        "CLIP_DATASETS": DATASET, "CLIP_EPOCHS": str(EPOCHS), "CLIP_BATCH_SIZE": "32", "CLIP_DEVICE": "cpu",
+        "CLIP_DATASETS": f"{DATASET},imagefolder:{image_folders['flat']}", "CLIP_EPOCHS": str(EPOCHS), "CLIP_BATCH_SIZE": "32", "CLIP_DEVICE": "cpu",
         "HF_HUB_OFFLINE": "1",
     }
     out = results / "notebooks" / "Task2.ipynb"
@@ -54,7 +56,7 @@ def test_trained_methods_write_the_contract_files(executed, kit):
                 "seconds", "trainable_params", "trainable_pct", "epochs", "best_epoch", "peak_vram_mb",
                 "config"} <= set(m)
         assert (m["method"], m["epochs"], m["n"], m["peak_vram_mb"]) == (method, EPOCHS, len(test), None)
-        assert m["class_names"] == test.classes and m["model"] == str(kit["model"])
+        assert m["class_names"] == class_names(DATASET, kit["data"]) and m["model"] == str(kit["model"])
         with open(folder / "predictions.csv", newline="") as f:
             rows = list(csv.DictReader(f))
         assert len(rows) == len(test) and {"path", "label", "pred"} <= set(rows[0])
@@ -92,10 +94,30 @@ def test_comparison_figures_and_summary(executed):
     assert images >= 5  # curves, reports, comparison and photos are shown, not only saved
 
 
+def test_an_image_folder_runs_through_every_method(executed):
+    results, _ = executed
+    rows = [r for r in csv.DictReader(open(results / "summary.csv", newline="")) if r["dataset"] == FOLDER]
+    assert [r["method"] for r in rows] == ["zeroshot", "linear_probe", "lora"]
+    for method in ("linear_probe", "lora"):
+        assert (results / FOLDER / method / "head.safetensors").is_file()
+        assert (results / "figures" / f"{FOLDER}_{method}_confusion.png").is_file()
+
+
+def test_the_explorer_cell_shows_its_widget_with_a_first_result(executed):
+    _, nb = executed
+    (cell,) = [c for c in nb.cells if c.cell_type == "code" and "photo_explorer" in c.source]
+    (view,) = [o for o in cell.outputs if o.output_type == "execute_result"]  # progress bars are widgets too
+    # nbclient saved the widgets' state: the explorer's Output holds its first photo's charts.
+    state = nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    assert view.data["application/vnd.jupyter.widget-view+json"]["model_id"] in state
+    shown = [o for w in state.values() if w["model_name"] == "OutputModel" for o in w["state"].get("outputs", [])]
+    assert sum("image/png" in o.get("data", {}) for o in shown) == 3  # zero-shot, linear probe, LoRA
+
+
 def test_saved_progress_is_plain_text_that_ends_at_each_total(executed):
     _, nb = executed
     text = saved_text(nb)
-    assert widgets(nb) == 0  # a viewer without widget support would show `0%| | 0/N`
+    assert progress_widgets(nb) == []  # a viewer without widget support would show `0%| | 0/N`
     descs = [desc for desc, *_ in bar_lines(text)]
     assert f"{DATASET} LoRA" in descs and f"{DATASET} linear probe" in descs  # the epoch bars
     assert unfinished_bars(text) == []

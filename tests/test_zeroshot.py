@@ -219,7 +219,8 @@ def test_run_zeroshot_writes_the_contract(cub_run):
         saved = json.loads((folder / "metrics.json").read_text())
         assert CONTRACT_KEYS <= set(saved)
         assert saved["method"] == "zeroshot" and saved["split"] == "test" and saved["prompt_set"] == name
-        assert saved["class_names"] == test.classes and saved["n"] == len(test)
+        assert saved["class_names"] == lab.class_names("cub200") and saved["n"] == len(test)
+        assert saved["class_names_source"] == "curated"
         assert saved["templates"] == sets[saved.get("selected_set", name)]
         rows = _rows(folder / "predictions.csv")
         assert list(rows[0])[:3] == ["path", "label", "pred"]
