@@ -89,8 +89,13 @@ class _LogBar(text_tqdm):
     """
 
     def close(self) -> None:
-        if not self.disable and self.last_print_t < self.start_t + self.delay:
-            self.delay = 0.0  # never displayed: let close() print the final state
+        if not self.disable:
+            if self.last_print_t < self.start_t + self.delay:
+                self.delay = 0.0  # never displayed: let close() print the final state
+            elif self.last_print_n == self.n:
+                # A long pass whose last step already printed the final count: in a terminal
+                # close() redraws that line in place, in a log it would be a second copy.
+                self.leave = False
         super().close()
 
     def set_postfix(self, ordered_dict=None, refresh: bool = True, **kwargs) -> None:

@@ -42,14 +42,15 @@ def unfinished_bars(text: str) -> list[str]:
     """The last saved line of every bar that did not reach its total.
 
     A line short of its total is fine when a later line of the same bar continues it (a
-    long pass prints one every half minute); it is unfinished when the text ends first, or
-    when a new bar with the same label starts over (its count does not grow).
+    long pass prints one every half minute, with the same count when nothing moved); it is
+    unfinished when the text ends first, or when a new bar with the same label starts over
+    (its count falls).
     """
     short: list[str] = []
     open_: dict[str, tuple[int, str]] = {}
     for desc, n, total, line in bar_lines(text):
         previous = open_.pop(desc, None)
-        if previous is not None and n <= previous[0]:
+        if previous is not None and n < previous[0]:
             short.append(previous[1])
         if n < total:
             open_[desc] = (n, line)

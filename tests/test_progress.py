@@ -61,6 +61,7 @@ def test_a_long_pass_prints_progress_lines_then_its_final_line(monkeypatch, caps
         pass
     counts = [n for _, n, _, _ in bar_lines(capsys.readouterr().err)]
     assert counts[-1] == 4 and len(counts) > 1 and counts == sorted(counts)
+    assert counts.count(4) == 1  # the last step printed the final count: close() does not repeat it
 
 
 def test_an_unknown_style_is_refused_with_the_choices(monkeypatch):
@@ -78,6 +79,10 @@ def test_unfinished_bars_reads_saved_text_as_a_reader_would():
     short = "a:  98%|######### | 48/49 [00:30<00:01]"
     restarted = f"{short}\na:  33%|###       | 16/49 [00:30<01:00]\na: 100%|##########| 49/49 [01:30<00:00]"
     assert unfinished_bars(restarted) == [short]
+    # a long pass refreshed while nothing moved (an epoch bar during a slow epoch), then done
+    stalled = ("a:  67%|######    | 2/3 [00:32<00:16]\na:  67%|######    | 2/3 [01:09<00:16]\n"
+               "a: 100%|##########| 3/3 [01:14<00:00]")
+    assert unfinished_bars(stalled) == []
     widget_text = "Loading weights:   0%|          | 0/78 [00:00<?, ?it/s]"
     assert unfinished_bars(widget_text) == [widget_text]
 
