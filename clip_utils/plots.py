@@ -37,6 +37,9 @@ DEMO_MARK = "DEMO: tiny random model, numbers mean nothing"
 MIN_LABEL_PT, LINE_HEIGHT = 5.5, 1.2
 # Every k-th class named at most this sparsely; beyond, names would only be noise: none.
 MAX_LABEL_STEP = 8
+# The confusion figure's base size names up to about this many classes; it grows with the
+# class count, up to CONFUSION_MAX_SCALE, so that Flowers102's 102 names all fit.
+CONFUSION_BASE_CLASSES, CONFUSION_MAX_SCALE = 72, 1.45
 
 
 def is_demo() -> bool:
@@ -182,7 +185,8 @@ def plot_confusion(
 
     # Fixed margins rather than constrained layout: laying out 2 x 200 tick labels several
     # times costs seconds per figure; bbox_inches="tight" on save trims the edges anyway.
-    fig = new_figure(constrained=False, figsize=(15, 11))
+    scale = float(np.clip(n / CONFUSION_BASE_CLASSES, 1.0, CONFUSION_MAX_SCALE))
+    fig = new_figure(constrained=False, figsize=(15 * scale, 11 * scale))
     grid = fig.add_gridspec(1, 2, width_ratios=[2.4, 1], wspace=0.02, left=0.16, right=0.99, bottom=0.18,
                             top=0.93)
     ax = fig.add_subplot(grid[0])
