@@ -7,13 +7,15 @@
 Layers, imports pointing down only (a test fails on any cycle):
 
 - building blocks, no files: `config` (settings and every default), `methods` (the method
-  table), `params`, `progress`, `prompts`, `preprocess`, `heads`, `metrics`;
+  table), `params`, `progress`, `prompts`, `preprocess`, `heads`, `logreg` (the L-BFGS probe),
+  `metrics`;
 - loading and encoding: `net`, `data`, `models`, `inputs` (the GPU input path), `features`
   (embeddings and their cache), `train` (the loop), `vram`;
-- files and figures: `results`, `checkpoints`, `evaluation`, `plots`;
+- files and figures: `results`, `fewshot` (the K-shot draw and run folders), `checkpoints`,
+  `evaluation`, `plots`;
 - the run context: `lab`, and `runs` (what the trained methods share);
 - the methods, peers: `zeroshot`, `probe`, `lora`;
-- on top: `photos`, `report`, `cli`, `notebooks`, `testkit`, `bench`.
+- on top: `photos`, `sweep` (the few-shot grid), `report`, `cli`, `notebooks`, `testkit`, `bench`.
 """
 
 __version__ = "0.1.0"
