@@ -7,16 +7,18 @@
 Layers, imports pointing down only (a test fails on any cycle):
 
 - building blocks, no files: `config` (settings and every default), `methods` (the method
-  table), `params`, `progress`, `templates`, `classnames`, `preprocess`, `heads`, `metrics`;
+  table), `params`, `progress`, `templates`, `classnames`, `preprocess`, `heads`, `logreg`
+  (the L-BFGS probe), `metrics`;
 - datasets: `imagelist` (`ImageListDataset`, `DatasetSpec`), the declarations `benchmarks`
   (with `tvdata`), `cub` and `imagefolder`, the registry `data`, and `prompts`;
 - loading and encoding: `net`, `models`, `inputs` (the GPU input path), `features`
   (embeddings and their cache), `train` (the loop), `vram`;
-- files and figures: `results`, `checkpoints`, `evaluation`, `plots`, `charts`;
+- files and figures: `results`, `fewshot` (the K-shot draw and run folders), `checkpoints`,
+  `evaluation`, `plots`, `charts`;
 - the run context: `lab`, and `runs` (what the trained methods share);
 - the methods, peers: `zeroshot`, `probe`, `lora`;
-- on top: `photos`, `explorer`, `report`, `cli`, `notebooks`, `testkit` (and
-  `testkit_benchmarks`), `bench`.
+- on top: `photos`, `explorer`, `sweep` (the few-shot grid), `report`, `cli`, `notebooks`,
+  `testkit` (and `testkit_benchmarks`), `bench`.
 """
 
 __version__ = "0.1.0"

@@ -112,21 +112,27 @@ def plot_dynamics(curves: Mapping[str, Sequence[Mapping]], title: str, path: str
 
 
 def _bars(ax, rows: Sequence[Mapping], value: Callable[[Mapping], float | None], label: Callable[[float], str],
-          ylabel: str, title: str, log: bool = False) -> list[float]:
+          ylabel: str, title: str, log: bool = False,
+          error: Callable[[Mapping], float | None] | None = None) -> list[float]:
     """Grouped bars: one group per dataset, one bar per method; missing values (and, on a log
-    axis, zeros) left out. Returns the drawn values."""
+    axis, zeros) left out; `error(row)`, when given, is the bar's error bar (a standard
+    deviation over seeds; None: none). Returns the drawn values."""
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     width = 0.8 / len(METHODS)
     drawn: list[float] = []
     for k, (method, entry) in enumerate(METHODS.items()):
-        xs, ys = [], []
+        xs, ys, errors = [], [], []
         for i, dataset in enumerate(datasets):
             row = next((r for r in rows if r["dataset"] == dataset and r["method"] == method), None)
             y = value(row) if row else None
             if y is not None and not (isinstance(y, float) and math.isnan(y)) and (y > 0 or not log):
                 xs.append(i + (k - (len(METHODS) - 1) / 2) * width)
                 ys.append(y)
-        bars = ax.bar(xs, ys, width, label=entry.label, color=f"C{k}")
+                spread = error(row) if error else None
+                errors.append(math.nan if spread is None else spread)  # NaN: no error bar drawn
+        with_errors = any(e > 0 for e in errors)  # NaN compares False
+        bars = ax.bar(xs, ys, width, label=entry.label, color=f"C{k}", yerr=errors if with_errors else None,
+                      capsize=2)
         ax.bar_label(bars, labels=[label(y) for y in ys], fontsize="x-small", padding=1)
         drawn += ys
     ax.set_xticks(range(len(datasets)), datasets)
@@ -153,7 +159,11 @@ def plot_comparison(rows: Sequence[Mapping], path: str | Path | None = None) -> 
     axes = fig.subplots(2, 3)
     for ax, key, name in zip(axes[0], ("top1", "top5", "mean_per_class"),
                              ("test top-1", "test top-5", "mean per-class accuracy"), strict=True):
-        _bars(ax, rows, lambda r, k=key: 100 * r[k], percent, "%", name)
+        # Rows averaged over seeds carry their spread: top-1 shows it as error bars.
+        spread = None if key != "top1" or all(r.get("top1_std") in (None, "") for r in rows) else (
+            lambda r: 100 * r["top1_std"] if r.get("top1_std") not in (None, "") else None)
+        _bars(ax, rows, lambda r, k=key: 100 * r[k], percent, "%", name + (" (± std over seeds)" if spread else ""),
+              error=spread)
         ax.set_ylim(0, 110)  # head room for a label above a 100% bar
         ax.set_yticks(range(0, 101, 20))
     _bars(axes[1][0], rows, lambda r: r["trainable_params"], count, "parameters (log)",
