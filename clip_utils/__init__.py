@@ -7,7 +7,8 @@
 Layers, imports pointing down only (a test fails on any cycle):
 
 - building blocks, no files: `config` (settings and every default), `methods` (the method
-  table), `params`, `progress`, `prompts`, `preprocess`, `heads`, `metrics`;
+  table), `params`, `progress`, `prompts`, `preprocess`, `heads`, `metrics`, `distributed`
+  (torchrun's process group);
 - loading and encoding: `net`, `data`, `models`, `inputs` (the GPU input path), `features`
   (embeddings and their cache), `train` (the loop), `vram`;
 - files and figures: `results`, `checkpoints`, `evaluation`, `plots`;

@@ -6,6 +6,7 @@
     python -m clip_utils predict  my_photo/flower.png --dataset flowers102 --method lora
     python -m clip_utils predict  my_photo/*.jpg --dataset cub200 --method all   # side by side
     python -m clip_utils report
+    torchrun --standalone --nproc_per_node 4 -m clip_utils lora --dataset flowers102   # 4 GPUs, one job
 
 Every command has `--help`. Bad arguments end in a usage error (exit code 2), and the
 errors users can fix (missing model or dataset, unreadable photo, mismatched checkpoint)
@@ -24,13 +25,13 @@ from pathlib import Path
 
 import torch
 
-from . import config, prompts
+from . import config, distributed, prompts
 from .checkpoints import CheckpointError
 from .classnames import NAMINGS
 from .config import LoraSettings, TrainConfig
 from .data import DATASETS, DatasetNotFoundError, UnreadableImageError
 from .imagefolder import PREFIX
-from .lab import Lab, check_device
+from .lab import Lab, check_device, default_device
 from .lora import run_lora
 from .methods import CHOICES, METHODS
 from .models import ModelUnavailableError
@@ -42,6 +43,7 @@ from .train import TrainingError
 from .zeroshot import output_dir, run_zeroshot
 
 EPILOG = "Results layout and options: README.md and DESIGN.md."
+DISTRIBUTED_COMMANDS = ("zeroshot", "probe", "lora")  # what runs under torchrun (README: several GPUs)
 ALL_METHODS = "all"  # `predict --method all`: every method side by side
 
 
@@ -210,6 +212,8 @@ def _lab(args) -> Lab:
 def cmd_zeroshot(args) -> None:
     lab = _lab(args)
     results = run_zeroshot(lab, args.dataset, args.prompts, split=args.split)
+    if not distributed.is_main():  # under torchrun: printed once
+        return
     print(f"{'prompt set':<16} {'top-1':>7} {'top-5':>7} {'per-class':>9}  results")
     for name, m in results.items():
         chosen = f" (chose {m['selected_set']} on val)" if "selected_set" in m else ""
@@ -218,6 +222,8 @@ def cmd_zeroshot(args) -> None:
 
 
 def _print_run(metrics: dict, folder) -> None:
+    if not distributed.is_main():  # under torchrun: printed once
+        return
     print(f"{metrics['dataset']} {metrics['method']}: test top-1 {metrics['top1']:.2%}, top-5 {metrics['top5']:.2%}, "
           f"mean per class {metrics['mean_per_class']:.2%} (best epoch {metrics['best_epoch']}/{metrics['epochs']}, "
           f"{metrics['trainable_params']:,} trainable parameters) -> {folder}")
@@ -229,7 +235,8 @@ def _config(args, defaults: TrainConfig) -> TrainConfig:
 
 
 def cmd_probe(args) -> None:
-    metrics = run_probe(_lab(args), args.dataset, _config(args, config.PROBE), resume=args.resume)
+    metrics = run_probe(_lab(args), args.dataset, _config(args, config.PROBE), resume=args.resume,
+                        callbacks=distributed.crash_hooks())
     _print_run(metrics, method_dir(args.results_dir, args.dataset, "linear_probe"))
 
 
@@ -237,7 +244,7 @@ def cmd_lora(args) -> None:
     cfg = _config(args, config.LORA)
     lora = LoraSettings(rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=tuple(args.targets),
                         grad_checkpointing=args.grad_checkpointing)
-    metrics = run_lora(_lab(args), args.dataset, cfg, lora, resume=args.resume)
+    metrics = run_lora(_lab(args), args.dataset, cfg, lora, resume=args.resume, callbacks=distributed.crash_hooks())
     _print_run(metrics, method_dir(args.results_dir, args.dataset, "lora"))
 
 
@@ -291,6 +298,13 @@ def _check_arguments(parser: argparse.ArgumentParser, args) -> None:
     if getattr(args, "domain", None) and not args.dataset.startswith(PREFIX):
         parser.error(f"--domain is for {PREFIX}PATH datasets; registered ones such as {args.dataset} declare "
                      f"their prompts")
+    if distributed.launched():
+        if args.command not in DISTRIBUTED_COMMANDS:
+            parser.error(f"{args.command} runs in one process: start it without torchrun "
+                         f"(torchrun runs {', '.join(DISTRIBUTED_COMMANDS)})")
+        device = torch.device(args.device) if args.device else None
+        if device is not None and device.type == "cuda" and device.index is not None:
+            parser.error(f"--device {args.device}: under torchrun each process takes cuda:LOCAL_RANK; pass --device cuda")
     # An image folder's sets depend on its classes.json: they are checked when it loads.
     zeroshot_prompts = args.command == "zeroshot" or (
         args.command == "predict" and args.method in ("zeroshot", ALL_METHODS))
@@ -309,11 +323,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():  # restores the previous display when main returns
             warnings.showwarning = _show_warning
+            if distributed.launched():  # torchrun: join the other processes, on this rank's device
+                args.device = distributed.setup(args.device or default_device())
             return handler(args) or 0
+    except distributed.RankZeroFailed:
+        return 1  # rank 0 has said what failed
     except KeyboardInterrupt:
         kept = (" the last completed epoch's checkpoint and curves are kept (rerun with --resume)"
                 if args.command in ("probe", "lora") else " completed results files are kept")
-        print(f"interrupted:{kept}", file=sys.stderr)
+        if distributed.is_main():  # under torchrun every process gets the Ctrl-C: say it once
+            print(f"interrupted:{kept}", file=sys.stderr)
         return 130
     except torch.OutOfMemoryError as err:
         # Training turns its own OOM into a TrainingError; what lands here is encoding or prediction.
@@ -325,3 +344,5 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    finally:
+        distributed.teardown()

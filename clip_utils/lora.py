@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from . import config
+from . import config, distributed
 from .checkpoints import (
     ADAPTER_DIR,
     HEAD_FILE,
@@ -58,7 +58,7 @@ from .models import load_clip
 from .preprocess import Preprocess
 from .results import method_dir
 from .runs import freeing_memory_on_failure, resolved, run_info, zeroshot_init_head
-from .train import EpochCallback, FitResult, TrainJob, fit, predict
+from .train import EpochCallback, FitResult, TrainJob, epoch_seed, fit, predict
 from .vram import VramProbe
 
 METHOD = "lora"
@@ -152,6 +152,9 @@ def _train(lab: Lab, dataset: str, splits: dict, head: nn.Linear, cfg: TrainConf
     model.requires_grad_(False)
     model.vision_model.to(device)
     model.visual_projection.to(device)
+    # peft draws the adapters' A matrices from torch's global generator: seeded, so a run
+    # does not depend on what the process drew before (a notebook's earlier cells).
+    torch.manual_seed(epoch_seed(cfg.seed or 0, 0))
     vision = add_lora(model.vision_model, lora)
     classifier = ClipClassifier(vision, model.visual_projection, head)  # the text tower is left behind
     expected = lora_trainable_params(model.config.vision_config, lora, len(class_names), head.in_features)
@@ -174,9 +177,19 @@ def _train(lab: Lab, dataset: str, splits: dict, head: nn.Linear, cfg: TrainConf
         save_head(out / HEAD_FILE, head, meta)
 
     n_train = len(splits["train"])
+    # Under torchrun each rank decodes and trains on its share of every global batch; index
+    # n_train is the padding slot of those shares (distributed.rank_order).
+    train_paths, train_labels = distributed.padded([p for p, _ in splits["train"].samples],
+                                                   torch.tensor(splits["train"].targets))
+
+    def train_batches(epoch: int, generator: torch.Generator) -> Iterable:
+        order, per_rank = distributed.rank_order(torch.randperm(n_train, generator=generator), cfg.batch_size)
+        return iter_labelled_batches(train_paths, train_labels, pre, device, base_dtype, per_rank, order=order,
+                                     augment=cfg.augment, num_workers=lab.num_workers)
+
     job = TrainJob(
         name=f"{dataset} LoRA", model=classifier,
-        train_batches=lambda epoch, gen: batches("train", torch.randperm(n_train, generator=gen), cfg.augment),
+        train_batches=train_batches,
         val_batches=lambda: batches("val", desc=f"validating {dataset} LoRA"),
         steps_per_epoch=math.ceil(n_train / cfg.batch_size), save_best=save_best,
         checkpoints=(HEAD_FILE, ADAPTER_DIR), out_dir=out, device=device, batch_size=cfg.batch_size,
@@ -222,22 +235,26 @@ def run_lora(lab: Lab, dataset: str, cfg: TrainConfig = config.LORA, lora: LoraS
         trained = freeing_memory_on_failure(_train, lab, dataset, splits, head, cfg, lora, resume, callbacks)
     result, trainable, total, pre = trained.result, trained.trainable, trained.total, trained.pre
 
-    best = load_classifier(lab, dataset)
-    dtype = best.visual_projection.weight.dtype
-    test = splits["test"]
-    test_batches = iter_labelled_batches([p for p, _ in test.samples], torch.tensor(test.targets), pre, device,
-                                         dtype, cfg.batch_size, num_workers=lab.num_workers,
-                                         desc=f"testing {dataset} LoRA")
-    # The reloaded classifier is already in the inference dtype (fp16 on CUDA): no autocast,
-    # which would recast its fp16 weights to bf16 and lose precision.
-    logits, labels = predict(best, test_batches, device, autocast=False)
     lora_config = {"lora_" + k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(lora).items()}
-    run = run_info(lab, dataset, METHOD, cfg, result, trainable=trainable, total=total,
-                   peak_vram_mb=vram.peak_allocated_mb, peak_reserved_mb=vram.peak_reserved_mb,
-                   seconds=time.perf_counter() - start, extra_config=lora_config)
-    return save_evaluation(out, logits=logits, labels=labels, paths=[p for p, _ in test.samples],
-                           class_names=class_names, info=run, figure_prefix=f"{results_name(dataset)}_{METHOD}",
-                           results_dir=lab.results_dir)
+
+    def evaluate() -> dict:  # on rank 0 alone: it reads the checkpoint and writes the results
+        best = load_classifier(lab, dataset)
+        dtype = best.visual_projection.weight.dtype
+        test = splits["test"]
+        test_batches = iter_labelled_batches([p for p, _ in test.samples], torch.tensor(test.targets), pre, device,
+                                             dtype, cfg.batch_size, num_workers=lab.num_workers,
+                                             desc=f"testing {dataset} LoRA")
+        # The reloaded classifier is already in the inference dtype (fp16 on CUDA): no autocast,
+        # which would recast its fp16 weights to bf16 and lose precision.
+        logits, labels = predict(best, test_batches, device, autocast=False)
+        run = run_info(lab, dataset, METHOD, cfg, result, trainable=trainable, total=total,
+                       peak_vram_mb=vram.peak_allocated_mb, peak_reserved_mb=vram.peak_reserved_mb,
+                       seconds=time.perf_counter() - start, extra_config=lora_config)
+        return save_evaluation(out, logits=logits, labels=labels, paths=[p for p, _ in test.samples],
+                               class_names=class_names, info=run, figure_prefix=f"{results_name(dataset)}_{METHOD}",
+                               results_dir=lab.results_dir)
+
+    return distributed.on_main(evaluate)
 
 
 def load_classifier(lab: Lab, dataset: str) -> ClipClassifier:

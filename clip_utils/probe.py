@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from . import config
+from . import config, distributed
 from .checkpoints import (
     HEAD_FILE,
     check_head,
@@ -102,16 +102,20 @@ def run_probe(lab: Lab, dataset: str, cfg: TrainConfig = config.PROBE, resume: b
         ds = lab.dataset(dataset, "train")
         paths, pixel_dtype = [p for p, _ in ds.samples], next(model.parameters()).dtype
 
+        # Under torchrun each rank takes its share of every global batch; index len(paths) is the
+        # padding slot of those shares (distributed.rank_order).
+        padded_paths, padded_labels = distributed.padded(paths, feats["train"].labels)
+
         def train_batches(epoch: int, generator: torch.Generator) -> Iterable[Batch]:
-            order = torch.randperm(len(paths), generator=generator)
-            return iter_labelled_batches(paths, feats["train"].labels, lab.preprocess, device, pixel_dtype,
-                                         cfg.batch_size, order=order, augment=True, num_workers=lab.num_workers)
+            order, per_rank = distributed.rank_order(torch.randperm(len(paths), generator=generator), cfg.batch_size)
+            return iter_labelled_batches(padded_paths, padded_labels, lab.preprocess, device, pixel_dtype,
+                                         per_rank, order=order, augment=True, num_workers=lab.num_workers)
     else:
         train_x = (train_x - mean) / std
         trained = unit_head
 
         def train_batches(epoch: int, generator: torch.Generator) -> Iterable[Batch]:
-            return permuted_batches(train_x, train_y, cfg.batch_size, generator)
+            return permuted_batches(train_x, train_y, cfg.batch_size, generator, shard=True)
 
     job = TrainJob(
         name=f"{dataset} linear probe", model=trained, train_batches=train_batches,
@@ -131,17 +135,22 @@ def run_probe(lab: Lab, dataset: str, cfg: TrainConfig = config.PROBE, resume: b
     )
     with VramProbe(device, label=job.name) as vram:
         result = fit(job, cfg, resume=resume, callbacks=callbacks)
-    best, _ = load_head(out / HEAD_FILE, head_info(**info))
-    best = best.to(device)
-    logits, labels = predict(best, permuted_batches(feats["test"].embeddings.to(device),
-                                                    feats["test"].labels.to(device), 4096), device, autocast=False)
-    encoder_params = count_parameters(model.vision_model)[1] + count_parameters(model.visual_projection)[1]
-    head_params = sum(p.numel() for p in head.parameters())
-    run = run_info(lab, dataset, METHOD, cfg, result, trainable=head_params,
-                   total=encoder_params + head_params, peak_vram_mb=vram.peak_allocated_mb,
-                   peak_reserved_mb=vram.peak_reserved_mb, seconds=time.perf_counter() - start)
-    return save_evaluation(out, logits=logits, labels=labels, paths=feats["test"].paths, class_names=class_names,
-                           info=run, figure_prefix=f"{results_name(dataset)}_{METHOD}", results_dir=lab.results_dir)
+
+    def evaluate() -> dict:  # on rank 0 alone: it reads the checkpoint and writes the results
+        best, _ = load_head(out / HEAD_FILE, head_info(**info))
+        best = best.to(device)
+        logits, labels = predict(best, permuted_batches(feats["test"].embeddings.to(device),
+                                                        feats["test"].labels.to(device), 4096), device, autocast=False)
+        encoder_params = count_parameters(model.vision_model)[1] + count_parameters(model.visual_projection)[1]
+        head_params = sum(p.numel() for p in head.parameters())
+        run = run_info(lab, dataset, METHOD, cfg, result, trainable=head_params,
+                       total=encoder_params + head_params, peak_vram_mb=vram.peak_allocated_mb,
+                       peak_reserved_mb=vram.peak_reserved_mb, seconds=time.perf_counter() - start)
+        return save_evaluation(out, logits=logits, labels=labels, paths=feats["test"].paths, class_names=class_names,
+                               info=run, figure_prefix=f"{results_name(dataset)}_{METHOD}",
+                               results_dir=lab.results_dir)
+
+    return distributed.on_main(evaluate)
 
 
 def load_classifier(lab: Lab, dataset: str) -> ClipClassifier:

@@ -19,6 +19,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from . import distributed
 from .config import TrainConfig
 from .heads import zeroshot_head
 from .lab import Lab
@@ -69,6 +70,7 @@ def run_info(lab: Lab, dataset: str, method: str, cfg: TrainConfig, fit_result: 
         "epochs": cfg.epochs, "best_epoch": fit_result.best_epoch,
         "best_val_acc": next((e["val_acc"] for e in fit_result.curves if e["epoch"] == fit_result.best_epoch), None),
         "peak_vram_mb": peak_vram_mb, "peak_reserved_mb": peak_reserved_mb, "device": str(lab.device),
+        "world_size": distributed.world_size(),  # processes under torchrun (peak_vram_mb is rank 0's)
         "class_names_source": lab.class_naming,
         "config": {**asdict(resolved(cfg, lab)), **(extra_config or {})},
     }
