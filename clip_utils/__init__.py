@@ -1,4 +1,4 @@
-"""clip_utils: adapt CLIP to fine-grained image classification (Flowers102, CUB-200-2011).
+"""clip_utils: adapt CLIP to fine-grained image classification (Flowers102, CUB-200-2011, ...).
 
     from clip_utils.lab import Lab
     from clip_utils.zeroshot import run_zeroshot
@@ -7,14 +7,18 @@
 Layers, imports pointing down only (a test fails on any cycle):
 
 - building blocks, no files: `config` (settings and every default), `methods` (the method
-  table), `params`, `progress`, `prompts`, `preprocess`, `heads`, `metrics`, `distributed`
-  (torchrun's process group);
-- loading and encoding: `net`, `data`, `models`, `inputs` (the GPU input path), `features`
+  table), `params`, `progress`, `templates`, `classnames`, `preprocess`, `heads`, `logreg`
+  (the L-BFGS probe), `metrics`, `distributed` (torchrun's process group);
+- datasets: `imagelist` (`ImageListDataset`, `DatasetSpec`), the declarations `benchmarks`
+  (with `tvdata`), `cub` and `imagefolder`, the registry `data`, and `prompts`;
+- loading and encoding: `net`, `models`, `inputs` (the GPU input path), `features`
   (embeddings and their cache), `train` (the loop), `vram`;
-- files and figures: `results`, `checkpoints`, `evaluation`, `plots`;
+- files and figures: `results`, `fewshot` (the K-shot draw and run folders), `checkpoints`,
+  `evaluation`, `plots`, `charts`;
 - the run context: `lab`, and `runs` (what the trained methods share);
 - the methods, peers: `zeroshot`, `probe`, `lora`;
-- on top: `photos`, `report`, `cli`, `notebooks`, `testkit`, `bench`.
+- on top: `photos`, `explorer`, `sweep` (the few-shot grid), `report`, `cli`, `notebooks`,
+  `testkit` (and `testkit_benchmarks`), `bench`.
 """
 
 __version__ = "0.1.0"

@@ -2,12 +2,23 @@
 
     metrics = run_lora(lab, "flowers102")                     # config.LORA, config.LORA_SETTINGS
     metrics = run_lora(lab, "flowers102", cfg, LoraSettings(rank=4, alpha=8), resume=True)
+    metrics = run_lora(lab, "flowers102", replace(cfg, seed=1), shots=4)   # lora/shots_4/seed_1/
     classifier = load_classifier(lab, "flowers102")           # the best epoch, for predictions
 
 A fresh CLIP is loaded on the CPU (the lab's model is fp16 on CUDA and shared with
 zero-shot and the probe, so it must not receive adapters), and only its vision side moves
-to the GPU: frozen base weights in bf16 on CUDA (fp32 on the CPU), adapters and head fp32. The head starts from the lab's `domain` text classifier; the lab's model is
-then freed, so training memory, and its reported peak, hold LoRA's model alone. peft wraps
+to the GPU: frozen base weights in bf16 on CUDA (fp32 on the CPU), adapters and head fp32.
+The lab's model is then freed, so training memory, and its reported peak, hold LoRA's model
+alone.
+
+The head (LP-FT). It starts from the linear probe trained on the same images (same
+dataset, model, class list, shots and seed: `runs.probe_head`) when that run has finished,
+else from the lab's `domain` text classifier; metrics.json says which (`head_init`). It
+trains in the probe's units (`heads.StandardizedHead` with the mean and scale of the
+frozen encoder's cached training embeddings, `heads.head_units`), in its own parameter
+group at `cfg.head_lr` while the adapters train at `cfg.lr`: in raw units, at the adapters'
+rate, a head barely moves, and LoRA, which contains the probe, would end below it. The
+checkpoint holds the equivalent raw-unit head, like the probe's. peft wraps
 only `model.vision_model`, so the targets (`q_proj`, `v_proj` by default) are adapted in
 the vision encoder alone. Training runs in bf16 autocast on CUDA (the head in fp32), on
 augmented images decoded where the model runs (`inputs.iter_labelled_batches`: nvJPEG
@@ -34,14 +45,13 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from . import config, distributed
+from . import config, distributed, fewshot
 from .checkpoints import (
     ADAPTER_DIR,
     HEAD_FILE,
     CheckpointError,
     check_adapter,
     check_head,
-    checkpoint_paths,
     head_info,
     missing_checkpoint,
     read_head,
@@ -51,13 +61,12 @@ from .checkpoints import (
 from .config import LoraSettings, TrainConfig
 from .data import canonical_name, results_name
 from .evaluation import save_evaluation
-from .heads import ClipClassifier, count_parameters
+from .heads import ClipClassifier, StandardizedHead, count_parameters, head_units
 from .inputs import iter_labelled_batches
 from .lab import Lab, inference_dtype
 from .models import load_clip
 from .preprocess import Preprocess
-from .results import method_dir
-from .runs import freeing_memory_on_failure, resolved, run_info, zeroshot_init_head
+from .runs import RunData, freeing_memory_on_failure, probe_head, resolved, run_data, run_info, zeroshot_init_head
 from .train import EpochCallback, FitResult, TrainJob, epoch_seed, fit, predict
 from .vram import VramProbe
 
@@ -134,12 +143,12 @@ class _Trained:
     pre: Preprocess
 
 
-def _train(lab: Lab, dataset: str, splits: dict, head: nn.Linear, cfg: TrainConfig, lora: LoraSettings,
-           resume: bool, callbacks: Sequence[EpochCallback]) -> _Trained:
+def _train(lab: Lab, dataset: str, data: RunData, splits: dict, head: StandardizedHead, cfg: TrainConfig,
+           lora: LoraSettings, resume: bool, callbacks: Sequence[EpochCallback], head_init: str) -> _Trained:
     """Build the LoRA classifier on `head` and run the shared loop; the training copy is freed
     on return."""
     device = torch.device(lab.device)
-    out = method_dir(lab.results_dir, dataset, METHOD)
+    out = data.folder
     class_names = lab.label_map(dataset)
     # Loaded on the CPU, and only the vision side moves to the GPU: the text tower (a quarter
     # of ViT-L/14's CLIP) has no part in training (the head comes from the lab's classifier).
@@ -174,8 +183,10 @@ def _train(lab: Lab, dataset: str, splits: dict, head: nn.Linear, cfg: TrainConf
     def save_best(epoch: int) -> None:
         meta = head_info(**info, epoch=epoch)
         save_adapter(out / ADAPTER_DIR, vision, meta)
-        save_head(out / HEAD_FILE, head, meta)
+        save_head(out / HEAD_FILE, head.folded(), meta)
 
+    head_params = list(head.parameters())
+    adapters = [p for p in classifier.parameters() if p.requires_grad and all(p is not h for h in head_params)]
     n_train = len(splits["train"])
     # Under torchrun each rank decodes and trains on its share of every global batch; index
     # n_train is the padding slot of those shares (distributed.rank_order).
@@ -194,51 +205,79 @@ def _train(lab: Lab, dataset: str, splits: dict, head: nn.Linear, cfg: TrainConf
         steps_per_epoch=math.ceil(n_train / cfg.batch_size), save_best=save_best,
         checkpoints=(HEAD_FILE, ADAPTER_DIR), out_dir=out, device=device, batch_size=cfg.batch_size,
         oom_hint=" or add --grad-checkpointing (LoraSettings(grad_checkpointing=True))",
-        fingerprint={"dataset": dataset, "model": lab.model, "method": METHOD, "class_naming": lab.class_naming, "domain": lab.domain,
-                     "n_train": n_train, **{f"lora_{k}": v for k, v in asdict(lora).items() if k != "grad_checkpointing"}},
+        fingerprint={"dataset": dataset, "model": lab.model, "method": METHOD, "class_naming": lab.class_naming,
+                     "domain": lab.domain, "n_train": n_train, "shots": data.shots, "head_init": head_init,
+                     "head_units": "standard x 768/D",
+                     "sample": fewshot.sample_digest([p for s in ("train", "val") for p, _ in splits[s].samples]),
+                     **{f"lora_{k}": v for k, v in asdict(lora).items() if k != "grad_checkpointing"}},
+        # The adapters first (the curves' lr is theirs), then the head at its own rate.
+        param_groups=[{"params": adapters}, {"params": head_params, "lr": cfg.head_lr or cfg.lr}],
     )
     return _Trained(fit(job, cfg, resume=resume, callbacks=callbacks), trainable, total, pre)
 
 
+def _probe_head_on_cpu(lab: Lab, dataset: str, data: RunData) -> nn.Linear | None:
+    head = probe_head(lab, dataset, data)
+    return None if head is None else head.cpu()
+
+
 def run_lora(lab: Lab, dataset: str, cfg: TrainConfig = config.LORA, lora: LoraSettings = config.LORA_SETTINGS,
-             resume: bool = False, callbacks: Sequence[EpochCallback] = ()) -> dict:
+             resume: bool = False, callbacks: Sequence[EpochCallback] = (), *, shots: int | None = None) -> dict:
     """Fine-tune the vision encoder with LoRA, evaluate the best epoch on test, save everything.
 
-    Writes `results/<dataset>/lora/`: metrics.json, predictions.csv, curves.json,
-    head.safetensors, adapter/ (peft), classification_report.txt, resume.pt (and the test
-    figures).
+    Writes `results/<dataset>/lora/` (a few-shot run: `.../shots_<K>/seed_<S>/`, with
+    samples.json): metrics.json, predictions.csv, curves.json, head.safetensors, adapter/
+    (peft), classification_report.txt, resume.pt, and the test figures (a few-shot run's in
+    its own `figures/`).
 
     Args:
         lab: the run context (model, data, results folder, device, seed).
         dataset: `flowers102` or `cub200`.
         cfg: hyper-parameters (default: `config.LORA`, as the CLI and Task2.ipynb;
-            `augment=False` trains on centre crops).
+            `augment=False` trains on centre crops; `head_lr` is the head's rate). `cfg.seed`
+            (else the lab's) also draws a few-shot sample.
         lora: adapter settings (default: `config.LORA_SETTINGS`).
         resume: continue an interrupted run from its last completed epoch.
         callbacks: called as `callback(epoch, curve_entry)` after each epoch.
+        shots: train on this many images per class, validate on min(shots, 4) per class
+            (None: every image). The head starts from the probe of the same shots and seed.
 
     Returns:
-        The metrics.json content.
+        The metrics.json content (with `shots`, `seed`, `head_init`, `n_train`, `n_val`).
     """
     start = time.perf_counter()
     dataset = canonical_name(dataset)
+    fewshot.check_shots(shots)
     cfg = resolved(cfg, lab)
     device = torch.device(lab.device)
-    out = method_dir(lab.results_dir, dataset, METHOD)
-    splits = {s: lab.dataset(dataset, s) for s in ("train", "val", "test")}
+    data = run_data(lab, dataset, METHOD, shots, cfg.seed)
+    out = data.folder
+    splits = {s: data.split(lab.dataset(dataset, s), s) for s in ("train", "val", "test")}
     class_names = lab.class_names(dataset)
-    head = zeroshot_init_head(lab, dataset)  # the zero-shot start, from the lab's model
+    # The probe's head is in the results folder: rank 0 reads it and sends it (on the CPU) to
+    # every rank, so all ranks build the same head and agree on head_init.
+    start_head = distributed.on_main(_probe_head_on_cpu, lab, dataset, data)
+    if start_head is not None:
+        start_head = start_head.to(device)
+    head_init = "linear_probe" if start_head is not None else "zeroshot"
+    if start_head is None:
+        start_head = zeroshot_init_head(lab, dataset)  # the zero-shot start, from the lab's model
+    # The probe's units: the frozen encoder's training embeddings (cached; the probe's own).
+    mean, scale = head_units(lab.features(dataset, "train").subset(data.train).embeddings.to(device))
+    head = StandardizedHead(start_head, mean, scale)
     # Then the lab's inference model (fp16 ViT-L/14 on CUDA) is not needed: free it, so LoRA
     # has that memory and its peak is its own.
     lab.unload()
     with VramProbe(device, label=f"{dataset} LoRA") as vram:
-        trained = freeing_memory_on_failure(_train, lab, dataset, splits, head, cfg, lora, resume, callbacks)
+        trained = freeing_memory_on_failure(_train, lab, dataset, data, splits, head, cfg, lora, resume, callbacks,
+                                            head_init)
     result, trainable, total, pre = trained.result, trained.trainable, trained.total, trained.pre
 
     lora_config = {"lora_" + k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(lora).items()}
+    extra = {"head_init": head_init, "n_train": len(splits["train"]), "n_val": len(splits["val"])}
 
     def evaluate() -> dict:  # on rank 0 alone: it reads the checkpoint and writes the results
-        best = load_classifier(lab, dataset)
+        best = load_classifier(lab, dataset, shots, cfg.seed)
         dtype = best.visual_projection.weight.dtype
         test = splits["test"]
         test_batches = iter_labelled_batches([p for p, _ in test.samples], torch.tensor(test.targets), pre, device,
@@ -249,15 +288,17 @@ def run_lora(lab: Lab, dataset: str, cfg: TrainConfig = config.LORA, lora: LoraS
         logits, labels = predict(best, test_batches, device, autocast=False)
         run = run_info(lab, dataset, METHOD, cfg, result, trainable=trainable, total=total,
                        peak_vram_mb=vram.peak_allocated_mb, peak_reserved_mb=vram.peak_reserved_mb,
-                       seconds=time.perf_counter() - start, extra_config=lora_config)
+                       seconds=time.perf_counter() - start, extra_config=lora_config, data=data)
+        # A few-shot run keeps its figures in its own folder: results/figures stays one set per method.
         return save_evaluation(out, logits=logits, labels=labels, paths=[p for p, _ in test.samples],
-                               class_names=class_names, info=run, figure_prefix=f"{results_name(dataset)}_{METHOD}",
-                               results_dir=lab.results_dir)
+                               class_names=class_names, info=run | extra,
+                               figure_prefix=f"{results_name(dataset)}_{METHOD}",
+                               results_dir=lab.results_dir if shots is None else out)
 
     return distributed.on_main(evaluate)
 
 
-def load_classifier(lab: Lab, dataset: str) -> ClipClassifier:
+def load_classifier(lab: Lab, dataset: str, shots: int | None = None, seed: int | None = None) -> ClipClassifier:
     """The trained LoRA classifier of a dataset, ready for prediction: a `ClipClassifier` in eval mode.
 
     A fresh copy of the vision encoder (in the lab's inference dtype) gets the saved adapter:
@@ -267,6 +308,8 @@ def load_classifier(lab: Lab, dataset: str) -> ClipClassifier:
     Args:
         lab: the run context (model, results folder, device).
         dataset: dataset name.
+        shots: the few-shot run's images per class (None: the full-data run).
+        seed: the few-shot run's seed (None: the lab's).
 
     Raises:
         FileNotFoundError: not trained yet (the message names the command to run).
@@ -275,11 +318,13 @@ def load_classifier(lab: Lab, dataset: str) -> ClipClassifier:
     from peft import PeftModel
 
     dataset = canonical_name(dataset)
-    paths = checkpoint_paths(lab.results_dir, dataset, METHOD)
+    seed = lab.seed if seed is None else seed
+    folder = fewshot.run_dir(lab.results_dir, dataset, METHOD, shots, seed)
+    paths = {"head": folder / HEAD_FILE, "adapter": folder / ADAPTER_DIR}
     if not paths["head"].is_file():
-        raise missing_checkpoint(paths["head"], dataset, METHOD)
+        raise missing_checkpoint(paths["head"], dataset, METHOD, shots, seed)
     if not (paths["adapter"] / "adapter_config.json").is_file():
-        raise missing_checkpoint(paths["adapter"], dataset, METHOD)
+        raise missing_checkpoint(paths["adapter"], dataset, METHOD, shots, seed)
     head, info = read_head(paths["head"])
     clip = load_clip(lab.model, lab.device, dtype=inference_dtype(lab.device))
     check_head(info, head_info(dataset=dataset, method=METHOD, model=lab.model, class_names=lab.label_map(dataset),
