@@ -8,7 +8,7 @@ Layers, imports pointing down only (a test fails on any cycle):
 
 - building blocks, no files: `config` (settings and every default), `methods` (the method
   table), `params`, `progress`, `templates`, `classnames`, `preprocess`, `heads`, `logreg`
-  (the L-BFGS probe), `metrics`;
+  (the L-BFGS probe), `metrics`, `distributed` (torchrun's process group);
 - datasets: `imagelist` (`ImageListDataset`, `DatasetSpec`), the declarations `benchmarks`
   (with `tvdata`), `cub` and `imagefolder`, the registry `data`, and `prompts`;
 - loading and encoding: `net`, `models`, `inputs` (the GPU input path), `features`

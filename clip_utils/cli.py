@@ -8,6 +8,7 @@
     python -m clip_utils predict  my_photo/flower.png --dataset flowers102 --method lora
     python -m clip_utils predict  my_photo/*.jpg --dataset cub200 --method all   # side by side
     python -m clip_utils report
+    torchrun --standalone --nproc_per_node 4 -m clip_utils lora --dataset flowers102   # 4 GPUs, one job
 
 Every command has `--help`. Bad arguments end in a usage error (exit code 2), and the
 errors users can fix (missing model or dataset, unreadable photo, mismatched checkpoint)
@@ -26,13 +27,13 @@ from pathlib import Path
 
 import torch
 
-from . import config, fewshot, prompts, sweep
+from . import config, distributed, fewshot, prompts, sweep
 from .checkpoints import CheckpointError
 from .classnames import NAMINGS
 from .config import LoraSettings, TrainConfig
 from .data import DATASETS, DatasetNotFoundError, UnreadableImageError
 from .imagefolder import PREFIX
-from .lab import Lab, check_device
+from .lab import Lab, check_device, default_device
 from .lora import run_lora
 from .methods import CHOICES, METHODS
 from .models import ModelUnavailableError
@@ -43,6 +44,7 @@ from .train import TrainingError
 from .zeroshot import output_dir, run_zeroshot
 
 EPILOG = "Results layout and options: README.md and DESIGN.md."
+DISTRIBUTED_COMMANDS = ("zeroshot", "probe", "lora")  # what runs under torchrun (README: several GPUs)
 ALL_METHODS = "all"  # `predict --method all`: every method side by side
 
 
@@ -252,6 +254,8 @@ def _lab(args) -> Lab:
 def cmd_zeroshot(args) -> None:
     lab = _lab(args)
     results = run_zeroshot(lab, args.dataset, args.prompts, split=args.split)
+    if not distributed.is_main():  # under torchrun: printed once
+        return
     print(f"{'prompt set':<16} {'top-1':>7} {'top-5':>7} {'per-class':>9}  results")
     for name, m in results.items():
         chosen = f" (chose {m['selected_set']} on val)" if "selected_set" in m else ""
@@ -260,6 +264,8 @@ def cmd_zeroshot(args) -> None:
 
 
 def _print_run(metrics: dict, folder) -> None:
+    if not distributed.is_main():  # under torchrun: printed once
+        return
     how = (f"C={metrics['C']:.3g} chosen on validation" if metrics.get("solver") == "lbfgs"
            else f"best epoch {metrics['best_epoch']}/{metrics['epochs']}")
     data = f"{metrics['shots']}-shot, seed {metrics['seed']}, " if metrics.get("shots") else ""
@@ -274,8 +280,8 @@ def _config(args, defaults: TrainConfig) -> TrainConfig:
 
 
 def cmd_probe(args) -> None:
-    metrics = run_probe(_lab(args), args.dataset, _config(args, config.PROBE), resume=args.resume, shots=args.shots,
-                        solver=args.solver)
+    metrics = run_probe(_lab(args), args.dataset, _config(args, config.PROBE), resume=args.resume,
+                        callbacks=distributed.crash_hooks(), shots=args.shots, solver=args.solver)
     _print_run(metrics, fewshot.run_dir(args.results_dir, args.dataset, "linear_probe", args.shots, args.seed))
 
 
@@ -283,7 +289,8 @@ def cmd_lora(args) -> None:
     cfg = replace(_config(args, config.LORA), head_lr=args.head_lr)
     lora = LoraSettings(rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=tuple(args.targets),
                         grad_checkpointing=args.grad_checkpointing)
-    metrics = run_lora(_lab(args), args.dataset, cfg, lora, resume=args.resume, shots=args.shots)
+    metrics = run_lora(_lab(args), args.dataset, cfg, lora, resume=args.resume, callbacks=distributed.crash_hooks(),
+                       shots=args.shots)
     _print_run(metrics, fewshot.run_dir(args.results_dir, args.dataset, "lora", args.shots, args.seed))
 
 
@@ -349,6 +356,13 @@ def _check_arguments(parser: argparse.ArgumentParser, args) -> None:
     if getattr(args, "domain", None) and not args.dataset.startswith(PREFIX):
         parser.error(f"--domain is for {PREFIX}PATH datasets; registered ones such as {args.dataset} declare "
                      f"their prompts")
+    if distributed.launched():
+        if args.command not in DISTRIBUTED_COMMANDS:
+            parser.error(f"{args.command} runs in one process: start it without torchrun "
+                         f"(torchrun runs {', '.join(DISTRIBUTED_COMMANDS)})")
+        device = torch.device(args.device) if args.device else None
+        if device is not None and device.type == "cuda" and device.index is not None:
+            parser.error(f"--device {args.device}: under torchrun each process takes cuda:LOCAL_RANK; pass --device cuda")
     # An image folder's sets depend on its classes.json: they are checked when it loads.
     if args.command in ("probe", "fewshot") and args.solver == "lbfgs" and getattr(args, "augment", False):
         parser.error("--augment trains through the encoder with the training loop: add --solver adamw")
@@ -369,12 +383,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():  # restores the previous display when main returns
             warnings.showwarning = _show_warning
+            if distributed.launched():  # torchrun: join the other processes, on this rank's device
+                args.device = distributed.setup(args.device or default_device())
             return handler(args) or 0
+    except distributed.RankZeroFailed:
+        return 1  # rank 0 has said what failed
     except KeyboardInterrupt:
         kept = (" the last completed epoch's checkpoint and curves are kept (rerun with --resume)"
                 if args.command in ("probe", "lora") else " completed results files are kept"
                 + (" (rerun to reuse the finished runs)" if args.command == "fewshot" else ""))
-        print(f"interrupted:{kept}", file=sys.stderr)
+        if distributed.is_main():  # under torchrun every process gets the Ctrl-C: say it once
+            print(f"interrupted:{kept}", file=sys.stderr)
         return 130
     except torch.OutOfMemoryError as err:
         # Training turns its own OOM into a TrainingError; what lands here is encoding or prediction.
@@ -386,3 +405,5 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    finally:
+        distributed.teardown()

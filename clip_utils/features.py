@@ -10,6 +10,10 @@ model's config and a fingerprint of its weights, the dataset's files (path, labe
 modification time), the preprocessing and the input path, so a change to any of them
 encodes again instead of reusing stale features. Images reach the model through the input
 path of `inputs`.
+
+Under torchrun (`distributed`) each rank encodes its contiguous shard of the images and
+the embeddings are gathered in dataset order; rank 0 alone reads and writes the cache,
+sending what it read to the others.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .data import ImageListDataset
 from .heads import image_embeddings
 from .inputs import iter_pixel_batches
@@ -164,8 +169,6 @@ def encode_dataset(
         fast: decode raw bytes with torchvision on `device` (nvJPEG on CUDA); False: PIL in the workers.
         fingerprint: `models.model_fingerprint(model)` when already known.
     """
-    from safetensors.torch import save_file
-
     paths = [p for p, _ in dataset.samples]
     labels = torch.tensor(dataset.targets, dtype=torch.long)
     file = None
@@ -173,15 +176,16 @@ def encode_dataset(
         key = cache_key(model, dataset, pre, fast, fingerprint)
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
         file = Path(cache_dir) / f"{dataset.name}-{dataset.split}-{digest}.safetensors"
-        if file.is_file():
-            cached = read_cached(file, len(paths))
-            if cached is not None:
-                embeddings, cached_labels, encoding = cached
-                return Features(embeddings, cached_labels, paths, {**encoding, "from_cache": True})
+        cached = distributed.on_main(_read_if_cached, file, len(paths))  # rank 0 reads, every rank gets it
+        if cached is not None:
+            embeddings, cached_labels, encoding = cached
+            return Features(embeddings, cached_labels, paths, {**encoding, "from_cache": True})
     desc = f"encoding {dataset.name}/{dataset.split}"
+    part = distributed.shard(len(paths))  # all of them in one process
     with VramProbe(device, label=desc) as probe:
-        embeddings = encode_paths(model, paths, pre, device, batch_size=batch_size, num_workers=num_workers,
-                                  fast=fast, desc=desc)
+        embeddings = encode_paths(model, paths[part], pre, device, batch_size=batch_size, num_workers=num_workers,
+                                  fast=fast, desc=desc if distributed.is_main() else None)
+        embeddings = distributed.gather_rows(embeddings, len(paths))
     bad = (~torch.isfinite(embeddings).all(dim=1)).nonzero().flatten().tolist()
     if bad:  # never cache them: every later run would reuse them, and argmax of NaN is class 0
         raise RuntimeError(
@@ -192,12 +196,22 @@ def encode_dataset(
     encoding = {"seconds": probe.seconds, "peak_vram_mb": probe.peak_allocated_mb,
                 "peak_reserved_mb": probe.peak_reserved_mb, "device": str(device)}
     if file is not None:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(file) as tmp:
-            tensors = {"embeddings": embeddings.contiguous(), "labels": labels}
-            save_file(tensors, tmp, metadata={"key": json.dumps(key, sort_keys=True), "encoding": json.dumps(encoding),
-                                              "sha256": _checksum(tensors)})
+        distributed.on_main(_write_cache, file, embeddings, labels, key, encoding)
     return Features(embeddings, labels, paths, {**encoding, "from_cache": False})
+
+
+def _read_if_cached(file: Path, n: int) -> tuple[torch.Tensor, torch.Tensor, dict] | None:
+    return read_cached(file, n) if file.is_file() else None
+
+
+def _write_cache(file: Path, embeddings: torch.Tensor, labels: torch.Tensor, key: dict, encoding: dict) -> None:
+    from safetensors.torch import save_file
+
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(file) as tmp:
+        tensors = {"embeddings": embeddings.contiguous(), "labels": labels}
+        save_file(tensors, tmp, metadata={"key": json.dumps(key, sort_keys=True), "encoding": json.dumps(encoding),
+                                          "sha256": _checksum(tensors)})
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:

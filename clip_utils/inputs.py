@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from . import distributed
 from .data import UnreadableImageError, open_rgb
 from .preprocess import Preprocess, preprocess_tensors
 from .progress import bar
@@ -150,8 +151,9 @@ def decode_batch(blobs: list[bytes], paths: list[str], device: torch.device) -> 
 
 
 def default_workers() -> int:
-    """Reader threads (or PIL worker processes): all cores but one, at most 16."""
-    return max(0, min(16, (os.cpu_count() or 1) - 1))
+    """Reader threads (or PIL worker processes): all cores but one, at most 16; under torchrun
+    the machine's cores are split between its processes first."""
+    return max(0, min(16, (os.cpu_count() or 1) // distributed.local_world_size() - 1))
 
 
 def iter_pixel_batches(

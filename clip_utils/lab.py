@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .classnames import check_naming
 from .config import CLASS_NAMING, DEFAULT_MODEL, INFERENCE_BATCH_SIZE
 from .data import ImageListDataset, class_names, load_dataset
@@ -184,7 +185,11 @@ class Lab:
 
     def dataset(self, name: str, split: str, transform=None) -> ImageListDataset:
         """A dataset split (downloaded when missing and `download` is set)."""
-        return load_dataset(name, self.data_root, split, transform=transform, download=self.download)
+        if not self.download:
+            return load_dataset(name, self.data_root, split, transform=transform, download=False)
+        # Under torchrun one process per machine downloads; the others then find the files.
+        with distributed.local_main_first():
+            return load_dataset(name, self.data_root, split, transform=transform, download=True)
 
     def features(self, name: str, split: str) -> Features:
         """Frozen-encoder embeddings of a split: from memory, the disk cache, or encoded now."""

@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from . import config, fewshot
+from . import config, distributed, fewshot
 from .checkpoints import (
     ADAPTER_DIR,
     HEAD_FILE,
@@ -67,7 +67,7 @@ from .lab import Lab, inference_dtype
 from .models import load_clip
 from .preprocess import Preprocess
 from .runs import RunData, freeing_memory_on_failure, probe_head, resolved, run_data, run_info, zeroshot_init_head
-from .train import EpochCallback, FitResult, TrainJob, fit, predict
+from .train import EpochCallback, FitResult, TrainJob, epoch_seed, fit, predict
 from .vram import VramProbe
 
 METHOD = "lora"
@@ -161,6 +161,9 @@ def _train(lab: Lab, dataset: str, data: RunData, splits: dict, head: Standardiz
     model.requires_grad_(False)
     model.vision_model.to(device)
     model.visual_projection.to(device)
+    # peft draws the adapters' A matrices from torch's global generator: seeded, so a run
+    # does not depend on what the process drew before (a notebook's earlier cells).
+    torch.manual_seed(epoch_seed(cfg.seed or 0, 0))
     vision = add_lora(model.vision_model, lora)
     classifier = ClipClassifier(vision, model.visual_projection, head)  # the text tower is left behind
     expected = lora_trainable_params(model.config.vision_config, lora, len(class_names), head.in_features)
@@ -185,9 +188,19 @@ def _train(lab: Lab, dataset: str, data: RunData, splits: dict, head: Standardiz
     head_params = list(head.parameters())
     adapters = [p for p in classifier.parameters() if p.requires_grad and all(p is not h for h in head_params)]
     n_train = len(splits["train"])
+    # Under torchrun each rank decodes and trains on its share of every global batch; index
+    # n_train is the padding slot of those shares (distributed.rank_order).
+    train_paths, train_labels = distributed.padded([p for p, _ in splits["train"].samples],
+                                                   torch.tensor(splits["train"].targets))
+
+    def train_batches(epoch: int, generator: torch.Generator) -> Iterable:
+        order, per_rank = distributed.rank_order(torch.randperm(n_train, generator=generator), cfg.batch_size)
+        return iter_labelled_batches(train_paths, train_labels, pre, device, base_dtype, per_rank, order=order,
+                                     augment=cfg.augment, num_workers=lab.num_workers)
+
     job = TrainJob(
         name=f"{dataset} LoRA", model=classifier,
-        train_batches=lambda epoch, gen: batches("train", torch.randperm(n_train, generator=gen), cfg.augment),
+        train_batches=train_batches,
         val_batches=lambda: batches("val", desc=f"validating {dataset} LoRA"),
         steps_per_epoch=math.ceil(n_train / cfg.batch_size), save_best=save_best,
         checkpoints=(HEAD_FILE, ADAPTER_DIR), out_dir=out, device=device, batch_size=cfg.batch_size,
@@ -201,6 +214,11 @@ def _train(lab: Lab, dataset: str, data: RunData, splits: dict, head: Standardiz
         param_groups=[{"params": adapters}, {"params": head_params, "lr": cfg.head_lr or cfg.lr}],
     )
     return _Trained(fit(job, cfg, resume=resume, callbacks=callbacks), trainable, total, pre)
+
+
+def _probe_head_on_cpu(lab: Lab, dataset: str, data: RunData) -> nn.Linear | None:
+    head = probe_head(lab, dataset, data)
+    return None if head is None else head.cpu()
 
 
 def run_lora(lab: Lab, dataset: str, cfg: TrainConfig = config.LORA, lora: LoraSettings = config.LORA_SETTINGS,
@@ -236,7 +254,11 @@ def run_lora(lab: Lab, dataset: str, cfg: TrainConfig = config.LORA, lora: LoraS
     out = data.folder
     splits = {s: data.split(lab.dataset(dataset, s), s) for s in ("train", "val", "test")}
     class_names = lab.class_names(dataset)
-    start_head = probe_head(lab, dataset, data)
+    # The probe's head is in the results folder: rank 0 reads it and sends it (on the CPU) to
+    # every rank, so all ranks build the same head and agree on head_init.
+    start_head = distributed.on_main(_probe_head_on_cpu, lab, dataset, data)
+    if start_head is not None:
+        start_head = start_head.to(device)
     head_init = "linear_probe" if start_head is not None else "zeroshot"
     if start_head is None:
         start_head = zeroshot_init_head(lab, dataset)  # the zero-shot start, from the lab's model
@@ -251,24 +273,29 @@ def run_lora(lab: Lab, dataset: str, cfg: TrainConfig = config.LORA, lora: LoraS
                                             head_init)
     result, trainable, total, pre = trained.result, trained.trainable, trained.total, trained.pre
 
-    best = load_classifier(lab, dataset, shots, cfg.seed)
-    dtype = best.visual_projection.weight.dtype
-    test = splits["test"]
-    test_batches = iter_labelled_batches([p for p, _ in test.samples], torch.tensor(test.targets), pre, device,
-                                         dtype, cfg.batch_size, num_workers=lab.num_workers,
-                                         desc=f"testing {dataset} LoRA")
-    # The reloaded classifier is already in the inference dtype (fp16 on CUDA): no autocast,
-    # which would recast its fp16 weights to bf16 and lose precision.
-    logits, labels = predict(best, test_batches, device, autocast=False)
     lora_config = {"lora_" + k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(lora).items()}
-    run = run_info(lab, dataset, METHOD, cfg, result, trainable=trainable, total=total,
-                   peak_vram_mb=vram.peak_allocated_mb, peak_reserved_mb=vram.peak_reserved_mb,
-                   seconds=time.perf_counter() - start, extra_config=lora_config, data=data)
     extra = {"head_init": head_init, "n_train": len(splits["train"]), "n_val": len(splits["val"])}
-    # A few-shot run keeps its figures in its own folder: results/figures stays one set per method.
-    return save_evaluation(out, logits=logits, labels=labels, paths=[p for p, _ in test.samples],
-                           class_names=class_names, info=run | extra, figure_prefix=f"{results_name(dataset)}_{METHOD}",
-                           results_dir=lab.results_dir if shots is None else out)
+
+    def evaluate() -> dict:  # on rank 0 alone: it reads the checkpoint and writes the results
+        best = load_classifier(lab, dataset, shots, cfg.seed)
+        dtype = best.visual_projection.weight.dtype
+        test = splits["test"]
+        test_batches = iter_labelled_batches([p for p, _ in test.samples], torch.tensor(test.targets), pre, device,
+                                             dtype, cfg.batch_size, num_workers=lab.num_workers,
+                                             desc=f"testing {dataset} LoRA")
+        # The reloaded classifier is already in the inference dtype (fp16 on CUDA): no autocast,
+        # which would recast its fp16 weights to bf16 and lose precision.
+        logits, labels = predict(best, test_batches, device, autocast=False)
+        run = run_info(lab, dataset, METHOD, cfg, result, trainable=trainable, total=total,
+                       peak_vram_mb=vram.peak_allocated_mb, peak_reserved_mb=vram.peak_reserved_mb,
+                       seconds=time.perf_counter() - start, extra_config=lora_config, data=data)
+        # A few-shot run keeps its figures in its own folder: results/figures stays one set per method.
+        return save_evaluation(out, logits=logits, labels=labels, paths=[p for p, _ in test.samples],
+                               class_names=class_names, info=run | extra,
+                               figure_prefix=f"{results_name(dataset)}_{METHOD}",
+                               results_dir=lab.results_dir if shots is None else out)
+
+    return distributed.on_main(evaluate)
 
 
 def load_classifier(lab: Lab, dataset: str, shots: int | None = None, seed: int | None = None) -> ClipClassifier:

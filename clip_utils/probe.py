@@ -35,7 +35,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from . import config, fewshot
+from . import config, distributed, fewshot
 from .checkpoints import (
     HEAD_FILE,
     TRAIN_HEAD_FILE,
@@ -98,16 +98,20 @@ def _train_adamw(lab: Lab, dataset: str, data: RunData, feats: dict[str, Feature
         trained: nn.Module = FrozenEncoderProbe(model, unit_head, mean, std)
         paths, pixel_dtype = feats["train"].paths, next(model.parameters()).dtype
 
+        # Under torchrun each rank takes its share of every global batch; index len(paths) is the
+        # padding slot of those shares (distributed.rank_order).
+        padded_paths, padded_labels = distributed.padded(paths, feats["train"].labels)
+
         def train_batches(epoch: int, generator: torch.Generator) -> Iterable[Batch]:
-            order = torch.randperm(len(paths), generator=generator)
-            return iter_labelled_batches(paths, feats["train"].labels, lab.preprocess, device, pixel_dtype,
-                                         cfg.batch_size, order=order, augment=True, num_workers=lab.num_workers)
+            order, per_rank = distributed.rank_order(torch.randperm(len(paths), generator=generator), cfg.batch_size)
+            return iter_labelled_batches(padded_paths, padded_labels, lab.preprocess, device, pixel_dtype,
+                                         per_rank, order=order, augment=True, num_workers=lab.num_workers)
     else:
         train_x = (train_x - mean) / std
         trained = unit_head
 
         def train_batches(epoch: int, generator: torch.Generator) -> Iterable[Batch]:
-            return permuted_batches(train_x, train_y, cfg.batch_size, generator)
+            return permuted_batches(train_x, train_y, cfg.batch_size, generator, shard=True)
 
     job = TrainJob(
         name=f"{dataset} linear probe", model=trained, train_batches=train_batches,
@@ -192,27 +196,33 @@ def run_probe(lab: Lab, dataset: str, cfg: TrainConfig = config.PROBE, resume: b
     extra = {"solver": solver, "n_train": len(feats["train"]), "n_val": len(feats["val"])}
     with VramProbe(device, label=f"{dataset} linear probe") as vram:
         if solver == "lbfgs":
-            result, c = _fit_lbfgs(data, feats, len(class_names), info)
+            # CPU scikit-learn on cached features, writing the heads and curves: rank 0 alone
+            # fits it and sends the result to the others (nothing there is collective).
+            result, c = distributed.on_main(_fit_lbfgs, data, feats, len(class_names), info)
             # No epochs: the "epochs" are the C values tried (curves.json has one entry each).
             cfg = replace(cfg, epochs=len(result.curves))
             extra |= {"C": c, "head_init": "none", "fitted_on": "train" if shots else "train+val"}
         else:
             result = _train_adamw(lab, dataset, data, feats, cfg, info, resume, callbacks)
             extra |= {"head_init": "zeroshot"}
-    best, _ = load_head(data.folder / HEAD_FILE, head_info(**info))
-    best = best.to(device)
-    logits, labels = predict(best, permuted_batches(feats["test"].embeddings.to(device),
-                                                    feats["test"].labels.to(device), 4096), device, autocast=False)
-    encoder_params = count_parameters(model.vision_model)[1] + count_parameters(model.visual_projection)[1]
-    head_params = embed_dim * len(class_names) + len(class_names)
-    run = run_info(lab, dataset, METHOD, cfg, result, trainable=head_params,
-                   total=encoder_params + head_params, peak_vram_mb=vram.peak_allocated_mb,
-                   peak_reserved_mb=vram.peak_reserved_mb, seconds=time.perf_counter() - start, data=data)
-    # A few-shot run keeps its figures in its own folder: results/figures stays one set per method.
-    figures_root = lab.results_dir if shots is None else data.folder
-    return save_evaluation(data.folder, logits=logits, labels=labels, paths=feats["test"].paths,
-                           class_names=class_names, info=run | extra,
-                           figure_prefix=f"{results_name(dataset)}_{METHOD}", results_dir=figures_root)
+
+    def evaluate() -> dict:  # on rank 0 alone: it reads the checkpoint and writes the results
+        best, _ = load_head(data.folder / HEAD_FILE, head_info(**info))
+        best = best.to(device)
+        logits, labels = predict(best, permuted_batches(feats["test"].embeddings.to(device),
+                                                        feats["test"].labels.to(device), 4096), device, autocast=False)
+        encoder_params = count_parameters(model.vision_model)[1] + count_parameters(model.visual_projection)[1]
+        head_params = embed_dim * len(class_names) + len(class_names)
+        run = run_info(lab, dataset, METHOD, cfg, result, trainable=head_params,
+                       total=encoder_params + head_params, peak_vram_mb=vram.peak_allocated_mb,
+                       peak_reserved_mb=vram.peak_reserved_mb, seconds=time.perf_counter() - start, data=data)
+        # A few-shot run keeps its figures in its own folder: results/figures stays one set per method.
+        figures_root = lab.results_dir if shots is None else data.folder
+        return save_evaluation(data.folder, logits=logits, labels=labels, paths=feats["test"].paths,
+                               class_names=class_names, info=run | extra,
+                               figure_prefix=f"{results_name(dataset)}_{METHOD}", results_dir=figures_root)
+
+    return distributed.on_main(evaluate)
 
 
 def load_classifier(lab: Lab, dataset: str, shots: int | None = None, seed: int | None = None) -> ClipClassifier:

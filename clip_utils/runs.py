@@ -26,7 +26,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from . import fewshot
+from . import distributed, fewshot
 from .checkpoints import HEAD_FILE, TRAIN_HEAD_FILE, CheckpointError, check_head, head_info, read_head
 from .config import TrainConfig
 from .data import ImageListDataset
@@ -86,7 +86,8 @@ def run_data(lab: Lab, dataset: str, method: str, shots: int | None, seed: int) 
         return RunData(folder, None, seed)
     train, val = lab.dataset(dataset, "train"), lab.dataset(dataset, "val")
     sample = fewshot.draw(train.samples, val.samples, shots, seed)
-    fewshot.write_samples(folder, sample, train.samples, val.samples)
+    # Every rank draws the same sample (seeded); rank 0 alone writes it.
+    distributed.on_main(fewshot.write_samples, folder, sample, train.samples, val.samples)
     return RunData(folder, shots, seed, sample.train, sample.val)
 
 
@@ -176,6 +177,7 @@ def run_info(lab: Lab, dataset: str, method: str, cfg: TrainConfig, fit_result: 
         "epochs": cfg.epochs, "best_epoch": fit_result.best_epoch,
         "best_val_acc": next((e["val_acc"] for e in fit_result.curves if e["epoch"] == fit_result.best_epoch), None),
         "peak_vram_mb": peak_vram_mb, "peak_reserved_mb": peak_reserved_mb, "device": str(lab.device),
+        "world_size": distributed.world_size(),  # processes under torchrun (peak_vram_mb is rank 0's)
         "class_names_source": lab.class_naming,
         "config": {**asdict(resolved(cfg, lab)), **(extra_config or {})},
     }

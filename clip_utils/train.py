@@ -24,6 +24,15 @@ uninterrupted one, timings aside. `resume.pt` holds only tensors and plain conta
 is read with `torch.load(weights_only=True)`: nothing is unpickled. A fresh run first
 removes the previous run's outputs, checkpoints included, so nothing of it can be taken
 for the new run's.
+
+Several processes (torchrun; `distributed`). Under a process group `fit` is collective:
+every rank calls it, `job.train_batches` yields this rank's share of each global batch
+(`distributed.rank_order`, padding labelled `distributed.PAD_LABEL`), the model trains in
+DDP with each rank's summed loss scaled by `world / samples in the global batch`, so the
+averaged gradient is the single-process gradient of the same global batch. Validation
+runs on rank 0 alone and its numbers are sent to the others; rank 0 alone writes
+checkpoints, curves and the resume state, and reads the resume state for everyone. The
+train loss is summed over the ranks, so curves match a single-process run.
 """
 
 from __future__ import annotations
@@ -39,6 +48,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import distributed
 from .config import TrainConfig
 from .progress import bar, write
 from .results import atomic_path, read_json, write_json
@@ -67,7 +78,8 @@ class TrainJob:
         name: label for progress bars and messages (`flowers102 linear probe`).
         model: the module to train; its parameters with `requires_grad` are trained.
         train_batches: `(epoch, generator) -> (inputs, labels)` batches on the device; the
-            order must come from `generator` (seeded from seed and epoch).
+            order must come from `generator` (seeded from seed and epoch). Under a process
+            group: this rank's share of each global batch (`distributed.rank_order`).
         val_batches: `() -> (inputs, labels)` batches of the validation split.
         steps_per_epoch: batches per training epoch.
         save_best: `epoch -> None`, writes the checkpoint of the current weights.
@@ -138,7 +150,8 @@ def best_epoch(curves: Sequence[dict]) -> int:
 
 
 def permuted_batches(
-    inputs: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator | None = None
+    inputs: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator | None = None,
+    *, shard: bool = False,
 ) -> Iterable[Batch]:
     """Minibatches of in-memory tensors in a seeded random order (or in order without a generator).
 
@@ -147,15 +160,26 @@ def permuted_batches(
         labels: `(N,)` labels on the same device.
         batch_size: rows per batch (the last batch may be smaller).
         generator: CPU generator for the permutation; None keeps the order.
+        shard: training under a process group: yield this rank's share of each batch
+            (`distributed.rank_order`; padding rows labelled `distributed.PAD_LABEL`).
     """
     n = len(labels)
     if generator is None:
-        order = torch.arange(n, device=labels.device)
+        order = torch.arange(n)
     else:
-        order = torch.randperm(n, generator=generator).to(labels.device)
-    for i in range(0, n, batch_size):
+        order = torch.randperm(n, generator=generator)
+    if shard:
+        order, batch_size = distributed.rank_order(order, batch_size)
+    order = order.to(labels.device)
+    for i in range(0, len(order), batch_size):
         idx = order[i : i + batch_size]
-        yield inputs[idx], labels[idx]
+        if shard and distributed.active():
+            # Index n is rank_order's padding slot: any row, labelled to be ignored.
+            pad = idx >= n
+            idx = idx.clamp(max=n - 1)
+            yield inputs[idx], labels[idx].masked_fill(pad, distributed.PAD_LABEL)
+        else:
+            yield inputs[idx], labels[idx]
 
 
 def _autocast(device: torch.device, enabled: bool = True):
@@ -205,34 +229,57 @@ def _diverged(value: float, epoch: int, step: int, cfg: TrainConfig) -> Training
     )
 
 
-def _train_epoch(job: TrainJob, cfg: TrainConfig, optimizer, scheduler, epoch: int) -> float:
-    job.model.train()
+def _loss(logits: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, world: int):
+    """`(loss to backpropagate, summed loss of this rank's samples, their count)`."""
+    if world == 1:
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        return loss, loss.detach() * len(y), len(y)
+    # DDP averages gradients over the ranks, so each rank's sum is scaled by world / the
+    # global batch's sample count: the average is then the gradient of the global mean,
+    # whatever the shares' sizes (a short last batch, padding).
+    summed = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing, reduction="sum",
+                             ignore_index=distributed.PAD_LABEL)
+    count = (y != distributed.PAD_LABEL).sum()
+    return summed * world / distributed.all_sum(count.float()), summed.detach(), count
+
+
+def _mean_loss(total: torch.Tensor, seen, world: int) -> float:
+    if world == 1:
+        return total.item() / seen
+    # Every rank gets the same epoch mean, so all of them stop together on a divergence.
+    total, seen = distributed.all_sum(torch.stack([total, torch.as_tensor(seen, device=total.device).float()])).tolist()
+    return total / seen
+
+
+def _train_epoch(job: TrainJob, model: nn.Module, cfg: TrainConfig, optimizer, scheduler, epoch: int) -> float:
+    model.train()
+    world = distributed.world_size()
     params = [p for p in job.model.parameters() if p.requires_grad]
     generator = torch.Generator().manual_seed(epoch_seed(cfg.seed or 0, epoch))
     total = torch.zeros((), device=job.device)
     seen = step = 0
     steps = bar(job.train_batches(epoch, generator), total=job.steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}",
-                unit="step", enabled=job.progress)
+                unit="step", enabled=job.progress and distributed.is_main())
     for step, (x, y) in enumerate(steps, start=1):
         with _autocast(job.device, job.autocast):
-            logits = job.model(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            logits = model(x)
+        loss, summed, count = _loss(logits, y, cfg, world)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
             nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         scheduler.step()
-        total += loss.detach() * len(y)
-        seen += len(y)
+        total += summed
+        seen += count
         if step % CHECK_EVERY == 0 or step == job.steps_per_epoch:
-            mean = total.item() / seen
+            mean = _mean_loss(total, seen, world)
             if not math.isfinite(mean):
                 raise _diverged(mean, epoch, step, cfg)
             steps.set_postfix(loss=f"{mean:.4f}")
-    if seen == 0:
+    if step == 0:
         raise TrainingError(f"{job.name}: the training split yielded no batches")
-    mean = total.item() / seen
+    mean = _mean_loss(total, seen, world)
     if not math.isfinite(mean):
         raise _diverged(mean, epoch, step, cfg)
     return mean
@@ -259,12 +306,12 @@ def _save_state(job: TrainJob, cfg: TrainConfig, optimizer, scheduler, epoch: in
         torch.save(state, tmp)
 
 
-def _load_state(job: TrainJob, cfg: TrainConfig, optimizer, scheduler) -> tuple[int, list[dict]]:
-    """Restore the last completed epoch; returns `(epoch, curves)`, `(0, [])` when none saved."""
+def _read_state(job: TrainJob, cfg: TrainConfig) -> dict | None:
+    """The checked resume state of the last completed epoch, None when none is saved."""
     file = job.out_dir / RESUME_FILE
     if not file.is_file():
         write(f"{job.name}: nothing to resume in {job.out_dir}, starting from epoch 1")
-        return 0, []
+        return None
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated or foreign file: say which, never unpickle it
@@ -277,16 +324,30 @@ def _load_state(job: TrainJob, cfg: TrainConfig, optimizer, scheduler) -> tuple[
             f"cannot resume {job.name} from {file}: the settings changed ({diffs}). Resume with the "
             f"original settings, or run without --resume to start over."
         )
-    current = dict(job.model.named_parameters())
-    if set(state["weights"]) != {n for n, p in current.items() if p.requires_grad}:
+    trainable = {n for n, p in job.model.named_parameters() if p.requires_grad}
+    if set(state["weights"]) != trainable:
         raise TrainingError(f"{file} holds other trainable weights than {job.name}; run without --resume")
+    return state
+
+
+def _load_state(job: TrainJob, cfg: TrainConfig, optimizer, scheduler) -> tuple[int, list[dict]]:
+    """Restore the last completed epoch; returns `(epoch, curves)`, `(0, [])` when none saved.
+
+    Rank 0 reads and checks the file and sends the state to every rank (the others never
+    touch the results folder).
+    """
+    state = distributed.on_main(_read_state, job, cfg)
+    if state is None:
+        return 0, []
+    current = dict(job.model.named_parameters())
     with torch.no_grad():
         for name, value in state["weights"].items():
             current[name].copy_(value)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"] and torch.cuda.is_available():
+    # Saved on rank 0's machine: another machine may have another number of GPUs.
+    if state["rng"]["cuda"] and len(state["rng"]["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return int(state["epoch"]), list(state["curves"])
 
@@ -308,6 +369,19 @@ def clear_previous_run(out_dir: Path, checkpoints: Sequence[str] = ()) -> None:
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
+
+
+def _save_epoch(job: TrainJob, cfg: TrainConfig, optimizer, scheduler, curves: list[dict]) -> None:
+    """After an epoch (rank 0): the best checkpoint when it improved, curves.json, resume.pt, a line."""
+    entry = curves[-1]
+    epoch = entry["epoch"]
+    if best_epoch(curves) == epoch:
+        job.save_best(epoch)
+    write_json(job.out_dir / CURVES_FILE, curves)
+    _save_state(job, cfg, optimizer, scheduler, epoch, curves)
+    if job.progress:
+        write(f"{job.name} epoch {epoch}: train loss {entry['train_loss']:.4f}, val loss {entry['val_loss']:.4f}, "
+              f"val top-1 {entry['val_acc']:.2%}")
 
 
 def _param_groups(job: TrainJob, params: list[nn.Parameter]) -> list[dict]:
@@ -339,6 +413,8 @@ def fit(
     params = [p for p in job.model.parameters() if p.requires_grad]
     if not params:
         raise TrainingError(f"{job.name}: nothing to train (no parameter requires grad)")
+    model = distributed.wrap(job.model, job.device)  # DDP under a process group; starts from rank 0's weights
+    # The groups hold job.model's own Parameter objects: DDP wraps the module, not its parameters.
     optimizer = torch.optim.AdamW(_param_groups(job, params), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total_steps = cfg.epochs * job.steps_per_epoch
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.warmup * total_steps), total_steps)
@@ -346,26 +422,23 @@ def fit(
         done, curves = _load_state(job, cfg, optimizer, scheduler)
     else:
         done, curves = 0, []
-        clear_previous_run(job.out_dir, job.checkpoints)
+        distributed.on_main(clear_previous_run, job.out_dir, job.checkpoints)
 
     oom = False
     try:
         for epoch in bar(range(done + 1, cfg.epochs + 1), desc=job.name, unit="epoch", initial=done,
-                         total=cfg.epochs, enabled=job.progress):
+                         total=cfg.epochs, enabled=job.progress and distributed.is_main()):
             start = time.perf_counter()
-            torch.manual_seed(epoch_seed(cfg.seed or 0, epoch))
-            train_loss = _train_epoch(job, cfg, optimizer, scheduler, epoch)
-            val_loss, val_acc = _validate(job)
+            # Plus the rank: each rank draws its own dropout masks and augmentations (the same
+            # stream on every rank would give the images of one step the same crops).
+            torch.manual_seed(epoch_seed(cfg.seed or 0, epoch) + distributed.rank())
+            train_loss = _train_epoch(job, model, cfg, optimizer, scheduler, epoch)
+            # On rank 0 alone (the others wait): the same numbers on every rank, simply.
+            val_loss, val_acc = distributed.on_main(_validate, job)
             entry = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_acc": val_acc,
                      "seconds": time.perf_counter() - start, "lr": scheduler.get_last_lr()[0]}
             curves.append(entry)
-            if best_epoch(curves) == epoch:
-                job.save_best(epoch)
-            write_json(job.out_dir / CURVES_FILE, curves)
-            _save_state(job, cfg, optimizer, scheduler, epoch, curves)
-            if job.progress:
-                write(f"{job.name} epoch {epoch}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
-                           f"val top-1 {val_acc:.2%}")
+            distributed.on_main(_save_epoch, job, cfg, optimizer, scheduler, curves)
             for callback in callbacks:
                 callback(epoch, entry)
     except torch.OutOfMemoryError:

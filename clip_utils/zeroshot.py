@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from . import prompts
+from . import distributed, prompts
 from .data import canonical_name, results_name
 from .evaluation import figure_paths, save_evaluation
 from .heads import ClipClassifier, zeroshot_head
@@ -167,15 +167,16 @@ def run_zeroshot(
             "prompt_set": name, "templates": sets[chosen], **extra, "logit_scale": scale,
             "seconds": time.perf_counter() - start, "feature_seconds": encoding.get("seconds"),
             "features_from_cache": encoding.get("from_cache"), "peak_vram_mb": encoding.get("peak_vram_mb"),
-            "peak_reserved_mb": encoding.get("peak_reserved_mb"),
+            "peak_reserved_mb": encoding.get("peak_reserved_mb"), "world_size": distributed.world_size(),
         }
-        results[name] = save_evaluation(
+        # Under torchrun: rank 0 writes, the others wait and get the same metrics.
+        results[name] = distributed.on_main(save_evaluation,
             output_dir(lab.results_dir, dataset, name, split),
             logits=logits, labels=feats.labels, paths=feats.paths, class_names=classes, info=info,
             figure_prefix=_figure_prefix(dataset, name, split), results_dir=lab.results_dir,
         )
-    plot_prompt_comparison(prompt_table(lab.results_dir, lab.model),
-                           path=figures_dir(lab.results_dir) / COMPARISON_FIGURE)
+    distributed.on_main(lambda: plot_prompt_comparison(prompt_table(lab.results_dir, lab.model),
+                                                       path=figures_dir(lab.results_dir) / COMPARISON_FIGURE))
     return results
 
 
