@@ -212,7 +212,7 @@ def make_imagefolder(
         seed: seed of the class colours.
     """
     folder = Path(folder)
-    colours = _class_colours(n_classes, seed)
+    colours = class_colours(n_classes, seed)
     names = [f"class{'_' if k % 2 == 0 else '-'}{k:02d}" for k in range(n_classes)]
     quarter = max(1, per_class // 4)
     shares = {"flat": {"": per_class}, "splits": {"train": per_class - 2 * quarter, "val": quarter, "test": quarter},
