@@ -5,7 +5,7 @@
 
 Layout (see DESIGN.md):
 
-    results/<dataset>/linear_probe/head.safetensors
+    results/<dataset>/linear_probe/head.safetensors (and head_train.safetensors with --solver lbfgs)
     results/<dataset>/lora/head.safetensors, adapter/ (peft `save_pretrained`, the vision tower's),
                            text_adapter/ (the text tower's, `lora --encoders text|both`)
 
@@ -41,6 +41,9 @@ from .methods import method as method_named
 from .results import atomic_path, method_dir, publish
 
 HEAD_FILE = "head.safetensors"
+# The L-BFGS probe's head fitted on train alone (head.safetensors is refit on train + val):
+# what LoRA starts from, so that LoRA's validation split stays unseen.
+TRAIN_HEAD_FILE = "head_train.safetensors"
 ADAPTER_DIR = "adapter"
 TEXT_ADAPTER_DIR = "text_adapter"
 ADAPTER_INFO = "clip_lab.json"
@@ -238,8 +241,23 @@ def load_head(path: str | Path, expected: HeadInfo) -> tuple[nn.Linear, HeadInfo
     return head, info
 
 
-def missing_checkpoint(path: Path, dataset: str, method: str) -> FileNotFoundError:
-    """The error for a checkpoint that is not there, naming the command that creates it."""
+def missing_checkpoint(path: Path, dataset: str, method: str, shots: int | None = None,
+                       seed: int | None = None) -> FileNotFoundError:
+    """The error for a checkpoint that is not there, naming the command that creates it.
+
+    Args:
+        path: the missing file or folder.
+        dataset: dataset name.
+        method: `linear_probe` or `lora`.
+        shots: a few-shot run's images per class (None: the full-data run).
+        seed: that run's seed.
+    """
+    if shots is not None:
+        command = (f"`python -m clip_utils {method_named(method).command} --dataset {dataset} --shots {shots} "
+                   f"--seed {seed}`")
+        return FileNotFoundError(f"no {shots}-shot {method_named(method).label} checkpoint for {dataset} with seed "
+                                 f"{seed}: expected {path}. Train one with {command} (or the fewshot command) with "
+                                 f"the same --results-dir.")
     return FileNotFoundError(
         f"no {method_named(method).label} checkpoint for {dataset}: expected {path}. "
         f"Train one with {_retrain(dataset, method)} (or run Task2.ipynb) with the same --results-dir."

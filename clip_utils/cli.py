@@ -5,6 +5,8 @@
     python -m clip_utils probe    --dataset cub200 --epochs 20
     python -m clip_utils lora     --dataset flowers102 --rank 8 --alpha 16
     python -m clip_utils lora     --dataset flowers102 --preset clip-lora     # both encoders, CLIP-LoRA
+    python -m clip_utils probe    --dataset flowers102 --shots 4 --seed 1      # few-shot: 4 images per class
+    python -m clip_utils fewshot  --dataset flowers102 --methods probe,lora --shots 1,2,4,8,16 --seeds 1,2,3
     python -m clip_utils predict  my_photo/flower.png --dataset flowers102 --method lora
     python -m clip_utils predict  my_photo/*.jpg --dataset cub200 --method all   # side by side
     python -m clip_utils export   --dataset cub200 --method lora --out cub-lora
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from . import config, prompts
+from . import config, fewshot, prompts, sweep
 from .checkpoints import CheckpointError
 from .classnames import NAMINGS
 from .config import LoraSettings, TrainConfig
@@ -43,7 +45,6 @@ from .models import ModelUnavailableError
 from .photos import compare_photos, format_comparison, format_predictions, predict_photos
 from .probe import run_probe
 from .report import make_report
-from .results import method_dir
 from .train import TrainingError
 from .zeroshot import output_dir, run_zeroshot
 
@@ -82,6 +83,14 @@ _positive_float = _checked(_number, lambda v: v > 0, "a positive number")
 _non_negative_int = _checked(_whole, lambda v: v >= 0, "zero or more")
 _non_negative_float = _checked(_number, lambda v: v >= 0, "zero or more")
 _fraction = _checked(_number, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def _positive_ints(text: str) -> list[int]:
+    return [_positive_int(item) for item in _name_list(text)]
+
+
+def _ints(text: str) -> list[int]:
+    return [_whole(item) for item in _name_list(text)]
 
 
 def _name_list(text: str) -> list[str]:
@@ -125,7 +134,9 @@ def _common(parser: argparse.ArgumentParser, batch_size: int, dataset_required: 
     # String defaults go through `type` at parse time, so a bad CLIP_* value is a usage error.
     g.add_argument("--batch-size", type=_positive_int, default=os.environ.get("CLIP_BATCH_SIZE", str(batch_size)),
                    help="images per batch (default: $CLIP_BATCH_SIZE or %(default)s)")
-    g.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="random seed: training order and augmentation, and with --shots the sample drawn "
+                        "(default: %(default)s)")
     g.add_argument("--workers", type=_non_negative_int, default=None,
                    help="file reader threads (default: cores - 1)")
     g.add_argument("--no-download", dest="download", action="store_false",
@@ -144,6 +155,10 @@ def _training(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     g.add_argument("--weight-decay", type=_non_negative_float, default=defaults.weight_decay,
                    help="AdamW weight decay (default: %(default)s)")
     g.add_argument("--resume", action="store_true", help="continue from the last completed epoch")
+    g.add_argument("--shots", type=_positive_int, default=None, metavar="K",
+                   help=f"few-shot: train on K images per class drawn with --seed, validate on min(K, "
+                        f"{config.FEWSHOT_VAL_SHOTS}) per class; results in <method>/shots_K/seed_S/ "
+                        f"(default: every image)")
 
 
 DESCRIPTIONS_HELP = ('a CuPL/DCLIP descriptions file, {"class name": ["description", ...]}: adds the descriptions '
@@ -174,8 +189,12 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("probe", help="linear probe on the frozen vision encoder", epilog=EPILOG)
     _training(p, config.PROBE)
+    p.add_argument("--solver", choices=config.SOLVERS, default=config.PROBE_SOLVER,
+                   help="lbfgs: the CLIP paper's L-BFGS logistic regression, C swept on validation and refit on "
+                        "train + val (not with --shots; no epochs or learning rate); adamw: the training loop "
+                        "with the training options (default: %(default)s)")
     p.add_argument("--augment", action="store_true", default=config.PROBE.augment,
-                   help="train on augmented images (slower: no cached features)")
+                   help="train on augmented images (slower: no cached features; needs --solver adamw)")
     p.add_argument("--encode-batch-size", type=_positive_int, default=config.ENCODE_BATCH_SIZE,
                    help="images per forward pass when encoding the frozen features (default: %(default)s)")
     _common(p, config.PROBE.batch_size)
@@ -186,6 +205,10 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     _training(p, train)
     if preset:  # the preset's iteration count depends on the dataset: worked out in cmd_lora
         p.set_defaults(epochs=os.environ.get("CLIP_EPOCHS"))
+    p.add_argument("--head-lr", type=_positive_float, default=train.head_lr,
+                   help="the head's learning rate with --encoders vision (its own parameter group, in the probe's "
+                        "units; the head starts from the probe of the same shots and seed when one is saved) "
+                        "(default: %(default)s)")
     g = p.add_argument_group("LoRA")
     g.add_argument("--preset", choices=tuple(config.LORA_PRESETS), default=None,
                    help="clip-lora: CLIP-LoRA's published settings (q,k,v of both encoders, r=2, alpha=1, "
@@ -205,6 +228,26 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--no-augment", dest="augment", action="store_false", default=train.augment,
                    help="train without image augmentation")
     _common(p, train.batch_size)
+
+    p = sub.add_parser("fewshot", help="few-shot sweep: methods x shots x seeds, table and figure", epilog=EPILOG,
+                       description="Train what is missing of K-shot runs (K images per class from train, "
+                                   f"min(K, {config.FEWSHOT_VAL_SHOTS}) per class from val, one sample per seed; "
+                                   "finished runs are reused), then write results/<dataset>/fewshot.csv, "
+                                   "fewshot_summary.csv (mean and std over seeds) and "
+                                   "results/figures/<dataset>_fewshot.png.")
+    # String defaults go through `type` at parse time, like the CLIP_* ones.
+    p.add_argument("--methods", type=_name_list, default=",".join(METHODS[m].command for m in config.FEWSHOT_METHODS),
+                   help="comma list: probe, lora (default: %(default)s)")
+    p.add_argument("--shots", type=_positive_ints, default=",".join(map(str, config.FEWSHOT_SHOTS)),
+                   help="comma list of images per class (default: %(default)s)")
+    p.add_argument("--seeds", type=_ints, default=",".join(map(str, config.FEWSHOT_SEEDS)),
+                   help="comma list of seeds, one sample each (default: %(default)s)")
+    p.add_argument("--epochs", type=_positive_int, default=os.environ.get("CLIP_EPOCHS") or None,
+                   help=f"epochs of both methods (default: $CLIP_EPOCHS, else the probe's {config.PROBE.epochs} "
+                        f"with --solver adamw, LoRA's {config.LORA.epochs})")
+    p.add_argument("--solver", choices=config.SOLVERS, default=config.PROBE_SOLVER,
+                   help="the probe's solver (default: %(default)s)")
+    _common(p, config.LORA.batch_size)
 
     p = sub.add_parser("predict", help="top-k classes for your own photos", epilog=EPILOG)
     p.add_argument("photos", nargs="+", metavar="PHOTO", help="image files")
@@ -259,8 +302,11 @@ def cmd_zeroshot(args) -> None:
 
 
 def _print_run(metrics: dict, folder) -> None:
+    how = (f"C={metrics['C']:.3g} chosen on validation" if metrics.get("solver") == "lbfgs"
+           else f"best epoch {metrics['best_epoch']}/{metrics['epochs']}")
+    data = f"{metrics['shots']}-shot, seed {metrics['seed']}, " if metrics.get("shots") else ""
     print(f"{metrics['dataset']} {metrics['method']}: test top-1 {metrics['top1']:.2%}, top-5 {metrics['top5']:.2%}, "
-          f"mean per class {metrics['mean_per_class']:.2%} (best epoch {metrics['best_epoch']}/{metrics['epochs']}, "
+          f"mean per class {metrics['mean_per_class']:.2%} ({data}{how}, "
           f"{metrics['trainable_params']:,} trainable parameters) -> {folder}")
 
 
@@ -270,22 +316,35 @@ def _config(args, defaults: TrainConfig) -> TrainConfig:
 
 
 def cmd_probe(args) -> None:
-    metrics = run_probe(_lab(args), args.dataset, _config(args, config.PROBE), resume=args.resume)
-    _print_run(metrics, method_dir(args.results_dir, args.dataset, "linear_probe"))
+    metrics = run_probe(_lab(args), args.dataset, _config(args, config.PROBE), resume=args.resume, shots=args.shots,
+                        solver=args.solver)
+    _print_run(metrics, fewshot.run_dir(args.results_dir, args.dataset, "linear_probe", args.shots, args.seed))
 
 
 def cmd_lora(args) -> None:
     lab = _lab(args)
     train = config.LORA_PRESETS[args.preset][0] if args.preset else config.LORA
     if args.epochs is None:  # a preset without --epochs: its iteration count for this dataset
-        args.epochs = clip_lora_preset(lab, args.dataset)[0].epochs
+        args.epochs = clip_lora_preset(lab, args.dataset, shots=args.shots, seed=args.seed)[0].epochs
         print(f"--preset {args.preset}: {args.epochs} epochs (CLIP-LoRA's 500 iterations per training image per "
               f"class, at most 8000, at batch {train.batch_size})")
-    cfg = _config(args, train)
+    cfg = replace(_config(args, train), head_lr=args.head_lr)
     lora = LoraSettings(rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=tuple(args.targets),
                         grad_checkpointing=args.grad_checkpointing, encoders=args.encoders)
-    metrics = run_lora(lab, args.dataset, cfg, lora, resume=args.resume)
-    _print_run(metrics, method_dir(args.results_dir, args.dataset, "lora"))
+    metrics = run_lora(lab, args.dataset, cfg, lora, resume=args.resume, shots=args.shots)
+    _print_run(metrics, fewshot.run_dir(args.results_dir, args.dataset, "lora", args.shots, args.seed))
+
+
+def cmd_fewshot(args) -> None:
+    epochs = {} if args.epochs is None else {"epochs": args.epochs}
+    result = sweep.run_fewshot(
+        _lab(args), args.dataset, args.methods, args.shots, args.seeds,
+        probe_cfg=replace(config.PROBE, batch_size=args.batch_size, **epochs),
+        lora_cfg=replace(config.LORA, batch_size=args.batch_size, **epochs), solver=args.solver)
+    print(sweep.summary_table(result.summary).to_string(index=False))
+    print(f"{len(result.trained)} runs trained, {len(result.reused)} reused")
+    for path in result.files:
+        print(path)
 
 
 def cmd_predict(args) -> int:
@@ -356,6 +415,8 @@ def _check_arguments(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"--domain is for {PREFIX}PATH datasets; registered ones such as {args.dataset} declare "
                      f"their prompts")
     # An image folder's sets depend on its classes.json: they are checked when it loads.
+    if args.command in ("probe", "fewshot") and args.solver == "lbfgs" and getattr(args, "augment", False):
+        parser.error("--augment trains through the encoder with the training loop: add --solver adamw")
     zeroshot_prompts = args.command == "zeroshot" or (
         args.command == "predict" and not args.classifier and args.method in ("zeroshot", ALL_METHODS))
     if zeroshot_prompts and args.dataset in DATASETS:
@@ -379,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
             return handler(args) or 0
     except KeyboardInterrupt:
         kept = (" the last completed epoch's checkpoint and curves are kept (rerun with --resume)"
-                if args.command in ("probe", "lora") else " completed results files are kept")
+                if args.command in ("probe", "lora") else " completed results files are kept"
+                + (" (rerun to reuse the finished runs)" if args.command == "fewshot" else ""))
         print(f"interrupted:{kept}", file=sys.stderr)
         return 130
     except torch.OutOfMemoryError as err:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .classnames import check_naming, cub_proper_name
 from .templates import DOMAIN_ENSEMBLES
-from .imagelist import DatasetNotFoundError, DatasetSpec, Samples, require_network
+from .imagelist import DatasetNotFoundError, DatasetSpec, require_network
 
 CUB_URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz"
 CUB_MD5 = "97eceeb196236b17998738112f37df78"

@@ -24,7 +24,7 @@ from PIL import Image
 from .benchmarks import DTD, EUROSAT, FGVC_AIRCRAFT, FLOWERS102, FOOD101, PETS, STANFORD_CARS
 from .cub import CUB200
 from .imagefolder import PREFIX, imagefolder_spec
-from .imagelist import (  # noqa: F401  (the package's dataset types, importable from here)
+from .imagelist import (
     SPLITS,
     DatasetNotFoundError,
     DatasetSpec,
@@ -34,6 +34,10 @@ from .imagelist import (  # noqa: F401  (the package's dataset types, importable
 )
 
 # The notebooks' two datasets first, then the field's other fine-grained benchmarks.
+# The package's dataset types are importable from here too.
+__all__ = ["DATASETS", "SPLITS", "DatasetNotFoundError", "DatasetSpec", "ImageListDataset", "UnreadableImageError",
+           "canonical_name", "class_names", "dataset_spec", "load_dataset", "open_rgb", "results_name"]
+
 DATASETS: dict[str, DatasetSpec] = {
     spec.name: spec for spec in (FLOWERS102, CUB200, PETS, FGVC_AIRCRAFT, DTD, FOOD101, EUROSAT, STANFORD_CARS)
 }

@@ -58,12 +58,19 @@ def method_figures(results_dir: str | Path, dataset: str, method: str) -> dict[s
 
 
 def run_label(info: Mapping[str, Any]) -> str:
-    """`flowers102 zeroshot domain`: how figures of a run are titled (also when redrawn).
+    """`flowers102 zero-shot domain`: how figures of a run are titled (also when redrawn): the
+    dataset by its results folder's name (an image folder's name, not its path), the method
+    by its label in `methods.METHODS`, as every figure and table names it.
 
     Args:
         info: the run's metrics.json content (or the info going into it).
     """
-    return " ".join(str(info[k]) for k in ("dataset", "method", "prompt_set") if info.get(k))
+    parts = dict(info)
+    if parts.get("dataset"):
+        parts["dataset"] = results_name(str(parts["dataset"]))
+    if parts.get("method"):
+        parts["method"] = method_named(str(parts["method"])).label
+    return " ".join(str(parts[k]) for k in ("dataset", "method", "prompt_set") if parts.get(k))
 
 
 def save_evaluation(
@@ -118,7 +125,7 @@ def save_evaluation(
     plots.plot_confusion(labels, preds, class_names, title=f"{what}: top-1 {scores['top1']:.1%}",
                          path=figures["confusion"])
     plots.plot_sample_predictions(paths, labels, preds, class_names, probs=logits.softmax(dim=1).numpy(),
-                                  title=f"{what}: sample predictions", path=figures["samples"])
+                                  title=what, path=figures["samples"])
     write_json(out_dir / "metrics.json", record)
     return record
 

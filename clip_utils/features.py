@@ -56,6 +56,17 @@ class Features:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def subset(self, indices: Sequence[int] | None) -> Features:
+        """The features of some images only (a few-shot sample), in `indices` order; None: all.
+
+        Args:
+            indices: positions in this split.
+        """
+        if indices is None:
+            return self
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        return Features(self.embeddings[idx], self.labels[idx], [self.paths[i] for i in indices], self.encoding)
+
 
 @torch.inference_mode()
 def encode_paths(

@@ -6,9 +6,9 @@
 
 Zero-shot, the linear probe and LoRA all predict through `ClipClassifier` (vision tower,
 projection, linear head on the normalised embedding), so prediction code never cares which
-method made it. The probe trains its head in standardised feature units
-(`feature_scaling`, `standardized_head`) and saves the equivalent head on raw embeddings
-(`unstandardized_head`).
+method made it. The probe and LoRA train their heads in head units (`head_units`: standard
+units scaled to the embedding size; `standardized_head`, `StandardizedHead`) and save the
+equivalent head on raw embeddings (`unstandardized_head`).
 """
 
 from __future__ import annotations
@@ -105,6 +105,63 @@ def feature_scaling(x: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, t
     return x.mean(0), x.std(0).clamp_min(eps)
 
 
+# The embedding size at which head units are plain standard units (ViT-L/14's projection).
+UNIT_DIM = 768
+
+
+def head_units(x: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(mean, scale)` of the units heads train in: `(x - mean) / scale` is standard units times `UNIT_DIM / D`.
+
+    In standard units an Adam step of size lr on every weight moves a logit by about
+    lr * D (one term per dimension), so the same learning rate would be 48 times gentler on
+    a 16-dimensional model than on ViT-L/14's 768 dimensions. Scaling the standardised
+    features by `UNIT_DIM / D` makes a learning rate mean the same step for any CLIP (for
+    ViT-L/14 these are exactly standard units); the tiny test model then trains with the
+    defaults the real one uses.
+
+    Args:
+        x: `(N, D)` training features.
+        eps: floor on the std, for constant dimensions.
+    """
+    mean, std = feature_scaling(x, eps)
+    return mean, std * (x.shape[1] / UNIT_DIM)
+
+
+class StandardizedHead(nn.Module):
+    """A linear head that trains on `(x - mean) / scale` but stands where a raw-unit head does.
+
+    `ClipClassifier` feeds it raw embeddings; `folded()` is the equivalent `nn.Linear` on them,
+    what checkpoints hold.
+
+    Args:
+        head: the head on raw embeddings to start from.
+        mean: per-dimension mean of the training embeddings.
+        scale: per-dimension scale (`head_units`).
+    """
+
+    def __init__(self, head: nn.Linear, mean: torch.Tensor, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean.float().to(head.weight.device))
+        self.register_buffer("scale", scale.float().to(head.weight.device))
+        self.linear = standardized_head(head.float(), self.mean, self.scale)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # ClipClassifier reads the head's dtype from its weight.
+        return self.linear.weight
+
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear((x - self.mean) / self.scale)
+
+    def folded(self) -> nn.Linear:
+        """The equivalent head on raw embeddings."""
+        return unstandardized_head(self.linear, self.mean, self.scale)
+
+
 class FrozenEncoderProbe(nn.Module):
     """A linear head trained on a frozen CLIP encoder's embeddings of images seen on the fly.
 
@@ -114,9 +171,9 @@ class FrozenEncoderProbe(nn.Module):
 
     Args:
         clip: anything `image_embeddings` accepts (`vision_model`, `visual_projection`).
-        head: the trained linear layer, on embeddings in standard units (see `feature_scaling`).
+        head: the trained linear layer, on embeddings in head units (see `head_units`).
         mean: per-dimension mean of the training embeddings.
-        std: their per-dimension standard deviation.
+        std: their per-dimension scale (`head_units`).
     """
 
     def __init__(self, clip: nn.Module, head: nn.Linear, mean: torch.Tensor, std: torch.Tensor) -> None:

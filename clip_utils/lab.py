@@ -63,6 +63,7 @@ class _Loaded:
     features: dict[tuple[str, str], Features] = field(default_factory=dict)
     text: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
     prompt_sets: dict[str, dict[str, PromptSet]] = field(default_factory=dict)
+    logit_scale: float | None = None
 
 
 @dataclass(frozen=True)
@@ -140,8 +141,16 @@ class Lab:
         return self._loaded.clip
 
     def unload(self) -> None:
-        """Free the loaded model (features and text classifiers stay); `clip()` loads it again."""
+        """Free the loaded model (features, text classifiers and logit scale stay); `clip()` loads it again."""
         self._loaded.clip = None
+
+    @property
+    def logit_scale(self) -> float:
+        """CLIP's temperature, read once and kept through `unload`: a head built after LoRA freed
+        the model (LoRA on a second dataset) must not load the whole model again for one number."""
+        if self._loaded.logit_scale is None:
+            self._loaded.logit_scale = self.clip().logit_scale
+        return self._loaded.logit_scale
 
     @property
     def preprocess(self) -> Preprocess:

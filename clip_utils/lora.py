@@ -3,26 +3,40 @@
     metrics = run_lora(lab, "flowers102")                     # config.LORA, config.LORA_SETTINGS
     metrics = run_lora(lab, "flowers102", cfg, LoraSettings(rank=4, alpha=8), resume=True)
     metrics = run_lora(lab, "flowers102", *clip_lora_preset(lab, "flowers102"))   # CLIP-LoRA
+    metrics = run_lora(lab, "flowers102", replace(cfg, seed=1), shots=4)   # lora/shots_4/seed_1/
     classifier = load_classifier(lab, "flowers102")           # the best epoch, for predictions
 
 A fresh CLIP is loaded on the CPU (the lab's model is fp16 on CUDA and shared with
 zero-shot and the probe, so it must not receive adapters), and only the towers training
 uses move to the GPU: frozen base weights in bf16 on CUDA (fp32 on the CPU), adapters and
 head fp32. The lab's model is then freed, so training memory, and its reported peak, hold
-LoRA's model alone. Training runs in bf16 autocast on CUDA (the logits in fp32), on
+LoRA's model alone. Training runs in bf16 autocast on CUDA (the head and logits in fp32), on
 augmented images decoded where the model runs (`inputs.iter_labelled_batches`: nvJPEG
 and GPU resizing on CUDA).
 
 Which towers (`LoraSettings.encoders`, `lora --encoders`):
 
-- `vision` (the default): peft wraps `model.vision_model` alone, and a linear head, started
-  from the lab's `domain` text classifier, is trained with it; the text tower stays on the CPU.
+- `vision` (the default): peft wraps `model.vision_model` alone, and a linear head is
+  trained with it (LP-FT, below); the text tower stays on the CPU.
 - `text`, `both`: peft wraps `model.text_model` too (the same target names: both towers call
   their layers q/k/v/out_proj, fc1, fc2), and the classifier is CLIP's own
   (`clip_lora.TextTowerClassifier`): the `domain` prompts re-encoded at every step, times the
   fixed logit scale, as CLIP-LoRA trains. No head is trained; the best epoch's class
   embeddings are saved as the head (`frozen_head`), so test and predict run the same
-  `ClipClassifier` as for vision LoRA.
+  `ClipClassifier` as for vision LoRA. With no linear head, LP-FT's start from the probe does
+  not apply: metrics.json says `head_init: "text"`, and the adapters are the one parameter group.
+
+The head of vision LoRA (LP-FT). It starts from the linear probe trained on the same images
+(same dataset, model, class list, shots and seed: `runs.probe_head`) when that run has
+finished, else from the lab's `domain` text classifier; metrics.json says which (`head_init`).
+It trains in the probe's units (`heads.StandardizedHead` with the mean and scale of the frozen
+encoder's cached training embeddings, `heads.head_units`), in its own parameter group at
+`cfg.head_lr` while the adapters train at `cfg.lr`: in raw units, at the adapters' rate, a
+head barely moves, and LoRA, which contains the probe, would end below it. The checkpoint
+holds the equivalent raw-unit head, like the probe's.
+
+Few-shot runs (`shots=K`) work with every `encoders` setting: the K-shot sample decides
+which images train and validate, in `lora/shots_K/seed_S/`.
 
 The best epoch's adapters are saved with `save_pretrained` into `results/<dataset>/lora/adapter/`
 (vision) and `text_adapter/` (text) beside `head.safetensors`, and test evaluation reloads them
@@ -47,13 +61,12 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
-from . import config
+from . import config, fewshot
 from .checkpoints import (
     ADAPTER_DIR,
     HEAD_FILE,
     TEXT_ADAPTER_DIR,
     check_head,
-    checkpoint_paths,
     head_info,
     missing_checkpoint,
     read_head,
@@ -64,13 +77,21 @@ from .clip_lora import TextTowerClassifier, attach_adapter, class_tokens, quiet_
 from .config import LoraSettings, TrainConfig
 from .data import canonical_name, results_name
 from .evaluation import save_evaluation
-from .heads import ClipClassifier, count_parameters
+from .heads import ClipClassifier, StandardizedHead, count_parameters, head_units
 from .inputs import iter_labelled_batches
 from .lab import Lab, inference_dtype
 from .models import load_clip
 from .preprocess import Preprocess
-from .results import method_dir
-from .runs import HEAD_INIT_SET, freeing_memory_on_failure, resolved, run_info, zeroshot_init_head
+from .runs import (
+    HEAD_INIT_SET,
+    RunData,
+    freeing_memory_on_failure,
+    probe_head,
+    resolved,
+    run_data,
+    run_info,
+    zeroshot_init_head,
+)
 from .train import EpochCallback, FitResult, TrainJob, fit, predict
 from .vram import VramProbe
 
@@ -162,12 +183,13 @@ class _Prompts:
     templates: list[str]
 
 
-def _train(lab: Lab, dataset: str, splits: dict, start: nn.Linear | _Prompts, cfg: TrainConfig,
-           lora: LoraSettings, resume: bool, callbacks: Sequence[EpochCallback]) -> _Trained:
+def _train(lab: Lab, dataset: str, data: RunData, splits: dict, start: StandardizedHead | _Prompts,
+           cfg: TrainConfig, lora: LoraSettings, resume: bool, callbacks: Sequence[EpochCallback],
+           head_init: str) -> _Trained:
     """Build the LoRA classifier (on the head `start`, or CLIP's own from the prompts `start`)
     and run the shared loop; the training copy is freed on return."""
     device = torch.device(lab.device)
-    out = method_dir(lab.results_dir, dataset, METHOD)
+    out = data.folder
     class_names = lab.label_map(dataset)
     # Loaded on the CPU in the checkpoint's fp32 (the logit scale is read before any cast),
     # and only the towers training uses move to the GPU: with the vision tower alone adapted,
@@ -196,6 +218,7 @@ def _train(lab: Lab, dataset: str, splits: dict, start: nn.Linear | _Prompts, cf
                                          clip.logit_scale)
     else:
         classifier = ClipClassifier(vision, model.visual_projection, start)  # the text tower is left behind
+    head_params = [] if text is not None else list(start.parameters())
     expected = lora_trainable_params(model.config.vision_config, lora, len(class_names), clip.embed_dim,
                                      model.config.text_config)
     trainable, total = count_parameters(classifier)
@@ -218,10 +241,13 @@ def _train(lab: Lab, dataset: str, splits: dict, start: nn.Linear | _Prompts, cf
             save_adapter(out / ADAPTER_DIR, vision, meta)
         if text is not None:
             save_adapter(out / TEXT_ADAPTER_DIR, text, meta)
-        # Called right after validation, in eval mode: the frozen head holds the very class
-        # embeddings that validation scored.
-        save_head(out / HEAD_FILE, classifier.frozen_head() if text is not None else classifier.head, meta)
+            # Called right after validation, in eval mode: the frozen head holds the very class
+            # embeddings that validation scored.
+            save_head(out / HEAD_FILE, classifier.frozen_head(), meta)
+        else:
+            save_head(out / HEAD_FILE, start.folded(), meta)  # the raw-unit equivalent, like the probe's
 
+    adapters = [p for p in classifier.parameters() if p.requires_grad and all(p is not h for h in head_params)]
     n_train = len(splits["train"])
     job = TrainJob(
         name=f"{dataset} LoRA", model=classifier,
@@ -231,65 +257,98 @@ def _train(lab: Lab, dataset: str, splits: dict, start: nn.Linear | _Prompts, cf
         checkpoints=(HEAD_FILE, ADAPTER_DIR, TEXT_ADAPTER_DIR), out_dir=out, device=device, batch_size=cfg.batch_size,
         oom_hint=" or add --grad-checkpointing (LoraSettings(grad_checkpointing=True))",
         fingerprint={"dataset": dataset, "model": lab.model, "method": METHOD, "class_naming": lab.class_naming,
-                     "domain": lab.domain, "n_train": n_train,
+                     "domain": lab.domain, "n_train": n_train, "shots": data.shots, "head_init": head_init,
+                     "head_units": None if text is not None else "standard x 768/D",
+                     "sample": fewshot.sample_digest([p for s in ("train", "val") for p, _ in splits[s].samples]),
                      **{f"lora_{k}": v for k, v in asdict(lora).items() if k != "grad_checkpointing"}},
+        # The adapters first (the curves' lr is theirs), then the head at its own rate (CLIP's
+        # own classifier, with the text tower adapted, has no head: one group).
+        param_groups=[{"params": adapters}] + ([{"params": head_params, "lr": cfg.head_lr or cfg.lr}]
+                                               if head_params else []),
     )
     return _Trained(fit(job, cfg, resume=resume, callbacks=callbacks), trainable, total, pre)
 
 
-def clip_lora_preset(lab: Lab, dataset: str) -> tuple[TrainConfig, LoraSettings]:
+def clip_lora_preset(lab: Lab, dataset: str, shots: int | None = None,
+                     seed: int | None = None) -> tuple[TrainConfig, LoraSettings]:
     """CLIP-LoRA's settings (`config.CLIP_LORA`, `config.CLIP_LORA_SETTINGS`) with its iteration
     count for this dataset's training split in epochs (`config.clip_lora_epochs`).
 
     Args:
         lab: the run context (the training split is listed, not read).
         dataset: the dataset.
+        shots: a few-shot run's images per class (None: the whole training split).
+        seed: the few-shot run's seed (None: the lab's); it decides the sample's size only
+            where a class has fewer than `shots` images.
     """
-    n_train, n_classes = len(lab.dataset(dataset, "train")), len(lab.label_map(dataset))
+    fewshot.check_shots(shots)
+    train, n_classes = lab.dataset(dataset, "train"), len(lab.label_map(dataset))
+    n_train = len(train)
+    if shots is not None:
+        sample = fewshot.draw(train.samples, lab.dataset(dataset, "val").samples, shots,
+                              lab.seed if seed is None else seed)
+        n_train = len(sample.train)
     cfg = config.CLIP_LORA
     return replace(cfg, epochs=config.clip_lora_epochs(n_train, n_classes, cfg.batch_size)), config.CLIP_LORA_SETTINGS
 
 
 def run_lora(lab: Lab, dataset: str, cfg: TrainConfig = config.LORA, lora: LoraSettings = config.LORA_SETTINGS,
-             resume: bool = False, callbacks: Sequence[EpochCallback] = ()) -> dict:
+             resume: bool = False, callbacks: Sequence[EpochCallback] = (), *, shots: int | None = None) -> dict:
     """Fine-tune CLIP with LoRA, evaluate the best epoch on test, save everything.
 
-    Writes `results/<dataset>/lora/`: metrics.json, predictions.csv, curves.json,
-    head.safetensors, adapter/ and/or text_adapter/ (peft), classification_report.txt,
-    resume.pt (and the test figures).
+    Writes `results/<dataset>/lora/` (a few-shot run: `.../shots_<K>/seed_<S>/`, with
+    samples.json): metrics.json, predictions.csv, curves.json, head.safetensors, adapter/
+    and/or text_adapter/ (peft), classification_report.txt, resume.pt, and the test figures
+    (a few-shot run's in its own `figures/`).
 
     Args:
         lab: the run context (model, data, results folder, device, seed).
         dataset: `flowers102` or `cub200`.
         cfg: hyper-parameters (default: `config.LORA`, as the CLI and Task2.ipynb;
-            `augment=False` trains on centre crops).
+            `augment=False` trains on centre crops; `head_lr` is the head's rate with the
+            vision tower alone adapted). `cfg.seed` (else the lab's) also draws a few-shot sample.
         lora: adapter settings (default: `config.LORA_SETTINGS`: the vision tower alone;
             `clip_lora_preset` gives CLIP-LoRA's).
         resume: continue an interrupted run from its last completed epoch.
         callbacks: called as `callback(epoch, curve_entry)` after each epoch.
+        shots: train on this many images per class, validate on min(shots, 4) per class
+            (None: every image). The head starts from the probe of the same shots and seed.
 
     Returns:
-        The metrics.json content.
+        The metrics.json content (with `shots`, `seed`, `head_init`, `n_train`, `n_val`).
     """
     start = time.perf_counter()
     dataset = canonical_name(dataset)
+    fewshot.check_shots(shots)
     cfg = resolved(cfg, lab)
     device = torch.device(lab.device)
-    out = method_dir(lab.results_dir, dataset, METHOD)
-    splits = {s: lab.dataset(dataset, s) for s in ("train", "val", "test")}
+    data = run_data(lab, dataset, METHOD, shots, cfg.seed)
+    out = data.folder
+    splits = {s: data.split(lab.dataset(dataset, s), s) for s in ("train", "val", "test")}
     class_names = lab.class_names(dataset)
-    if lora.adapts_text:  # CLIP's own classifier, from the prompts the zero-shot head would use
-        begin: nn.Linear | _Prompts = _Prompts(class_names, list(lab.prompt_sets(dataset)[HEAD_INIT_SET]))
+    begin: StandardizedHead | _Prompts
+    if lora.adapts_text:
+        # CLIP's own classifier, from the prompts the zero-shot head would use: no linear head,
+        # so LP-FT's start from the probe does not apply.
+        begin = _Prompts(class_names, list(lab.prompt_sets(dataset)[HEAD_INIT_SET]))
+        head_init = "text"
     else:
-        begin = zeroshot_init_head(lab, dataset)  # the zero-shot start, from the lab's model
+        start_head = probe_head(lab, dataset, data)
+        head_init = "linear_probe" if start_head is not None else "zeroshot"
+        if start_head is None:
+            start_head = zeroshot_init_head(lab, dataset)  # the zero-shot start, from the lab's model
+        # The probe's units: the frozen encoder's training embeddings (cached; the probe's own).
+        mean, scale = head_units(lab.features(dataset, "train").subset(data.train).embeddings.to(device))
+        begin = StandardizedHead(start_head, mean, scale)
     # Then the lab's inference model (fp16 ViT-L/14 on CUDA) is not needed: free it, so LoRA
     # has that memory and its peak is its own.
     lab.unload()
     with VramProbe(device, label=f"{dataset} LoRA") as vram:
-        trained = freeing_memory_on_failure(_train, lab, dataset, splits, begin, cfg, lora, resume, callbacks)
+        trained = freeing_memory_on_failure(_train, lab, dataset, data, splits, begin, cfg, lora, resume, callbacks,
+                                            head_init)
     result, trainable, total, pre = trained.result, trained.trainable, trained.total, trained.pre
 
-    best = load_classifier(lab, dataset)
+    best = load_classifier(lab, dataset, shots, cfg.seed)
     dtype = best.visual_projection.weight.dtype
     test = splits["test"]
     test_batches = iter_labelled_batches([p for p, _ in test.samples], torch.tensor(test.targets), pre, device,
@@ -301,13 +360,15 @@ def run_lora(lab: Lab, dataset: str, cfg: TrainConfig = config.LORA, lora: LoraS
     lora_config = {"lora_" + k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(lora).items()}
     run = run_info(lab, dataset, METHOD, cfg, result, trainable=trainable, total=total,
                    peak_vram_mb=vram.peak_allocated_mb, peak_reserved_mb=vram.peak_reserved_mb,
-                   seconds=time.perf_counter() - start, extra_config=lora_config)
+                   seconds=time.perf_counter() - start, extra_config=lora_config, data=data)
+    extra = {"head_init": head_init, "n_train": len(splits["train"]), "n_val": len(splits["val"])}
+    # A few-shot run keeps its figures in its own folder: results/figures stays one set per method.
     return save_evaluation(out, logits=logits, labels=labels, paths=[p for p, _ in test.samples],
-                           class_names=class_names, info=run, figure_prefix=f"{results_name(dataset)}_{METHOD}",
-                           results_dir=lab.results_dir)
+                           class_names=class_names, info=run | extra, figure_prefix=f"{results_name(dataset)}_{METHOD}",
+                           results_dir=lab.results_dir if shots is None else out)
 
 
-def load_classifier(lab: Lab, dataset: str) -> ClipClassifier:
+def load_classifier(lab: Lab, dataset: str, shots: int | None = None, seed: int | None = None) -> ClipClassifier:
     """The trained LoRA classifier of a dataset, ready for prediction: a `ClipClassifier` in eval mode.
 
     A fresh copy of the vision encoder (in the lab's inference dtype) gets the saved adapter:
@@ -318,19 +379,23 @@ def load_classifier(lab: Lab, dataset: str) -> ClipClassifier:
     Args:
         lab: the run context (model, results folder, device).
         dataset: dataset name.
+        shots: the few-shot run's images per class (None: the full-data run).
+        seed: the few-shot run's seed (None: the lab's).
 
     Raises:
         FileNotFoundError: not trained yet (the message names the command to run).
         CheckpointError: damaged, or trained for another dataset, class list or model.
     """
     dataset = canonical_name(dataset)
-    paths = checkpoint_paths(lab.results_dir, dataset, METHOD)
+    seed = lab.seed if seed is None else seed
+    folder = fewshot.run_dir(lab.results_dir, dataset, METHOD, shots, seed)
+    paths = {"head": folder / HEAD_FILE, "adapter": folder / ADAPTER_DIR}
     if not paths["head"].is_file():
-        raise missing_checkpoint(paths["head"], dataset, METHOD)
+        raise missing_checkpoint(paths["head"], dataset, METHOD, shots, seed)
     head, info = read_head(paths["head"])
     adapts_vision = LoraSettings(encoders=info.encoders).adapts_vision
     if adapts_vision and not (paths["adapter"] / "adapter_config.json").is_file():
-        raise missing_checkpoint(paths["adapter"], dataset, METHOD)
+        raise missing_checkpoint(paths["adapter"], dataset, METHOD, shots, seed)
     clip = load_clip(lab.model, lab.device, dtype=inference_dtype(lab.device))
     check_head(info, head_info(dataset=dataset, method=METHOD, model=lab.model, class_names=lab.label_map(dataset),
                                embed_dim=clip.embed_dim), paths["head"])

@@ -30,6 +30,7 @@ from .heads import logit_scale
 from .net import reachable
 from .params import TRUE
 from .preprocess import Preprocess
+from .progress import quiet_loading
 
 
 class ModelUnavailableError(RuntimeError):
@@ -134,7 +135,10 @@ def load_clip(
     from transformers import CLIPModel, CLIPProcessor
 
     def load(name: str, local_only: bool):
-        model = CLIPModel.from_pretrained(name, dtype=dtype, local_files_only=local_only)
+        # A `Loading weights` bar per load adds nothing (seconds from disk) and clutters
+        # notebooks and logs; quiet_loading keeps the hub's download bars.
+        with quiet_loading():
+            model = CLIPModel.from_pretrained(name, dtype=dtype, local_files_only=local_only)
         return model, CLIPProcessor.from_pretrained(name, local_files_only=local_only)
 
     name = str(name_or_path)

@@ -7,18 +7,24 @@ Each notebook reads its parameters from `CLIP_*` environment variables (see DESI
 the very same notebooks run on ViT-L/14 and real data or on the offline test kit. The
 executed copy is saved even when a cell fails, so the output up to the failure is never
 lost, and the failure is reported as one readable line instead of a kernel traceback.
+Kernels draw plain-text progress bars (`CLIP_PROGRESS=text`): a saved notebook then shows
+each pass's final count, where a widget would keep a stale state. A demo run sets
+`CLIP_DEMO=1`, so every figure it draws carries a demo mark, and ends by saying where its
+notebooks are and how to point the CLI at the demo kit.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from .progress import PROGRESS_ENV, quiet_loading
 from .results import atomic_path
 from .testkit import make_kit
 
@@ -27,6 +33,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 NOTEBOOKS = ("Task1.ipynb", "Task2.ipynb")
 DEMO_NOTICE = "DEMO: tiny random-weight CLIP on synthetic images; the numbers mean nothing."
+# What a kernel gets unless the caller's environment says otherwise (see the module docstring).
+KERNEL_DEFAULTS = {PROGRESS_ENV: "text"}
 
 
 class NotebookFailed(RuntimeError):
@@ -45,7 +53,8 @@ def execute_notebook(
     Args:
         path: the notebook to run (it runs with its own folder as working directory).
         out_path: where the executed notebook is written, also on failure.
-        env: environment variables added to this process's for the kernel.
+        env: environment variables added to this process's for the kernel (over
+            `KERNEL_DEFAULTS`: plain-text progress bars unless `CLIP_PROGRESS` is set).
         timeout: per-cell timeout in seconds (None: no limit).
         banner: markdown put above the first cell of the executed copy (e.g. a demo warning).
 
@@ -67,7 +76,7 @@ def execute_notebook(
         km = KernelManager(kernel_name="python3", **ipc)
         client = NotebookClient(nb, km=km, timeout=timeout, resources={"metadata": {"path": str(path.parent)}})
         try:
-            client.execute(env={**os.environ, **(env or {})})
+            client.execute(env={**KERNEL_DEFAULTS, **os.environ, **(env or {})})
         except CellExecutionError as err:
             raise NotebookFailed(
                 f"{path.name} stopped with {err.ename}: {err.evalue}\n"
@@ -90,7 +99,8 @@ def demo_env(folder: str | Path) -> dict[str, str]:
     kit = folder / "kit"
     if not (kit / "KIT.json").is_file():
         print(f"building the offline demo kit (tiny CLIP + synthetic datasets) in {kit} ...")
-        make_kit(kit)
+        with quiet_loading():  # no `Writing model shards` bar for a model of a few kilobytes
+            make_kit(kit)
     return {
         "CLIP_MODEL": str(kit / "model"),
         "CLIP_DATA_ROOT": str(kit / "data"),
@@ -101,7 +111,41 @@ def demo_env(folder: str | Path) -> dict[str, str]:
         # and needs a far higher learning rate than ViT-L/14 to show learning in 3 epochs.
         "CLIP_LORA_LR": os.environ.get("CLIP_LORA_LR", "2e-2"),
         "HF_HUB_OFFLINE": "1",
+        "CLIP_DEMO": "1",  # plots.new_figure marks every figure as a demo
     }
+
+
+def demo_epilogue(env: Mapping[str, str], notebooks_dir: str | Path) -> str:
+    """What `--demo` prints last: where the executed notebooks are, and the commands that use
+    the demo kit from the CLI and from Python.
+
+    Args:
+        env: the demo environment (`demo_env`, paths absolute).
+        notebooks_dir: where the executed notebooks were written.
+    """
+    model, data, results = env["CLIP_MODEL"], env["CLIP_DATA_ROOT"], env["CLIP_RESULTS_DIR"]
+    paths = " ".join(f"{option} {shlex.quote(_shown(path))}" for option, path in (
+        ("--model", model), ("--data-root", data), ("--results-dir", results)))
+    python = shlex.quote(_shown(sys.executable))  # the venv's python that ran the demo
+    return "\n".join([
+        f"executed demo notebooks: {_shown(notebooks_dir)}/ (open them in Jupyter)",
+        f"demo results and figures: {_shown(results)}/",
+        "the CLI on the demo kit (the same options work for probe, lora, predict and report;",
+        "CLIP_DEMO=1 marks its figures as a demo):",
+        f"  CLIP_DEMO=1 {python} -m clip_utils zeroshot --dataset flowers102 {paths}",
+        "the Python API on the demo kit:",
+        f"  from clip_utils.lab import Lab; lab = Lab(model={_shown(model)!r}, data_root={_shown(data)!r}, "
+        f"results_dir={_shown(results)!r})",
+    ])
+
+
+def _shown(path: str | Path) -> str:
+    """`path` relative to the current folder when it lies below it (shorter to copy), else absolute."""
+    path = Path(path)
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _absolute_paths(env: dict[str, str]) -> dict[str, str]:
@@ -154,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"  done in {time.perf_counter() - start:.0f} s -> {out / nb.name}")
     print(f"results: {results}")
+    if args.demo:
+        print(demo_epilogue(env, out))
     return 0
 
 

@@ -3,6 +3,7 @@
     EPOCHS = env_int("CLIP_EPOCHS", 10)
     DATASETS = env_list("CLIP_DATASETS", "flowers102,cub200")
     RESUME = env_flag("CLIP_RESUME")
+    SHOTS = env_ints("CLIP_FEWSHOT_SHOTS", (1, 2))     # `none` gives (): the section is skipped
 
 The notebooks' `parameters` cells read their overrides through these, so `make demo`, the
 tests and users drive the same notebooks. A value that does not parse stops the notebook
@@ -14,6 +15,7 @@ Unset or empty variables give the default.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 TRUE = ("1", "true", "yes", "on")
 FALSE = ("0", "false", "no", "off")
@@ -84,6 +86,32 @@ def env_list(name: str, default: str) -> list[str]:
     if not items:
         raise ParameterError(f"{name}={raw!r}: expected a comma-separated list")
     return items
+
+
+def env_ints(name: str, default: Sequence[int], minimum: int = 1) -> tuple[int, ...]:
+    """`$name` as a comma-separated list of whole numbers of at least `minimum`; `none` is the empty list.
+
+    Unset or empty gives the default, as everywhere; `none` (or `off`) says "none of them",
+    which turns off what the list drives (Task2's few-shot section).
+
+    Args:
+        name: environment variable.
+        default: value when unset.
+        minimum: smallest accepted value.
+    """
+    raw = _raw(name)
+    if raw is None:
+        return tuple(default)
+    if raw.lower() in ("none", "off"):
+        return ()
+    try:
+        values = tuple(int(item) for item in env_list(name, ""))
+    except ValueError:
+        values = ()
+    if not values or any(v < minimum for v in values):
+        raise ParameterError(f"{name}={raw!r}: expected a comma-separated list of whole numbers of at least "
+                             f"{minimum}, or none")
+    return values
 
 
 def env_flag(name: str, default: bool = False) -> bool:

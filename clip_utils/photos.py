@@ -49,6 +49,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import config, lora, probe, zeroshot
 from .checkpoints import CheckpointError, checkpoint_paths
+from .data import results_name
 from .heads import ClipClassifier
 from .lab import Lab
 from .methods import METHODS
@@ -372,23 +373,30 @@ def format_comparison(results: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def photo_figures(results: Sequence[dict], title: str = "", folder: str | Path | None = None) -> list:
-    """Each readable photo beside its top-k bar chart (the notebook's custom-photo section).
+def photo_figures(results: Sequence[dict], dataset: str, method: str = "zeroshot",
+                  folder: str | Path | None = None) -> list:
+    """Each readable photo beside its top-k bar chart (the notebooks' custom-photo sections).
 
     Args:
         results: what `predict_photos` returned (error entries are skipped).
-        title: appended to each figure's title (e.g. `flowers102, zero-shot`).
-        folder: save the figures there as `photo_<file stem>_<title>.png` (None: do not save).
+        dataset: whose classes were predicted (a registered name or `imagefolder:PATH`).
+        method: the method that predicted them (canonical name or alias: `zeroshot`, `probe`, `lora`).
+        folder: save the figures there as `photo_<file name>_<dataset>_<method>.png`: the dataset
+            by its results folder's name, the method by its canonical name, as every other
+            results file (None: do not save). The file name keeps its extension (`bird_jpg`),
+            so `bird.jpg` and `bird.png` do not collide.
 
     Returns:
         The matplotlib Figures, in order.
     """
+    entry, where = method_named(method), results_name(dataset)
     figures = []
     for r in results:
         if "error" in r:
             continue
-        slug = re.sub(r"[^0-9A-Za-z]+", "_", f"{Path(r['photo']).name}_{title}").strip("_")
-        path = Path(folder) / f"photo_{slug}.png" if folder is not None else None
-        name = f"{Path(r['photo']).name}" + (f" ({title})" if title else "")
-        figures.append(plot_photo_predictions(load_photo(r["photo"]), r["top_k"], name, path=path))
+        name = Path(r["photo"]).name
+        slug = re.sub(r"[^0-9A-Za-z]+", "_", name).strip("_")
+        path = Path(folder) / f"photo_{slug}_{where}_{entry.name}.png" if folder is not None else None
+        title = f"{name} ({where}, {entry.label})"
+        figures.append(plot_photo_predictions(load_photo(r["photo"]), r["top_k"], title, path=path))
     return figures

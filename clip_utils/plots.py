@@ -8,12 +8,16 @@
 Every function returns a `matplotlib.figure.Figure` and saves it as PNG when `path` is
 given. Figures are built with `Figure()` rather than `pyplot`, so a library call that only
 saves a picture never leaks an open figure or pops up a window, while a notebook still
-displays the returned figure (once) as the cell's value.
+displays the returned figure (once) as the cell's value. Every figure of the package is
+made by `new_figure`, so one place marks them all as a demo when `CLIP_DEMO=1` (set by
+`make demo`): numbers from the tiny random model must never pass for results. The
+training and comparison charts are in `charts`.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,12 +27,24 @@ from matplotlib.figure import Figure
 
 from . import metrics
 from .data import UnreadableImageError, open_rgb
-from .methods import METHODS
-from .methods import method as method_named
+from .params import TRUE
 from .results import atomic_path
-from .train import best_epoch
 
 RIGHT, WRONG = "#1a9850", "#d73027"
+DEMO_ENV = "CLIP_DEMO"
+DEMO_MARK = "DEMO: tiny random model, numbers mean nothing"
+# Tick labels: the smallest type still read without zooming, and the line height it needs.
+MIN_LABEL_PT, LINE_HEIGHT = 5.5, 1.2
+# Every k-th class named at most this sparsely; beyond, names would only be noise: none.
+MAX_LABEL_STEP = 8
+# The confusion figure's base size names up to about this many classes; it grows with the
+# class count, up to CONFUSION_MAX_SCALE, so that Flowers102's 102 names all fit.
+CONFUSION_BASE_CLASSES, CONFUSION_MAX_SCALE = 72, 1.45
+
+
+def is_demo() -> bool:
+    """Whether `CLIP_DEMO` says the figures come from the demo kit."""
+    return os.environ.get(DEMO_ENV, "").strip().lower() in TRUE
 
 
 def new_figure(constrained: bool = True, **kwargs) -> Figure:
@@ -44,6 +60,15 @@ def new_figure(constrained: bool = True, **kwargs) -> Figure:
 
     fig = Figure(layout="constrained" if constrained else None, **kwargs)
     FigureCanvasAgg(fig)
+    if is_demo():
+        from matplotlib.transforms import ScaledTranslation
+
+        # Above the top edge (and its box's padding 10 points clear of it): no layout moves
+        # it onto a title, and the tight bounding box of a saved PNG, as of a notebook's
+        # inline display, grows to keep it.
+        above = fig.transFigure + ScaledTranslation(0, 10 / 72, fig.dpi_scale_trans)
+        fig.text(0.5, 1.0, DEMO_MARK, transform=above, ha="center", va="bottom", fontsize=13, weight="bold",
+                 color="white", bbox={"boxstyle": "round,pad=0.4", "facecolor": "#b2182b", "edgecolor": "none"})
     return fig
 
 
@@ -85,6 +110,45 @@ def cluster_order(matrix: np.ndarray) -> np.ndarray:
     return leaves_list(linkage(sym, method="average", metric="euclidean"))
 
 
+def tick_layout(n: int, cell_pt: float) -> tuple[int, float]:
+    """Which class names fit beside a heatmap: `(k, fontsize)`, every k-th class named (k = 0: none).
+
+    Args:
+        n: classes on the axis.
+        cell_pt: height of one row (width of one column) in points.
+
+    Returns:
+        `(1, size)` when every name fits in its row at `MIN_LABEL_PT` or more; else the
+        smallest step k whose labels fit at `MIN_LABEL_PT` (the labels then sit k rows apart);
+        `(0, 0.0)` when even every `MAX_LABEL_STEP`-th name would not fit.
+    """
+    if n <= 0 or cell_pt <= 0:
+        return 0, 0.0
+    size = min(9.0, cell_pt / LINE_HEIGHT)
+    if size >= MIN_LABEL_PT:
+        return 1, size
+    k = math.ceil(MIN_LABEL_PT * LINE_HEIGHT / cell_pt)
+    if k > MAX_LABEL_STEP:
+        return 0, 0.0
+    return k, min(9.0, k * cell_pt / LINE_HEIGHT, MIN_LABEL_PT + 1.0)
+
+
+def _label_axes(ax, names: Sequence[str], fig: Figure) -> str:
+    """Name the heatmap's classes as `tick_layout` allows; returns how the axes say which are named."""
+    ax.apply_aspect()  # the square heatmap's final box, colour bar taken out
+    n = len(names)
+    cell = ax.get_position().height * fig.get_figheight() * 72 / max(n, 1)
+    k, size = tick_layout(n, cell)
+    ticks = np.arange(0, n, k) + 0.5 if k else []
+    shown = [names[i] for i in range(0, n, k)] if k else []
+    ax.set_xticks(ticks, shown, rotation=90)
+    ax.set_yticks(ticks, shown, rotation=0)
+    ax.tick_params(labelsize=size or 1, length=0)
+    if k == 1:
+        return ""
+    return f" (one class in {k} named)" if k else f" ({n} classes, too many to name; see the side panel)"
+
+
 def plot_confusion(
     labels: Sequence[int],
     preds: Sequence[int],
@@ -97,8 +161,9 @@ def plot_confusion(
     """Row-normalised confusion heatmap plus the most confused pairs by name.
 
     Readable at 102 and 200 classes: no per-cell numbers, a colour scale in recall units,
-    tick labels sized to the class count, and a side panel that names the largest
-    mistakes, which is what a reader actually looks for in a 200 x 200 matrix.
+    class names only where they fit (`tick_layout`: every name, every k-th, or none; the
+    axis label says which), and a side panel that names the largest mistakes, which is what
+    a reader actually looks for in a 200 x 200 matrix.
 
     Args:
         labels: true labels.
@@ -120,17 +185,18 @@ def plot_confusion(
 
     # Fixed margins rather than constrained layout: laying out 2 x 200 tick labels several
     # times costs seconds per figure; bbox_inches="tight" on save trims the edges anyway.
-    fig = new_figure(constrained=False, figsize=(15, 11))
-    grid = fig.add_gridspec(1, 2, width_ratios=[2.4, 1], wspace=0.02, left=0.16, right=0.99, bottom=0.18)
+    scale = float(np.clip(n / CONFUSION_BASE_CLASSES, 1.0, CONFUSION_MAX_SCALE))
+    fig = new_figure(constrained=False, figsize=(15 * scale, 11 * scale))
+    grid = fig.add_gridspec(1, 2, width_ratios=[2.4, 1], wspace=0.02, left=0.16, right=0.99, bottom=0.18,
+                            top=0.93)
     ax = fig.add_subplot(grid[0])
-    fontsize = float(np.clip(700 / max(n, 1), 3, 9))
     sns.heatmap(
         matrix[np.ix_(perm, perm)], ax=ax, cmap="viridis", vmin=0, vmax=1, square=True,
-        xticklabels=names, yticklabels=names, cbar_kws={"label": "share of the true class", "shrink": 0.6},
+        xticklabels=False, yticklabels=False, cbar_kws={"label": "share of the true class", "shrink": 0.6},
     )
-    ax.tick_params(labelsize=fontsize, length=0)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
+    named = _label_axes(ax, names, fig)
+    ax.set_xlabel(f"predicted class{named}")
+    ax.set_ylabel(f"true class{named}")
     ax.set_title(f"{title}\n(rows normalised; classes ordered {'by confusion' if order == 'cluster' else 'by label'})")
 
     side = fig.add_subplot(grid[1])
@@ -141,8 +207,7 @@ def plot_confusion(
     side.set_title("most confused pairs (true -> predicted)", loc="left", fontsize=11)
     side.text(0, 1, "\n".join(lines) if lines else "no mistakes", va="top", ha="left", fontsize=8.5,
               family="monospace", transform=side.transAxes)
-    # 200 names fit only in small type: a higher resolution keeps them legible when zoomed.
-    return save_figure(fig, path, dpi=150 if n <= 120 else 220)
+    return save_figure(fig, path)
 
 
 def choose_samples(labels: Sequence[int], preds: Sequence[int], n: int, seed: int = 0) -> np.ndarray:
@@ -162,6 +227,26 @@ def choose_samples(labels: Sequence[int], preds: Sequence[int], n: int, seed: in
     picked = np.concatenate([rng.choice(wrong, n_wrong, replace=False),
                              rng.choice(right, n - n_wrong, replace=False)])
     return rng.permutation(picked)
+
+
+def sample_caption(labels: Sequence[int], preds: Sequence[int], picked: Sequence[int]) -> str:
+    """How a sample grid was chosen, so that its share of mistakes is not read as the error rate.
+
+    Args:
+        labels: true labels of the whole split.
+        preds: predicted labels of the whole split.
+        picked: the indices shown (`choose_samples`).
+    """
+    correct = np.asarray(labels) == np.asarray(preds)
+    right = int(correct[np.asarray(picked, dtype=int)].sum())
+    wrong = len(picked) - right
+    if correct.all():
+        how = f"{right} right (no mistakes in the split)"
+    elif not correct.any():
+        how = f"{wrong} wrong (nothing right in the split)"
+    else:
+        how = f"{right} right, {wrong} wrong, picked to show both"
+    return f"sample predictions: {how}; top-1 {correct.mean():.1%} overall"
 
 
 def plot_sample_predictions(
@@ -185,7 +270,8 @@ def plot_sample_predictions(
         probs: `(N, C)` class probabilities; adds the predicted class's probability.
         n: images in the grid (about half of them mistakes when there are enough).
         seed: sampling seed.
-        title: figure title.
+        title: what was evaluated (e.g. `cub200 lora`); the figure's title adds how the
+            images were picked and the split's top-1 (`sample_caption`).
         path: PNG to write (None: do not save).
     """
     picked = choose_samples(labels, preds, n, seed)
@@ -212,8 +298,8 @@ def plot_sample_predictions(
         mark = "right" if true == pred else "WRONG"
         ax.set_title(f"{mark}\ntrue: {_wrap(class_names[true], 24)}\npred: {_wrap(class_names[pred], 24)}{p}",
                      color=colour, fontsize=8.5)
-    if title:
-        fig.suptitle(title)
+    caption = sample_caption(labels, preds, picked)
+    fig.suptitle(f"{title}\n{caption}" if title else caption)
     return save_figure(fig, path)
 
 
@@ -239,8 +325,12 @@ def plot_prompt_comparison(table: Mapping[str, Mapping[str, float]], path: str |
         ax.bar_label(container, fmt="%.1f", fontsize=8, padding=2)
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_xlabel("")
-    ax.set_ylim(0, min(100, max(r[2] for r in rows) * 1.15 + 1))
-    ax.set_title("Zero-shot top-1 by prompt set")
+    # Head room above the tallest bar for its value label, also at 100%: a limit capped at
+    # 100 put the labels of near-perfect sets on the title. Ticks stop at 100.
+    top = max(r[2] for r in rows) * 1.12 + 3
+    ax.set_ylim(0, top)
+    ax.set_yticks([t for t in ax.get_yticks() if 0 <= t <= min(100, top)])
+    ax.set_title("Zero-shot top-1 by prompt set", pad=8)
     ax.legend(title="prompt set", fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return save_figure(fig, path)
 
@@ -266,103 +356,4 @@ def plot_photo_predictions(image, top_k: Sequence[Mapping], title: str, path: st
     right.set_xlabel("probability (%)")
     right.spines[["top", "right"]].set_visible(False)
     fig.suptitle(title)
-    return save_figure(fig, path)
-
-
-# --------------------------------------------------------------------------- training and comparison
-
-
-def plot_curves(curves: Sequence[Mapping], title: str, path: str | Path | None = None) -> Figure:
-    """Loss (train and validation) and validation top-1 per epoch of one run; best epoch marked.
-
-    Args:
-        curves: the entries of a curves.json.
-        title: figure title.
-        path: PNG to write (None: only return the figure).
-    """
-    fig = new_figure(figsize=(10, 3.8))
-    loss_ax, acc_ax = fig.subplots(1, 2)
-    epochs = [e["epoch"] for e in curves]
-    loss_ax.plot(epochs, [e["train_loss"] for e in curves], "o-", label="train")
-    loss_ax.plot(epochs, [e["val_loss"] for e in curves], "s-", label="validation")
-    loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    loss_ax.legend()
-    acc_ax.plot(epochs, [100 * e["val_acc"] for e in curves], "o-", color="C2")
-    best = best_epoch(curves)
-    if best:
-        acc_ax.axvline(best, color="grey", ls="--", lw=1, label=f"best epoch ({best})")
-        acc_ax.legend()
-    acc_ax.set(xlabel="epoch", ylabel="top-1 %", title="validation accuracy")
-    fig.suptitle(title)
-    return save_figure(fig, path)
-
-
-def plot_dynamics(curves: Mapping[str, Sequence[Mapping]], title: str, path: str | Path | None = None) -> Figure:
-    """The training dynamics of several methods on shared axes: loss and validation top-1 per epoch.
-
-    Args:
-        curves: `{method: curves}`, e.g. `{"linear_probe": [...], "lora": [...]}`.
-        title: figure title.
-        path: PNG to write (None: only return the figure).
-    """
-    fig = new_figure(figsize=(10, 3.8))
-    loss_ax, acc_ax = fig.subplots(1, 2, sharex=True)
-    for i, (method, entries) in enumerate(curves.items()):
-        epochs = [e["epoch"] for e in entries]
-        label = method_named(method).label
-        loss_ax.plot(epochs, [e["train_loss"] for e in entries], "-", color=f"C{i}", alpha=0.6,
-                     label=f"{label} train")
-        loss_ax.plot(epochs, [e["val_loss"] for e in entries], "--", color=f"C{i}", label=f"{label} validation")
-        acc_ax.plot(epochs, [100 * e["val_acc"] for e in entries], "o-", color=f"C{i}", label=label)
-    loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    acc_ax.set(xlabel="epoch", ylabel="top-1 %", title="validation accuracy")
-    loss_ax.legend(fontsize="small")
-    acc_ax.legend(fontsize="small")
-    fig.suptitle(title)
-    return save_figure(fig, path)
-
-
-def _bars(ax, rows: Sequence[Mapping], value, ylabel: str, title: str, log: bool = False) -> None:
-    """Grouped bars: one group per dataset, one bar per method; missing values left out."""
-    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-    width = 0.8 / len(METHODS)
-    for k, (method, entry) in enumerate(METHODS.items()):
-        xs, ys = [], []
-        for i, dataset in enumerate(datasets):
-            row = next((r for r in rows if r["dataset"] == dataset and r["method"] == method), None)
-            y = value(row) if row else None
-            if y is not None and not (isinstance(y, float) and math.isnan(y)) and (y > 0 or not log):
-                xs.append(i + (k - (len(METHODS) - 1) / 2) * width)
-                ys.append(y)
-        bars = ax.bar(xs, ys, width, label=entry.label, color=f"C{k}")
-        ax.bar_label(bars, fmt="%.3g", fontsize="x-small", padding=1)
-    ax.set_xticks(range(len(datasets)), datasets)
-    ax.set(ylabel=ylabel, title=title)
-    if log:
-        ax.set_yscale("log")
-
-
-def plot_comparison(rows: Sequence[Mapping], path: str | Path | None = None) -> Figure:
-    """Accuracy and cost side by side: test top-1 / top-5 / mean per-class, trainable parameters,
-    training time and peak VRAM, per dataset and method.
-
-    Args:
-        rows: summary rows (`collect`).
-        path: PNG to write (None: only return the figure).
-    """
-    fig = new_figure(figsize=(18, 7))
-    axes = fig.subplots(2, 3)
-    for ax, key, name in zip(axes[0], ("top1", "top5", "mean_per_class"),
-                             ("test top-1", "test top-5", "mean per-class accuracy"), strict=True):
-        _bars(ax, rows, lambda r, k=key: 100 * r[k], "%", name)
-        ax.set_ylim(0, 105)
-    _bars(axes[1][0], rows, lambda r: r["trainable_params"], "parameters (log)", "trainable parameters", log=True)
-    _bars(axes[1][1], rows, lambda r: r["train_seconds"], "seconds", "training time")
-    vram = [r for r in rows if r["peak_vram_mb"] is not None]
-    _bars(axes[1][2], rows, lambda r: r["peak_vram_mb"], "MB", "peak VRAM (zero-shot: encoding; others: training)")
-    if not vram:
-        axes[1][2].text(0.5, 0.5, "not recorded\n(no CUDA run)", transform=axes[1][2].transAxes,
-                        ha="center", va="center", color="grey")
-    axes[0][0].legend(fontsize="small")
-    fig.suptitle("zero-shot vs linear probe vs LoRA: accuracy (top) and cost (bottom)")
     return save_figure(fig, path)

@@ -14,6 +14,12 @@ command that would produce them.
 Per dataset the zero-shot row is never chosen by test accuracy, which would select on the
 test labels: it is `auto` (chosen on validation) when saved, else `domain`, else `default`,
 else the first saved set (its name is in the `prompt_set` column).
+
+Few-shot runs (`fewshot`, `sweep`) add one row per method and shots after the full-data
+rows (`shots` empty), with their mean over the seeds run (`seeds`) and the standard deviation
+of top-1 (`top1_std`, empty for one seed); the comparison figure draws them as groups of
+their own with the spread as error bars, and each dataset's few-shot table and figure are
+redrawn too.
 """
 
 from __future__ import annotations
@@ -25,22 +31,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 
-from . import zeroshot
+from . import fewshot, sweep, zeroshot
+from .charts import plot_comparison, plot_curves, plot_dynamics
 from .data import results_name
 from .evaluation import method_figures, run_label
 from .methods import METHODS, TRAINED
 from .methods import method as method_named
-from .plots import (
-    plot_comparison,
-    plot_confusion,
-    plot_curves,
-    plot_dynamics,
-    plot_prompt_comparison,
-    plot_sample_predictions,
-)
+from .plots import plot_confusion, plot_prompt_comparison, plot_sample_predictions
 from .results import dataset_folders, figures_dir, method_dir, read_json, write_csv
-COLUMNS = ("dataset", "method", "prompt_set", "n", "top1", "top5", "mean_per_class", "trainable_params",
-           "trainable_pct", "train_seconds", "seconds", "peak_vram_mb", "epochs", "best_epoch", "model")
+COLUMNS = ("dataset", "method", "prompt_set", "shots", "seeds", "n", "top1", "top1_std", "top5", "mean_per_class",
+           "trainable_params", "trainable_pct", "train_seconds", "seconds", "peak_vram_mb", "epochs", "best_epoch",
+           "model")
 
 
 # --------------------------------------------------------------------------- reading
@@ -94,7 +95,33 @@ def summary_row(metrics: Mapping) -> dict:
         "train_seconds": 0.0 if zeroshot else metrics.get("train_seconds", metrics["seconds"]),
         "seconds": metrics["seconds"], "peak_vram_mb": metrics.get("peak_vram_mb"),
         "epochs": metrics.get("epochs", ""), "best_epoch": metrics.get("best_epoch", ""), "model": metrics["model"],
+        "shots": "", "seeds": 1, "top1_std": "",
     }
+
+
+def fewshot_rows(results_dir: str | Path, dataset: str) -> list[dict]:
+    """Summary rows of a dataset's few-shot runs: one per method and shots, averaged over its seeds.
+
+    Accuracies, times and memory are means over the seeds; `top1_std` is the standard
+    deviation of top-1 over them (empty for a single seed), `seeds` how many there are.
+
+    Args:
+        results_dir: the results root.
+        dataset: the dataset's results folder name.
+    """
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for m in fewshot.saved_metrics(results_dir, dataset):
+        groups.setdefault((m["method"], m["shots"]), []).append(m)
+    rows = []
+    for (method, shots), runs in groups.items():
+        row = summary_row(runs[0]) | {"method": method, "shots": shots, "seeds": len(runs), "best_epoch": ""}
+        for key in ("top1", "top5", "mean_per_class", "train_seconds", "seconds", "peak_vram_mb"):
+            values = [r[key] for r in (summary_row(m) for m in runs) if isinstance(r[key], (int, float))]
+            row[key] = sum(values) / len(values) if values else row[key]
+        spread = fewshot.aggregate([{**m, "dataset": dataset} for m in runs])[0]["top1_std"]
+        row["top1_std"] = "" if spread is None else spread
+        rows.append(row)
+    return rows
 
 
 def collect(results_dir: str | Path) -> tuple[list[dict], list[str]]:
@@ -125,6 +152,7 @@ def collect(results_dir: str | Path) -> tuple[list[dict], list[str]]:
                                f"--dataset {given})")
             else:
                 rows.append(summary_row(found[method]))
+        rows += fewshot_rows(results_dir, dataset)
         models = sorted({r["model"] for r in rows if r["dataset"] == dataset})
         if len(models) > 1:
             warnings.warn(f"{dataset}: the saved results come from different models ({', '.join(models)}), so "
@@ -205,11 +233,13 @@ def summary_table(results_dir: str | Path):
     table = pd.DataFrame(rows, columns=list(COLUMNS))
     if table["model"].nunique() <= 1:  # one model: say it once, elsewhere, not on every row
         table = table.drop(columns=["model"])
-    for col in ("top1", "top5", "mean_per_class"):
+    table["shots"] = table["shots"].map(lambda k: "all" if k == "" else k)
+    table["top1_std"] = pd.to_numeric(table["top1_std"], errors="coerce")
+    for col in ("top1", "top1_std", "top5", "mean_per_class"):
         table[col] = 100 * table[col]
     table["method"] = table["method"].map(lambda name: method_named(name).label)
-    return table.rename(columns={"top1": "top1 %", "top5": "top5 %", "mean_per_class": "mean per class %",
-                                 "trainable_pct": "trainable %"}).round(3)
+    return table.rename(columns={"top1": "top1 %", "top1_std": "top1 std %", "top5": "top5 %",
+                                 "mean_per_class": "mean per class %", "trainable_pct": "trainable %"}).round(3)
 
 
 def photo_table(predictions: Mapping[str, Sequence[Mapping]]):
@@ -258,16 +288,20 @@ def redraw_evaluation(folder: str | Path, figures: Mapping[str, Path]) -> tuple[
     if absent:
         return [figures["confusion"]], [f"{figures['samples'].name} not redrawn: {len(absent)} of {len(paths)} "
                                         f"images listed in {predictions} are missing (e.g. {absent[0]})"]
-    plot_sample_predictions(paths, labels, preds, names, title=f"{what}: sample predictions",
-                            path=figures["samples"])
+    plot_sample_predictions(paths, labels, preds, names, title=what, path=figures["samples"])
     return [figures["confusion"], figures["samples"]], []
 
 
 # --------------------------------------------------------------------------- entry point
 
 
+def is_c_sweep(curves: Sequence[Mapping]) -> bool:
+    """Whether a curves.json is an L-BFGS probe's sweep of C (one entry per C) rather than epochs."""
+    return any("C" in entry for entry in curves)
+
+
 def draw_curves(curves: Mapping[str, Mapping[str, Sequence[Mapping]]], figures: Path) -> list[Path]:
-    """Each run's curves and each dataset's training dynamics.
+    """Each run's curves and each dataset's training dynamics (of the runs trained by epochs).
 
     Args:
         curves: `saved_curves(...)`.
@@ -277,11 +311,15 @@ def draw_curves(curves: Mapping[str, Mapping[str, Sequence[Mapping]]], figures: 
     for dataset, runs in curves.items():
         for method, entries in runs.items():
             path = figures / f"{dataset}_{method}_curves.png"
-            plot_curves(entries, f"{dataset} {METHODS[method].label}", path)
+            # An L-BFGS probe's "epochs" rank the C values it tried, smallest first.
+            sweep_note = " (L-BFGS: one point per C, increasing)" if is_c_sweep(entries) else ""
+            plot_curves(entries, f"{dataset} {METHODS[method].label}{sweep_note}", path)
             written.append(path)
-        path = figures / f"{dataset}_training_dynamics.png"
-        plot_dynamics(runs, f"{dataset}: training dynamics", path)
-        written.append(path)
+        by_epoch = {method: entries for method, entries in runs.items() if not is_c_sweep(entries)}
+        if by_epoch:
+            path = figures / f"{dataset}_training_dynamics.png"
+            plot_dynamics(by_epoch, f"{dataset}: training dynamics", path)
+            written.append(path)
     return written
 
 
@@ -315,6 +353,16 @@ def draw_evaluations(results_dir: Path) -> list[Path]:
     return written
 
 
+def comparison_rows(rows: Sequence[Mapping]) -> list[dict]:
+    """The summary rows as the comparison figure groups them: few-shot rows under `<dataset> K-shot`.
+
+    Args:
+        rows: `collect` rows.
+    """
+    return [dict(r, dataset=f"{r['dataset']}\n{r['shots']}-shot") if r.get("shots") not in (None, "") else dict(r)
+            for r in rows]
+
+
 def make_report(results_dir: str | Path) -> list[Path]:
     """Write summary.csv and redraw every figure from saved files.
 
@@ -325,8 +373,9 @@ def make_report(results_dir: str | Path) -> list[Path]:
         results_dir: the results root.
 
     Returns:
-        The written files: summary.csv, then the figures (curves, comparison, prompt-set
-        chart, then each run's confusion and sample figures).
+        The written files: summary.csv, then the figures (curves, comparison), each dataset's
+        fewshot.csv, fewshot_summary.csv and few-shot figure (where few-shot runs are saved),
+        the prompt-set chart, then each run's confusion and sample figures.
 
     Raises:
         FileNotFoundError: no saved run at all under `results_dir`.
@@ -346,5 +395,7 @@ def make_report(results_dir: str | Path) -> list[Path]:
     written += draw_curves(curves, figures)
     if rows:
         written.append(figures / "comparison.png")
-        plot_comparison(rows, written[-1])
+        plot_comparison(comparison_rows(rows), written[-1])
+    for dataset in (folder.name for folder in dataset_folders(results_dir)):
+        written += sweep.write_fewshot_report(results_dir, dataset)[2]
     return written + draw_prompt_sets(results_dir, figures) + draw_evaluations(results_dir)

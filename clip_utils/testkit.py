@@ -113,7 +113,8 @@ def class_colours(n_classes: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(n_classes, 2, 3))
 
 
-def class_image(label: int, index: int, size: tuple[int, int], colours: np.ndarray) -> Image.Image:
+def class_image(label: int, index: int, size: tuple[int, int], colours: np.ndarray,
+                noise: float = 12.0) -> Image.Image:
     """A synthetic photo of class `label`: two class colours split at a jittered edge, plus noise.
 
     Args:
@@ -121,6 +122,7 @@ def class_image(label: int, index: int, size: tuple[int, int], colours: np.ndarr
         index: image index, seeds the per-image noise.
         size: `(width, height)`.
         colours: `(n_classes, 2, 3)` RGB colours per class.
+        noise: standard deviation of the per-pixel noise.
     """
     rng = np.random.default_rng(index)
     width, height = size
@@ -128,7 +130,7 @@ def class_image(label: int, index: int, size: tuple[int, int], colours: np.ndarr
     pixels = np.empty((height, width, 3), dtype=np.float32)
     pixels[:, :edge] = colours[label, 0]
     pixels[:, edge:] = colours[label, 1]
-    pixels += rng.normal(0, 12, pixels.shape)
+    pixels += rng.normal(0, noise, pixels.shape)
     return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
 
 
@@ -225,6 +227,48 @@ def make_imagefolder(
             for k in range(count):
                 index += 1
                 class_image(label, index, size, colours).save(target / f"img_{k:03d}.jpg", quality=90)
+    return folder
+
+
+def make_hard_imagefolder(
+    folder: str | Path,
+    n_classes: int = 10,
+    counts: tuple[int, int, int] = (16, 8, 40),
+    spread: float = 24.0,
+    noise: float = 48.0,
+    size: tuple[int, int] = (40, 36),
+    seed: int = 5,
+) -> Path:
+    """Write an image folder (`train/`, `val/`, `test/` layout) that no method gets fully right.
+
+    The kit's other sets are class-coded colours a linear probe separates perfectly, so
+    comparing methods on them says nothing. Here the classes' colours lie close together
+    (within `spread` of one grey) under heavy pixel noise and a per-image brightness shift,
+    so the tiny CLIP's features overlap between classes: zero-shot is chance, a probe is
+    far above it and below 100%.
+
+    Args:
+        folder: the dataset folder to create.
+        n_classes: classes, named `class_00`, ...
+        counts: images per class in train, val and test.
+        spread: how far (in RGB units) class colours lie from mid-grey.
+        noise: standard deviation of the per-pixel noise.
+        size: `(width, height)` of every image.
+        seed: seed of the class colours and brightness shifts.
+    """
+    folder = Path(folder)
+    rng = np.random.default_rng(seed)
+    colours = 128 + rng.uniform(-spread, spread, size=(n_classes, 2, 3))
+    index = 0
+    for split, count in zip(("train", "val", "test"), counts, strict=True):
+        for label in range(n_classes):
+            target = folder / split / f"class_{label:02d}"
+            target.mkdir(parents=True, exist_ok=True)
+            for k in range(count):
+                index += 1
+                shifted = colours + rng.normal(0, spread / 2)  # the whole image brighter or darker
+                class_image(label, 10_000 * seed + index, size, shifted, noise=noise).save(
+                    target / f"img_{k:03d}.jpg", quality=90)
     return folder
 
 

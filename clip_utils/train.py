@@ -6,7 +6,8 @@
     result = fit(job, TrainConfig(epochs=5, lr=1e-2, seed=0))    # result.curves, result.best_epoch
     result = fit(job, cfg, resume=True)                           # after Ctrl-C: continue
 
-`fit` knows nothing of datasets, labs or methods: AdamW with linear warmup and cosine decay,
+`fit` knows nothing of datasets, labs or methods: AdamW with linear warmup and cosine decay
+(one parameter group, or the job's own: LoRA gives its head a rate of its own),
 bf16 autocast on CUDA when the job asks for it (heads always run in fp32), a validation pass
 and `curves.json` after every epoch, the best epoch on validation (top-1, then lower loss)
 saved by the job's `save_best`, and a resume state written after every epoch. What differs
@@ -85,6 +86,10 @@ class TrainJob:
         autocast: bf16 autocast on CUDA. On for LoRA (the encoder's matmuls); off for the
             probe, a linear layer with nothing to gain, whose bf16 logits (8-bit mantissa)
             would flip close calls between classes.
+        param_groups: AdamW parameter groups (`{"params": [...], "lr": ...}`; a group without
+            `lr` trains at `TrainConfig.lr`) covering every trainable parameter once; empty:
+            one group at `TrainConfig.lr`. Warmup and decay scale every group alike; the
+            curves' `lr` is the first group's.
     """
 
     name: str
@@ -102,6 +107,7 @@ class TrainJob:
     val_model: nn.Module | None = None
     progress: bool = True
     autocast: bool = True
+    param_groups: Sequence[dict] = ()
 
 
 @dataclass
@@ -285,6 +291,35 @@ def _load_state(job: TrainJob, cfg: TrainConfig, optimizer, scheduler) -> tuple[
     return int(state["epoch"]), list(state["curves"])
 
 
+def clear_previous_run(out_dir: Path, checkpoints: Sequence[str] = ()) -> None:
+    """Remove a previous run's curves, resume state, test outputs and `checkpoints` from `out_dir`.
+
+    A fresh run over an old one does this first, so that a crash before the new run ends
+    can never leave old metrics beside new curves, or an old checkpoint `predict` would take
+    for the new run's.
+
+    Args:
+        out_dir: the run's folder.
+        checkpoints: the checkpoint files and folders the run writes there.
+    """
+    for name in (CURVES_FILE, RESUME_FILE, *STALE_ON_RESTART, *checkpoints):
+        path = Path(out_dir) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _param_groups(job: TrainJob, params: list[nn.Parameter]) -> list[dict]:
+    if not job.param_groups:
+        return [{"params": params}]
+    grouped = [p for group in job.param_groups for p in group["params"]]
+    if len(grouped) != len(params) or {id(p) for p in grouped} != {id(p) for p in params}:
+        # A trainable weight outside every group would silently never train.
+        raise TrainingError(f"{job.name}: the parameter groups must hold every trainable parameter exactly once")
+    return [dict(group, params=list(group["params"])) for group in job.param_groups]
+
+
 def fit(
     job: TrainJob, cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[EpochCallback] = ()
 ) -> FitResult:
@@ -304,21 +339,14 @@ def fit(
     params = [p for p in job.model.parameters() if p.requires_grad]
     if not params:
         raise TrainingError(f"{job.name}: nothing to train (no parameter requires grad)")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(_param_groups(job, params), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total_steps = cfg.epochs * job.steps_per_epoch
     scheduler = get_cosine_schedule_with_warmup(optimizer, round(cfg.warmup * total_steps), total_steps)
     if resume:
         done, curves = _load_state(job, cfg, optimizer, scheduler)
     else:
         done, curves = 0, []
-        # A fresh run over an old one: drop the old run's outputs now, so that a crash before
-        # this run ends can never leave old metrics beside new curves.
-        for name in (CURVES_FILE, RESUME_FILE, *STALE_ON_RESTART, *job.checkpoints):
-            path = job.out_dir / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
+        clear_previous_run(job.out_dir, job.checkpoints)
 
     oom = False
     try:

@@ -16,7 +16,7 @@ import nbformat
 import pytest
 
 import clip_utils
-from clip_utils import config, lora, probe, progress
+from clip_utils import config, lora, probe, progress, sweep
 from clip_utils.cli import build_parser
 from clip_utils.lab import Lab
 
@@ -150,6 +150,18 @@ def test_the_cli_notebooks_and_api_train_and_predict_with_the_same_defaults():
     assert inspect.signature(probe.run_probe).parameters["cfg"].default is config.PROBE
     assert inspect.signature(lora.run_lora).parameters["cfg"].default is config.LORA
     assert inspect.signature(lora.run_lora).parameters["lora"].default is config.LORA_SETTINGS
+    # the probe's solver, LoRA's head rate and the few-shot protocol's grid
+    assert cli_probe["solver"] == task2["PROBE_SOLVER"] == config.PROBE_SOLVER
+    assert inspect.signature(probe.run_probe).parameters["solver"].default == config.PROBE_SOLVER
+    assert cli_lora["head_lr"] == task2["LORA_HEAD_LR"] == config.LORA.head_lr
+    cli_fewshot = _cli_defaults("fewshot")
+    assert (tuple(cli_fewshot["shots"]), tuple(cli_fewshot["seeds"]), cli_fewshot["solver"]) == (
+        config.FEWSHOT_SHOTS, config.FEWSHOT_SEEDS, config.PROBE_SOLVER)
+    defaults = inspect.signature(sweep.run_fewshot).parameters
+    assert (defaults["shots"].default, defaults["seeds"].default, defaults["solver"].default) == (
+        config.FEWSHOT_SHOTS, config.FEWSHOT_SEEDS, config.PROBE_SOLVER)
+    assert (task2["FEWSHOT_SHOTS"], task2["FEWSHOT_SEEDS"]) == (config.NOTEBOOK_FEWSHOT_SHOTS,
+                                                                config.NOTEBOOK_FEWSHOT_SEEDS)
 
 
 def test_the_packaged_class_names_are_the_seed_layouts_file():

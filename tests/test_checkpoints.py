@@ -202,3 +202,16 @@ def test_a_damaged_head_is_one_line_naming_the_file_and_the_fix(task2_runs, kit,
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert str(head) in err and "damaged" in err and "python -m clip_utils probe --dataset cub200" in err
+
+
+def test_a_damaged_lora_adapter_is_one_line_naming_it(task2_runs, kit, tmp_path, capsys):
+    results = tmp_path / "results"
+    shutil.copytree(task2_runs["results"], results, ignore=shutil.ignore_patterns("cache", "figures"))
+    (weights,) = (results / "cub200" / "lora" / "adapter").glob("adapter_model.*")
+    weights.write_bytes(weights.read_bytes()[:100])  # cut short, as by a full disk
+    code = main(["predict", str(ROOT / "my_photo" / "bird.jpg"), "--dataset", "cub200", "--method", "lora",
+                 "--model", str(kit["model"]), "--data-root", str(kit["data"]), "--results-dir", str(results),
+                 "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "adapter" in err and "damaged" in err and "python -m clip_utils lora --dataset cub200" in err

@@ -201,3 +201,26 @@ def test_cli_text_tower_only_with_the_preset(kit, tmp_path):
     methods = json.loads(out.getvalue())[0]["methods"]
     assert code == 0 and "top_k" in methods["lora"]  # no vision adapter, and still a trained classifier
     assert "error" in methods["linear_probe"]
+
+
+def test_both_encoders_few_shot_run_has_its_own_folder_sample_and_reload(kit, tmp_path):
+    from clip_utils.lab import Lab
+    from clip_utils.lora import load_classifier
+
+    lab = Lab(model=str(kit["model"]), data_root=kit["data"], results_dir=tmp_path, device="cpu", batch_size=32,
+              num_workers=0, download=False)
+    settings = LoraSettings(encoders="both", rank=2, alpha=1, targets=("q_proj", "v_proj"))
+    metrics = run_lora(lab, "cub200", config.TrainConfig(epochs=1, lr=0.02, seed=1), settings, shots=2)
+    folder = tmp_path / "cub200" / "lora" / "shots_2" / "seed_1"
+    assert (metrics["shots"], metrics["seed"], metrics["head_init"]) == (2, 1, "text")
+    samples = json.loads((folder / "samples.json").read_text())
+    assert metrics["n_train"] == len(samples["train"]) == 2 * 20 and metrics["n_val"] == len(samples["val"])
+    for name in ("samples.json", "metrics.json", "head.safetensors", "adapter/adapter_config.json",
+                 "text_adapter/adapter_config.json"):
+        assert (folder / name).is_file(), name
+    model = load_clip(kit["model"]).model
+    assert metrics["trainable_params"] == lora_trainable_params(model.config.vision_config, settings, 20,
+                                                                model.config.projection_dim, model.config.text_config)
+    classifier = load_classifier(lab, "cub200", shots=2, seed=1)
+    assert _test_logits(classifier, lab).argmax(1).tolist() == _saved_preds(folder)
+    assert not (tmp_path / "cub200" / "lora" / "metrics.json").exists()  # the full-data run is another folder

@@ -115,7 +115,7 @@ def test_zeroshot_probe_lora_and_predict_on_cuda(cuda_lab):
     from clip_utils.zeroshot import run_zeroshot
 
     zs = run_zeroshot(cuda_lab, "cub200", ["domain"])["domain"]
-    probe = run_probe(cuda_lab, "cub200", TrainConfig(epochs=3, lr=5e-3))
+    probe = run_probe(cuda_lab, "cub200", TrainConfig(epochs=3, lr=5e-3), solver="adamw")  # the loop on the GPU
     lora = run_lora(cuda_lab, "cub200", TrainConfig(epochs=2, lr=5e-4, augment=True), LoraSettings())
     for metrics in (zs, probe, lora):
         assert math.isfinite(metrics["top1"])

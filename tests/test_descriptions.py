@@ -13,7 +13,6 @@ from clip_utils.cli import main
 from clip_utils.descriptions import (
     DescriptionsError,
     description_prompt,
-    description_set,
     match_descriptions,
     read_descriptions,
 )

@@ -98,7 +98,10 @@ def test_merged_predictions_equal_the_unmerged_models(exported, name):
     merged, _ = load_exported(folder)
     unmerged = classifier_for(lab, "cub200", "probe" if name == "probe" else "lora")
     a, b = _test_logits(merged, lab), _test_logits(unmerged, lab)
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # Merging changes only float32 rounding, which the head scales with the logits: vision LoRA's
+    # head starts from the probe (LP-FT) and its raw-unit weights run into the hundreds, so the
+    # absolute tolerance is 1e-5 of the largest logit (1e-5 where the logits are small).
+    torch.testing.assert_close(a, b, atol=1e-5 * max(1.0, b.abs().max().item()), rtol=1e-5)
     assert torch.equal(a.argmax(1), b.argmax(1))
 
 

@@ -108,3 +108,12 @@ def test_model_in_the_local_hub_cache_loads_without_network(kit, tmp_path):
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "CLIPModel"
+
+
+def test_the_labs_preprocessing_needs_no_weights(kit, tmp_path):
+    from clip_utils.lab import Lab
+
+    lab = Lab(model=str(kit["model"]), results_dir=tmp_path, device="cpu")
+    pre = lab.preprocess
+    assert lab._loaded.clip is None  # read from the processor config alone
+    assert pre == lab.clip().preprocess

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nbformat
 import pytest
 
@@ -96,3 +98,42 @@ def test_unset_paths_are_the_projects_wherever_the_runner_starts(tmp_path, monke
     env = _absolute_paths({})
     assert env["CLIP_RESULTS_DIR"] == str(PROJECT_ROOT / "results")
     assert env["CLIP_DATA_ROOT"] == str(PROJECT_ROOT / "data")
+
+
+def test_kernels_draw_text_bars_unless_the_caller_says_otherwise(tmp_path, monkeypatch):
+    monkeypatch.delenv("CLIP_PROGRESS", raising=False)
+    source = "from clip_utils.progress import bar\nfor _ in bar(range(3), desc='pass'):\n    pass"
+    path = _notebook(tmp_path / "nb.ipynb", source)
+    package = {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # the kernel runs in tmp_path
+    execute_notebook(path, tmp_path / "text.ipynb", env=package)
+    (out,) = nbformat.read(tmp_path / "text.ipynb", as_version=4).cells[0].outputs
+    assert out["name"] == "stderr" and "pass: 100%" in out["text"] and "3/3" in out["text"]
+    execute_notebook(path, tmp_path / "widget.ipynb", env={**package, "CLIP_PROGRESS": "auto"})
+    (out,) = nbformat.read(tmp_path / "widget.ipynb", as_version=4).cells[0].outputs
+    assert "application/vnd.jupyter.widget-view+json" in out["data"]  # a live kernel keeps its widget
+
+
+def test_a_demo_ends_saying_where_its_notebooks_are_and_how_to_use_its_kit(tmp_path, monkeypatch, capsys):
+    import shlex
+    import sys
+
+    from clip_utils import notebooks, plots
+    from clip_utils.cli import build_parser
+
+    (tmp_path / "kit").mkdir()
+    (tmp_path / "kit" / "KIT.json").write_text("{}")  # an existing kit: nothing is built
+    ran = []
+    monkeypatch.setattr(notebooks, "execute_notebook", lambda nb, out, env, banner: ran.append((out, env)))
+    monkeypatch.chdir(tmp_path)
+    assert notebooks.main(["--demo", str(tmp_path)]) == 0
+    (out, env), _ = ran
+    assert env[plots.DEMO_ENV] == "1"  # every figure of the run carries the demo mark
+    printed = capsys.readouterr().out
+    assert f"executed demo notebooks: {out.parent.relative_to(tmp_path)}/" in printed
+    command = next(line.strip() for line in printed.splitlines() if "python -m clip_utils zeroshot" in line)
+    words = shlex.split(command)
+    assert words[0] == "CLIP_DEMO=1" and Path(words[1]).resolve() == Path(sys.executable).resolve()
+    assert words[2:4] == ["-m", "clip_utils"]
+    args = build_parser().parse_args(words[4:])  # the printed command is one the CLI takes
+    assert (Path(args.model), Path(args.data_root), Path(args.results_dir)) == (
+        Path("kit/model"), Path("kit/data"), Path("results"))

@@ -243,10 +243,12 @@ def test_photo_figures(lab, tmp_path):
     results = [{"photo": str(FLOWER), "top_k": [{"label": 0, "name": "pink primrose", "prob": 0.7},
                                                 {"label": 1, "name": "hard-leaved pocket orchid", "prob": 0.2}]},
                {"photo": "gone.jpg", "error": "photo not found: gone.jpg"}]
-    figures = photos.photo_figures(results, title="flowers102, zero-shot", folder=tmp_path)
+    figures = photos.photo_figures(results, "flowers102", "probe", folder=tmp_path)
     assert len(figures) == 1
     (png,) = tmp_path.glob("photo_*.png")
-    assert "flower_png" in png.name and png.stat().st_size > 5_000
+    # the method by its canonical name, as in every results folder; the title by its label
+    assert png.name == "photo_flower_png_flowers102_linear_probe.png" and png.stat().st_size > 5_000
+    assert figures[0]._suptitle.get_text() == "flower.png (flowers102, linear probe)"
 
 
 # --------------------------------------------------------------------------- command line

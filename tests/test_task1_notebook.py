@@ -13,6 +13,7 @@ import pytest
 from clip_utils import prompts
 from clip_utils.data import canonical_name, class_names, load_dataset
 from clip_utils.notebooks import execute_notebook
+from notebook_outputs import bar_lines, progress_widgets, saved_text, unfinished_bars
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "Task1.ipynb"
@@ -118,3 +119,21 @@ def test_the_explorer_cell_shows_its_widget_with_a_first_result(executed):
     assert view.data["application/vnd.jupyter.widget-view+json"]["model_id"] in state
     shown = [o for w in state.values() if w["model_name"] == "OutputModel" for o in w["state"].get("outputs", [])]
     assert any("image/png" in o.get("data", {}) for o in shown)
+
+
+def test_saved_progress_is_plain_text_that_ends_at_each_total(executed):
+    _, nb, _ = executed
+    text = saved_text(nb)
+    assert progress_widgets(nb) == []  # a viewer without widget support would show `0%| | 0/N`
+    assert bar_lines(text), "no progress saved at all"
+    assert unfinished_bars(text) == []
+    assert "\x1b" not in text  # no terminal escape codes in a saved notebook
+    assert "Loading weights" not in text
+
+
+def test_each_prompt_set_is_encoded_under_its_own_bar_once(executed):
+    _, nb, _ = executed
+    descs = [desc for desc, *_ in bar_lines(saved_text(nb))]
+    for dataset in DATASETS:
+        for name in prompts.prompt_sets(dataset):
+            assert descs.count(f"encoding {dataset} prompts ({name})") == 1, (dataset, name)

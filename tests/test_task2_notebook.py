@@ -11,6 +11,7 @@ import pytest
 
 from clip_utils.data import class_names, load_dataset
 from clip_utils.notebooks import execute_notebook
+from notebook_outputs import bar_lines, progress_widgets, saved_text, unfinished_bars
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "Task2.ipynb"
@@ -39,7 +40,7 @@ def test_committed_notebook_is_thin_and_clean():
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert "parameters" in code[0].metadata.get("tags", [])
     for var in ("CLIP_MODEL", "CLIP_DATA_ROOT", "CLIP_RESULTS_DIR", "CLIP_DATASETS", "CLIP_EPOCHS",
-                "CLIP_BATCH_SIZE", "CLIP_DEVICE"):
+                "CLIP_BATCH_SIZE", "CLIP_DEVICE", "CLIP_PROBE_SOLVER", "CLIP_FEWSHOT_SHOTS", "CLIP_FEWSHOT_SEEDS"):
         assert var in code[0].source
     assert all(not c.outputs and c.execution_count is None for c in code)
     assert not any(line.lstrip().startswith(("def ", "class ")) for c in code for line in c.source.splitlines())
@@ -54,13 +55,15 @@ def test_trained_methods_write_the_contract_files(executed, kit):
         assert {"dataset", "split", "method", "model", "n", "top1", "top5", "mean_per_class", "class_names",
                 "seconds", "trainable_params", "trainable_pct", "epochs", "best_epoch", "peak_vram_mb",
                 "config"} <= set(m)
-        assert (m["method"], m["epochs"], m["n"], m["peak_vram_mb"]) == (method, EPOCHS, len(test), None)
+        curves = json.loads((folder / "curves.json").read_text())
+        # The default probe is L-BFGS: its "epochs" are the C values it tried, one curve entry each.
+        epochs = len(curves) if m.get("solver") == "lbfgs" else EPOCHS
+        assert (m["method"], m["epochs"], m["n"], m["peak_vram_mb"]) == (method, epochs, len(test), None)
         assert m["class_names"] == class_names(DATASET, kit["data"]) and m["model"] == str(kit["model"])
         with open(folder / "predictions.csv", newline="") as f:
             rows = list(csv.DictReader(f))
         assert len(rows) == len(test) and {"path", "label", "pred"} <= set(rows[0])
-        curves = json.loads((folder / "curves.json").read_text())
-        assert [e["epoch"] for e in curves] == list(range(1, EPOCHS + 1))
+        assert [e["epoch"] for e in curves] == list(range(1, epochs + 1))
         assert (folder / "head.safetensors").is_file()
     assert (results / DATASET / "lora" / "adapter" / "adapter_config.json").is_file()
     assert (results / DATASET / "zeroshot" / "auto" / "metrics.json").is_file()
@@ -79,7 +82,7 @@ def test_the_baseline_is_the_zero_shot_number_of_the_summary(executed):
 def test_comparison_figures_and_summary(executed):
     results, nb = executed
     with open(results / "summary.csv", newline="") as f:
-        methods = [r["method"] for r in csv.DictReader(f) if r["dataset"] == DATASET]
+        methods = [r["method"] for r in csv.DictReader(f) if r["dataset"] == DATASET and not r["shots"]]
     assert methods == ["zeroshot", "linear_probe", "lora"]
     figures = results / "figures"
     for name in ("comparison.png", f"{DATASET}_training_dynamics.png", f"{DATASET}_lora_confusion.png",
@@ -93,9 +96,26 @@ def test_comparison_figures_and_summary(executed):
     assert images >= 5  # curves, reports, comparison and photos are shown, not only saved
 
 
+def test_the_few_shot_section_runs_the_protocol_and_shows_it(executed):
+    results, nb = executed
+    with open(results / DATASET / "fewshot.csv", newline="") as f:
+        runs = {(r["method"], r["shots"], r["seed"]) for r in csv.DictReader(f)}
+    # the notebook's defaults: shots 1 and 2, seeds 1 and 2
+    assert runs == {(m, k, s) for m in ("linear_probe", "lora") for k in ("1", "2") for s in ("1", "2")}
+    with open(results / "summary.csv", newline="") as f:
+        spread = [r for r in csv.DictReader(f) if r["dataset"] == DATASET and r["shots"]]
+    assert len(spread) == 4 and all(r["seeds"] == "2" and r["top1_std"] != "" for r in spread)
+    assert (results / "figures" / f"{DATASET}_fewshot.png").is_file()
+    (cell,) = [c for c in nb.cells if c.cell_type == "code" and "run_fewshot" in c.source]
+    assert sum("image/png" in o.get("data", {}) for o in cell.outputs) == 2  # one figure per dataset
+    summary = json.loads((results / "task2_summary.json").read_text())
+    assert {r["shots"] for r in summary["fewshot"][DATASET]} == {1, 2}
+
+
 def test_an_image_folder_runs_through_every_method(executed):
     results, _ = executed
-    rows = [r for r in csv.DictReader(open(results / "summary.csv", newline="")) if r["dataset"] == FOLDER]
+    rows = [r for r in csv.DictReader(open(results / "summary.csv", newline=""))
+            if r["dataset"] == FOLDER and not r["shots"]]
     assert [r["method"] for r in rows] == ["zeroshot", "linear_probe", "lora"]
     for method in ("linear_probe", "lora"):
         assert (results / FOLDER / method / "head.safetensors").is_file()
@@ -111,3 +131,14 @@ def test_the_explorer_cell_shows_its_widget_with_a_first_result(executed):
     assert view.data["application/vnd.jupyter.widget-view+json"]["model_id"] in state
     shown = [o for w in state.values() if w["model_name"] == "OutputModel" for o in w["state"].get("outputs", [])]
     assert sum("image/png" in o.get("data", {}) for o in shown) == 3  # zero-shot, linear probe, LoRA
+
+
+def test_saved_progress_is_plain_text_that_ends_at_each_total(executed):
+    _, nb = executed
+    text = saved_text(nb)
+    assert progress_widgets(nb) == []  # a viewer without widget support would show `0%| | 0/N`
+    descs = [desc for desc, *_ in bar_lines(text)]
+    assert f"{DATASET} LoRA" in descs and f"{DATASET} linear probe" in descs  # the epoch bars
+    assert unfinished_bars(text) == []
+    assert "\x1b" not in text  # no terminal escape codes in a saved notebook
+    assert "Loading weights" not in text  # one bar per model load, seven in a run, said nothing

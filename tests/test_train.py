@@ -215,7 +215,7 @@ def test_probe_writes_the_contract_files(task2_runs):
     assert metrics["trainable_params"] == dim * classes + classes
     assert 0 < metrics["trainable_pct"] < 100
     assert 1 <= metrics["best_epoch"] <= metrics["epochs"] == 30
-    assert metrics["config"]["lr"] == 0.3
+    assert metrics["config"]["lr"] == 5e-3
     rows = (folder / "predictions.csv").read_text().splitlines()
     assert rows[0].startswith("path,label,pred") and len(rows) - 1 == metrics["n"]
     curves = json.loads((folder / "curves.json").read_text())
@@ -236,7 +236,8 @@ def _common(kit, results: Path) -> list[str]:
 
 
 def test_cli_probe_and_resume(kit, tmp_path):
-    args = ["probe", "--dataset", "cub200", "--epochs", "3", "--lr", "0.1", *_common(kit, tmp_path)]
+    args = ["probe", "--dataset", "cub200", "--solver", "adamw", "--epochs", "3", "--lr", "0.1",
+            *_common(kit, tmp_path)]
     code, out, _ = _cli(args)
     assert code == 0 and "test top-1" in out
     folder = tmp_path / "cub200" / "linear_probe"
@@ -292,7 +293,7 @@ def test_probe_learns_in_a_few_epochs_at_the_notebook_learning_rate(short_probe_
     from clip_utils.config import TrainConfig
     from clip_utils.probe import run_probe
 
-    metrics = run_probe(short_probe_lab, "cub200", TrainConfig(epochs=3, lr=1e-2))
+    metrics = run_probe(short_probe_lab, "cub200", TrainConfig(epochs=3, lr=1e-2), solver="adamw")
     chance = 1 / len(metrics["class_names"])
     assert metrics["top1"] > 5 * chance
 
@@ -304,7 +305,7 @@ def test_augmented_probe_trains_through_the_encoder_and_validates_the_head(short
     from clip_utils.train import read_curves
 
     lab = short_probe_lab.replace(results_dir=short_probe_lab.results_dir / "augmented")
-    metrics = run_probe(lab, "cub200", TrainConfig(epochs=3, lr=1e-2, augment=True))
+    metrics = run_probe(lab, "cub200", TrainConfig(epochs=3, lr=1e-2, augment=True), solver="adamw")
     assert metrics["config"]["augment"] is True
     assert len(read_curves(lab.results_dir / "cub200" / "linear_probe")) == 3
     assert metrics["top1"] > 5 / len(metrics["class_names"])  # standard units: learns as fast as on the cache
@@ -317,14 +318,14 @@ def test_a_fresh_run_removes_the_previous_runs_results_first(short_probe_lab):
     from clip_utils.probe import run_probe
 
     out = short_probe_lab.results_dir / "cub200" / "linear_probe"
-    run_probe(short_probe_lab, "cub200", TrainConfig(epochs=1, lr=1e-2))
+    run_probe(short_probe_lab, "cub200", TrainConfig(epochs=1, lr=1e-2), solver="adamw")
     assert (out / "metrics.json").is_file()
 
     def crash(epoch, entry):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_probe(short_probe_lab, "cub200", TrainConfig(epochs=2, lr=1e-2), callbacks=[crash])
+        run_probe(short_probe_lab, "cub200", TrainConfig(epochs=2, lr=1e-2), callbacks=[crash], solver="adamw")
     for name in train.STALE_ON_RESTART:
         assert not (out / name).exists()  # no old metrics beside the new run's curves
     assert len(train.read_curves(out)) == 1
@@ -336,7 +337,7 @@ def test_a_fresh_run_that_dies_before_its_first_checkpoint_leaves_no_old_head(sh
     from clip_utils.probe import run_probe
 
     out = short_probe_lab.results_dir / "cub200" / "linear_probe"
-    run_probe(short_probe_lab, "cub200", TrainConfig(epochs=1, lr=1e-2))
+    run_probe(short_probe_lab, "cub200", TrainConfig(epochs=1, lr=1e-2), solver="adamw")
     assert (out / "head.safetensors").is_file()
 
     def dies(*args, **kwargs):
@@ -344,7 +345,7 @@ def test_a_fresh_run_that_dies_before_its_first_checkpoint_leaves_no_old_head(sh
 
     monkeypatch.setattr(train, "_train_epoch", dies)
     with pytest.raises(KeyboardInterrupt):
-        run_probe(short_probe_lab, "cub200", TrainConfig(epochs=2, lr=1e-2))
+        run_probe(short_probe_lab, "cub200", TrainConfig(epochs=2, lr=1e-2), solver="adamw")
     assert not (out / "head.safetensors").exists()  # predict cannot take the old run's head for this one's
 
 

@@ -369,3 +369,18 @@ def test_text_classifiers_are_built_once_per_lab(kit, tmp_path, monkeypatch):
     photos.predict_photos(lab, ["my_photo/bird.jpg"], "cub200", prompt_set="auto")
     photos.predict_photos(lab, ["my_photo/bird.jpg"], "cub200", prompt_set="domain")
     assert len(built) == n_sets
+
+
+def test_tables_of_saved_results_keep_to_one_model_or_say_so(tmp_path):
+    for model, top1 in (("model-a", 0.5), ("model-b", 0.9)):
+        folder = tmp_path / "cub200" / "zeroshot" / ("domain" if model == "model-a" else "default")
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps({
+            "dataset": "cub200", "method": "zeroshot", "model": model, "prompt_set": folder.name, "n": 4,
+            "top1": top1, "top5": 1.0, "mean_per_class": top1, "templates": ["a photo of a {}."]}))
+    only_a = zeroshot.results_table(tmp_path, "model-a")
+    assert list(only_a["prompt_set"]) == ["domain"] and "model" not in only_a
+    assert zeroshot.prompt_table(tmp_path, "model-b") == {"cub200": {"default": 0.9}}
+    with pytest.warns(UserWarning, match="2 models"):
+        both = zeroshot.results_table(tmp_path)
+    assert sorted(both["model"]) == ["model-a", "model-b"]  # mixed: the column says which is which
