@@ -6,7 +6,8 @@
 Layout (see DESIGN.md):
 
     results/<dataset>/linear_probe/head.safetensors (and head_train.safetensors with --solver lbfgs)
-    results/<dataset>/lora/head.safetensors, adapter/ (peft `save_pretrained`)
+    results/<dataset>/lora/head.safetensors, adapter/ (peft `save_pretrained`, the vision tower's),
+                           text_adapter/ (the text tower's, `lora --encoders text|both`)
 
 A head is a safetensors file whose metadata says what it was trained for: dataset, method,
 model, number of classes, a hash of the class names, embedding size and epoch. Loading checks
@@ -14,8 +15,9 @@ all of them against the current run, so a head or adapter made for another datas
 list or model is refused with a message naming both sides instead of silently predicting
 nonsense. Nothing is unpickled: weights are safetensors, metadata is JSON.
 
-The adapter folder also records the head's metadata (`clip_lab.json`), so a head and an
-adapter from different runs or epochs are never paired. A file that is cut short or damaged
+Each adapter folder also records the head's metadata (`clip_lab.json`), so a head and an
+adapter from different runs or epochs are never paired; the metadata's `encoders` says
+which towers the run adapted, so a missing adapter is noticed rather than silently skipped. A file that is cut short or damaged
 is a `CheckpointError` naming it and the command that makes a new one. Putting a head
 together with its encoder is each method's job (`probe.load_classifier`,
 `lora.load_classifier`); this module only reads and writes files.
@@ -29,7 +31,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -43,6 +45,7 @@ HEAD_FILE = "head.safetensors"
 # what LoRA starts from, so that LoRA's validation split stays unseen.
 TRAIN_HEAD_FILE = "head_train.safetensors"
 ADAPTER_DIR = "adapter"
+TEXT_ADAPTER_DIR = "text_adapter"
 ADAPTER_INFO = "clip_lab.json"
 
 
@@ -70,6 +73,8 @@ class HeadInfo:
         classes_hash: `classes_hash(class_names)`.
         embed_dim: input size (CLIP's projection dimension).
         epoch: the (best) epoch the weights come from.
+        encoders: the towers LoRA adapted (`vision`, `text`, `both`; `vision` for a probe, and
+            for checkpoints written before text LoRA existed).
     """
 
     dataset: str
@@ -79,6 +84,7 @@ class HeadInfo:
     classes_hash: str
     embed_dim: int
     epoch: int = 0
+    encoders: str = "vision"
 
     def to_metadata(self) -> dict[str, str]:
         return {k: str(v) for k, v in asdict(self).items()}
@@ -86,7 +92,8 @@ class HeadInfo:
     @classmethod
     def from_metadata(cls, meta: dict[str, str], path: Path) -> HeadInfo:
         try:
-            values = {f.name: meta[f.name] for f in fields(cls)}
+            # Fields added later have defaults: older checkpoints lack them and still load.
+            values = {f.name: meta[f.name] for f in fields(cls) if f.name in meta or f.default is MISSING}
             for name in ("n_classes", "embed_dim", "epoch"):
                 values[name] = int(values[name])
         except (KeyError, ValueError) as err:
@@ -103,7 +110,7 @@ def classes_hash(class_names: Sequence[str]) -> str:
 
 
 def head_info(*, dataset: str, method: str, model: str, class_names: Sequence[str], embed_dim: int,
-              epoch: int = 0) -> HeadInfo:
+              epoch: int = 0, encoders: str = "vision") -> HeadInfo:
     """The `HeadInfo` of a run.
 
     Args:
@@ -113,9 +120,11 @@ def head_info(*, dataset: str, method: str, model: str, class_names: Sequence[st
         class_names: names in label order.
         embed_dim: CLIP's projection dimension.
         epoch: the epoch the weights come from.
+        encoders: the towers LoRA adapted.
     """
     return HeadInfo(dataset=dataset, method=method_named(method).name, model=str(model), n_classes=len(class_names),
-                    classes_hash=classes_hash(class_names), embed_dim=int(embed_dim), epoch=int(epoch))
+                    classes_hash=classes_hash(class_names), embed_dim=int(embed_dim), epoch=int(epoch),
+                    encoders=encoders)
 
 
 # --------------------------------------------------------------------------- heads
@@ -187,7 +196,7 @@ def check_head(info: HeadInfo, expected: HeadInfo, path: Path) -> None:
 
     Args:
         info: metadata read from the checkpoint.
-        expected: the current run (its `epoch` is ignored).
+        expected: the current run (its `epoch` and `encoders` are ignored).
         path: the checkpoint, for the message.
     """
     problems = []
@@ -291,7 +300,7 @@ def save_adapter(folder: str | Path, peft_model, info: HeadInfo) -> Path:
 
 
 def checkpoint_paths(results_dir: str | Path, dataset: str, method: str) -> dict[str, Path]:
-    """`{"head": ..., "adapter": ...}` of a method's run (adapter only used by LoRA).
+    """`{"head": ..., "adapter": ..., "text_adapter": ...}` of a method's run (adapters: LoRA's).
 
     Args:
         results_dir: the results root.
@@ -302,7 +311,7 @@ def checkpoint_paths(results_dir: str | Path, dataset: str, method: str) -> dict
     if not m.trained:
         raise ValueError(f"{m.label} trains nothing and has no checkpoint: choose probe or lora")
     folder = method_dir(results_dir, dataset, m.folder)
-    return {"head": folder / HEAD_FILE, "adapter": folder / ADAPTER_DIR}
+    return {"head": folder / HEAD_FILE, "adapter": folder / ADAPTER_DIR, "text_adapter": folder / TEXT_ADAPTER_DIR}
 
 
 def check_adapter(folder: Path, info: HeadInfo) -> None:
@@ -317,7 +326,7 @@ def check_adapter(folder: Path, info: HeadInfo) -> None:
         raise CheckpointMismatchError(f"{folder} has no {ADAPTER_INFO}: it was not saved by clip-lab; retrain "
                                       f"with {_retrain(info.dataset, 'lora')}")
     try:
-        recorded = HeadInfo(**json.loads(file.read_text()))
+        recorded = HeadInfo(**json.loads(file.read_text()))  # a file without `encoders`: vision
     except (ValueError, TypeError) as err:
         raise CheckpointError(f"{file} is damaged ({err}): delete {folder} and retrain with "
                               f"{_retrain(info.dataset, 'lora')}") from err

@@ -1,12 +1,16 @@
 """Command line: the notebooks' pipeline, headless.
 
     python -m clip_utils zeroshot --dataset flowers102 --prompts all
+    python -m clip_utils zeroshot --dataset cub200 --descriptions cub.json --prompts descriptions,waffle,auto
     python -m clip_utils probe    --dataset cub200 --epochs 20
     python -m clip_utils lora     --dataset flowers102 --rank 8 --alpha 16
+    python -m clip_utils lora     --dataset flowers102 --preset clip-lora     # both encoders, CLIP-LoRA
     python -m clip_utils probe    --dataset flowers102 --shots 4 --seed 1      # few-shot: 4 images per class
     python -m clip_utils fewshot  --dataset flowers102 --methods probe,lora --shots 1,2,4,8,16 --seeds 1,2,3
     python -m clip_utils predict  my_photo/flower.png --dataset flowers102 --method lora
     python -m clip_utils predict  my_photo/*.jpg --dataset cub200 --method all   # side by side
+    python -m clip_utils export   --dataset cub200 --method lora --out cub-lora
+    python -m clip_utils predict  my_photo/bird.jpg --classifier cub-lora      # no dataset needed
     python -m clip_utils report
     torchrun --standalone --nproc_per_node 4 -m clip_utils lora --dataset flowers102   # 4 GPUs, one job
 
@@ -32,10 +36,12 @@ from .checkpoints import CheckpointError
 from .classnames import NAMINGS
 from .config import LoraSettings, TrainConfig
 from .data import DATASETS, DatasetNotFoundError, UnreadableImageError
+from .export import EXPORTABLE, export_classifier, predict_exported
 from .imagefolder import PREFIX
 from .lab import Lab, check_device, default_device
-from .lora import run_lora
+from .lora import clip_lora_preset, run_lora
 from .methods import CHOICES, METHODS
+from .methods import method as method_named
 from .models import ModelUnavailableError
 from .photos import compare_photos, format_comparison, format_predictions, predict_photos
 from .probe import run_probe
@@ -112,9 +118,9 @@ def _dataset(text: str) -> str:
                                      f"or {PREFIX}PATH for your own folder of class folders")
 
 
-def _common(parser: argparse.ArgumentParser, batch_size: int) -> None:
+def _common(parser: argparse.ArgumentParser, batch_size: int, dataset_required: bool = True) -> None:
     g = parser.add_argument_group("common options")
-    g.add_argument("--dataset", required=True, type=_dataset, metavar="DATASET",
+    g.add_argument("--dataset", required=dataset_required, type=_dataset, metavar="DATASET",
                    help=f"{', '.join(DATASETS)}, or {PREFIX}PATH (your own class folders; see README)")
     g.add_argument("--domain", default=None, metavar="PHRASE",
                    help="what an image-folder dataset's images show, for the domain prompts "
@@ -157,7 +163,16 @@ def _training(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
                         f"(default: every image)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+DESCRIPTIONS_HELP = ('a CuPL/DCLIP descriptions file, {"class name": ["description", ...]}: adds the descriptions '
+                     'prompt set (matched to the curated or original class names, any case)')
+
+
+def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
+    """The command line; `preset` (`lora --preset NAME`) makes that preset's values the lora defaults.
+
+    Args:
+        preset: a key of `config.LORA_PRESETS`, or None.
+    """
     # `clip-lab` once installed (the console script), else how the README spells it.
     prog = "clip-lab" if Path(sys.argv[0]).name == "clip-lab" else "python -m clip_utils"
     parser = argparse.ArgumentParser(
@@ -168,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("zeroshot", help="zero-shot evaluation under prompt sets", epilog=EPILOG)
     p.add_argument("--prompts", type=_name_list, default=["all"],
                    help="comma list of prompt sets (default, domain, diverse, domain_ensemble, clip = CLIP's "
-                        "own where published, auto = best of them on the validation split) or 'all' (default: all)")
+                        "own where published, waffle = WaffleCLIP's random descriptors, descriptions = the "
+                        "--descriptions file, auto = best of them on the validation split) or 'all' (default: all)")
+    p.add_argument("--descriptions", default=None, metavar="FILE", help=DESCRIPTIONS_HELP)
     p.add_argument("--split", default="test", choices=("val", "test"), help="split to evaluate (default: test)")
     _common(p, config.INFERENCE_BATCH_SIZE)
 
@@ -184,23 +201,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per forward pass when encoding the frozen features (default: %(default)s)")
     _common(p, config.PROBE.batch_size)
 
-    p = sub.add_parser("lora", help="LoRA fine-tuning of the vision encoder", epilog=EPILOG)
-    _training(p, config.LORA)
-    p.add_argument("--head-lr", type=_positive_float, default=config.LORA.head_lr,
-                   help="the head's learning rate (its own parameter group, in the probe's units; the head "
-                        "starts from the probe of the same shots and seed when one is saved) (default: %(default)s)")
-    lora = config.LORA_SETTINGS
+    p = sub.add_parser("lora", help="LoRA fine-tuning of the vision encoder, the text encoder or both",
+                       epilog=EPILOG)
+    train, lora = config.LORA_PRESETS[preset] if preset else (config.LORA, config.LORA_SETTINGS)
+    _training(p, train)
+    if preset:  # the preset's iteration count depends on the dataset: worked out in cmd_lora
+        p.set_defaults(epochs=os.environ.get("CLIP_EPOCHS"))
+    p.add_argument("--head-lr", type=_positive_float, default=train.head_lr,
+                   help="the head's learning rate with --encoders vision (its own parameter group, in the probe's "
+                        "units; the head starts from the probe of the same shots and seed when one is saved) "
+                        "(default: %(default)s)")
     g = p.add_argument_group("LoRA")
+    g.add_argument("--preset", choices=tuple(config.LORA_PRESETS), default=None,
+                   help="clip-lora: CLIP-LoRA's published settings (q,k,v of both encoders, r=2, alpha=1, "
+                        "dropout 0.25, lr 2e-4, batch 32, no warm-up, its 500 iterations per shot as epochs, "
+                        "see README); options given explicitly override it")
+    g.add_argument("--encoders", choices=config.ENCODERS, default=lora.encoders,
+                   help="towers to adapt: vision (a linear head on the adapted image embeddings), text or both "
+                        "(CLIP's own classifier, the class prompts re-encoded at every step) (default: %(default)s)")
     g.add_argument("--rank", type=_positive_int, default=lora.rank, help="LoRA rank r (default: %(default)s)")
     g.add_argument("--alpha", type=_positive_float, default=lora.alpha, help="LoRA alpha (default: %(default)s)")
     g.add_argument("--dropout", type=_fraction, default=lora.dropout, help="LoRA dropout (default: %(default)s)")
     g.add_argument("--targets", type=_name_list, default=list(lora.targets),
-                   help=f"comma list of modules to adapt (default: {','.join(lora.targets)})")
+                   help=f"comma list of layers to adapt in each adapted tower: {', '.join(config.TARGETS)} "
+                        f"(default: {','.join(lora.targets)})")
     g.add_argument("--grad-checkpointing", action="store_true", default=lora.grad_checkpointing,
                    help="recompute activations in the backward pass: far less memory, about 25%% slower")
-    g.add_argument("--no-augment", dest="augment", action="store_false", default=config.LORA.augment,
+    g.add_argument("--no-augment", dest="augment", action="store_false", default=train.augment,
                    help="train without image augmentation")
-    _common(p, config.LORA.batch_size)
+    _common(p, train.batch_size)
 
     p = sub.add_parser("fewshot", help="few-shot sweep: methods x shots x seeds, table and figure", epilog=EPILOG,
                        description="Train what is missing of K-shot runs (K images per class from train, "
@@ -224,16 +253,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="top-k classes for your own photos", epilog=EPILOG)
     p.add_argument("photos", nargs="+", metavar="PHOTO", help="image files")
-    p.add_argument("--method", default="zeroshot", choices=(*CHOICES, ALL_METHODS),
+    # None: zeroshot, unless --classifier (which brings its own, so --method is refused with it).
+    p.add_argument("--method", default=None, choices=(*CHOICES, ALL_METHODS),
                    help="which classifier (probe and lora need a trained run), or all of them side by side, "
                         "skipping those not trained yet (default: zeroshot)")
+    p.add_argument("--classifier", default=None, metavar="DIR",
+                   help="a folder written by `export`: predict with it, no --dataset (or --method) needed")
     p.add_argument("--top-k", type=_positive_int, default=config.TOP_K, help="classes to show (default: %(default)s)")
     p.add_argument("--prompts", default=config.PHOTO_PROMPT_SET,
-                   help="prompt set for zero-shot: default, domain, diverse, domain_ensemble or auto "
-                        "(default: %(default)s)")
+                   help="prompt set for zero-shot: default, domain, diverse, domain_ensemble, waffle, descriptions "
+                        "(with --descriptions) or auto (default: %(default)s)")
+    p.add_argument("--descriptions", default=None, metavar="FILE", help=DESCRIPTIONS_HELP)
     p.add_argument("--json", action="store_true",
                    help='print JSON instead of a table (with --method all: {"photo", "methods": {method: '
                         '{"top_k"} or {"error"}}} per photo)')
+    _common(p, config.INFERENCE_BATCH_SIZE, dataset_required=False)
+
+    p = sub.add_parser("export", help="write a trained classifier to one folder usable with plain transformers",
+                       epilog=EPILOG)
+    p.add_argument("--method", required=True, choices=tuple(method_named(m).command for m in EXPORTABLE),
+                   help="the trained classifier to export (LoRA is merged into the model's weights)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="the folder to write (an earlier export there is replaced; anything else is refused)")
     _common(p, config.INFERENCE_BATCH_SIZE)
 
     p = sub.add_parser("report", help="redraw every figure and summary.csv from saved results", epilog=EPILOG)
@@ -248,7 +289,8 @@ def _lab(args) -> Lab:
     encode = getattr(args, "encode_batch_size", args.batch_size)
     return Lab(model=args.model, data_root=args.data_root, results_dir=args.results_dir, device=args.device,
                batch_size=args.batch_size, encode_batch_size=encode, seed=args.seed, download=args.download,
-               num_workers=args.workers, class_naming=args.class_names, domain=args.domain)
+               num_workers=args.workers, class_naming=args.class_names, domain=args.domain,
+               descriptions=getattr(args, "descriptions", None))
 
 
 def cmd_zeroshot(args) -> None:
@@ -286,10 +328,16 @@ def cmd_probe(args) -> None:
 
 
 def cmd_lora(args) -> None:
-    cfg = replace(_config(args, config.LORA), head_lr=args.head_lr)
+    lab = _lab(args)
+    train = config.LORA_PRESETS[args.preset][0] if args.preset else config.LORA
+    if args.epochs is None:  # a preset without --epochs: its iteration count for this dataset
+        args.epochs = clip_lora_preset(lab, args.dataset, shots=args.shots, seed=args.seed)[0].epochs
+        print(f"--preset {args.preset}: {args.epochs} epochs (CLIP-LoRA's 500 iterations per training image per "
+              f"class, at most 8000, at batch {train.batch_size})")
+    cfg = replace(_config(args, train), head_lr=args.head_lr)
     lora = LoraSettings(rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=tuple(args.targets),
-                        grad_checkpointing=args.grad_checkpointing)
-    metrics = run_lora(_lab(args), args.dataset, cfg, lora, resume=args.resume, callbacks=distributed.crash_hooks(),
+                        grad_checkpointing=args.grad_checkpointing, encoders=args.encoders)
+    metrics = run_lora(lab, args.dataset, cfg, lora, resume=args.resume, callbacks=distributed.crash_hooks(),
                        shots=args.shots)
     _print_run(metrics, fewshot.run_dir(args.results_dir, args.dataset, "lora", args.shots, args.seed))
 
@@ -307,6 +355,10 @@ def cmd_fewshot(args) -> None:
 
 
 def cmd_predict(args) -> int:
+    if args.classifier:
+        results = predict_exported(args.classifier, args.photos, top_k=args.top_k, device=args.device)
+        print(json.dumps(results, indent=1) if args.json else format_predictions(results))
+        return 1 if any("error" in r for r in results) else 0
     if args.method == ALL_METHODS:
         return _predict_all(args)
     results = predict_photos(_lab(args), args.photos, args.dataset, method=args.method, top_k=args.top_k,
@@ -332,6 +384,12 @@ def _predict_all(args) -> int:
     return 1 if any("error" in r for r in results) else 0
 
 
+def cmd_export(args) -> None:
+    folder = export_classifier(_lab(args), args.dataset, args.method, args.out)
+    print(f"{args.dataset} {method_named(args.method).label} classifier -> {folder} "
+          f"(CLIPModel.from_pretrained, head.safetensors, classes.json; usage in {folder / 'README.md'})")
+
+
 def cmd_report(args) -> None:
     for path in make_report(args.results_dir):
         print(path)
@@ -339,7 +397,7 @@ def cmd_report(args) -> None:
 
 # Errors a user can act on: one line, no traceback.
 USER_ERRORS = (DatasetNotFoundError, UnreadableImageError, ModelUnavailableError, CheckpointError, TrainingError,
-               FileNotFoundError, ValueError)
+               FileNotFoundError, FileExistsError, ValueError)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -353,7 +411,14 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def _check_arguments(parser: argparse.ArgumentParser, args) -> None:
     """Usage errors that need more than one argument to see, found before anything loads."""
-    if getattr(args, "domain", None) and not args.dataset.startswith(PREFIX):
+    if args.command == "predict":
+        if args.classifier and (args.dataset or args.method or args.descriptions):
+            parser.error("--classifier brings its own model and classes: leave out --dataset, --method and "
+                         "--descriptions")
+        if not args.classifier and not args.dataset:
+            parser.error("the following arguments are required: --dataset (or --classifier DIR)")
+        args.method = args.method or "zeroshot"
+    if getattr(args, "domain", None) and not (args.dataset or "").startswith(PREFIX):
         parser.error(f"--domain is for {PREFIX}PATH datasets; registered ones such as {args.dataset} declare "
                      f"their prompts")
     if distributed.launched():
@@ -367,10 +432,10 @@ def _check_arguments(parser: argparse.ArgumentParser, args) -> None:
     if args.command in ("probe", "fewshot") and args.solver == "lbfgs" and getattr(args, "augment", False):
         parser.error("--augment trains through the encoder with the training loop: add --solver adamw")
     zeroshot_prompts = args.command == "zeroshot" or (
-        args.command == "predict" and args.method in ("zeroshot", ALL_METHODS))
+        args.command == "predict" and not args.classifier and args.method in ("zeroshot", ALL_METHODS))
     if zeroshot_prompts and args.dataset in DATASETS:
         try:
-            prompts.resolve(args.prompts, args.dataset)
+            prompts.resolve(args.prompts, args.dataset, descriptions=bool(args.descriptions))
         except ValueError as err:
             parser.error(f"--prompts: {err}")
 
@@ -378,6 +443,9 @@ def _check_arguments(parser: argparse.ArgumentParser, args) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "preset", None):  # parsed again with the preset's defaults: explicit options still win
+        parser = build_parser(args.preset)
+        args = parser.parse_args(argv)
     _check_arguments(parser, args)
     handler = globals()[f"cmd_{args.command}"]
     try:

@@ -11,10 +11,15 @@ with no overrides all train with `PROBE`; likewise `LORA` and `LORA_SETTINGS` fo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
-# Linear layers of a CLIP encoder layer that LoRA may adapt.
+# Linear layers of a CLIP encoder layer (vision or text: both towers name them alike) that
+# LoRA may adapt.
 TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+# Which towers LoRA adapts: `vision` trains a linear head on the adapted image embeddings;
+# `text` and `both` keep CLIP's own classifier, the class prompts' text embeddings.
+ENCODERS = ("vision", "text", "both")
 
 
 @dataclass(frozen=True)
@@ -80,9 +85,12 @@ class LoraSettings:
         rank: r, the rank of the update `B @ A`.
         alpha: scaling numerator (the update is scaled by alpha / r).
         dropout: dropout on the adapter's input.
-        targets: linear layers of each vision encoder layer to adapt.
+        targets: linear layers of each encoder layer to adapt (in every adapted tower).
         grad_checkpointing: recompute activations in the backward pass (far less memory,
             about a quarter slower).
+        encoders: `vision` (a trained linear head on the adapted vision tower), `text` or
+            `both` (CLIP's own classifier: the class prompts re-encoded by the adapted text
+            tower at every step, times the logit scale; no head is trained).
     """
 
     rank: int = 8
@@ -90,6 +98,7 @@ class LoraSettings:
     dropout: float = 0.1
     targets: tuple[str, ...] = ("q_proj", "v_proj")
     grad_checkpointing: bool = False
+    encoders: str = "vision"
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -101,9 +110,19 @@ class LoraSettings:
         unknown = [t for t in self.targets if t not in TARGETS]
         if unknown or not self.targets:
             raise ValueError(
-                f"LoRA targets {', '.join(unknown) or '(none)'} are not linear layers of the CLIP vision "
-                f"encoder: choose among {', '.join(TARGETS)} (e.g. --targets q_proj,v_proj)"
+                f"LoRA targets {', '.join(unknown) or '(none)'} are not linear layers of a CLIP encoder "
+                f"layer: choose among {', '.join(TARGETS)} (e.g. --targets q_proj,v_proj)"
             )
+        if self.encoders not in ENCODERS:
+            raise ValueError(f"LoRA encoders {self.encoders!r}: choose one of {', '.join(ENCODERS)}")
+
+    @property
+    def adapts_vision(self) -> bool:
+        return self.encoders in ("vision", "both")
+
+    @property
+    def adapts_text(self) -> bool:
+        return self.encoders in ("text", "both")
 
 
 # --------------------------------------------------------------------------- the defaults
@@ -138,6 +157,44 @@ LBFGS_MAX_ITER = 1000
 # the probe's rate (its own parameter group): at the adapters' rate it would barely move.
 LORA = TrainConfig(epochs=10, lr=5e-4, head_lr=5e-3, batch_size=32, augment=True)
 LORA_SETTINGS = LoraSettings()
+
+# CLIP-LoRA (Zanella & Ben Ayed, CVPRW 2024), `lora --preset clip-lora`: q, k and v of every
+# layer of both encoders at r=2, alpha=1, dropout 0.25; AdamW (weight decay 0.01) at 2e-4,
+# batch 32, cosine decay with no warm-up and no gradient clipping, augmented crops. Its
+# schedule is 500 iterations per shot (16 shots: 8000); see `clip_lora_epochs` for how that
+# is scaled to a whole training split. Epochs here is a placeholder `clip_lora_epochs` replaces.
+CLIP_LORA = TrainConfig(epochs=1, lr=2e-4, weight_decay=0.01, batch_size=32, augment=True, warmup=0.0,
+                        grad_clip=None)
+CLIP_LORA_SETTINGS = LoraSettings(rank=2, alpha=1, dropout=0.25, targets=("q_proj", "k_proj", "v_proj"),
+                                  encoders="both")
+CLIP_LORA_ITERATIONS_PER_SHOT = 500
+CLIP_LORA_MAX_SHOTS = 16  # the largest setting CLIP-LoRA published: its schedule is not known beyond
+LORA_PRESETS = {"clip-lora": (CLIP_LORA, CLIP_LORA_SETTINGS)}
+
+
+def clip_lora_epochs(n_train: int, n_classes: int, batch_size: int = 32) -> int:
+    """CLIP-LoRA's iteration count for a training split, in epochs of `batch_size` images.
+
+    CLIP-LoRA trains a k-shot split for 500 k iterations at batch 32. A whole split has
+    `n_train / n_classes` images per class: those are its shots, capped at the 16 CLIP-LoRA
+    published (8000 iterations), and the iterations are rounded up to whole epochs. Flowers102
+    (10 per class, 1020 images): 5000 iterations, 157 epochs; CUB-200 (about 27 per class after
+    the validation split): 8000 iterations, about 48 epochs; Food-101: 8000 iterations, 5 epochs.
+
+    Args:
+        n_train: training images.
+        n_classes: classes.
+        batch_size: images per step.
+    """
+    if n_train < 1 or n_classes < 1:
+        raise ValueError(f"need training images and classes, got {n_train} images, {n_classes} classes")
+    shots = min(n_train / n_classes, CLIP_LORA_MAX_SHOTS)
+    iterations = CLIP_LORA_ITERATIONS_PER_SHOT * shots
+    return max(1, math.ceil(iterations * batch_size / n_train))
+
+# WaffleCLIP's `waffle` prompt set (Roth et al., ICCV 2023): this many pairs of one random-word
+# and one random-character descriptor (their `waffle_count`), so 2 x 15 prompts per class.
+WAFFLE_COUNT = 15
 
 # Few-shot protocol (CoOp, Tip-Adapter, CLIP-LoRA): K training images per class, drawn per
 # class with a seed, validation on min(K, 4) per class, results averaged over seeds.

@@ -23,10 +23,11 @@ from . import distributed
 from .classnames import check_naming
 from .config import CLASS_NAMING, DEFAULT_MODEL, INFERENCE_BATCH_SIZE
 from .data import ImageListDataset, class_names, load_dataset
+from .descriptions import description_set
 from .features import Features, encode_dataset
 from .models import Clip, load_clip, load_preprocess
 from .preprocess import Preprocess
-from .prompts import build_text_classifier, prompt_sets
+from .prompts import DESCRIPTIONS, PromptSet, build_text_classifier, prompt_sets
 
 
 def default_device() -> str:
@@ -62,6 +63,7 @@ class _Loaded:
     preprocess: Preprocess | None = None
     features: dict[tuple[str, str], Features] = field(default_factory=dict)
     text: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
+    prompt_sets: dict[str, dict[str, PromptSet]] = field(default_factory=dict)
     logit_scale: float | None = None
 
 
@@ -86,6 +88,9 @@ class Lab:
             Flowers102 list, CUB's proper bird names) or `original` (the datasets' own).
         domain: a domain phrase for the `domain` prompt sets (`a type of mushroom`), over the
             dataset's own (an image folder's classes.json); None: the dataset's.
+        descriptions: a CuPL/DCLIP descriptions file (`{"class name": ["description", ...]}`)
+            for the `descriptions` prompt set (see `descriptions`); None: no such set. Read
+            once, when the lab first needs a dataset's prompt sets; another file is another lab.
     """
 
     model: str = DEFAULT_MODEL
@@ -99,6 +104,7 @@ class Lab:
     num_workers: int | None = None
     class_naming: str = CLASS_NAMING
     domain: str | None = None
+    descriptions: Path | None = None
     _loaded: _Loaded = field(default_factory=_Loaded, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -110,6 +116,10 @@ class Lab:
         set_(self, "device", self.device or default_device())
         check_device(self.device)
         check_naming(self.class_naming)
+        if self.descriptions is not None:
+            set_(self, "descriptions", Path(self.descriptions))
+            if not self.descriptions.is_file():  # said now, before any model or dataset loads
+                raise FileNotFoundError(f"descriptions file not found: {self.descriptions}")
         if self.batch_size < 1:
             raise ValueError(f"batch size must be positive, got {self.batch_size}")
         if self.encode_batch_size is None:
@@ -160,9 +170,21 @@ class Lab:
         so a head trained under one naming still loads under the other."""
         return class_names(dataset, self.data_root, "original")
 
-    def prompt_sets(self, dataset: str) -> dict[str, list[str]]:
-        """The prompt sets of `dataset` (`prompts.prompt_sets`, with this lab's domain phrase)."""
-        return prompt_sets(dataset, self.domain)
+    def prompt_sets(self, dataset: str) -> dict[str, PromptSet]:
+        """The prompt sets of `dataset`: `prompts.prompt_sets` with this lab's domain phrase and
+        seed (`waffle`), plus `descriptions` (`{class name: prompts}`) when the lab has a file.
+
+        Built once per lab and dataset, so the prompts a text classifier encodes are the ones
+        metrics.json records, even if the file changes meanwhile. Returns a copy.
+        """
+        if dataset not in self._loaded.prompt_sets:
+            sets: dict[str, PromptSet] = dict(prompt_sets(dataset, self.domain, self.seed))
+            if self.descriptions is not None:
+                sets[DESCRIPTIONS] = description_set(self.descriptions, self.class_names(dataset),
+                                                     self.label_map(dataset))
+            self._loaded.prompt_sets[dataset] = sets
+        sets = self._loaded.prompt_sets[dataset]
+        return {name: dict(s) if isinstance(s, dict) else list(s) for name, s in sets.items()}
 
     def text_classifier(self, dataset: str, prompt_set: str) -> torch.Tensor:
         """`(D, C)` zero-shot class weights of a prompt set, built once per lab and shared by
@@ -170,7 +192,7 @@ class Lab:
 
         Args:
             dataset: `flowers102` or `cub200`.
-            prompt_set: a set of `prompts.prompt_sets(dataset)`.
+            prompt_set: a set of `self.prompt_sets(dataset)`.
         """
         key = (dataset, prompt_set)
         if key not in self._loaded.text:

@@ -199,8 +199,9 @@ def checkpoint_missing(lab: Lab, dataset: str, method: str) -> str | None:
     if not m.trained:
         return None
     paths = checkpoint_paths(lab.results_dir, dataset, m.name)
-    needed = [paths["head"]] + ([paths["adapter"] / "adapter_config.json"] if m.name == lora.METHOD else [])
-    if all(p.is_file() for p in needed):
+    # LoRA: an adapter of either tower (`lora --encoders text` leaves no vision adapter).
+    adapters = [paths[k] / "adapter_config.json" for k in ("adapter", "text_adapter")] if m.name == lora.METHOD else []
+    if paths["head"].is_file() and (not adapters or any(p.is_file() for p in adapters)):
         return None
     return f"no {m.label} checkpoint for {dataset}: train it with python -m clip_utils {m.command} --dataset {dataset}"
 

@@ -7,7 +7,8 @@
 The image side is the expensive half and does not depend on the prompts, so the test
 images are encoded once (`lab.features`, cached on disk) and each prompt set costs one text
 encoding and one `(N, D) @ (D, C)` product. Per set, `save_evaluation` writes
-`results/<dataset>/zeroshot/<set>/metrics.json` (with the exact `templates`),
+`results/<dataset>/zeroshot/<set>/metrics.json` (with the exact `templates`: the template
+list, or for a per-class set such as `descriptions` `{class name: its prompts}`),
 `predictions.csv`, the classification report and the confusion / sample figures (a `val`
 run goes to `.../<set>/val/` instead, leaving the test results alone); the run
 ends by redrawing `results/figures/zeroshot_prompt_sets.png` from every metrics.json present,
@@ -36,7 +37,7 @@ from .results import dataset_folders, figures_dir, method_dir, read_json
 
 METHOD = "zeroshot"
 # How tables list the prompt sets of any dataset (each dataset has some of them).
-SET_ORDER = ("default", "domain", "diverse", "domain_ensemble", "clip")
+SET_ORDER = ("default", "domain", "diverse", "domain_ensemble", "clip", prompts.WAFFLE, prompts.DESCRIPTIONS)
 
 COMPARISON_FIGURE = "zeroshot_prompt_sets.png"
 
@@ -143,8 +144,8 @@ def run_zeroshot(
         `auto` adds `selected_set` and `val_top1` (every set's validation top-1).
     """
     dataset = canonical_name(dataset)
-    names = prompts.resolve(prompt_sets, dataset, lab.domain)
-    sets = lab.prompt_sets(dataset)
+    names = prompts.resolve(prompt_sets, dataset, lab.domain, descriptions=lab.descriptions is not None)
+    sets = lab.prompt_sets(dataset)  # before any image is encoded: a bad descriptions file stops here
     feats = lab.features(dataset, split)
     # The image side is zero-shot's GPU work (weights plus a batch of activations); the
     # text side is a few thousand short prompts. The encoding's peak is the method's memory
@@ -250,7 +251,7 @@ def results_table(results_dir: str | Path, model: str | None = None):
 
     saved = _one_model(saved_results(results_dir, model))
     rows = [
-        {"dataset": ds, "prompt_set": name, "templates": len(m["templates"]),
+        {"dataset": ds, "prompt_set": name, "templates": prompts.prompts_per_class(m["templates"]),
          "selected_set": m.get("selected_set", ""), "n": m["n"], "top1 %": 100 * m["top1"],
          "top5 %": 100 * m["top5"], "mean per class %": 100 * m["mean_per_class"], "model": m.get("model")}
         for ds, sets in saved.items() for name, m in sets.items()
@@ -286,5 +287,5 @@ def summarise(results: Mapping[str, Mapping[str, Mapping]]) -> dict:
         results: `{dataset: {set name: metrics}}`.
     """
     keep = ("n", "top1", "top5", "mean_per_class", "selected_set", "seconds")
-    return {ds: {name: {k: m[k] for k in keep if k in m} | {"templates": len(m["templates"])}
+    return {ds: {name: {k: m[k] for k in keep if k in m} | {"templates": prompts.prompts_per_class(m["templates"])}
                  for name, m in sets.items()} for ds, sets in results.items()}

@@ -82,6 +82,28 @@ def task2_runs(kit, tmp_path_factory):
     return {"lab": lab, "results": results, "probe": probe, "lora": lora}
 
 
+# `lora --encoders both` as the tests run it: attention and MLP projections of both towers.
+BOTH_SETTINGS = dict(rank=4, alpha=8, targets=("q_proj", "k_proj", "v_proj", "fc1"), encoders="both")
+
+
+@pytest.fixture(scope="session")
+def both_lora_run(kit, tmp_path_factory):
+    """LoRA on both encoders (CLIP's own classifier) on the kit's 20-class CUB, 2 epochs, run once.
+
+    Returns `{"lab", "results", "metrics", "cfg", "settings"}`; tests that modify files work on a copy.
+    """
+    from clip_utils.config import LoraSettings, TrainConfig
+    from clip_utils.lab import Lab
+    from clip_utils.lora import run_lora
+
+    results = tmp_path_factory.mktemp("both_lora")
+    lab = Lab(model=str(kit["model"]), data_root=kit["data"], results_dir=results, device="cpu", batch_size=32,
+              num_workers=0, download=False)
+    cfg, settings = TrainConfig(epochs=2, lr=0.02, augment=True), LoraSettings(**BOTH_SETTINGS)
+    metrics = run_lora(lab, "cub200", cfg, settings)
+    return {"lab": lab, "results": results, "metrics": metrics, "cfg": cfg, "settings": settings}
+
+
 @pytest.fixture(scope="session")
 def image_folders(tmp_path_factory) -> dict[str, Path]:
     """A user's own datasets (`imagefolder:PATH`) in both layouts: `{"flat": ..., "splits": ...}`."""

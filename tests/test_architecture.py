@@ -140,8 +140,9 @@ def test_the_cli_notebooks_and_api_train_and_predict_with_the_same_defaults():
             cfg.epochs, cfg.lr, cfg.weight_decay, cfg.augment, cfg.batch_size)
         assert (task2[epochs], task2[lr], task2["BATCH_SIZE"]) == (cfg.epochs, cfg.lr, cfg.batch_size)
     settings = config.LORA_SETTINGS
-    assert (cli_lora["rank"], cli_lora["alpha"], cli_lora["dropout"], tuple(cli_lora["targets"])) == (
-        settings.rank, settings.alpha, settings.dropout, settings.targets)
+    assert (cli_lora["rank"], cli_lora["alpha"], cli_lora["dropout"], tuple(cli_lora["targets"]),
+            cli_lora["encoders"]) == (settings.rank, settings.alpha, settings.dropout, settings.targets,
+                                      settings.encoders)
     assert (task2["LORA_RANK"], task2["LORA_ALPHA"], task2["LORA_DROPOUT"], task2["LORA_TARGETS"]) == (
         settings.rank, settings.alpha, settings.dropout, settings.targets)
     assert cli_predict["prompts"] == task1["PHOTO_PROMPT_SET"] == task2["PHOTO_PROMPT_SET"] == config.PHOTO_PROMPT_SET

@@ -187,7 +187,7 @@ def test_prompt_sets_carry_clips_templates(name):
 
 
 def test_flowers_keep_their_sets():
-    assert list(prompts.prompt_sets("flowers102")) == ["default", "domain", "diverse", "domain_ensemble"]
+    assert list(prompts.prompt_sets("flowers102")) == ["default", "domain", "diverse", "domain_ensemble", "waffle"]
 
 
 @pytest.mark.parametrize("name", BENCHMARKS)

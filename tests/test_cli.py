@@ -42,7 +42,7 @@ def test_bad_arguments_are_usage_errors(capsys, argv, fragment):
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("command", ["zeroshot", "probe", "lora", "predict", "report"])
+@pytest.mark.parametrize("command", ["zeroshot", "probe", "lora", "predict", "export", "report"])
 def test_every_command_has_help(capsys, command):
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args([command, "--help"])

@@ -141,6 +141,21 @@ def test_lora_grad_checkpointing_reduces_peak_memory_on_cuda(cuda_lab):
     assert peaks[True] < peaks[False]
 
 
+def test_lora_on_both_encoders_measures_memory_and_exports_on_cuda(cuda_lab, tmp_path):
+    """Both towers in bf16 with fp32 adapters, CLIP's own classifier, the VRAM probe, then an fp32 merge."""
+    from clip_utils.config import LoraSettings, TrainConfig
+    from clip_utils.export import export_classifier, predict_exported
+    from clip_utils.lora import run_lora
+
+    lab = cuda_lab.replace(results_dir=cuda_lab.results_dir / "both")
+    metrics = run_lora(lab, "cub200", TrainConfig(epochs=2, lr=5e-4, augment=True),
+                       LoraSettings(encoders="both", targets=("q_proj", "k_proj", "v_proj"), grad_checkpointing=True))
+    assert math.isfinite(metrics["top1"]) and metrics["peak_vram_mb"] > 0
+    folder = export_classifier(lab, "cub200", "lora", tmp_path / "both")
+    result = predict_exported(folder, ["my_photo/bird.jpg"], device="cuda")
+    assert "top_k" in result[0], result
+
+
 def test_benchmark_runs_on_cuda(capsys):
     from clip_utils import bench
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from clip_utils import prompts
+from clip_utils import prompts, waffle
 from clip_utils.prompts import build_text_classifier, prompt_sets, resolve
 
 
@@ -144,3 +145,52 @@ def test_bad_templates(templates, match):
 
 def test_fill():
     assert prompts.fill(["a {}.", "the {}!"], "rose") == ["a rose.", "the rose!"]
+
+
+# --------------------------------------------------------------------------- per-class sets, waffle
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 256])
+def test_per_class_prompts_average_each_classes_own_prompts(batch_size):
+    tokenizer = FakeTokenizer()
+    per_class = {"rose": ["a photo of a rose.", "a drawing of a rose."], "tulip": ["a photo of a tulip."],
+                 "daisy": ["a photo of a daisy.", "a drawing of a daisy.", "a drawing of a tulip."]}
+    W = build_text_classifier(FakeModel(False), tokenizer, ["rose", "tulip", "daisy"], per_class, "cpu",
+                              batch_size=batch_size)
+    s = 2 ** -0.5
+    daisy = _unit([0, -1, 0]) + _unit([0, -5, 5]) + _unit([1, 0, 1])
+    expected = torch.stack([_unit([s, s, 0]), _unit([0, 0, 1]), daisy / daisy.norm()], dim=1)
+    torch.testing.assert_close(W, expected)
+    # Whole classes per batch, at most batch_size prompts unless one class alone has more.
+    sizes = {p: len(ps) for ps in per_class.values() for p in ps}
+    assert all(len(b) <= max(batch_size, sizes[b[0]]) for b in tokenizer.batches)
+    assert sorted(p for b in tokenizer.batches for p in b) == sorted(p for ps in per_class.values() for p in ps)
+
+
+def test_a_per_class_set_must_cover_every_class():
+    with pytest.raises(ValueError, match="no prompts for 1 classes: daisy"):
+        build_text_classifier(FakeModel(False), FakeTokenizer(), ["rose", "daisy"],
+                              {"rose": ["a photo of a rose."], "daisy": []}, "cpu")
+
+
+def test_prompts_per_class_counts_templates_or_the_mean_of_a_per_class_set():
+    assert prompts.prompts_per_class(["a {}.", "the {}."]) == 2
+    assert prompts.prompts_per_class({"rose": ["a", "b", "c"], "tulip": ["d"]}) == 2.0
+
+
+def test_waffle_is_seeded_random_descriptors_in_the_dataset_domain():
+    birds = prompt_sets("cub200")["waffle"]
+    assert birds == prompt_sets("cub200", seed=0)["waffle"] != prompt_sets("cub200", seed=1)["waffle"]
+    assert len(birds) == 2 * prompts.WAFFLE_COUNT == 30
+    assert all(t.startswith("a photo of a {}, a type of bird, which has ") and t.endswith(".") for t in birds)
+    words, chars = birds[0::2], birds[1::2]  # random-word and random-character descriptors alternate
+    descriptor = len("a photo of a {}, a type of bird, which has ")
+    assert all(all(w in waffle.WORDS for w in t[descriptor:-1].split()) for t in words)
+    assert all(re.fullmatch(r"[a-z]{4}, [a-z]{4}", t[descriptor:-1]) for t in chars)
+
+
+def test_descriptions_is_a_known_set_only_with_a_file():
+    assert "descriptions" not in resolve(["all"], "cub200")
+    assert resolve(["all"], "cub200", descriptions=True)[-2:] == ["descriptions", "auto"]
+    with pytest.raises(ValueError, match="--descriptions FILE"):
+        resolve(["descriptions"], "cub200")
