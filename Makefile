@@ -12,8 +12,8 @@ DEPS ?= $(STAMP)
 run: $(DEPS)  ## the main job: both notebooks on ViT-L/14 and the real datasets
 	$(PY) -m clip_utils.notebooks Task1.ipynb Task2.ipynb
 
-test: $(DEPS)  ## the whole test suite, offline, on CPU
-	HF_HUB_OFFLINE=1 $(PY) -m pytest
+test: $(DEPS)  ## the whole test suite, offline, on CPU (a worker per core; a test file stays in one worker)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -n auto --dist loadfile
 
 demo: $(DEPS)  ## both notebooks offline on the bundled tiny model and generated data
 	$(PY) -m clip_utils.notebooks --demo

@@ -84,7 +84,7 @@ def test_make_run_offline_stops_fast_naming_model_and_demo(tmp_path):
     assert "Flowers102" in proc.stderr or "openai/clip-vit-large-patch14" in proc.stderr
     assert "make demo" in proc.stderr
     assert "unreachable" in proc.stderr
-    assert elapsed < 30
+    assert elapsed < 60  # seconds, not the minutes of a hub client's retries (the tests share the cores)
 
 
 @pytest.mark.parametrize("var,value", [("CLIP_BATCH_SIZE", "abc"), ("CLIP_EPOCHS", "-3")])
