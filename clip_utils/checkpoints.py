@@ -27,9 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
@@ -38,7 +35,7 @@ import torch
 from torch import nn
 
 from .methods import method as method_named
-from .results import atomic_path, method_dir, publish
+from .results import atomic_folder, atomic_path, method_dir
 
 HEAD_FILE = "head.safetensors"
 # The L-BFGS probe's head fitted on train alone (head.safetensors is refit on train + val):
@@ -279,20 +276,9 @@ def save_adapter(folder: str | Path, peft_model, info: HeadInfo) -> Path:
         info: the matching head's metadata, recorded in `clip_lab.json`.
     """
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    old = folder.with_name(f".{folder.name}.old")
-    try:
+    with atomic_folder(folder) as tmp:
         peft_model.save_pretrained(str(tmp))
         (tmp / ADAPTER_INFO).write_text(json.dumps(asdict(info), indent=1) + "\n")
-        publish(tmp)
-        shutil.rmtree(old, ignore_errors=True)
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
     return folder
 
 

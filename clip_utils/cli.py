@@ -453,7 +453,9 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = _show_warning
             if distributed.launched():  # torchrun: join the other processes, on this rank's device
                 args.device = distributed.setup(args.device or default_device())
-            return handler(args) or 0
+            code = handler(args) or 0
+            distributed.teardown(wait=True)  # every rank got here: leave the group together
+            return code
     except distributed.RankZeroFailed:
         return 1  # rank 0 has said what failed
     except KeyboardInterrupt:

@@ -127,9 +127,19 @@ def setup(device: str) -> str:
     return device
 
 
-def teardown() -> None:
-    """Leave the process group, if one is up (the end of a CLI command)."""
+def teardown(wait: bool = False) -> None:
+    """Leave the process group, if one is up (the end of a CLI command).
+
+    Args:
+        wait: first wait for every rank (a normal end). Rank 0 finishes later than the others
+            (it writes the results), and a 2-process run's rank 0 was seen to abort at exit
+            ("terminate called without an active exception"), likely from its peer tearing
+            gloo down first. After a failure on one rank alone there is no waiting: the others
+            may never arrive.
+    """
     if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 

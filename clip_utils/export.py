@@ -29,9 +29,6 @@ module) or empty; anything else is refused, so a typo cannot wipe a folder.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -55,8 +52,8 @@ from .heads import ClipClassifier
 from .lab import Lab
 from .methods import method as method_named
 from .models import Clip, load_clip
-from .photos import PhotoError, load_photo, top_classes
-from .results import method_dir, publish, read_json
+from .photos import open_photos, top_classes
+from .results import atomic_folder, method_dir, read_json
 
 INFO_FILE = "classes.json"
 HEAD_FILE = "head.safetensors"
@@ -161,23 +158,12 @@ def export_classifier(lab: Lab, dataset: str, method: str, out: str | Path) -> P
         "epoch": meta.epoch, "test_top1": metrics.get("top1"),
         "logits": "normalize(visual_projection(vision_model(pixel_values).pooler_output)) @ weight.T + bias",
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    old = out.with_name(f".{out.name}.old")
-    try:
+    with atomic_folder(out) as tmp:
         clip.model.save_pretrained(tmp)
         clip.processor.save_pretrained(tmp)
         save_head(tmp / HEAD_FILE, head, meta)
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
         (tmp / "README.md").write_text(_readme(info))
-        publish(tmp)
-        shutil.rmtree(old, ignore_errors=True)
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
     return out
 
 
@@ -240,13 +226,7 @@ def predict_exported(folder: str | Path, photos: Sequence[str | Path], top_k: in
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     lab = Lab(model=str(Path(folder).expanduser()), device=device)  # the folder's preprocessing and the device
-    images, results = {}, []
-    for i, photo in enumerate(photos):
-        try:
-            images[i] = load_photo(photo)
-            results.append({"photo": str(photo)})
-        except PhotoError as err:
-            results.append({"photo": str(photo), "error": str(err)})
+    images, results = open_photos(photos)
     if images:
         classifier, info = load_exported(folder, lab.device)
         for i, image in images.items():

@@ -206,8 +206,13 @@ def checkpoint_missing(lab: Lab, dataset: str, method: str) -> str | None:
     return f"no {m.label} checkpoint for {dataset}: train it with python -m clip_utils {m.command} --dataset {dataset}"
 
 
-def _open_all(photos: Sequence[str | Path]) -> tuple[dict[int, Image.Image], list[dict]]:
-    # Every photo before any model: a list of unreadable files is answered in milliseconds.
+def open_photos(photos: Sequence[str | Path]) -> tuple[dict[int, Image.Image], list[dict]]:
+    """Every photo opened before any model loads, so a list of unreadable files is answered
+    in milliseconds: `({index: image}, [{"photo"} or {"photo", "error"} per photo])`.
+
+    Args:
+        photos: image files.
+    """
     images: dict[int, Image.Image] = {}
     results: list[dict] = []
     for i, photo in enumerate(photos):
@@ -271,7 +276,7 @@ def predict_photos(
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     names = lab.class_names(dataset)
-    images, results = _open_all(photos)
+    images, results = open_photos(photos)
     if not images:
         return results
     classifier = classifier_for(lab, dataset, method, prompt_set)
@@ -310,7 +315,7 @@ def compare_photos(
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     names = lab.class_names(dataset)
-    images, results = _open_all(photos)
+    images, results = open_photos(photos)
     for i in images:
         results[i]["methods"] = {}
     for name in dict.fromkeys(method_named(m).name for m in methods):
