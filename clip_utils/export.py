@@ -90,7 +90,7 @@ def _merged_lora(lab: Lab, dataset: str) -> tuple[Clip, torch.nn.Linear, HeadInf
     for folder in folders.values():
         if not (folder / "adapter_config.json").is_file():
             raise missing_checkpoint(folder, dataset, lora.METHOD)
-    clip = load_clip(lab.model, "cpu", dtype=torch.float32)
+    clip = lab.model_copy("cpu")  # its own: merging changes it
     check_head(info, head_info(dataset=dataset, method=lora.METHOD, model=lab.model,
                                class_names=lab.label_map(dataset), embed_dim=clip.embed_dim), paths["head"])
     for tower, folder in folders.items():
@@ -105,7 +105,7 @@ def _merged_lora(lab: Lab, dataset: str) -> tuple[Clip, torch.nn.Linear, HeadInf
 
 def _base_with_probe(lab: Lab, dataset: str) -> tuple[Clip, torch.nn.Linear, HeadInfo]:
     """The base CLIP in float32 and the probe's head (checked against it)."""
-    clip = load_clip(lab.model, "cpu", dtype=torch.float32)
+    clip = lab.model_copy("cpu", shared=True)
     path = checkpoint_paths(lab.results_dir, dataset, probe.METHOD)["head"]
     head, info = load_head(path, head_info(dataset=dataset, method=probe.METHOD, model=lab.model,
                                            class_names=lab.label_map(dataset), embed_dim=clip.embed_dim))

@@ -6,10 +6,10 @@
     metrics = run_lora(lab, "flowers102", replace(cfg, seed=1), shots=4)   # lora/shots_4/seed_1/
     classifier = load_classifier(lab, "flowers102")           # the best epoch, for predictions
 
-A fresh CLIP is loaded on the CPU (the lab's model is fp16 on CUDA and shared with
-zero-shot and the probe, so it must not receive adapters), and only the towers training
-uses move to the GPU: frozen base weights in bf16 on CUDA (fp32 on the CPU), adapters and
-head fp32. The lab's model is then freed, so training memory, and its reported peak, hold
+LoRA trains a copy of the lab's checkpoint made on the CPU (`Lab.model_copy`: the lab's
+model is shared with zero-shot and the probe, so it must not receive adapters, and the
+checkpoint is not read from disk again), and only the towers training uses move to the
+GPU: frozen base weights in bf16 on CUDA (fp32 on the CPU), adapters and head fp32. The lab's model is then freed, so training memory, and its reported peak, hold
 LoRA's model alone. Training runs in bf16 autocast on CUDA (the head and logits in fp32), on
 augmented images decoded where the model runs (`inputs.iter_labelled_batches`: nvJPEG
 and GPU resizing on CUDA).
@@ -39,8 +39,8 @@ Few-shot runs (`shots=K`) work with every `encoders` setting: the K-shot sample 
 which images train and validate, in `lora/shots_K/seed_S/`.
 
 The best epoch's adapters are saved with `save_pretrained` into `results/<dataset>/lora/adapter/`
-(vision) and `text_adapter/` (text) beside `head.safetensors`, and test evaluation reloads them
-through `load_classifier`, exactly as `predict --method lora` does.
+(vision) and `text_adapter/` (text) beside `head.safetensors`, and test evaluation reads them
+back onto another copy of the checkpoint through `load_classifier`, exactly as `predict --method lora` does.
 
 Trainable parameters. peft adds `A` (r x d_in) and `B` (d_out x r) to each adapted linear
 layer, so each contributes `r * (d_in + d_out)`; a trained head adds `D * C + C`. For ViT-L/14
@@ -80,7 +80,6 @@ from .evaluation import save_evaluation
 from .heads import ClipClassifier, StandardizedHead, count_parameters, head_units
 from .inputs import iter_labelled_batches
 from .lab import Lab, inference_dtype
-from .models import load_clip
 from .preprocess import Preprocess
 from .runs import (
     HEAD_INIT_SET,
@@ -191,14 +190,14 @@ def _train(lab: Lab, dataset: str, data: RunData, splits: dict, start: Standardi
     device = torch.device(lab.device)
     out = data.folder
     class_names = lab.label_map(dataset)
-    # Loaded on the CPU in the checkpoint's fp32 (the logit scale is read before any cast),
+    # Copied on the CPU in the checkpoint's fp32 (the logit scale is read before any cast),
     # and only the towers training uses move to the GPU: with the vision tower alone adapted,
     # the text tower (a quarter of ViT-L/14's CLIP) has no part in training. peft's mixed-
     # precision recipe: frozen base weights in bf16 on CUDA (half the memory, no fp32 -> bf16
     # re-cast under autocast at every step), adapters upcast to fp32 by peft
     # (`autocast_adapter_dtype`), the head fp32. The CPU keeps fp32: bf16 is slow there.
     base_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    clip = load_clip(lab.model, "cpu")
+    clip = lab.model_copy("cpu")  # its own copy: the adapters go into it
     model = clip.model
     model.requires_grad_(False)
     model.vision_model.to(device, base_dtype)
@@ -395,7 +394,7 @@ def run_lora(lab: Lab, dataset: str, cfg: TrainConfig = config.LORA, lora: LoraS
 def load_classifier(lab: Lab, dataset: str, shots: int | None = None, seed: int | None = None) -> ClipClassifier:
     """The trained LoRA classifier of a dataset, ready for prediction: a `ClipClassifier` in eval mode.
 
-    A fresh copy of the vision encoder (in the lab's inference dtype) gets the saved adapter:
+    A copy of the lab's checkpoint (in the lab's inference dtype) gets the saved adapter:
     attaching it to the lab's shared model would change zero-shot predictions made later in
     the same process. A text-adapted run's head already holds its text tower's class
     embeddings, so its text adapter is not needed here (`export` merges it).
@@ -420,7 +419,7 @@ def load_classifier(lab: Lab, dataset: str, shots: int | None = None, seed: int 
     adapts_vision = LoraSettings(encoders=info.encoders).adapts_vision
     if adapts_vision and not (paths["adapter"] / "adapter_config.json").is_file():
         raise missing_checkpoint(paths["adapter"], dataset, METHOD, shots, seed)
-    clip = load_clip(lab.model, lab.device, dtype=inference_dtype(lab.device))
+    clip = lab.model_copy(lab.device, inference_dtype(lab.device))
     check_head(info, head_info(dataset=dataset, method=METHOD, model=lab.model, class_names=lab.label_map(dataset),
                                embed_dim=clip.embed_dim), paths["head"])
     vision = clip.model.vision_model

@@ -15,6 +15,7 @@ mean, std), never from constants: the tiny test model and ViT-L/14 differ in all
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 from collections.abc import Callable
@@ -113,6 +114,24 @@ class Clip:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    def copy(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Clip:
+        """A copy of the model, its own to change (adapters), on `device` in `dtype`.
+
+        The same numbers as loading the checkpoint again with that device and dtype, without
+        reading it from disk; the processor is shared (nothing changes it).
+
+        Args:
+            device: where to put the copy.
+            dtype: its floating-point dtype (None: this model's).
+        """
+        model = copy.deepcopy(self.model).to(device=device, dtype=dtype).eval()
+        if dtype is not None:
+            # As `from_pretrained(dtype=...)` records it: the config is part of the fingerprint.
+            config = model.config
+            for part in (config, *(getattr(config, name) for name in getattr(config, "sub_configs", {}))):
+                part.dtype = dtype
+        return Clip(name=self.name, model=model, processor=self.processor)
+
 
 def load_clip(
     name_or_path: str | Path = DEFAULT_MODEL,
@@ -144,8 +163,6 @@ def load_clip(
     name = str(name_or_path)
     model, processor = _from_pretrained(name, load)
     return Clip(name=name, model=model.to(device).eval(), processor=processor)
-
-
 
 
 def load_preprocess(name_or_path: str | Path = DEFAULT_MODEL) -> Preprocess:

@@ -21,6 +21,11 @@ def saved_text(nb) -> str:
     return "\n".join(parts)
 
 
+def model_reads(text: str) -> list[str]:
+    """The lines a lab prints each time it reads a checkpoint from disk (`Lab.checkpoint`)."""
+    return [line for line in text.splitlines() if line.startswith("loaded ") and " from disk in " in line]
+
+
 def progress_widgets(nb) -> list[str]:
     """The plain-text fallbacks of progress bars saved as widgets (a viewer without widget
     support shows that stale text); other widgets (the photo explorer) are not progress."""

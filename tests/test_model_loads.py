@@ -1,11 +1,13 @@
-"""How often a run reads the model from disk: once per need, not once per step."""
+"""How often a run reads the model from disk: once per lab, whatever runs with it."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from clip_utils import lab as lab_module
 from clip_utils.lab import Lab
+from clip_utils.models import load_clip, model_fingerprint
 from clip_utils.runs import zeroshot_init_head
 
 
@@ -23,3 +25,47 @@ def test_a_head_built_after_unload_does_not_load_the_model_again(kit, tmp_path, 
     monkeypatch.setattr(lab_module, "load_clip", no_load)
     again = zeroshot_init_head(lab, "cub200")
     assert torch.equal(first.weight, again.weight) and torch.equal(first.bias, again.bias)
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """Every checkpoint read from disk through a lab."""
+    seen = []
+    original = lab_module.load_clip
+
+    def counted(*args, **kwargs):
+        seen.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(lab_module, "load_clip", counted)
+    return seen
+
+
+def test_a_lab_reads_its_checkpoint_once_and_says_so(kit, tmp_path, reads, capsys):
+    lab = Lab(model=str(kit["model"]), data_root=kit["data"], results_dir=tmp_path, device="cpu", num_workers=0,
+              download=False)
+    first = lab.clip()
+    lab.unload()  # as LoRA does before training
+    again, own = lab.clip(), lab.model_copy()
+    assert reads == [str(kit["model"])]
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "from disk" in line]
+    assert line.startswith(f"loaded {kit['model']} (") and "M parameters) from disk in " in line
+    # fp32 on the CPU is what the checkpoint already is: the inference model is the checkpoint;
+    # a copy for adapters shares none of its storage.
+    assert first is again is lab.checkpoint() and own is not first
+    ours = {p.data_ptr() for p in first.model.parameters()}
+    assert not ours & {p.data_ptr() for p in own.model.parameters()}
+
+
+def test_a_copy_has_the_numbers_of_a_fresh_load_and_changes_nothing_else(kit, tmp_path):
+    lab = Lab(model=str(kit["model"]), data_root=kit["data"], results_dir=tmp_path, device="cpu")
+    half = lab.model_copy("cpu", torch.float16)
+    loaded = load_clip(kit["model"], "cpu", dtype=torch.float16)
+    got, want = half.model.state_dict(), loaded.model.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert half.fingerprint == loaded.fingerprint
+    before = lab.checkpoint().fingerprint
+    with torch.no_grad():
+        for p in half.model.parameters():
+            p.add_(1)
+    assert model_fingerprint(lab.checkpoint().model) == before != model_fingerprint(half.model)
