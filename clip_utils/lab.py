@@ -10,8 +10,8 @@ and shared by everything that runs with it (every prompt set, the probe, the pho
 predictions), and a change of model, data root or device means a new lab, so no cache can
 ever serve something it was not computed for.
 
-The checkpoint is read from disk once per lab (`checkpoint()`, on the CPU in float32, one
-line on stderr says so) and never changed: the inference model (`clip()`, fp16 on CUDA) and
+The checkpoint is read from disk once per lab (`checkpoint()`, on the CPU in float32;
+`models.load_clip` says each load in a line on stderr) and never changed: the inference model (`clip()`, fp16 on CUDA) and
 the models a method changes (LoRA's adapters: `model_copy()`) are copies of it, so zero-shot,
 the probe, LoRA's training and test, photos and the explorer cost one read between them,
 and `unload()` frees the GPU without a second read later. The price is host memory: the
@@ -21,8 +21,6 @@ checkpoint stays there for the lab's life (1.7 GB for ViT-L/14).
 from __future__ import annotations
 
 import os
-import sys
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -149,13 +147,7 @@ class Lab:
         """The model as read from disk, on the CPU in float32: read on first use, once per lab,
         and never changed (everything that changes a model works on a `model_copy()`)."""
         if self._loaded.checkpoint is None:
-            start = time.perf_counter()
-            clip = load_clip(self.model, "cpu", dtype=torch.float32)
-            if distributed.is_main():
-                n = sum(p.numel() for p in clip.model.parameters())
-                print(f"loaded {self.model} ({n / 1e6:.1f}M parameters) from disk in "
-                      f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
-            self._loaded.checkpoint = clip
+            self._loaded.checkpoint = load_clip(self.model, "cpu", dtype=torch.float32)
         return self._loaded.checkpoint
 
     def clip(self) -> Clip:

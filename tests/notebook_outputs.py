@@ -21,9 +21,9 @@ def saved_text(nb) -> str:
     return "\n".join(parts)
 
 
-def model_reads(text: str) -> list[str]:
-    """The lines a lab prints each time it reads a checkpoint from disk (`Lab.checkpoint`)."""
-    return [line for line in text.splitlines() if line.startswith("loaded ") and " from disk in " in line]
+def model_loads(text: str) -> list[str]:
+    """The line `models.load_clip` prints for each model it loads."""
+    return [line for line in text.splitlines() if re.match(r"loaded .+ \([\d.]+M parameters, \w+\) in [\d.]+ s$", line)]
 
 
 def progress_widgets(nb) -> list[str]:

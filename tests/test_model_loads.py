@@ -48,8 +48,8 @@ def test_a_lab_reads_its_checkpoint_once_and_says_so(kit, tmp_path, reads, capsy
     lab.unload()  # as LoRA does before training
     again, own = lab.clip(), lab.model_copy()
     assert reads == [str(kit["model"])]
-    (line,) = [line for line in capsys.readouterr().err.splitlines() if "from disk" in line]
-    assert line.startswith(f"loaded {kit['model']} (") and "M parameters) from disk in " in line
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"loaded {kit['model']} (") and "M parameters, float32) in " in line
     # fp32 on the CPU is what the checkpoint already is: the inference model is the checkpoint;
     # a copy for adapters shares none of its storage.
     assert first is again is lab.checkpoint() and own is not first

@@ -13,7 +13,7 @@ import pytest
 from clip_utils import prompts
 from clip_utils.data import canonical_name, class_names, load_dataset
 from clip_utils.notebooks import execute_notebook
-from notebook_outputs import bar_lines, model_reads, progress_widgets, saved_text, unfinished_bars
+from notebook_outputs import bar_lines, model_loads, progress_widgets, saved_text, unfinished_bars
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "Task1.ipynb"
@@ -139,8 +139,8 @@ def test_each_prompt_set_is_encoded_under_its_own_bar_once(executed):
             assert descs.count(f"encoding {dataset} prompts ({name})") == 1, (dataset, name)
 
 
-def test_the_model_is_read_from_disk_once(executed):
-    # Zero-shot under every prompt set, the photos and the explorer share one read of the checkpoint.
+def test_the_model_is_loaded_once(executed):
+    # Zero-shot under every prompt set, the photos and the explorer share one load of the checkpoint.
     _, nb, _ = executed
-    reads = model_reads(saved_text(nb))
-    assert len(reads) == 1, reads
+    loads = model_loads(saved_text(nb))
+    assert len(loads) == 1, loads

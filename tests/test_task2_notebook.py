@@ -11,7 +11,7 @@ import pytest
 
 from clip_utils.data import class_names, load_dataset
 from clip_utils.notebooks import execute_notebook
-from notebook_outputs import bar_lines, model_reads, progress_widgets, saved_text, unfinished_bars
+from notebook_outputs import bar_lines, model_loads, progress_widgets, saved_text, unfinished_bars
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "Task2.ipynb"
@@ -146,9 +146,9 @@ def test_saved_progress_is_plain_text_that_ends_at_each_total(executed):
     assert "Loading weights" not in text  # transformers' bar per load: the lab's own line says it
 
 
-def test_the_model_is_read_from_disk_once(executed):
+def test_the_model_is_loaded_once(executed):
     # Zero-shot, the probe, LoRA's training and test on each dataset, the few-shot sweep, the
-    # photos and the explorer share one read of the checkpoint.
+    # photos and the explorer share one load of the checkpoint.
     _, nb = executed
-    reads = model_reads(saved_text(nb))
-    assert len(reads) == 1, reads
+    loads = model_loads(saved_text(nb))
+    assert len(loads) == 1, loads
