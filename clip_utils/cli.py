@@ -118,6 +118,15 @@ def _dataset(text: str) -> str:
                                      f"or {PREFIX}PATH for your own folder of class folders")
 
 
+class _Given(argparse.Action):
+    """Stores the option's value and notes in `args.given` that the command line set it, for an
+    option that only some settings use (a default cannot tell "not given" from "given as the default")."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.given = getattr(namespace, "given", frozenset()) | {self.dest}
+
+
 def _common(parser: argparse.ArgumentParser, batch_size: int, dataset_required: bool = True) -> None:
     g = parser.add_argument_group("common options")
     g.add_argument("--dataset", required=dataset_required, type=_dataset, metavar="DATASET",
@@ -207,7 +216,7 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     _training(p, train)
     if preset:  # the preset's iteration count depends on the dataset: worked out in cmd_lora
         p.set_defaults(epochs=os.environ.get("CLIP_EPOCHS"))
-    p.add_argument("--head-lr", type=_positive_float, default=train.head_lr,
+    p.add_argument("--head-lr", type=_positive_float, default=train.head_lr, action=_Given,
                    help="the head's learning rate with --encoders vision (its own parameter group, in the probe's "
                         "units; the head starts from the probe of the same shots and seed when one is saved) "
                         "(default: %(default)s)")
@@ -429,6 +438,9 @@ def _check_arguments(parser: argparse.ArgumentParser, args) -> None:
         if device is not None and device.type == "cuda" and device.index is not None:
             parser.error(f"--device {args.device}: under torchrun each process takes cuda:LOCAL_RANK; pass --device cuda")
     # An image folder's sets depend on its classes.json: they are checked when it loads.
+    if args.command == "lora" and "head_lr" in getattr(args, "given", ()) and args.encoders != "vision":
+        parser.error(f"--head-lr is the rate of the linear head that --encoders vision trains; --encoders "
+                     f"{args.encoders} trains no head (CLIP's own classifier): leave --head-lr out")
     if args.command in ("probe", "fewshot") and args.solver == "lbfgs" and getattr(args, "augment", False):
         parser.error("--augment trains through the encoder with the training loop: add --solver adamw")
     zeroshot_prompts = args.command == "zeroshot" or (

@@ -178,6 +178,17 @@ def test_preset_sets_clip_loras_settings_and_explicit_options_win():
     assert (chosen["rank"], chosen["encoders"], chosen["epochs"], chosen["alpha"]) == (4, "text", 3, 1)
 
 
+@pytest.mark.parametrize("towers", [["--encoders", "text"], ["--encoders", "both"], ["--preset", "clip-lora"]])
+def test_a_head_rate_for_a_run_without_a_head_is_a_usage_error(towers, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["lora", "--dataset", "cub200", *towers, "--head-lr", "0.01", "--device", "cpu"])
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error: --head-lr" in line]
+    assert exit_.value.code == 2 and "leave --head-lr out" in line
+    # with the vision tower, or left at its default, it is an ordinary option
+    assert "head_lr" in build_parser().parse_args(["lora", "--dataset", "cub200", "--head-lr", "0.01"]).given
+    assert not hasattr(build_parser().parse_args(["lora", "--dataset", "cub200", "--encoders", "text"]), "given")
+
+
 def test_cli_text_tower_only_with_the_preset(kit, tmp_path):
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
