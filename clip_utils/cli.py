@@ -437,12 +437,12 @@ def _check_arguments(parser: argparse.ArgumentParser, args) -> None:
         device = torch.device(args.device) if args.device else None
         if device is not None and device.type == "cuda" and device.index is not None:
             parser.error(f"--device {args.device}: under torchrun each process takes cuda:LOCAL_RANK; pass --device cuda")
-    # An image folder's sets depend on its classes.json: they are checked when it loads.
     if args.command == "lora" and "head_lr" in getattr(args, "given", ()) and args.encoders != "vision":
         parser.error(f"--head-lr is the rate of the linear head that --encoders vision trains; --encoders "
                      f"{args.encoders} trains no head (CLIP's own classifier): leave --head-lr out")
     if args.command in ("probe", "fewshot") and args.solver == "lbfgs" and getattr(args, "augment", False):
         parser.error("--augment trains through the encoder with the training loop: add --solver adamw")
+    # An image folder's sets depend on its classes.json: they are checked when it loads.
     zeroshot_prompts = args.command == "zeroshot" or (
         args.command == "predict" and not args.classifier and args.method in ("zeroshot", ALL_METHODS))
     if zeroshot_prompts and args.dataset in DATASETS:

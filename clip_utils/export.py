@@ -105,7 +105,7 @@ def _merged_lora(lab: Lab, dataset: str) -> tuple[Clip, torch.nn.Linear, HeadInf
 
 def _base_with_probe(lab: Lab, dataset: str) -> tuple[Clip, torch.nn.Linear, HeadInfo]:
     """The base CLIP in float32 and the probe's head (checked against it)."""
-    clip = lab.model_copy("cpu", shared=True)
+    clip = lab.model_copy("cpu")  # its own: saving rewrites its config
     path = checkpoint_paths(lab.results_dir, dataset, probe.METHOD)["head"]
     head, info = load_head(path, head_info(dataset=dataset, method=probe.METHOD, model=lab.model,
                                            class_names=lab.label_map(dataset), embed_dim=clip.embed_dim))

@@ -11,11 +11,12 @@ predictions), and a change of model, data root or device means a new lab, so no 
 ever serve something it was not computed for.
 
 The checkpoint is read from disk once per lab (`checkpoint()`, on the CPU in float32;
-`models.load_clip` says each load in a line on stderr) and never changed: the inference model (`clip()`, fp16 on CUDA) and
-the models a method changes (LoRA's adapters: `model_copy()`) are copies of it, so zero-shot,
-the probe, LoRA's training and test, photos and the explorer cost one read between them,
-and `unload()` frees the GPU without a second read later. The price is host memory: the
-checkpoint stays there for the lab's life (1.7 GB for ViT-L/14).
+`models.load_clip` says each load in a line on stderr) and its weights are never changed:
+the inference model (`clip()`, fp16 on CUDA) and the models a method changes (LoRA's
+adapters: `model_copy()`) are copies of it, so zero-shot, the probe, LoRA's training and
+test, photos and the explorer cost one read between them, and `unload()` frees the GPU
+without a second read later. The price is host memory: the checkpoint stays there for the
+lab's life (1.7 GB for ViT-L/14, per process under torchrun).
 """
 
 from __future__ import annotations
@@ -144,8 +145,8 @@ class Lab:
         return self.results_dir / "cache" / "features"
 
     def checkpoint(self) -> Clip:
-        """The model as read from disk, on the CPU in float32: read on first use, once per lab,
-        and never changed (everything that changes a model works on a `model_copy()`)."""
+        """The model as read from disk, on the CPU in float32: read on first use, once per lab;
+        its weights are never changed (whatever changes a model works on a `model_copy()`)."""
         if self._loaded.checkpoint is None:
             self._loaded.checkpoint = load_clip(self.model, "cpu", dtype=torch.float32)
         return self._loaded.checkpoint
@@ -154,24 +155,19 @@ class Lab:
         """The frozen inference model and processor (fp16 on CUDA), made from the checkpoint on
         first use: the checkpoint itself where that is already right (fp32 on the CPU)."""
         if self._loaded.clip is None:
-            self._loaded.clip = self.model_copy(self.device, inference_dtype(self.device), shared=True)
+            checkpoint, dtype = self.checkpoint(), inference_dtype(self.device)
+            same = torch.device(self.device).type == "cpu" and dtype == checkpoint.dtype
+            self._loaded.clip = checkpoint if same else checkpoint.copy(self.device, dtype)
         return self._loaded.clip
 
-    def model_copy(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None, *,
-                   shared: bool = False) -> Clip:
-        """The checkpoint on `device` in `dtype`, without reading it again.
+    def model_copy(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Clip:
+        """A copy of the checkpoint, the caller's own to change (adapters), without reading it again.
 
         Args:
             device: where (None: the lab's device).
             dtype: floating-point dtype (None: the checkpoint's float32).
-            shared: the caller will not change it, so the checkpoint itself does where device
-                and dtype already match; False: always a copy of its own (for adapters).
         """
-        checkpoint = self.checkpoint()
-        device = torch.device(device or self.device)
-        if shared and device.type == "cpu" and dtype in (None, checkpoint.dtype):
-            return checkpoint
-        return checkpoint.copy(device, dtype)
+        return self.checkpoint().copy(device or self.device, dtype)
 
     def unload(self) -> None:
         """Free the inference model (the GPU memory it holds); the checkpoint stays in host

@@ -9,8 +9,9 @@
 LoRA trains a copy of the lab's checkpoint made on the CPU (`Lab.model_copy`: the lab's
 model is shared with zero-shot and the probe, so it must not receive adapters, and the
 checkpoint is not read from disk again), and only the towers training uses move to the
-GPU: frozen base weights in bf16 on CUDA (fp32 on the CPU), adapters and head fp32. The lab's model is then freed, so training memory, and its reported peak, hold
-LoRA's model alone. Training runs in bf16 autocast on CUDA (the head and logits in fp32), on
+GPU: frozen base weights in bf16 on CUDA (fp32 on the CPU), adapters and head fp32. The
+lab's inference model (fp16 on CUDA) is freed first, so GPU memory, and its reported peak,
+hold LoRA's model alone. Training runs in bf16 autocast on CUDA (the head and logits in fp32), on
 augmented images decoded where the model runs (`inputs.iter_labelled_batches`: nvJPEG
 and GPU resizing on CUDA).
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from . import distributed
 from .config import DEFAULT_MODEL
@@ -128,7 +129,13 @@ class Clip:
             device: where to put the copy.
             dtype: its floating-point dtype (None: this model's).
         """
-        model = copy.deepcopy(self.model).to(device=device, dtype=dtype).eval()
+        # Each tensor is cast straight into its copy (deepcopy's memo hands them to the new
+        # modules): a whole fp32 duplicate first would double the host memory a copy needs.
+        memo: dict[int, torch.Tensor] = {}
+        for t in (*self.model.parameters(), *self.model.buffers()):
+            new = t.detach().to(device, dtype if t.is_floating_point() else None, copy=True)
+            memo[id(t)] = nn.Parameter(new, t.requires_grad) if isinstance(t, nn.Parameter) else new
+        model = copy.deepcopy(self.model, memo).eval()
         if dtype is not None:
             # As `from_pretrained(dtype=...)` records it: the config is part of the fingerprint.
             config = model.config

@@ -69,3 +69,33 @@ def test_a_copy_has_the_numbers_of_a_fresh_load_and_changes_nothing_else(kit, tm
         for p in half.model.parameters():
             p.add_(1)
     assert model_fingerprint(lab.checkpoint().model) == before != model_fingerprint(half.model)
+
+
+def test_where_inference_casts_the_model_it_is_a_copy_made_again_without_a_read(kit, tmp_path, reads,
+                                                                                 monkeypatch):
+    # CUDA's path (fp16 inference beside the fp32 checkpoint), taken here on the CPU.
+    monkeypatch.setattr(lab_module, "inference_dtype", lambda device: torch.float16)
+    lab = Lab(model=str(kit["model"]), data_root=kit["data"], results_dir=tmp_path, device="cpu")
+    first = lab.clip()
+    assert first is not lab.checkpoint() and first.dtype == torch.float16 and lab.checkpoint().dtype == torch.float32
+    lab.unload()
+    again = lab.clip()
+    assert again is not first and again.fingerprint == first.fingerprint  # the feature cache still serves it
+    assert reads == [str(kit["model"])]
+
+
+def test_lora_and_export_leave_the_labs_model_as_it_was_loaded(task2_runs, kit, tmp_path):
+    from clip_utils import lora
+    from clip_utils.export import export_classifier
+
+    lab = task2_runs["lab"]  # it ran zero-shot, the probe and LoRA
+    lora.load_classifier(lab, "cub200")
+    for method in ("probe", "lora"):
+        export_classifier(lab, "cub200", method, tmp_path / method)
+    fresh = load_clip(kit["model"], "cpu", dtype=torch.float32)
+    settings = {name: repr(value) for name, value in vars(fresh.model.config).items()}
+    for clip in (lab.checkpoint(), lab.clip()):
+        # Every config attribute as loaded (saving a model rewrites some: dtype becomes a string).
+        assert {name: repr(value) for name, value in vars(clip.model.config).items()} == settings
+        assert model_fingerprint(clip.model) == model_fingerprint(fresh.model)
+        assert not [name for name, _ in clip.model.named_modules() if "lora_" in name]
