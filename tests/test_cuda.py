@@ -106,7 +106,7 @@ def test_gpu_decode_of_grey_cmyk_and_png_matches_the_cpu(tmp_path):
         assert (a.float() - b.cpu().float()).abs().mean() < 3, name
 
 
-def test_zeroshot_probe_lora_and_predict_on_cuda(cuda_lab):
+def test_zeroshot_probe_lora_and_predict_on_cuda(cuda_lab, capsys):
     from clip_utils.config import LoraSettings
     from clip_utils.lora import run_lora
     from clip_utils.photos import predict_photos
@@ -124,6 +124,9 @@ def test_zeroshot_probe_lora_and_predict_on_cuda(cuda_lab):
     for method in ("zeroshot", "probe", "lora"):
         result = predict_photos(cuda_lab, ["my_photo/flower.png", "my_photo/bird.jpg"], "cub200", method=method)
         assert all("top_k" in r for r in result), result
+    # fp16 inference, bf16 LoRA training and its fp16 test and photo classifiers: copies of one read
+    loads = [line for line in capsys.readouterr().err.splitlines() if line.startswith("loaded ")]
+    assert len(loads) == 1, loads
 
 
 def test_lora_grad_checkpointing_reduces_peak_memory_on_cuda(cuda_lab):
