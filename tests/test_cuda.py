@@ -114,15 +114,16 @@ def test_zeroshot_probe_lora_and_predict_on_cuda(cuda_lab, capsys):
     from clip_utils.probe import run_probe
     from clip_utils.zeroshot import run_zeroshot
 
-    zs = run_zeroshot(cuda_lab, "cub200", ["domain"])["domain"]
-    probe = run_probe(cuda_lab, "cub200", TrainConfig(epochs=3, lr=5e-3), solver="adamw")  # the loop on the GPU
-    lora = run_lora(cuda_lab, "cub200", TrainConfig(epochs=2, lr=5e-4, augment=True), LoraSettings())
+    lab = cuda_lab.replace()  # nothing loaded yet: this test counts the loads
+    zs = run_zeroshot(lab, "cub200", ["domain"])["domain"]
+    probe = run_probe(lab, "cub200", TrainConfig(epochs=3, lr=5e-3), solver="adamw")  # the loop on the GPU
+    lora = run_lora(lab, "cub200", TrainConfig(epochs=2, lr=5e-4, augment=True), LoraSettings())
     for metrics in (zs, probe, lora):
         assert math.isfinite(metrics["top1"])
     assert probe["top1"] > 5 / len(probe["class_names"])  # learns on the GPU too
     assert zs["peak_vram_mb"] > 0 and probe["peak_vram_mb"] > 0 and lora["peak_vram_mb"] > 0
     for method in ("zeroshot", "probe", "lora"):
-        result = predict_photos(cuda_lab, ["my_photo/flower.png", "my_photo/bird.jpg"], "cub200", method=method)
+        result = predict_photos(lab, ["my_photo/flower.png", "my_photo/bird.jpg"], "cub200", method=method)
         assert all("top_k" in r for r in result), result
     # fp16 inference, bf16 LoRA training and its fp16 test and photo classifiers: copies of one read
     loads = [line for line in capsys.readouterr().err.splitlines() if line.startswith("loaded ")]
