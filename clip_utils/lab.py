@@ -119,8 +119,12 @@ class Lab:
     def __post_init__(self) -> None:
         # Normalise once (frozen: set through object.__setattr__, before anyone reads them).
         set_ = object.__setattr__
-        set_(self, "model", str(self.model))
-        set_(self, "data_root", Path(self.data_root))
+        # Local folders in one spelling, wherever the run starts: the feature cache, checkpoints,
+        # few-shot reuse and reports compare these strings (`results/m` and `/abs/results/m`
+        # are one model, not two). A hub id stays as it is.
+        model = Path(str(self.model)).expanduser()
+        set_(self, "model", str(model.resolve()) if model.is_dir() else str(self.model))
+        set_(self, "data_root", Path(self.data_root).expanduser().resolve())
         set_(self, "results_dir", Path(self.results_dir))
         set_(self, "device", self.device or default_device())
         check_device(self.device)

@@ -70,6 +70,9 @@ def _fit(model, x: np.ndarray, y: np.ndarray):
     with warnings.catch_warnings():
         # Weakly regularised fits on separable data stop at max_iter; the sweep scores them anyway.
         warnings.simplefilter("ignore", ConvergenceWarning)
+        # A K-shot sample always has more than half as many classes as images (1-shot: as
+        # many): scikit-learn's guess that the labels are a regression target is wrong here.
+        warnings.filterwarnings("ignore", "The number of unique classes is greater than 50%", UserWarning)
         return model.fit(x, y)
 
 

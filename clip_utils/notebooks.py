@@ -130,7 +130,7 @@ def demo_epilogue(env: Mapping[str, str], notebooks_dir: str | Path) -> str:
     return "\n".join([
         f"executed demo notebooks: {_shown(notebooks_dir)}/ (open them in Jupyter)",
         f"demo results and figures: {_shown(results)}/",
-        "the CLI on the demo kit (the same options work for probe, lora, predict and report;",
+        "the CLI on the demo kit (the same options work for probe, lora, fewshot, predict and export;",
         "CLIP_DEMO=1 marks its figures as a demo):",
         f"  CLIP_DEMO=1 {python} -m clip_utils zeroshot --dataset flowers102 {paths}",
         "the Python API on the demo kit:",

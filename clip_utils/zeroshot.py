@@ -235,7 +235,7 @@ def _one_model(saved: dict[str, dict[str, dict]]) -> dict[str, dict[str, dict]]:
     models = sorted({str(m.get("model")) for sets in saved.values() for m in sets.values()})
     if len(models) > 1:
         warnings.warn(f"the saved zero-shot results come from {len(models)} models ({', '.join(models)}): "
-                      f"pass the model to keep one, or keep each model in its own --results-dir", stacklevel=3)
+                      f"keep each model in its own --results-dir (in Python: pass model= to keep one)", stacklevel=3)
     return saved
 
 

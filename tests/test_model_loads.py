@@ -1,6 +1,8 @@
-"""How often a run reads the model from disk: once per lab, whatever runs with it."""
+"""How often a run reads the model from disk (once per lab, whatever runs with it), and when two labs hold one model."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -99,3 +101,15 @@ def test_lora_and_export_leave_the_labs_model_as_it_was_loaded(task2_runs, kit, 
         assert {name: repr(value) for name, value in vars(clip.model.config).items()} == settings
         assert model_fingerprint(clip.model) == model_fingerprint(fresh.model)
         assert not [name for name, _ in clip.model.named_modules() if "lora_" in name]
+
+
+def test_one_model_and_data_root_under_two_spellings_share_the_cache(kit, tmp_path, monkeypatch):
+    # The notebooks are given absolute paths, the README's commands relative ones.
+    monkeypatch.chdir(kit["model"].parent)
+    settings = dict(results_dir=tmp_path, device="cpu", num_workers=0, download=False)
+    absolute = Lab(model=str(kit["model"]), data_root=kit["data"], **settings)
+    relative = Lab(model=f"./{kit['model'].name}", data_root=os.path.relpath(kit["data"]), **settings)
+    assert (relative.model, relative.data_root) == (absolute.model, absolute.data_root)
+    absolute.features("cub200", "val")
+    assert relative.features("cub200", "val").encoding["from_cache"]
+    assert Lab(model="openai/clip-vit-base-patch16", **settings).model == "openai/clip-vit-base-patch16"  # a hub id

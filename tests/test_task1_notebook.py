@@ -128,6 +128,7 @@ def test_saved_progress_is_plain_text_that_ends_at_each_total(executed):
     assert bar_lines(text), "no progress saved at all"
     assert unfinished_bars(text) == []
     assert "\x1b" not in text  # no terminal escape codes in a saved notebook
+    assert "Warning:" not in text  # no library warnings in what a reader sees
     assert "Loading weights" not in text
 
 

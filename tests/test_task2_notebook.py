@@ -143,6 +143,7 @@ def test_saved_progress_is_plain_text_that_ends_at_each_total(executed):
     assert f"{DATASET} LoRA" in descs  # the epoch bars (the default probe is L-BFGS: no epochs)
     assert unfinished_bars(text) == []
     assert "\x1b" not in text  # no terminal escape codes in a saved notebook
+    assert "Warning:" not in text  # a library's warning repeated per fit (scikit-learn's, on K-shot labels)
     assert "Loading weights" not in text  # transformers' bar per load: the lab's own line says it
 
 
