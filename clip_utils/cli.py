@@ -112,6 +112,8 @@ def _device(text: str) -> str:
 
 def _dataset(text: str) -> str:
     # The name's form only; an image folder's contents are checked when it loads (exit 1).
+    if text == PREFIX or (text.startswith(PREFIX) and not text[len(PREFIX):].strip()):
+        raise argparse.ArgumentTypeError(f"{PREFIX} needs the folder: {PREFIX}PATH (PATH holding one folder per class)")
     if text in DATASETS or text.startswith(PREFIX):
         return text
     raise argparse.ArgumentTypeError(f"unknown dataset {text!r}: choose one of {', '.join(DATASETS)}, "
@@ -418,8 +420,15 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
         print(warnings.formatwarning(message, category, filename, lineno, line), end="", file=file or sys.stderr)
 
 
+def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The subcommand's parser, so a usage error shows that command's usage line."""
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return commands.choices[command]
+
+
 def _check_arguments(parser: argparse.ArgumentParser, args) -> None:
     """Usage errors that need more than one argument to see, found before anything loads."""
+    parser = _command_parser(parser, args.command)
     if args.command == "predict":
         if args.classifier and (args.dataset or args.method or args.descriptions):
             parser.error("--classifier brings its own model and classes: leave out --dataset, --method and "
@@ -437,6 +446,14 @@ def _check_arguments(parser: argparse.ArgumentParser, args) -> None:
         device = torch.device(args.device) if args.device else None
         if device is not None and device.type == "cuda" and device.index is not None:
             parser.error(f"--device {args.device}: under torchrun each process takes cuda:LOCAL_RANK; pass --device cuda")
+    try:
+        if args.command == "fewshot":
+            sweep.check_methods(args.methods)
+        if args.command == "lora":
+            LoraSettings(rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=tuple(args.targets),
+                         encoders=args.encoders)
+    except ValueError as err:
+        parser.error(str(err))
     if args.command == "lora" and "head_lr" in getattr(args, "given", ()) and args.encoders != "vision":
         parser.error(f"--head-lr is the rate of the linear head that --encoders vision trains; --encoders "
                      f"{args.encoders} trains no head (CLIP's own classifier): leave --head-lr out")

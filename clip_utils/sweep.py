@@ -113,6 +113,21 @@ def zeroshot_line(lab: Lab, dataset: str) -> dict:
     return zeroshot.run_zeroshot(lab, dataset, [prompts.AUTO])[prompts.AUTO] | {"prompt_set": prompts.AUTO}
 
 
+def check_methods(methods: Sequence[str]) -> list[str]:
+    """The canonical names of the methods a sweep trains (`probe` -> `linear_probe`).
+
+    Args:
+        methods: method names or aliases.
+
+    Raises:
+        ValueError: none given, or one that trains nothing or does not exist.
+    """
+    names = [method_named(m).name for m in methods]
+    if not names or not all(METHODS[m].trained for m in names):
+        raise ValueError(f"few-shot runs train a method: choose among probe, lora (got {', '.join(methods) or 'none'})")
+    return names
+
+
 def run_fewshot(lab: Lab, dataset: str, methods: Sequence[str] = config.FEWSHOT_METHODS,
                 shots: Sequence[int] = config.FEWSHOT_SHOTS, seeds: Sequence[int] = config.FEWSHOT_SEEDS, *,
                 probe_cfg: TrainConfig = config.PROBE, lora_cfg: TrainConfig = config.LORA,
@@ -136,10 +151,7 @@ def run_fewshot(lab: Lab, dataset: str, methods: Sequence[str] = config.FEWSHOT_
         dataset, this call's and earlier ones'.
     """
     dataset = canonical_name(dataset)
-    names = [method_named(m).name for m in methods]
-    unknown = [m for m in names if not METHODS[m].trained]
-    if unknown or not names:
-        raise ValueError(f"few-shot runs train a method: choose among probe, lora (got {', '.join(methods) or 'none'})")
+    names = check_methods(methods)
     for k in shots:
         fewshot.check_shots(k)
     # The probe first: LoRA's head starts from the probe of the same shots and seed.

@@ -31,6 +31,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         (["zeroshot", "--dataset", "cub200", "--batch-size", "0"], "positive"),
         (["zeroshot", "--dataset", "cub200", "--workers", "-1"], "zero or more"),
         (["probe", "--dataset", "cub200", "--weight-decay", "-0.1"], "zero or more"),
+        (["zeroshot", "--dataset", "imagefolder:"], "imagefolder: needs the folder"),
+        (["lora", "--dataset", "cub200", "--targets", "q_proj,foo"], "LoRA targets foo are not linear layers"),
+        (["fewshot", "--dataset", "cub200", "--methods", "zeroshot"], "few-shot runs train a method"),
+        (["fewshot", "--dataset", "cub200", "--methods", "probe,svm"], "unknown method 'svm'"),
     ],
 )
 def test_bad_arguments_are_usage_errors(capsys, argv, fragment):
@@ -40,6 +44,8 @@ def test_bad_arguments_are_usage_errors(capsys, argv, fragment):
     err = capsys.readouterr().err
     assert "usage:" in err and fragment in err
     assert "Traceback" not in err
+    if argv[:1] in (["zeroshot"], ["probe"], ["lora"], ["fewshot"], ["predict"]):
+        assert f"usage: python -m clip_utils {argv[0]} " in err  # the command's own usage line
 
 
 @pytest.mark.parametrize("command", ["zeroshot", "probe", "lora", "predict", "export", "report"])
