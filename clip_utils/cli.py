@@ -43,10 +43,10 @@ from .lora import clip_lora_preset, run_lora
 from .methods import CHOICES, METHODS
 from .methods import method as method_named
 from .models import ModelUnavailableError
-from .photos import compare_photos, format_comparison, format_predictions, predict_photos
+from .photos import checkpoint_missing, compare_photos, format_comparison, format_predictions, predict_photos
 from .probe import run_probe
 from .report import make_report
-from .train import TrainingError
+from .train import RESUME_FILE, TrainingError
 from .zeroshot import output_dir, run_zeroshot
 
 EPILOG = "Results layout and options: README.md and DESIGN.md."
@@ -218,11 +218,11 @@ def build_parser(preset: str | None = None) -> argparse.ArgumentParser:
     _training(p, train)
     if preset:  # the preset's iteration count depends on the dataset: worked out in cmd_lora
         p.set_defaults(epochs=os.environ.get("CLIP_EPOCHS"))
-    p.add_argument("--head-lr", type=_positive_float, default=train.head_lr, action=_Given,
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--head-lr", type=_positive_float, default=train.head_lr, action=_Given,
                    help="the head's learning rate with --encoders vision (its own parameter group, in the probe's "
                         "units; the head starts from the probe of the same shots and seed when one is saved) "
                         "(default: %(default)s)")
-    g = p.add_argument_group("LoRA")
     g.add_argument("--preset", choices=tuple(config.LORA_PRESETS), default=None,
                    help="clip-lora: CLIP-LoRA's published settings (q,k,v of both encoders, r=2, alpha=1, "
                         "dropout 0.25, lr 2e-4, batch 32, no warm-up, its 500 iterations per shot as epochs, "
@@ -379,20 +379,25 @@ def cmd_predict(args) -> int:
 
 
 def _predict_all(args) -> int:
-    results = compare_photos(_lab(args), args.photos, args.dataset, top_k=args.top_k, prompt_set=args.prompts)
+    lab = _lab(args)
+    results = compare_photos(lab, args.photos, args.dataset, top_k=args.top_k, prompt_set=args.prompts)
     print(json.dumps(results, indent=1) if args.json else format_comparison(results))
     read = next((r["methods"] for r in results if "methods" in r), None)
     if read is None:  # no photo could be read: no model was loaded, each photo's error is above
         return 1
     # A method's error is the same for every photo: say it once, after the tables.
-    skipped = {name: entry["error"] for name, entry in read.items() if "error" in entry}
-    if len(skipped) == len(read):
-        print(f"error: no method can predict for {args.dataset}: {'; '.join(skipped.values())}", file=sys.stderr)
+    errors = {name: entry["error"] for name, entry in read.items() if "error" in entry}
+    if len(errors) == len(read):
+        print(f"error: no method can predict for {args.dataset}: {'; '.join(errors.values())}", file=sys.stderr)
         return 1
-    if skipped:
-        print("warning: skipped " + "; ".join(f"{METHODS[name].label} ({why})" for name, why in skipped.items()),
-              file=sys.stderr)
-    return 1 if any("error" in r for r in results) else 0
+    # Not trained yet is a skip; a checkpoint that is there but cannot be used is a failure.
+    untrained = {name: why for name, why in errors.items() if checkpoint_missing(lab, args.dataset, name)}
+    if untrained:
+        print("warning: skipped " + "; ".join(f"{METHODS[name].label} ({why})" for name, why in untrained.items())
+              + " (with the same --model, --data-root and --results-dir as here)", file=sys.stderr)
+    for name in errors.keys() - untrained.keys():
+        print(f"error: {METHODS[name].label}: {errors[name]}", file=sys.stderr)
+    return 1 if len(untrained) < len(errors) or any("error" in r for r in results) else 0
 
 
 def cmd_export(args) -> None:
@@ -469,6 +474,18 @@ def _check_arguments(parser: argparse.ArgumentParser, args) -> None:
             parser.error(f"--prompts: {err}")
 
 
+def _kept_after_interrupt(args) -> str:
+    """What an interrupted command leaves behind, and how to go on."""
+    if args.command == "fewshot":
+        return "completed results files are kept (rerun to reuse the finished runs)"
+    if args.command not in ("probe", "lora"):
+        return "completed results files are kept"
+    folder = fewshot.run_dir(args.results_dir, args.dataset, args.command, args.shots, args.seed)
+    if (folder / RESUME_FILE).is_file():
+        return "the last completed epoch's checkpoint and curves are kept (rerun with --resume)"
+    return "no epoch had finished, so there is nothing to resume: rerun the same command to start again"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -488,11 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     except distributed.RankZeroFailed:
         return 1  # rank 0 has said what failed
     except KeyboardInterrupt:
-        kept = (" the last completed epoch's checkpoint and curves are kept (rerun with --resume)"
-                if args.command in ("probe", "lora") else " completed results files are kept"
-                + (" (rerun to reuse the finished runs)" if args.command == "fewshot" else ""))
         if distributed.is_main():  # under torchrun every process gets the Ctrl-C: say it once
-            print(f"interrupted:{kept}", file=sys.stderr)
+            print(f"interrupted: {_kept_after_interrupt(args)}", file=sys.stderr)
         return 130
     except torch.OutOfMemoryError as err:
         # Training turns its own OOM into a TrainingError; what lands here is encoding or prediction.

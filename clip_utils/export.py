@@ -53,6 +53,7 @@ from .lab import Lab
 from .methods import method as method_named
 from .models import Clip, load_clip
 from .photos import open_photos, top_classes
+from .progress import quiet_loading
 from .results import atomic_folder, method_dir, read_json
 
 INFO_FILE = "classes.json"
@@ -159,7 +160,8 @@ def export_classifier(lab: Lab, dataset: str, method: str, out: str | Path) -> P
         "logits": "normalize(visual_projection(vision_model(pixel_values).pooler_output)) @ weight.T + bias",
     }
     with atomic_folder(out) as tmp:
-        clip.model.save_pretrained(tmp)
+        with quiet_loading():  # transformers' `Writing model shards` bar, for one shard
+            clip.model.save_pretrained(tmp)
         clip.processor.save_pretrained(tmp)
         save_head(tmp / HEAD_FILE, head, meta)
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")

@@ -48,7 +48,19 @@ def open_rgb(path: str | Path) -> Image.Image:
         with Image.open(path) as img:
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise UnreadableImageError(f"cannot read image {path}: {err}") from err
+        raise unreadable(path, err) from err
+
+
+def unreadable(path: str | Path, err: Exception) -> UnreadableImageError:
+    """The error for a dataset image that cannot be decoded: the file, why, and what to do.
+
+    Args:
+        path: the image file.
+        err: what the decoder raised.
+    """
+    # PIL names what it read (`<_io.BytesIO object at 0x...>` when given bytes), not the file.
+    why = "not an image file Pillow can identify" if isinstance(err, UnidentifiedImageError) else str(err)
+    return UnreadableImageError(f"cannot read image {path} ({why}): re-download the dataset or remove the file")
 
 
 class ImageListDataset(Dataset):

@@ -31,7 +31,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from . import distributed
-from .data import UnreadableImageError, open_rgb
+from .imagelist import open_rgb, unreadable
 from .preprocess import Preprocess, preprocess_tensors
 from .progress import bar
 
@@ -89,7 +89,7 @@ def _decode_one_fallback(data: bytes, path: str) -> torch.Tensor:
         with Image.open(io.BytesIO(data)) as img:
             array = np.asarray(img.convert("RGB"))
     except OSError as err:
-        raise UnreadableImageError(f"cannot read image {path}: {err}") from err
+        raise unreadable(path, err) from err
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 

@@ -138,7 +138,7 @@ def write(message: str) -> None:
 
 @contextlib.contextmanager
 def quiet_loading() -> Iterator[None]:
-    """Hide the progress bars transformers itself draws inside the block (weights read from disk).
+    """Hide the progress bars transformers itself draws inside the block (weights read or written).
 
     Only transformers' own bars are affected (through its `set_tqdm_hook`); the hub's
     download bars are another library's and stay, so a first download still shows progress.

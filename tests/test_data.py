@@ -116,8 +116,9 @@ def test_unreadable_image_names_the_file(kit, tmp_path):
     bad = ds.samples[0][0]
     with open(bad, "wb") as f:
         f.write(b"\xff\xd8 not really a jpeg")
-    with pytest.raises(UnreadableImageError, match=bad.split("/")[-1]):
+    with pytest.raises(UnreadableImageError, match=bad.split("/")[-1]) as err:
         ds[0]
+    assert "object at 0x" not in str(err.value) and str(err.value).endswith("re-download the dataset or remove the file")
 
 
 def test_class_names_need_no_images_and_no_download(tmp_path, kit, monkeypatch):

@@ -220,6 +220,20 @@ def test_predict_all_skips_untrained_methods_in_one_line(task2_runs, capsys):
     assert capsys.readouterr().out.splitlines()[1].split() == ["zero-shot"]
 
 
+def test_predict_all_fails_on_a_damaged_checkpoint_and_still_shows_the_others(task2_runs, tmp_path, capsys):
+    results = tmp_path / "results"
+    shutil.copytree(task2_runs["results"], results, ignore=shutil.ignore_patterns("cache", "figures"))
+    (results / "cub200" / "linear_probe" / "head.safetensors").write_bytes(b"not a head")
+    args = _args(task2_runs)
+    args[args.index("--results-dir") + 1] = str(results)
+    code = main(["predict", str(BIRD), "--method", "all", "--json", *args])
+    out, err = capsys.readouterr()
+    (result,) = json.loads(out)
+    assert code == 1 and "top_k" in result["methods"]["zeroshot"] and "top_k" in result["methods"]["lora"]
+    (line,) = said(err)  # an error, not a skip: the probe was trained, its file is broken
+    assert line.startswith("error: linear probe: ") and "damaged" in line
+
+
 def test_predict_all_keeps_predicts_exit_codes(task2_runs, tmp_path, capsys):
     code = main(["predict", str(BIRD), str(tmp_path / "gone.jpg"), "--method", "all", "--json", *_args(task2_runs)])
     results = json.loads(capsys.readouterr().out)

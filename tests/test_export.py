@@ -136,3 +136,13 @@ def test_export_refuses_what_it_cannot_or_must_not_do(kit, tmp_path, exported):
     (first / "stale.txt").write_text("from the first export")
     again = export_classifier(lab, "cub200", "probe", first)  # an earlier export is replaced, whole
     assert (again / "model.safetensors").is_file() and not (again / "stale.txt").exists()
+
+
+def test_cli_export_prints_one_line_and_no_progress_bar(exported, tmp_path, capsys):
+    lab = exported["probe"][2]
+    code = main(["export", "--dataset", "cub200", "--method", "probe", "--out", str(tmp_path / "cli"),
+                 "--model", lab.model, "--data-root", str(lab.data_root), "--results-dir", str(lab.results_dir),
+                 "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert code == 0 and out.count("\n") == 1 and "classifier ->" in out
+    assert "Writing model shards" not in err and "%|" not in err

@@ -261,7 +261,11 @@ def test_cli_training_errors_are_one_line(kit, tmp_path, monkeypatch):
 
     monkeypatch.setattr("clip_utils.cli.run_probe", interrupted)
     code, _, err = _cli(["probe", "--dataset", "cub200", *_common(kit, tmp_path)])
-    assert code == 130 and "--resume" in err
+    assert code == 130 and "nothing to resume" in err and "--resume" not in err  # stopped before an epoch ended
+    (tmp_path / "cub200" / "linear_probe").mkdir(parents=True)
+    (tmp_path / "cub200" / "linear_probe" / "resume.pt").touch()  # as an ended epoch leaves it
+    code, _, err = _cli(["probe", "--dataset", "cub200", *_common(kit, tmp_path)])
+    assert code == 130 and "rerun with --resume" in err
 
 
 def test_standardised_head_folds_back_exactly():
