@@ -202,18 +202,17 @@ def _std(values: Sequence[float]) -> float | None:
 
 
 def aggregate(rows: Sequence[dict]) -> list[dict]:
-    """Mean and standard deviation over seeds, one row per dataset, method and shots (`SUMMARY_COLUMNS`).
+    """Mean and standard deviation over seeds, one row per dataset, method, shots and model (`SUMMARY_COLUMNS`).
 
     Args:
         rows: `saved_runs` rows (or any with the same keys).
     """
     groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["dataset"], r["method"], r["shots"]), []).append(r)
+    for r in rows:  # another model is another experiment, never averaged in
+        groups.setdefault((r["dataset"], r["method"], r["shots"], r.get("model")), []).append(r)
     out = []
-    for (dataset, method, shots), runs in groups.items():
-        entry = {"dataset": dataset, "method": method, "shots": shots, "seeds": len(runs),
-                 "model": runs[0].get("model")}
+    for (dataset, method, shots, model), runs in groups.items():
+        entry = {"dataset": dataset, "method": method, "shots": shots, "seeds": len(runs), "model": model}
         for key in AVERAGED:
             values = [r[key] for r in runs if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
             entry[key] = statistics.fmean(values) if values else None
@@ -221,3 +220,29 @@ def aggregate(rows: Sequence[dict]) -> list[dict]:
                 entry[f"{key}_std"] = _std(values)
         out.append(entry)
     return out
+
+
+def mixed_settings(metrics: Sequence[dict]) -> list[str]:
+    """What the seeds of one method and shot count disagree on besides the seed (the model,
+    the solver, any training setting): a mean over them would mix different experiments.
+
+    Args:
+        metrics: `saved_metrics` entries.
+
+    Returns:
+        One message per method and shots whose runs differ; none when every group agrees.
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for m in metrics:
+        groups.setdefault((m["method"], m["shots"]), []).append(m)
+    messages = []
+    for (method, shots), runs in groups.items():
+        settings = [{"model": m.get("model"), "solver": m.get("solver"),
+                     **{k: v for k, v in (m.get("config") or {}).items() if k != "seed"}} for m in runs]
+        differ = sorted({k for s in settings for k in s if any(t.get(k) != s.get(k) for t in settings)})
+        if differ:
+            seeds = ", ".join(str(m["seed"]) for m in runs)
+            messages.append(f"the {METHODS[method].label} {shots}-shot runs (seeds {seeds}) differ in "
+                            f"{', '.join(differ)}, so their mean over seeds mixes them: train them alike, "
+                            f"or keep each setting in its own --results-dir")
+    return messages

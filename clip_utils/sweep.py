@@ -22,6 +22,7 @@ is saved).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -194,6 +195,8 @@ def write_fewshot_report(results_dir: str | Path, dataset: str, zeroshot_run: Ma
     rows = fewshot.saved_runs(results_dir, dataset)
     if not rows:
         return [], [], []
+    for message in fewshot.mixed_settings(fewshot.saved_metrics(results_dir, dataset)):
+        warnings.warn(f"{results_name(dataset)}: {message}", stacklevel=2)
     summary = fewshot.aggregate(rows)
     folder = Path(results_dir) / results_name(dataset)
     files = [write_csv(folder / CSV_FILE, fewshot.ROW_COLUMNS, [[r.get(c) for c in fewshot.ROW_COLUMNS] for r in rows]),

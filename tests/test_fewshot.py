@@ -78,6 +78,22 @@ def test_the_draw_takes_k_per_class_the_same_for_a_seed_and_another_for_another(
         fewshot.sample_per_class(samples, 0, seed=1)
 
 
+def test_runs_of_other_models_or_settings_are_not_averaged_silently():
+    def run(seed, top1, model="m", epochs=3):
+        return {"dataset": "cub200", "method": "lora", "shots": 1, "seed": seed, "top1": top1, "model": model,
+                "solver": None, "config": {"epochs": epochs, "lr": 0.02, "seed": seed}}
+
+    alike = [run(1, 0.2), run(2, 0.4)]
+    assert fewshot.mixed_settings(alike) == []
+    (summary,) = fewshot.aggregate(alike)
+    assert summary["seeds"] == 2 and math.isclose(summary["top1"], 0.3)
+    (message,) = fewshot.mixed_settings([run(1, 0.2), run(2, 0.4, epochs=1)])
+    assert "LoRA 1-shot runs (seeds 1, 2) differ in epochs" in message
+    two_models = [run(1, 0.2), run(2, 0.4, model="other")]
+    assert "differ in model" in fewshot.mixed_settings(two_models)[0]
+    assert sorted((r["model"], r["seeds"]) for r in fewshot.aggregate(two_models)) == [("m", 1), ("other", 1)]
+
+
 def test_a_4_shot_seed_1_run_trains_on_4_and_validates_on_4_per_class(swept, kit, hard, tmp_path):
     folder = swept["folder"] / "linear_probe" / "shots_4" / "seed_1"
     sample = fewshot.read_samples(folder)
