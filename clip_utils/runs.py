@@ -29,7 +29,7 @@ from torch import nn
 from . import distributed, fewshot
 from .checkpoints import HEAD_FILE, TRAIN_HEAD_FILE, CheckpointError, check_head, head_info, read_head
 from .config import TrainConfig
-from .data import ImageListDataset
+from .data import ImageListDataset, check_results_folder
 from .heads import zeroshot_head
 from .lab import Lab
 from .results import read_json
@@ -81,6 +81,7 @@ def run_data(lab: Lab, dataset: str, method: str, shots: int | None, seed: int) 
         shots: images per class (None: all).
         seed: the run's (resolved) seed.
     """
+    check_results_folder(lab.results_dir, dataset)
     folder = fewshot.run_dir(lab.results_dir, dataset, method, shots, seed)
     if shots is None:
         return RunData(folder, None, seed)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from . import distributed, prompts
-from .data import canonical_name, results_name
+from .data import canonical_name, check_results_folder, results_name
 from .evaluation import figure_paths, save_evaluation
 from .heads import ClipClassifier, zeroshot_head
 from .lab import Lab
@@ -144,6 +144,7 @@ def run_zeroshot(
         `auto` adds `selected_set` and `val_top1` (every set's validation top-1).
     """
     dataset = canonical_name(dataset)
+    check_results_folder(lab.results_dir, dataset)
     names = prompts.resolve(prompt_sets, dataset, lab.domain, descriptions=lab.descriptions is not None)
     sets = lab.prompt_sets(dataset)  # before any image is encoded: a bad descriptions file stops here
     feats = lab.features(dataset, split)

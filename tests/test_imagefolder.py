@@ -115,3 +115,17 @@ def test_an_unreadable_image_is_named(kit, tmp_path, capsys):
     code = main(["probe", "--dataset", f"{PREFIX}{folder}", "--epochs", "1", *_common(kit, tmp_path)])  # every split
     err = capsys.readouterr().err
     assert code == 1 and str(broken) in err and "Traceback" not in err
+
+
+def test_two_folders_of_one_name_do_not_share_a_results_folder(kit, tmp_path, capsys):
+    first = testkit.make_imagefolder(tmp_path / "v1" / "mushrooms", n_classes=3, per_class=4)
+    second = testkit.make_imagefolder(tmp_path / "v2" / "mushrooms", n_classes=4, per_class=4)
+    run = ["zeroshot", "--prompts", "default", *_common(kit, tmp_path / "results")]
+    assert main([*run, "--dataset", f"{PREFIX}{first}"]) == 0
+    saved = (tmp_path / "results" / "mushrooms" / "zeroshot" / "default" / "metrics.json").read_text()
+    capsys.readouterr()
+    assert main([*run, "--dataset", f"{PREFIX}{second}"]) == 1
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert f"holds the results of {PREFIX}{first}" in line and "use another --results-dir" in line
+    assert (tmp_path / "results" / "mushrooms" / "zeroshot" / "default" / "metrics.json").read_text() == saved
+    assert main([*run, "--dataset", f"{PREFIX}{first}"]) == 0  # the same folder again is a rerun
