@@ -237,8 +237,7 @@ def mixed_settings(metrics: Sequence[dict]) -> list[str]:
         groups.setdefault((m["method"], m["shots"]), []).append(m)
     messages = []
     for (method, shots), runs in groups.items():
-        settings = [{"model": m.get("model"), "solver": m.get("solver"),
-                     **{k: v for k, v in (m.get("config") or {}).items() if k != "seed"}} for m in runs]
+        settings = [_settings(m) for m in runs]
         differ = sorted({k for s in settings for k in s if any(t.get(k) != s.get(k) for t in settings)})
         if differ:
             seeds = ", ".join(str(m["seed"]) for m in runs)
@@ -246,3 +245,12 @@ def mixed_settings(metrics: Sequence[dict]) -> list[str]:
                             f"{', '.join(differ)}, so their mean over seeds mixes them: train them alike, "
                             f"or keep each setting in its own --results-dir")
     return messages
+
+
+def _settings(metrics: dict) -> dict:
+    # The L-BFGS probe uses none of the training loop's settings (its `epochs` counts the C
+    # values it tried, which differs from seed to seed): its model and solver are its settings.
+    own = {"model": metrics.get("model"), "solver": metrics.get("solver")}
+    if metrics.get("solver") == "lbfgs":
+        return own
+    return own | {k: v for k, v in (metrics.get("config") or {}).items() if k != "seed"}

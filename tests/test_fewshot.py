@@ -89,6 +89,8 @@ def test_runs_of_other_models_or_settings_are_not_averaged_silently():
     assert summary["seeds"] == 2 and math.isclose(summary["top1"], 0.3)
     (message,) = fewshot.mixed_settings([run(1, 0.2), run(2, 0.4, epochs=1)])
     assert "LoRA 1-shot runs (seeds 1, 2) differ in epochs" in message
+    lbfgs = [run(1, 0.2) | {"solver": "lbfgs"}, run(2, 0.4, epochs=12) | {"solver": "lbfgs"}]
+    assert fewshot.mixed_settings(lbfgs) == []  # its `epochs` counts the C values it tried
     two_models = [run(1, 0.2), run(2, 0.4, model="other")]
     assert "differ in model" in fewshot.mixed_settings(two_models)[0]
     assert sorted((r["model"], r["seeds"]) for r in fewshot.aggregate(two_models)) == [("m", 1), ("other", 1)]
