@@ -327,6 +327,8 @@ def _read_state(job: TrainJob, cfg: TrainConfig) -> dict | None:
     trainable = {n for n, p in job.model.named_parameters() if p.requires_grad}
     if set(state["weights"]) != trainable:
         raise TrainingError(f"{file} holds other trainable weights than {job.name}; run without --resume")
+    done = int(state["epoch"])
+    write(f"{job.name}: resuming after epoch {done} of {cfg.epochs} from {file}")
     return state
 
 

@@ -82,7 +82,7 @@ def test_best_epoch_prefers_accuracy_then_loss():
     assert train.best_epoch([]) == 0
 
 
-def test_resume_after_ctrl_c_ends_with_the_same_curves(tmp_path):
+def test_resume_after_ctrl_c_ends_with_the_same_curves(tmp_path, capsys):
     straight = fit(toy_job(tmp_path / "a"), CFG)
 
     def interrupt(epoch, entry):
@@ -95,9 +95,11 @@ def test_resume_after_ctrl_c_ends_with_the_same_curves(tmp_path):
     assert [e["epoch"] for e in kept] == [1, 2]  # the last completed epoch is kept
 
     job = toy_job(tmp_path / "b")  # a new process: fresh model, loop state from disk
+    capsys.readouterr()
     resumed = fit(job, CFG, resume=True)
     assert without_seconds(resumed.curves) == without_seconds(straight.curves)
     assert resumed.best_epoch == straight.best_epoch
+    assert f"resuming after epoch 2 of {CFG.epochs} from " in capsys.readouterr().out
 
 
 def test_resume_after_a_crash_mid_epoch(tmp_path):
