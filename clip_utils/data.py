@@ -15,7 +15,6 @@ benchmark is one declaration and one entry here. Results of a dataset go to
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from .imagelist import (
 # The notebooks' two datasets first, then the field's other fine-grained benchmarks.
 # The package's dataset types are importable from here too.
 __all__ = ["DATASETS", "SPLITS", "DatasetNotFoundError", "DatasetSpec", "ImageListDataset", "UnreadableImageError",
-           "canonical_name", "check_results_folder", "class_names", "dataset_spec", "load_dataset", "open_rgb", "results_name"]
+           "canonical_name", "class_names", "dataset_spec", "load_dataset", "open_rgb", "results_name"]
 
 DATASETS: dict[str, DatasetSpec] = {
     spec.name: spec for spec in (FLOWERS102, CUB200, PETS, FGVC_AIRCRAFT, DTD, FOOD101, EUROSAT, STANFORD_CARS)
@@ -78,35 +77,6 @@ def results_name(name: str) -> str:
     if name.startswith(PREFIX):
         return Path(name[len(PREFIX):]).expanduser().name or "imagefolder"
     return name
-
-
-def check_results_folder(results_dir: str | Path, name: str) -> None:
-    """Refuse an image folder whose results folder holds another image folder's results.
-
-    Image folders are filed under their own folder name (`results_name`), so `v1/mushrooms`
-    and `v2/mushrooms` would share `results/mushrooms/` and overwrite or mix each other's
-    runs; registered datasets have names of their own.
-
-    Args:
-        results_dir: the results root.
-        name: a registered name or `imagefolder:PATH`.
-
-    Raises:
-        ValueError: the folder's saved results are another image folder's (the message says what to do).
-    """
-    if not name.startswith(PREFIX):
-        return
-    folder = Path(results_dir) / results_name(name)
-    saved = next(folder.rglob("metrics.json"), None) if folder.is_dir() else None
-    if saved is None:
-        return
-    try:
-        owner = json.loads(saved.read_text()).get("dataset")
-    except (OSError, ValueError, AttributeError):
-        return  # an unreadable file is reported where it is read
-    if isinstance(owner, str) and owner.startswith(PREFIX) and owner != canonical_name(name):
-        raise ValueError(f"{folder} holds the results of {owner}, another folder with the same name as "
-                         f"{canonical_name(name)}: use another --results-dir, or rename one of the folders")
 
 
 def load_dataset(

@@ -21,7 +21,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .data import results_name
+from .data import canonical_name, results_name
+from .imagefolder import PREFIX
 from .methods import METHODS
 from .methods import method as method_named
 
@@ -221,3 +222,32 @@ def figures_dir(results_dir: str | Path) -> Path:
     folder = Path(results_dir) / "figures"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def check_results_folder(results_dir: str | Path, name: str) -> None:
+    """Refuse an image folder whose results folder holds another image folder's results.
+
+    Image folders are filed under their own folder name (`data.results_name`), so `v1/mushrooms`
+    and `v2/mushrooms` would share `results/mushrooms/` and overwrite or mix each other's
+    runs; registered datasets have names of their own.
+
+    Args:
+        results_dir: the results root.
+        name: a registered name or `imagefolder:PATH`.
+
+    Raises:
+        ValueError: the folder's saved results are another image folder's (the message says what to do).
+    """
+    if not name.startswith(PREFIX):
+        return
+    folder = Path(results_dir) / results_name(name)
+    saved = next(folder.rglob("metrics.json"), None) if folder.is_dir() else None
+    if saved is None:
+        return
+    try:
+        owner = read_json(saved).get("dataset")
+    except (OSError, ValueError, AttributeError):
+        return  # an unreadable file is reported where it is read
+    if isinstance(owner, str) and owner.startswith(PREFIX) and owner != canonical_name(name):
+        raise ValueError(f"{folder} holds the results of {owner}, another folder with the same name as "
+                         f"{canonical_name(name)}: use another --results-dir, or rename one of the folders")

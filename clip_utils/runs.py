@@ -29,10 +29,10 @@ from torch import nn
 from . import distributed, fewshot
 from .checkpoints import HEAD_FILE, TRAIN_HEAD_FILE, CheckpointError, check_head, head_info, read_head
 from .config import TrainConfig
-from .data import ImageListDataset, check_results_folder
+from .data import ImageListDataset
 from .heads import zeroshot_head
 from .lab import Lab
-from .results import read_json
+from .results import check_results_folder, read_json
 from .train import FitResult, TrainingError
 
 HEAD_INIT_SET = "domain"

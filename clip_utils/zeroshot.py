@@ -28,12 +28,12 @@ from pathlib import Path
 import torch
 
 from . import distributed, prompts
-from .data import canonical_name, check_results_folder, results_name
+from .data import canonical_name, results_name
 from .evaluation import figure_paths, save_evaluation
 from .heads import ClipClassifier, zeroshot_head
 from .lab import Lab
 from .plots import plot_prompt_comparison
-from .results import dataset_folders, figures_dir, method_dir, read_json
+from .results import check_results_folder, dataset_folders, figures_dir, method_dir, read_json
 
 METHOD = "zeroshot"
 # How tables list the prompt sets of any dataset (each dataset has some of them).
