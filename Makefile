@@ -10,20 +10,20 @@ DEPS ?= $(STAMP)
 .PHONY: run test demo bench gpu-check clean-venv
 
 run: $(DEPS)  ## the main job: both notebooks on ViT-L/14 and the real datasets
-	$(PY) -m clip_utils.notebooks Task1.ipynb Task2.ipynb
+	$(PY) -m clip_utils.app.notebooks Task1.ipynb Task2.ipynb
 
 test: $(DEPS)  ## the whole test suite, offline, on CPU (a worker per core; a test file stays in one worker)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -n auto --dist loadfile
 
 demo: $(DEPS)  ## both notebooks offline on the bundled tiny model and generated data
-	$(PY) -m clip_utils.notebooks --demo
+	$(PY) -m clip_utils.app.notebooks --demo
 
 bench: $(DEPS)  ## speed benchmark (use on a CUDA machine; --small runs on CPU)
-	$(PY) -m clip_utils.bench
+	$(PY) -m clip_utils.app.bench
 
 gpu-check: $(DEPS)  ## on a CUDA machine: the GPU-only tests, then the full benchmark
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m cuda tests/test_cuda.py
-	$(PY) -m clip_utils.bench --json results/bench.json
+	$(PY) -m clip_utils.app.bench --json results/bench.json
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

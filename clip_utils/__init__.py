@@ -1,7 +1,7 @@
 """clip_utils: adapt CLIP to fine-grained image classification (Flowers102, CUB-200-2011, ...).
 
     from clip_utils.lab import Lab
-    from clip_utils.zeroshot import run_zeroshot
+    from clip_utils.methods.zeroshot import run_zeroshot
     run_zeroshot(Lab(), "flowers102", ["domain", "auto"])
 
 Layers, imports pointing down only (a test fails on any cycle):

@@ -27,15 +27,15 @@ from pathlib import Path
 
 import torch
 
-from . import distributed
-from .classnames import check_naming
-from .config import CLASS_NAMING, DEFAULT_MODEL, INFERENCE_BATCH_SIZE
-from .data import ImageListDataset, class_names, load_dataset
-from .descriptions import description_set
-from .features import Features, encode_dataset
-from .models import Clip, load_clip, load_preprocess
-from .preprocess import Preprocess
-from .prompts import DESCRIPTIONS, PromptSet, build_text_classifier, prompt_sets
+from clip_utils.runtime import distributed
+from clip_utils.data.classnames import check_naming
+from clip_utils.config import CLASS_NAMING, DEFAULT_MODEL, INFERENCE_BATCH_SIZE
+from clip_utils.data import ImageListDataset, class_names, dataset_spec, load_dataset
+from clip_utils.prompts.descriptions import description_set
+from clip_utils.model.features import Features, encode_dataset
+from clip_utils.model.clip import Clip, load_clip, load_preprocess
+from clip_utils.model.preprocess import Preprocess
+from clip_utils.prompts import DESCRIPTIONS, PromptSet, build_text_classifier, prompt_sets
 
 
 def default_device() -> str:
@@ -212,7 +212,7 @@ class Lab:
         metrics.json records, even if the file changes meanwhile. Returns a copy.
         """
         if dataset not in self._loaded.prompt_sets:
-            sets: dict[str, PromptSet] = dict(prompt_sets(dataset, self.domain, self.seed))
+            sets: dict[str, PromptSet] = dict(prompt_sets(dataset_spec(dataset), self.domain, self.seed))
             if self.descriptions is not None:
                 sets[DESCRIPTIONS] = description_set(self.descriptions, self.class_names(dataset),
                                                      self.label_map(dataset))

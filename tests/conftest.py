@@ -8,10 +8,19 @@ from pathlib import Path
 # Before any Hugging Face import: a missing model must fail at once, not after retries.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# One intra-op thread per xdist worker, and per subprocess a test starts (they inherit the
+# environment): `make test` runs a worker per core, and workers whose torch each used every
+# core would oversubscribe the machine, each small op waiting on a descheduled thread.
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
 import pytest  # noqa: E402
 
+import torch  # noqa: E402
+
 from clip_utils import testkit  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +38,7 @@ def kit(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_clip(kit):
     """`(model, processor)` of the tiny CLIP, loaded once."""
-    from clip_utils.models import load_clip
+    from clip_utils.model.clip import load_clip
 
     clip = load_clip(kit["model"])
     return clip.model, clip.processor
@@ -45,7 +54,7 @@ def zeroshot_cli_run(kit, tmp_path_factory):
     import contextlib
     import io
 
-    from clip_utils.cli import main
+    from clip_utils.app.cli import main
 
     results = tmp_path_factory.mktemp("zeroshot_cli")
     out = io.StringIO()
@@ -66,10 +75,10 @@ def task2_runs(kit, tmp_path_factory):
     """
     from clip_utils.lab import Lab
     from clip_utils.config import LoraSettings
-    from clip_utils.lora import run_lora
+    from clip_utils.methods.lora import run_lora
     from clip_utils.config import TrainConfig
-    from clip_utils.probe import run_probe
-    from clip_utils.zeroshot import run_zeroshot
+    from clip_utils.methods.probe import run_probe
+    from clip_utils.methods.zeroshot import run_zeroshot
 
     results = tmp_path_factory.mktemp("task2_results")
     lab = Lab(model=str(kit["model"]), data_root=kit["data"], results_dir=results, device="cpu", batch_size=32,
@@ -94,7 +103,7 @@ def both_lora_run(kit, tmp_path_factory):
     """
     from clip_utils.config import LoraSettings, TrainConfig
     from clip_utils.lab import Lab
-    from clip_utils.lora import run_lora
+    from clip_utils.methods.lora import run_lora
 
     results = tmp_path_factory.mktemp("both_lora")
     lab = Lab(model=str(kit["model"]), data_root=kit["data"], results_dir=results, device="cpu", batch_size=32,

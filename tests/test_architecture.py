@@ -16,29 +16,89 @@ import nbformat
 import pytest
 
 import clip_utils
-from clip_utils import config, lora, probe, progress, sweep
-from clip_utils.cli import build_parser
+from clip_utils import config
+from clip_utils.methods import lora
+from clip_utils.methods import probe
+from clip_utils.runtime import progress
+from clip_utils.app import sweep
+from clip_utils.app.cli import build_parser
 from clip_utils.lab import Lab
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = Path(clip_utils.__file__).resolve().parent
 
 
+# The layers, lowest first. A module may import from its own layer and the ones below it,
+# never from above (function-local imports included): `report` cannot reach `lora` through
+# `sweep`, and the training loop knows nothing of datasets, labs or methods.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("config", "errors", "registry", "metrics"),  # building blocks, no package imports
+    ("runtime",),   # process concerns: env parameters, progress, torchrun, network, atomic files
+    ("prompts",),   # templates and prompt sets, the text classifier
+    ("data",),      # datasets, splits, class names, images
+    ("model",),     # loading, preprocessing, encoding, feature cache, heads, the training loop
+    ("figures",),   # drawing
+    ("results",),   # the results folder, checkpoints, evaluation files, few-shot runs
+    ("lab",),       # the run context
+    ("methods",),   # one module per method, registered
+    ("testkit",),   # the offline kit (tiny models, synthetic datasets)
+    ("app", "__main__"),  # CLI, notebooks runner, photos, explorer, export, sweep, report, bench
+)
+
+
+def layer_of(module: str) -> int:
+    top = module.split(".")[0]
+    for i, names in enumerate(LAYERS):
+        if top in names:
+            return i
+    raise AssertionError(f"{module} is in no layer of LAYERS")
+
+
+def module_name(file: Path, package: Path) -> str:
+    parts = file.relative_to(package).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _resolve(node: ast.ImportFrom, module: str, is_package: bool) -> str:
+    if node.level == 0:
+        return node.module or ""
+    base = module.split(".") if is_package else module.split(".")[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join([PACKAGE.name, *base, *([node.module] if node.module else [])])
+
+
 def import_graph(package: Path) -> dict[str, set[str]]:
-    """`{module: package modules it imports}`, every import statement counted, function bodies included."""
+    """`{module: package modules it imports}` (dotted, relative to the package), every import
+    statement counted, function bodies included."""
+    modules = {module_name(f, package) for f in package.rglob("*.py")} - {""}
     graph: dict[str, set[str]] = {}
-    for file in sorted(package.glob("*.py")):
+    for file in sorted(package.rglob("*.py")):
+        name = module_name(file, package)
+        if not name:
+            continue
         deps: set[str] = set()
         for node in ast.walk(ast.parse(file.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                # `from . import a, b` names modules; `from .a import x` names module a.
-                deps |= {a.name for a in node.names} if node.module is None else {node.module.split(".")[0]}
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(f"{package.name}."):
-                deps.add(node.module.split(".")[1])
+            targets: list[str] = []
+            if isinstance(node, ast.ImportFrom):
+                base = _resolve(node, name, file.name == "__init__.py")
+                targets = [f"{base}.{a.name}" for a in node.names] + [base]
             elif isinstance(node, ast.Import):
-                deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith(f"{package.name}.")}
-        graph[file.stem] = deps & {f.stem for f in package.glob("*.py")}
+                targets = [a.name for a in node.names]
+            for target in targets:
+                if target.startswith(f"{package.name}."):
+                    dotted = target[len(package.name) + 1:]
+                    # the longest prefix that is a module: `data.images.open_rgb` -> `data.images`
+                    while dotted and dotted not in modules:
+                        dotted = dotted.rpartition(".")[0]
+                    if dotted and dotted != name:
+                        deps.add(dotted)
+        graph[name] = deps
     return graph
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """`a -> b` for every import of a module from a higher layer."""
+    return [f"{a} -> {b}" for a, deps in sorted(graph.items()) for b in sorted(deps) if layer_of(b) > layer_of(a)]
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -69,19 +129,35 @@ def test_the_cycle_finder_finds_a_planted_cycle():
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
 
 
-def test_the_package_has_no_import_cycle_even_inside_functions():
+def test_the_layer_check_finds_a_planted_upward_import(tmp_path):
+    package = tmp_path / PACKAGE.name
+    (package / "model").mkdir(parents=True)
+    (package / "app").mkdir()
+    for init in (package / "__init__.py", package / "model" / "__init__.py", package / "app" / "__init__.py"):
+        init.write_text("")
+    (package / "app" / "report.py").write_text(f"from {PACKAGE.name}.model import training\n")
+    # planted: the training loop reaching up into the app, inside a function
+    (package / "model" / "training.py").write_text(f"def fit():\n    from {PACKAGE.name}.app.report import x\n")
+    assert upward_imports(import_graph(package)) == ["model.training -> app.report"]
+
+
+def test_imports_point_down_the_layers_even_inside_functions():
     graph = import_graph(PACKAGE)
-    assert {"lab", "train", "probe", "lora", "zeroshot", "checkpoints"} <= set(graph)
+    assert {"lab", "model.training", "methods.probe", "methods.lora", "app.cli", "results.checkpoints"} <= set(graph)
+    assert upward_imports(graph) == []
     cycle = find_cycle(graph)
     assert cycle is None, " -> ".join(cycle)
 
 
-def test_the_training_loop_knows_nothing_of_datasets_labs_or_methods():
+def test_the_foundation_imports_nothing_of_the_package():
     graph = import_graph(PACKAGE)
-    assert not graph["train"] & {"data", "lab", "probe", "lora", "zeroshot", "features"}
-    # the methods are peers: none imports another
-    for method in ("zeroshot", "probe", "lora"):
-        assert not graph[method] & ({"zeroshot", "probe", "lora"} - {method}), method
+    for name in LAYERS[0]:
+        assert not graph[name], f"{name} imports {graph[name]}"
+
+
+def test_the_package_tree_is_the_layers():
+    tops = {module_name(f, PACKAGE).split(".")[0] for f in PACKAGE.rglob("*.py")} - {""}
+    assert tops == {name for layer in LAYERS for name in layer}
 
 
 def test_a_lab_is_immutable(kit, tmp_path):

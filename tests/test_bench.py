@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from clip_utils import bench
+from clip_utils.app import bench
 
 
 def test_small_benchmark_prints_the_side_by_side_table(tmp_path, capsys):

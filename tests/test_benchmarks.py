@@ -15,8 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from clip_utils import data, imagelist, prompts, testkit_benchmarks
-from clip_utils.cli import main
+from clip_utils.data import dataset_spec
+from clip_utils import data
+
+from clip_utils.data import images as imagelist
+
+from clip_utils import prompts
+
+from clip_utils.testkit import benchmarks as testkit_benchmarks
+from clip_utils.app.cli import main
 from clip_utils.data import DatasetNotFoundError, class_names, load_dataset
 
 BENCHMARKS = ("pets", "fgvc_aircraft", "dtd", "food101", "eurosat", "stanford_cars")
@@ -148,7 +155,7 @@ def test_curated_names_where_clip_renamed_the_classes(bench):
     assert class_names("eurosat", bench, "original") == ["Annual Crop", "Herbaceous Vegetation", "Highway", "Sea Lake"]
     assert class_names("eurosat", bench) == ["annual crop land", "brushland or shrubland", "highway or road",
                                              "lake or sea"]
-    from clip_utils.classnames import PETS_CLIP, curated_eurosat, curated_pets
+    from clip_utils.data.classnames import PETS_CLIP, curated_eurosat, curated_pets
 
     # the full tables: all 37 breeds from torchvision's title-cased names; all ten EuroSAT folders
     titled = [" ".join(w.title() for w in n.split()) for n in PETS_CLIP]
@@ -173,7 +180,7 @@ DOMAINS = {"pets": "a type of pet", "fgvc_aircraft": "a type of aircraft", "dtd"
 
 @pytest.mark.parametrize("name", BENCHMARKS)
 def test_prompt_sets_carry_clips_templates(name):
-    sets = prompts.prompt_sets(name)
+    sets = prompts.prompt_sets(dataset_spec(name))
     spec = data.dataset_spec(name)
     assert spec.clip_templates == tuple(CLIP_TEMPLATES[name]) and spec.domain == DOMAINS[name]
     phrase = DOMAINS[name]
@@ -183,11 +190,11 @@ def test_prompt_sets_carry_clips_templates(name):
     assert all(phrase in t for t in sets.get("domain_ensemble", []))
     # CLIP's templates are a set of their own unless they are the domain set already (Pets)
     assert sets.get("clip", sets["domain"]) == CLIP_TEMPLATES[name]
-    assert prompts.resolve("all", name)[-1] == "auto"
+    assert prompts.resolve("all", dataset_spec(name))[-1] == "auto"
 
 
 def test_flowers_keep_their_sets():
-    assert list(prompts.prompt_sets("flowers102")) == ["default", "domain", "diverse", "domain_ensemble", "waffle"]
+    assert list(prompts.prompt_sets(dataset_spec("flowers102"))) == ["default", "domain", "diverse", "domain_ensemble", "waffle"]
 
 
 @pytest.mark.parametrize("name", BENCHMARKS)

@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from clip_utils import checkpoints
-from clip_utils.checkpoints import (
+from clip_utils.results import checkpoints
+from clip_utils.results.checkpoints import (
     CheckpointMismatchError,
     head_info,
     load_head,
@@ -23,16 +23,16 @@ from clip_utils.checkpoints import (
     save_adapter,
     save_head,
 )
-from clip_utils.cli import main
+from clip_utils.app.cli import main
 from clip_utils.config import LoraSettings
-from clip_utils.heads import ClipClassifier
-from clip_utils.inputs import iter_labelled_batches
+from clip_utils.model.heads import ClipClassifier
+from clip_utils.model.inputs import iter_labelled_batches
 from clip_utils.lab import Lab
-from clip_utils.lora import add_lora
-from clip_utils.models import load_clip
-from clip_utils.photos import classifier_for
-from clip_utils.preprocess import Preprocess
-from clip_utils.train import predict
+from clip_utils.methods.lora import add_lora
+from clip_utils.model.clip import load_clip
+from clip_utils.app.photos import classifier_for
+from clip_utils.model.preprocess import Preprocess
+from clip_utils.model.training import predict
 
 ROOT = Path(__file__).resolve().parents[1]
 

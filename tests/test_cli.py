@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from clip_utils.cli import build_parser, main
+from clip_utils.app.cli import build_parser, main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,7 +82,7 @@ def test_make_run_offline_stops_fast_naming_model_and_demo(tmp_path):
     env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9",
                CLIP_RESULTS_DIR=str(tmp_path / "results"))
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "clip_utils.notebooks"], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "clip_utils.app.notebooks"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     elapsed = time.perf_counter() - start
     assert proc.returncode == 1
@@ -110,7 +110,7 @@ def test_out_of_memory_outside_training_names_a_batch_size(capsys, monkeypatch):
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr("clip_utils.cli.run_zeroshot", oom)
+    monkeypatch.setattr("clip_utils.app.cli.run_zeroshot", oom)
     code = main(["zeroshot", "--dataset", "cub200", "--batch-size", "256", "--device", "cpu"])
     assert code == 1
     err = capsys.readouterr().err
@@ -123,7 +123,7 @@ def test_out_of_memory_while_a_probe_encodes_names_the_encoding_batch(capsys, mo
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr("clip_utils.cli.run_probe", oom)
+    monkeypatch.setattr("clip_utils.app.cli.run_probe", oom)
     code = main(["probe", "--dataset", "cub200", "--batch-size", "16", "--encode-batch-size", "64", "--device", "cpu"])
     assert code == 1
     assert "--encode-batch-size 32" in capsys.readouterr().err
@@ -137,7 +137,7 @@ def test_out_of_memory_while_a_probe_encodes_names_the_encoding_batch(capsys, mo
     (["lora", "--dataset", "cub200", "--batch-size", "8"], 8, 8),
 ])
 def test_batch_size_options_reach_the_lab(argv, train, encode, monkeypatch):
-    from clip_utils.cli import _lab, build_parser
+    from clip_utils.app.cli import _lab, build_parser
 
     monkeypatch.delenv("CLIP_BATCH_SIZE", raising=False)
     lab = _lab(build_parser().parse_args([*argv, "--device", "cpu"]))

@@ -11,18 +11,19 @@ import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPVisionConfig
 
+from clip_utils.data import dataset_spec
 from clip_utils import config
-from clip_utils.checkpoints import HeadInfo
-from clip_utils.cli import build_parser, main
-from clip_utils.clip_lora import TextTowerClassifier, attach_adapter, class_tokens
+from clip_utils.results.checkpoints import HeadInfo
+from clip_utils.app.cli import build_parser, main
+from clip_utils.methods.lora_adapters import TextTowerClassifier, attach_adapter, class_tokens
 from clip_utils.config import LoraSettings
-from clip_utils.heads import count_parameters
-from clip_utils.inputs import iter_labelled_batches
-from clip_utils.lora import add_lora, lora_trainable_params, run_lora
-from clip_utils.models import load_clip
-from clip_utils.photos import classifier_for
+from clip_utils.model.heads import count_parameters
+from clip_utils.model.inputs import iter_labelled_batches
+from clip_utils.methods.lora import add_lora, lora_trainable_params, run_lora
+from clip_utils.model.clip import load_clip
+from clip_utils.app.photos import classifier_for
 from clip_utils.prompts import build_text_classifier
-from clip_utils.train import predict
+from clip_utils.model.training import predict
 
 VIT_L14 = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)
 VIT_L14_TEXT = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
@@ -216,7 +217,7 @@ def test_cli_text_tower_only_with_the_preset(kit, tmp_path):
 
 def test_both_encoders_few_shot_run_has_its_own_folder_sample_and_reload(kit, tmp_path):
     from clip_utils.lab import Lab
-    from clip_utils.lora import load_classifier
+    from clip_utils.methods.lora import load_classifier
 
     lab = Lab(model=str(kit["model"]), data_root=kit["data"], results_dir=tmp_path, device="cpu", batch_size=32,
               num_workers=0, download=False)

@@ -27,8 +27,8 @@ def cuda_lab(kit, tmp_path_factory):
 
 def test_gpu_decode_path_agrees_with_the_cpu_pil_path(tiny_clip, kit):
     from clip_utils.data import load_dataset
-    from clip_utils.features import encode_paths
-    from clip_utils.preprocess import Preprocess
+    from clip_utils.model.features import encode_paths
+    from clip_utils.model.preprocess import Preprocess
 
     model, processor = tiny_clip
     pre = Preprocess.from_processor(processor)
@@ -53,7 +53,7 @@ def test_gpu_decode_is_intact_while_the_gpu_is_still_busy(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from clip_utils.inputs import decode_batch
+    from clip_utils.model.inputs import decode_batch
 
     rng = np.random.default_rng(0)
     blobs = []
@@ -86,7 +86,7 @@ def test_gpu_decode_of_grey_cmyk_and_png_matches_the_cpu(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from clip_utils.inputs import decode_batch
+    from clip_utils.model.inputs import decode_batch
 
     # A smooth picture, saved without chroma subsampling: nvJPEG and libjpeg upsample chroma
     # differently (with and without interpolation), which is not what this test is about.
@@ -108,11 +108,11 @@ def test_gpu_decode_of_grey_cmyk_and_png_matches_the_cpu(tmp_path):
 
 def test_zeroshot_probe_lora_and_predict_on_cuda(cuda_lab, capsys):
     from clip_utils.config import LoraSettings
-    from clip_utils.lora import run_lora
-    from clip_utils.photos import predict_photos
+    from clip_utils.methods.lora import run_lora
+    from clip_utils.app.photos import predict_photos
     from clip_utils.config import TrainConfig
-    from clip_utils.probe import run_probe
-    from clip_utils.zeroshot import run_zeroshot
+    from clip_utils.methods.probe import run_probe
+    from clip_utils.methods.zeroshot import run_zeroshot
 
     lab = cuda_lab.replace()  # nothing loaded yet: this test counts the loads
     zs = run_zeroshot(lab, "cub200", ["domain"])["domain"]
@@ -133,7 +133,7 @@ def test_zeroshot_probe_lora_and_predict_on_cuda(cuda_lab, capsys):
 def test_lora_grad_checkpointing_reduces_peak_memory_on_cuda(cuda_lab):
     from clip_utils.lab import Lab
     from clip_utils.config import LoraSettings
-    from clip_utils.lora import run_lora
+    from clip_utils.methods.lora import run_lora
     from clip_utils.config import TrainConfig
 
     peaks = {}
@@ -148,8 +148,8 @@ def test_lora_grad_checkpointing_reduces_peak_memory_on_cuda(cuda_lab):
 def test_lora_on_both_encoders_measures_memory_and_exports_on_cuda(cuda_lab, tmp_path):
     """Both towers in bf16 with fp32 adapters, CLIP's own classifier, the VRAM probe, then an fp32 merge."""
     from clip_utils.config import LoraSettings, TrainConfig
-    from clip_utils.export import export_classifier, predict_exported
-    from clip_utils.lora import run_lora
+    from clip_utils.app.export import export_classifier, predict_exported
+    from clip_utils.methods.lora import run_lora
 
     lab = cuda_lab.replace(results_dir=cuda_lab.results_dir / "both")
     metrics = run_lora(lab, "cub200", TrainConfig(epochs=2, lr=5e-4, augment=True),
@@ -161,7 +161,7 @@ def test_lora_on_both_encoders_measures_memory_and_exports_on_cuda(cuda_lab, tmp
 
 
 def test_benchmark_runs_on_cuda(capsys):
-    from clip_utils import bench
+    from clip_utils.app import bench
 
     assert bench.main(["--small", "--images", "64", "--device", "cuda"]) == 0
     assert "model alone" in capsys.readouterr().out

@@ -9,7 +9,11 @@ from collections import Counter
 import pytest
 import torch
 
-from clip_utils import cub, data, imagelist
+from clip_utils.data import cub
+
+from clip_utils import data
+
+from clip_utils.data import images as imagelist
 from clip_utils.data import DatasetNotFoundError, UnreadableImageError, load_dataset
 
 

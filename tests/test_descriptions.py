@@ -9,8 +9,9 @@ import json
 
 import pytest
 
-from clip_utils.cli import main
-from clip_utils.descriptions import (
+from clip_utils.data import dataset_spec
+from clip_utils.app.cli import main
+from clip_utils.prompts.descriptions import (
     DescriptionsError,
     description_prompt,
     match_descriptions,
@@ -18,7 +19,7 @@ from clip_utils.descriptions import (
 )
 from clip_utils.lab import Lab
 from clip_utils.prompts import build_text_classifier, prompt_sets
-from clip_utils.zeroshot import run_zeroshot
+from clip_utils.methods.zeroshot import run_zeroshot
 
 
 @pytest.mark.parametrize("description, prompt", [
@@ -98,7 +99,7 @@ def test_descriptions_and_waffle_are_recorded_with_their_exact_prompts(described
     names = lab.class_names("cub200")
     saved = {name: json.loads((lab.results_dir / "cub200" / "zeroshot" / name / "metrics.json").read_text())
              for name in ("waffle", "descriptions", "auto")}
-    assert saved["waffle"]["templates"] == prompt_sets("cub200", seed=lab.seed)["waffle"]
+    assert saved["waffle"]["templates"] == prompt_sets(dataset_spec("cub200"), seed=lab.seed)["waffle"]
     per_class = saved["descriptions"]["templates"]
     assert list(per_class) == names  # one entry per class, in label order
     assert per_class[names[1]] == [f"{names[1]}, which is a long, hooked bill",

@@ -30,9 +30,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from clip_utils import distributed, testkit
-from clip_utils.cli import main
-from clip_utils.distributed import PAD_LABEL, rank_order, shard, shard_sizes
+from clip_utils.runtime import distributed
+
+from clip_utils import testkit
+from clip_utils.app.cli import main
+from clip_utils.runtime.distributed import PAD_LABEL, rank_order, shard, shard_sizes
 
 ROOT = Path(__file__).resolve().parents[1]
 LORA_ARGS = ["--dataset", "cub200", "--device", "cpu", "--batch-size", "9", "--epochs", "2", "--dropout", "0",
@@ -234,7 +236,7 @@ def test_lora_on_two_processes_gives_the_single_process_run(runs):
     # The head trains in head units (heads.head_units) and is saved folded onto raw embeddings,
     # which divides its weights by scale (std x D/768: 48x on the 16-dimensional test model and
     # more on low-variance dimensions): compared in the units it trains in, as the adapters are.
-    from clip_utils.heads import head_units
+    from clip_utils.model.heads import head_units
 
     (train_cache,) = (single / "cache" / "features").glob("cub200-train-*.safetensors")
     mean, scale = head_units(load_file(train_cache)["embeddings"].double())

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clip_utils import explorer as explorer_module
-from clip_utils import lora, probe
-from clip_utils.cli import main
-from clip_utils.explorer import UPLOADED, photo_explorer
-from clip_utils.photos import compare_photos, predict_photos
+from clip_utils.app import explorer as explorer_module
+from clip_utils.methods import lora
+from clip_utils.methods import probe
+from clip_utils.app.cli import main
+from clip_utils.app.explorer import UPLOADED, photo_explorer
+from clip_utils.app.photos import compare_photos, predict_photos
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT / "my_photo"

@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 from clip_utils.data import UnreadableImageError, load_dataset
-from clip_utils.features import encode_paths
-from clip_utils.inputs import decode_batch
-from clip_utils.preprocess import Preprocess, preprocess_tensors
+from clip_utils.model.features import encode_paths
+from clip_utils.model.inputs import decode_batch
+from clip_utils.model.preprocess import Preprocess, preprocess_tensors
 
 
 def test_fast_path_predictions_agree_with_pil_path(tiny_clip, kit):
@@ -68,7 +68,7 @@ def test_preprocess_tensors_matches_the_pil_transform(tiny_clip):
 
 @pytest.mark.parametrize("threads", [0, 3])
 def test_file_bytes_come_back_in_order_and_in_batches(tmp_path, threads):
-    from clip_utils.inputs import iter_file_bytes
+    from clip_utils.model.inputs import iter_file_bytes
 
     paths = []
     for i in range(11):
@@ -80,7 +80,7 @@ def test_file_bytes_come_back_in_order_and_in_batches(tmp_path, threads):
 
 
 def test_a_missing_file_is_named(tmp_path):
-    from clip_utils.inputs import iter_file_bytes
+    from clip_utils.model.inputs import iter_file_bytes
 
     with pytest.raises(FileNotFoundError, match="gone.jpg"):
         list(iter_file_bytes([str(tmp_path / "gone.jpg")], batch_size=2, threads=2))

@@ -20,8 +20,12 @@ import pytest
 import torch
 from torch import nn
 
-from clip_utils import config, fewshot, testkit
-from clip_utils.cli import main
+from clip_utils import config
+
+from clip_utils.results import fewshot
+
+from clip_utils import testkit
+from clip_utils.app.cli import main
 from clip_utils.lab import Lab
 
 SHOTS, SEEDS = (1, 4), (1, 2)
@@ -139,8 +143,8 @@ def test_a_second_sweep_reuses_every_finished_run(swept, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr("clip_utils.sweep.run_probe", no_training)
-    monkeypatch.setattr("clip_utils.sweep.run_lora", no_training)
+    monkeypatch.setattr("clip_utils.app.sweep.run_probe", no_training)
+    monkeypatch.setattr("clip_utils.app.sweep.run_lora", no_training)
     before = (swept["folder"] / "fewshot.csv").read_text()
     code, out, err = _cli(swept["args"])
     assert code == 0, err
@@ -158,7 +162,8 @@ def test_lora_in_the_sweep_starts_from_the_probe_of_its_own_sample(swept):
 
 
 def test_few_shot_classifiers_load_by_shots_and_seed(swept, kit, hard):
-    from clip_utils import lora, probe
+    from clip_utils.methods import lora
+    from clip_utils.methods import probe
 
     lab = _lab(kit, swept["results"])
     assert probe.load_classifier(lab, hard, shots=4, seed=1).head.out_features == 10
@@ -168,7 +173,7 @@ def test_few_shot_classifiers_load_by_shots_and_seed(swept, kit, hard):
 
 
 def test_report_gives_the_spread_over_seeds(swept):
-    from clip_utils import report
+    from clip_utils.app import report
 
     report.make_report(swept["results"])
     with open(swept["results"] / "summary.csv", newline="") as f:
@@ -193,9 +198,9 @@ def compared(kit, hard, tmp_path_factory):
     LoRA trains at the demo's adapter rate (2e-2): the kit's CLIP has random weights, and at
     ViT-L/14's 5e-4 its adapters barely move in the 50 steps a test affords.
     """
-    from clip_utils.lora import run_lora
-    from clip_utils.probe import run_probe
-    from clip_utils.zeroshot import run_zeroshot
+    from clip_utils.methods.lora import run_lora
+    from clip_utils.methods.probe import run_probe
+    from clip_utils.methods.zeroshot import run_zeroshot
 
     lab = _lab(kit, tmp_path_factory.mktemp("compared"))
     zeroshot = run_zeroshot(lab, hard, ["auto"])["auto"]
@@ -227,7 +232,7 @@ def test_the_default_probe_is_the_clip_papers_lbfgs_probe(compared):
 
 
 def test_the_lbfgs_head_predicts_through_the_common_classifier(compared, hard):
-    from clip_utils.probe import load_classifier
+    from clip_utils.methods.probe import load_classifier
 
     lab = compared["lab"]
     classifier = load_classifier(lab, hard)
@@ -246,7 +251,7 @@ def test_lora_starts_from_the_probe_and_does_not_end_below_it(compared):
 
 
 def test_lora_without_a_probe_starts_from_zero_shot(kit, tmp_path):
-    from clip_utils.lora import run_lora
+    from clip_utils.methods.lora import run_lora
 
     metrics = run_lora(_lab(kit, tmp_path), "cub200", replace(config.LORA, epochs=1))
     assert metrics["head_init"] == "zeroshot" and metrics["shots"] is None and metrics["seed"] == 0
@@ -256,7 +261,7 @@ def test_lora_without_a_probe_starts_from_zero_shot(kit, tmp_path):
 
 
 def test_parameter_groups_give_the_head_its_own_learning_rate(tmp_path, monkeypatch):
-    from clip_utils.train import TrainingError, TrainJob, fit, permuted_batches
+    from clip_utils.model.training import TrainingError, TrainJob, fit, permuted_batches
 
     torch.manual_seed(0)
     body, head = nn.Linear(4, 4), nn.Linear(4, 2)
@@ -305,7 +310,7 @@ def test_fewshot_and_solver_options_are_checked_before_anything_loads(capsys):
 
 
 def test_the_notebooks_shot_list_can_be_switched_off(monkeypatch):
-    from clip_utils.params import ParameterError, env_ints
+    from clip_utils.runtime.env import ParameterError, env_ints
 
     monkeypatch.delenv("CLIP_FEWSHOT_SHOTS", raising=False)
     assert env_ints("CLIP_FEWSHOT_SHOTS", (1, 2)) == (1, 2)

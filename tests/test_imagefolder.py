@@ -7,10 +7,13 @@ from collections import Counter
 
 import pytest
 
-from clip_utils import prompts, testkit
-from clip_utils.cli import main
+from clip_utils.data import dataset_spec
+from clip_utils import prompts
+
+from clip_utils import testkit
+from clip_utils.app.cli import main
 from clip_utils.data import canonical_name, class_names, load_dataset, results_name
-from clip_utils.imagefolder import PREFIX
+from clip_utils.data.imagefolder import PREFIX
 
 
 def _splits(folder):
@@ -51,11 +54,11 @@ def test_classes_json_names_the_classes_and_the_domain(tmp_path):
     name = f"{PREFIX}{folder}"
     assert class_names(name, naming="original") == ["class-01", "class_00", "class_02"]
     assert class_names(name) == ["class 01", "fly agaric", "class 02"]
-    sets = prompts.prompt_sets(name)
+    sets = prompts.prompt_sets(dataset_spec(name))
     assert sets["domain"] == ["a photo of a {}, a type of mushroom."] and "domain_ensemble" in sets
-    assert prompts.prompt_sets(name, "a kind of fungus")["domain"] == ["a photo of a {}, a kind of fungus."]
+    assert prompts.prompt_sets(dataset_spec(name), "a kind of fungus")["domain"] == ["a photo of a {}, a kind of fungus."]
     (folder / "classes.json").unlink()
-    assert prompts.prompt_sets(name)["domain"] == prompts.prompt_sets(name)["default"]  # no phrase: the default
+    assert prompts.prompt_sets(dataset_spec(name))["domain"] == prompts.prompt_sets(dataset_spec(name))["default"]  # no phrase: the default
     assert canonical_name(f"{PREFIX}{tmp_path}/./fungi") == name  # one dataset, however it is spelt
 
 

@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from clip_utils import heads, models
-from clip_utils.models import ModelUnavailableError, load_clip
-from clip_utils.preprocess import Preprocess
+from clip_utils.model import heads
+
+from clip_utils.model import clip as models
+from clip_utils.model.clip import ModelUnavailableError, load_clip
+from clip_utils.model.preprocess import Preprocess
 
 
 def test_tiny_clip_loads_with_from_pretrained(tiny_clip):
@@ -103,7 +105,7 @@ def test_model_in_the_local_hub_cache_loads_without_network(kit, tmp_path):
     (tmp_path / "hub" / "models--someorg--tiny-clip" / "refs" / "main").write_text("0123abcd")
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(HF_HUB_CACHE=str(tmp_path / "hub"), HF_ENDPOINT="http://127.0.0.1:9")
-    code = "from clip_utils.models import load_clip; clip = load_clip('someorg/tiny-clip'); print(type(clip.model).__name__)"
+    code = "from clip_utils.model.clip import load_clip; clip = load_clip('someorg/tiny-clip'); print(type(clip.model).__name__)"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0, proc.stderr

@@ -7,7 +7,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from clip_utils.notebooks import NotebookFailed, execute_notebook
+from clip_utils.app.notebooks import NotebookFailed, execute_notebook
 
 
 def _notebook(path, *sources):
@@ -67,14 +67,14 @@ def test_task2_parameters_read_flags_and_lists_as_people_write_them(monkeypatch)
 
 @pytest.mark.parametrize("notebook", ["Task1.ipynb", "Task2.ipynb"])
 def test_a_bad_override_stops_the_parameters_cell_naming_the_variable(monkeypatch, notebook):
-    from clip_utils.params import ParameterError
+    from clip_utils.runtime.env import ParameterError
 
     with pytest.raises(ParameterError, match="CLIP_BATCH_SIZE='lots'"):
         _parameters(notebook, monkeypatch, CLIP_BATCH_SIZE="lots")
 
 
 def test_relative_paths_mean_the_callers_folder_for_results_and_notebooks(tmp_path, monkeypatch):
-    from clip_utils.notebooks import main
+    from clip_utils.app.notebooks import main
 
     (tmp_path / "nbdir").mkdir()
     nb = _notebook(tmp_path / "nbdir" / "nb.ipynb", "import os, pathlib\n"
@@ -90,7 +90,7 @@ def test_relative_paths_mean_the_callers_folder_for_results_and_notebooks(tmp_pa
 
 
 def test_unset_paths_are_the_projects_wherever_the_runner_starts(tmp_path, monkeypatch):
-    from clip_utils.notebooks import PROJECT_ROOT, _absolute_paths
+    from clip_utils.app.notebooks import PROJECT_ROOT, _absolute_paths
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("CLIP_RESULTS_DIR", raising=False)
@@ -102,7 +102,7 @@ def test_unset_paths_are_the_projects_wherever_the_runner_starts(tmp_path, monke
 
 def test_kernels_draw_text_bars_unless_the_caller_says_otherwise(tmp_path, monkeypatch):
     monkeypatch.delenv("CLIP_PROGRESS", raising=False)
-    source = "from clip_utils.progress import bar\nfor _ in bar(range(3), desc='pass'):\n    pass"
+    source = "from clip_utils.runtime.progress import bar\nfor _ in bar(range(3), desc='pass'):\n    pass"
     path = _notebook(tmp_path / "nb.ipynb", source)
     package = {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # the kernel runs in tmp_path
     execute_notebook(path, tmp_path / "text.ipynb", env=package)
@@ -117,8 +117,10 @@ def test_a_demo_ends_saying_where_its_notebooks_are_and_how_to_use_its_kit(tmp_p
     import shlex
     import sys
 
-    from clip_utils import notebooks, plots
-    from clip_utils.cli import build_parser
+    from clip_utils.app import notebooks
+
+    from clip_utils.figures import predictions as plots
+    from clip_utils.app.cli import build_parser
 
     (tmp_path / "kit").mkdir()
     (tmp_path / "kit" / "KIT.json").write_text("{}")  # an existing kit: nothing is built

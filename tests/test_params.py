@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from clip_utils.params import ParameterError, env_flag, env_float, env_int, env_list, env_str
+from clip_utils.runtime.env import ParameterError, env_flag, env_float, env_int, env_list, env_str
 
 
 @pytest.mark.parametrize("raw, expected", [("1", True), ("true", True), ("Yes", True), ("ON", True),

@@ -17,11 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
-from clip_utils import photos
-from clip_utils.cli import main
+from clip_utils.data import dataset_spec
+from clip_utils.app import photos
+from clip_utils.app.cli import main
 from clip_utils.lab import Lab
 from clip_utils.data import class_names
-from clip_utils.photos import PhotoError, format_predictions, load_photo, predict_photos
+from clip_utils.app.photos import PhotoError, format_predictions, load_photo, predict_photos
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOWER = ROOT / "my_photo" / "flower.png"
@@ -216,12 +217,13 @@ def test_top_k_is_clamped_to_the_classes(lab):
 def test_prediction_matches_the_zeroshot_pipeline(lab):
     # The photo path (ClipClassifier with a zero-shot head) scores like the dataset path
     # (cached embeddings @ text classifier): same model, same preprocessing.
-    from clip_utils import prompts, zeroshot
-    from clip_utils.heads import image_embeddings
+    from clip_utils import prompts
+    from clip_utils.methods import zeroshot
+    from clip_utils.model.heads import image_embeddings
 
     model, processor = lab.clip().model, lab.clip().processor
     names = lab.class_names("cub200")
-    W = prompts.build_text_classifier(model, processor.tokenizer, names, prompts.prompt_sets("cub200")["domain"], "cpu")
+    W = prompts.build_text_classifier(model, processor.tokenizer, names, prompts.prompt_sets(dataset_spec("cub200"))["domain"], "cpu")
     with torch.no_grad():
         embedding = image_embeddings(model, lab.preprocess.transform()(load_photo(FLOWER))[None])
     probs = zeroshot.predict(embedding, W, lab.clip().logit_scale).softmax(-1)[0]

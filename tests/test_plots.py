@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clip_utils import charts, plots
+from clip_utils.figures import training as charts
+
+from clip_utils.figures import predictions as plots
 
 
 @pytest.fixture(autouse=True)

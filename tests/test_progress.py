@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from clip_utils import progress
+from clip_utils.runtime import progress
 from notebook_outputs import bar_lines, unfinished_bars
 
 
@@ -88,7 +88,7 @@ def test_unfinished_bars_reads_saved_text_as_a_reader_would():
 
 
 def test_loading_a_model_draws_no_transformers_bar(kit, capfd):
-    from clip_utils.models import load_clip
+    from clip_utils.model.clip import load_clip
 
     capfd.readouterr()
     load_clip(kit["model"])

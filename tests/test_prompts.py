@@ -9,12 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clip_utils import prompts, waffle
+from clip_utils.data import dataset_spec
+from clip_utils import prompts
+
+from clip_utils.prompts import waffle
 from clip_utils.prompts import build_text_classifier, prompt_sets, resolve
 
 
 def test_contract_sets():
-    flowers, birds = prompt_sets("flowers102"), prompt_sets("cub200")
+    flowers, birds = prompt_sets(dataset_spec("flowers102")), prompt_sets(dataset_spec("cub200"))
     assert flowers["default"] == birds["default"] == ["a photo of a {}."]
     assert flowers["domain"] == ["a photo of a {}, a type of flower."]
     assert birds["domain"] == ["a photo of a {}, a type of bird."]
@@ -28,26 +31,26 @@ def test_contract_sets():
 
 
 def test_prompt_sets_are_copies():
-    prompt_sets("cub200")["default"].append("oops {}")
-    assert prompt_sets("cub200")["default"] == ["a photo of a {}."]
+    prompt_sets(dataset_spec("cub200"))["default"].append("oops {}")
+    assert prompt_sets(dataset_spec("cub200"))["default"] == ["a photo of a {}."]
 
 
 def test_resolve_all_auto_and_lists():
-    every = [*prompt_sets("flowers102"), "auto"]
-    assert resolve(["all"], "flowers102") == every
+    every = [*prompt_sets(dataset_spec("flowers102")), "auto"]
+    assert resolve(["all"], dataset_spec("flowers102")) == every
     assert resolve("domain, default,domain", "flowers102") == ["domain", "default"]
-    assert resolve(["default", "all"], "cub200") == every
+    assert resolve(["default", "all"], dataset_spec("cub200")) == every
 
 
 @pytest.mark.parametrize("names", [["fancy"], "domain,nope", []])
 def test_resolve_unknown_names_list_the_choices(names):
     with pytest.raises(ValueError, match="domain_ensemble.*all"):
-        resolve(names, "cub200")
+        resolve(names, dataset_spec("cub200"))
 
 
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="imagenet.*flowers102"):
-        prompt_sets("imagenet")
+        prompt_sets(dataset_spec("imagenet"))
 
 
 # --------------------------------------------------------------------------- ensembling maths
@@ -179,8 +182,8 @@ def test_prompts_per_class_counts_templates_or_the_mean_of_a_per_class_set():
 
 
 def test_waffle_is_seeded_random_descriptors_in_the_dataset_domain():
-    birds = prompt_sets("cub200")["waffle"]
-    assert birds == prompt_sets("cub200", seed=0)["waffle"] != prompt_sets("cub200", seed=1)["waffle"]
+    birds = prompt_sets(dataset_spec("cub200"))["waffle"]
+    assert birds == prompt_sets(dataset_spec("cub200"), seed=0)["waffle"] != prompt_sets(dataset_spec("cub200"), seed=1)["waffle"]
     assert len(birds) == 2 * prompts.WAFFLE_COUNT == 30
     assert all(t.startswith("a photo of a {}, a type of bird, which has ") and t.endswith(".") for t in birds)
     words, chars = birds[0::2], birds[1::2]  # random-word and random-character descriptors alternate
@@ -190,7 +193,7 @@ def test_waffle_is_seeded_random_descriptors_in_the_dataset_domain():
 
 
 def test_descriptions_is_a_known_set_only_with_a_file():
-    assert "descriptions" not in resolve(["all"], "cub200")
-    assert resolve(["all"], "cub200", descriptions=True)[-2:] == ["descriptions", "auto"]
+    assert "descriptions" not in resolve(["all"], dataset_spec("cub200"))
+    assert resolve(["all"], dataset_spec("cub200"), descriptions=True)[-2:] == ["descriptions", "auto"]
     with pytest.raises(ValueError, match="--descriptions FILE"):
-        resolve(["descriptions"], "cub200")
+        resolve(["descriptions"], dataset_spec("cub200"))

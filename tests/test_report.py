@@ -11,8 +11,12 @@ import shutil
 import pytest
 import transformers
 
-from clip_utils import lab, models, report
-from clip_utils.cli import main
+from clip_utils import lab
+
+from clip_utils.model import clip as models
+
+from clip_utils.app import report
+from clip_utils.app.cli import main
 
 
 @pytest.fixture

@@ -10,9 +10,10 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from clip_utils.data import dataset_spec
 from clip_utils import prompts
 from clip_utils.data import canonical_name, class_names, load_dataset
-from clip_utils.notebooks import execute_notebook
+from clip_utils.app.notebooks import execute_notebook
 from notebook_outputs import bar_lines, model_loads, progress_widgets, saved_text, unfinished_bars
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +52,7 @@ def test_results_files_follow_the_contract(executed, kit):
     results, _, _ = executed
     for dataset in DATASETS:
         test = load_dataset(dataset, kit["data"], "test")
-        sets = prompts.prompt_sets(dataset)
+        sets = prompts.prompt_sets(dataset_spec(dataset))
         for name in [*sets, "auto"]:
             folder = results / dataset / "zeroshot" / name
             m = json.loads((folder / "metrics.json").read_text())
@@ -86,7 +87,7 @@ def test_photos_and_summary(executed):
     for dataset in DATASETS:
         assert [Path(r["photo"]).name for r in summary["photos"][dataset]] == photos
         assert all(len(r["top_k"]) == 5 for r in summary["photos"][dataset])
-        assert summary["zeroshot"][dataset]["auto"]["selected_set"] in prompts.prompt_sets(dataset)
+        assert summary["zeroshot"][dataset]["auto"]["selected_set"] in prompts.prompt_sets(dataset_spec(dataset))
 
 
 def test_the_executed_notebook_shows_its_pictures(executed):
@@ -103,11 +104,11 @@ def test_the_executed_notebook_shows_its_pictures(executed):
 def test_an_image_folder_runs_through_the_notebook(executed, image_folders):
     results, _, _ = executed
     name = f"imagefolder:{image_folders['flat']}"
-    for prompt_set in [*prompts.prompt_sets(name), "auto"]:
+    for prompt_set in [*prompts.prompt_sets(dataset_spec(name)), "auto"]:
         m = json.loads((results / "mushrooms_flat" / "zeroshot" / prompt_set / "metrics.json").read_text())
         assert m["dataset"] == canonical_name(name) and m["class_names"] == class_names(name)
     table = json.loads((results / "task1_summary.json").read_text())["zeroshot"][name]
-    assert table["auto"]["selected_set"] in prompts.prompt_sets(name)
+    assert table["auto"]["selected_set"] in prompts.prompt_sets(dataset_spec(name))
 
 
 def test_the_explorer_cell_shows_its_widget_with_a_first_result(executed):
@@ -136,7 +137,7 @@ def test_each_prompt_set_is_encoded_under_its_own_bar_once(executed):
     _, nb, _ = executed
     descs = [desc for desc, *_ in bar_lines(saved_text(nb))]
     for dataset in DATASETS:
-        for name in prompts.prompt_sets(dataset):
+        for name in prompts.prompt_sets(dataset_spec(dataset)):
             assert descs.count(f"encoding {dataset} prompts ({name})") == 1, (dataset, name)
 
 

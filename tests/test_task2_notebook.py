@@ -10,7 +10,7 @@ import nbformat
 import pytest
 
 from clip_utils.data import class_names, load_dataset
-from clip_utils.notebooks import execute_notebook
+from clip_utils.app.notebooks import execute_notebook
 from notebook_outputs import bar_lines, model_loads, progress_widgets, saved_text, unfinished_bars
 
 ROOT = Path(__file__).resolve().parents[1]

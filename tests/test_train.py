@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from clip_utils import train
-from clip_utils.cli import main
-from clip_utils.train import RESUME_FILE, TrainConfig, TrainingError, TrainJob, fit, permuted_batches
+from clip_utils.model import training as train
+from clip_utils.app.cli import main
+from clip_utils.model.training import RESUME_FILE, TrainConfig, TrainingError, TrainJob, fit, permuted_batches
 
 CONTRACT_KEYS = {"dataset", "split", "method", "model", "n", "top1", "top5", "mean_per_class", "class_names",
                  "seconds", "trainable_params", "trainable_pct", "epochs", "best_epoch", "peak_vram_mb", "config"}
@@ -254,14 +254,14 @@ def test_cli_training_errors_are_one_line(kit, tmp_path, monkeypatch):
     def diverge(*args, **kwargs):
         raise TrainingError("training loss became nan at epoch 1, step 1: the run diverged. Try a lower lr")
 
-    monkeypatch.setattr("clip_utils.cli.run_probe", diverge)
+    monkeypatch.setattr("clip_utils.app.cli.run_probe", diverge)
     code, _, err = _cli(["probe", "--dataset", "cub200", *_common(kit, tmp_path)])
     assert code == 1 and err.startswith("error: training loss became nan") and "Traceback" not in err
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("clip_utils.cli.run_probe", interrupted)
+    monkeypatch.setattr("clip_utils.app.cli.run_probe", interrupted)
     code, _, err = _cli(["probe", "--dataset", "cub200", *_common(kit, tmp_path)])
     assert code == 130 and "nothing to resume" in err and "--resume" not in err  # stopped before an epoch ended
     (tmp_path / "cub200" / "linear_probe").mkdir(parents=True)
@@ -271,7 +271,7 @@ def test_cli_training_errors_are_one_line(kit, tmp_path, monkeypatch):
 
 
 def test_standardised_head_folds_back_exactly():
-    from clip_utils.heads import feature_scaling, standardized_head, unstandardized_head
+    from clip_utils.model.heads import feature_scaling, standardized_head, unstandardized_head
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(50, 8, generator=g) * 0.05 + 0.3
@@ -297,7 +297,7 @@ def test_probe_learns_in_a_few_epochs_at_the_notebook_learning_rate(short_probe_
     training in standardised feature units is what makes a few epochs enough.
     """
     from clip_utils.config import TrainConfig
-    from clip_utils.probe import run_probe
+    from clip_utils.methods.probe import run_probe
 
     metrics = run_probe(short_probe_lab, "cub200", TrainConfig(epochs=3, lr=1e-2), solver="adamw")
     chance = 1 / len(metrics["class_names"])
@@ -306,9 +306,9 @@ def test_probe_learns_in_a_few_epochs_at_the_notebook_learning_rate(short_probe_
 
 def test_augmented_probe_trains_through_the_encoder_and_validates_the_head(short_probe_lab):
     from clip_utils.config import TrainConfig
-    from clip_utils.photos import classifier_for
-    from clip_utils.probe import run_probe
-    from clip_utils.train import read_curves
+    from clip_utils.app.photos import classifier_for
+    from clip_utils.methods.probe import run_probe
+    from clip_utils.model.training import read_curves
 
     lab = short_probe_lab.replace(results_dir=short_probe_lab.results_dir / "augmented")
     metrics = run_probe(lab, "cub200", TrainConfig(epochs=3, lr=1e-2, augment=True), solver="adamw")
@@ -319,9 +319,9 @@ def test_augmented_probe_trains_through_the_encoder_and_validates_the_head(short
 
 
 def test_a_fresh_run_removes_the_previous_runs_results_first(short_probe_lab):
-    from clip_utils import train
+    from clip_utils.model import training as train
     from clip_utils.config import TrainConfig
-    from clip_utils.probe import run_probe
+    from clip_utils.methods.probe import run_probe
 
     out = short_probe_lab.results_dir / "cub200" / "linear_probe"
     run_probe(short_probe_lab, "cub200", TrainConfig(epochs=1, lr=1e-2), solver="adamw")
@@ -338,9 +338,9 @@ def test_a_fresh_run_removes_the_previous_runs_results_first(short_probe_lab):
 
 
 def test_a_fresh_run_that_dies_before_its_first_checkpoint_leaves_no_old_head(short_probe_lab, monkeypatch):
-    from clip_utils import train
+    from clip_utils.model import training as train
     from clip_utils.config import TrainConfig
-    from clip_utils.probe import run_probe
+    from clip_utils.methods.probe import run_probe
 
     out = short_probe_lab.results_dir / "cub200" / "linear_probe"
     run_probe(short_probe_lab, "cub200", TrainConfig(epochs=1, lr=1e-2), solver="adamw")
@@ -357,7 +357,7 @@ def test_a_fresh_run_that_dies_before_its_first_checkpoint_leaves_no_old_head(sh
 
 def test_the_augmented_probe_runs_its_frozen_encoder_exactly_as_the_cache_did(tiny_clip):
     """Under the loop's bf16 autocast the encoder still computes the cached features' numbers."""
-    from clip_utils.heads import FrozenEncoderProbe
+    from clip_utils.model.heads import FrozenEncoderProbe
 
     model, _ = tiny_clip
     head = nn.Linear(model.visual_projection.out_features, 3)

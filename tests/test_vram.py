@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clip_utils.vram import MB, VramProbe
+from clip_utils.model.vram import MB, VramProbe
 
 
 class FakeCuda:

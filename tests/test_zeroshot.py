@@ -11,7 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from clip_utils import evaluation, features, prompts, zeroshot
+from clip_utils.data import dataset_spec
+from clip_utils.results import evaluation
+
+from clip_utils.model import features
+
+from clip_utils import prompts
+
+from clip_utils.methods import zeroshot
 from clip_utils.data import load_dataset
 from clip_utils.lab import Lab
 
@@ -212,7 +219,7 @@ def cub_run(kit, tmp_path_factory):
 def test_run_zeroshot_writes_the_contract(cub_run):
     lab, results = cub_run
     test = load_dataset("cub200", lab.data_root, "test")
-    sets = prompts.prompt_sets("cub200")
+    sets = prompts.prompt_sets(dataset_spec("cub200"))
     assert list(results) == ["default", "domain_ensemble", "auto"]
     for name in results:
         folder = lab.results_dir / "cub200" / "zeroshot" / name
@@ -239,7 +246,7 @@ def test_saved_predictions_are_the_prompt_classifier_argmax(cub_run):
     lab, results = cub_run
     model, processor = lab.clip().model, lab.clip().processor
     names = results["domain_ensemble"]["class_names"]
-    templates = prompts.prompt_sets("cub200")["domain_ensemble"]
+    templates = prompts.prompt_sets(dataset_spec("cub200"))["domain_ensemble"]
     W = prompts.build_text_classifier(model, processor.tokenizer, names, templates, "cpu")
     feats = lab.features("cub200", "test")
     expected = zeroshot.predict(feats.embeddings, W, lab.clip().logit_scale).argmax(1)
@@ -276,7 +283,7 @@ def test_cli_zeroshot_all_prompt_sets(zeroshot_cli_run, kit):
     results, code, out = zeroshot_cli_run
     assert code == 0
     test = load_dataset("flowers102", kit["data"], "test")
-    for name in [*prompts.prompt_sets("flowers102"), "auto"]:
+    for name in [*prompts.prompt_sets(dataset_spec("flowers102")), "auto"]:
         folder = results / "flowers102" / "zeroshot" / name
         m = json.loads((folder / "metrics.json").read_text())
         assert CONTRACT_KEYS <= set(m) and m["n"] == len(test) == 6149
@@ -290,7 +297,7 @@ def test_cli_zeroshot_all_prompt_sets(zeroshot_cli_run, kit):
 
 
 def test_cli_zeroshot_unknown_set_is_a_usage_error(kit, tmp_path, capsys):
-    from clip_utils.cli import main
+    from clip_utils.app.cli import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["zeroshot", "--dataset", "cub200", "--prompts", "fancy", "--model", str(kit["model"]),
@@ -315,7 +322,7 @@ def test_validation_run_leaves_the_test_results_alone(cub_run):
 def test_results_files_get_the_usual_permissions(tmp_path):
     import os
 
-    from clip_utils.results import write_json
+    from clip_utils.runtime.files import write_json
 
     umask = os.umask(0o022)
     try:
@@ -352,7 +359,8 @@ def test_non_finite_embeddings_are_refused_and_never_cached(kit, tmp_path, monke
 
 def test_text_classifiers_are_built_once_per_lab(kit, tmp_path, monkeypatch):
     """run_zeroshot, `auto` and the photos share the lab's classifiers (ViT-L/14's text tower is not free)."""
-    from clip_utils import photos, prompts
+    from clip_utils.app import photos
+    from clip_utils import prompts
 
     built = []
     real = prompts.build_text_classifier
@@ -364,7 +372,7 @@ def test_text_classifiers_are_built_once_per_lab(kit, tmp_path, monkeypatch):
     monkeypatch.setattr("clip_utils.lab.build_text_classifier", spy)
     lab = Lab(model=str(kit["model"]), data_root=kit["data"], results_dir=tmp_path, device="cpu", num_workers=0)
     zeroshot.run_zeroshot(lab, "cub200", "all")
-    n_sets = len(prompts.prompt_sets("cub200"))
+    n_sets = len(prompts.prompt_sets(dataset_spec("cub200")))
     assert len(built) == len(set(built)) == n_sets
     photos.predict_photos(lab, ["my_photo/bird.jpg"], "cub200", prompt_set="auto")
     photos.predict_photos(lab, ["my_photo/bird.jpg"], "cub200", prompt_set="domain")

@@ -1,0 +1,241 @@
+"""A trained classifier as one folder that needs nothing from this repository: `export`.
+
+    python -m clip_utils export --dataset cub200 --method lora --out cub-lora
+    python -m clip_utils predict my_photo/bird.jpg --classifier cub-lora      # no dataset needed
+    folder = export_classifier(lab, "cub200", "lora", "cub-lora")
+    classifier, info = load_exported("cub-lora")                              # a ClipClassifier again
+
+The folder is a Hugging Face CLIP checkpoint plus a head:
+
+    config.json, model.safetensors      the CLIP model, LoRA merged into its weights (peft's
+                                        `merge_and_unload`): `CLIPModel.from_pretrained(folder)`
+    preprocessor_config.json, tokenizer files    its processor: `CLIPProcessor.from_pretrained(folder)`
+    head.safetensors                    `weight` (C x D) and `bias` (C): logits = head applied to
+                                        the L2-normalised image embedding
+    classes.json                        class names in label order, and where the classifier came from
+    README.md                           a plain transformers usage snippet (`USAGE`)
+
+LoRA is merged in float32 on the CPU, whichever device trained it, so the saved weights are
+the adapted weights `W + (alpha / r) B A` rounded once; the exported model in float32 gives
+the unmerged model's logits to float tolerance. A text-adapted run (`lora --encoders text|both`)
+has its text tower merged too: the exported text tower is the one the head's class embeddings
+came from. For the linear probe the model is the base CLIP itself.
+
+Writing is all or nothing: the folder is assembled beside `out` and swapped in. An existing
+`out` is replaced only when it is an earlier export (it has `classes.json` marked by this
+module) or empty; anything else is refused, so a typo cannot wipe a folder.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from clip_utils import __version__
+
+from clip_utils.methods import lora
+
+from clip_utils.methods import probe
+from clip_utils.results.checkpoints import (
+    HeadInfo,
+    check_head,
+    checkpoint_paths,
+    head_info,
+    load_head,
+    missing_checkpoint,
+    read_head,
+    save_head,
+)
+from clip_utils.methods.lora_adapters import attach_adapter
+from clip_utils.config import TOP_K, LoraSettings
+from clip_utils.data import canonical_name
+from clip_utils.model.heads import ClipClassifier
+from clip_utils.lab import Lab
+from clip_utils.registry import method as method_named
+from clip_utils.model.clip import Clip, load_clip
+from clip_utils.app.photos import open_photos, top_classes
+from clip_utils.runtime.progress import quiet_loading
+from clip_utils.runtime.files import atomic_folder, read_json
+from clip_utils.results.layout import method_dir
+
+INFO_FILE = "classes.json"
+HEAD_FILE = "head.safetensors"
+MARK = "clip-lab export"
+EXPORTABLE = (probe.METHOD, lora.METHOD)
+
+USAGE = '''\
+import json, torch
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import CLIPModel, CLIPProcessor
+
+folder = "{folder}"
+model, processor = CLIPModel.from_pretrained(folder).eval(), CLIPProcessor.from_pretrained(folder)
+head, classes = load_file(f"{{folder}}/head.safetensors"), json.load(open(f"{{folder}}/classes.json"))["classes"]
+pixels = processor(images=Image.open("photo.jpg").convert("RGB"), return_tensors="pt")["pixel_values"]
+with torch.no_grad():
+    embedding = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
+    logits = torch.nn.functional.normalize(embedding, dim=-1) @ head["weight"].T + head["bias"]
+print(classes[logits.argmax(-1).item()], f"{{logits.softmax(-1).max().item():.1%}}")
+'''
+
+
+def _merged_lora(lab: Lab, dataset: str) -> tuple[Clip, torch.nn.Linear, HeadInfo]:
+    """The base CLIP in float32 with the run's adapters merged into it, its head and metadata."""
+    paths = checkpoint_paths(lab.results_dir, dataset, lora.METHOD)
+    if not paths["head"].is_file():
+        raise missing_checkpoint(paths["head"], dataset, lora.METHOD)
+    head, info = read_head(paths["head"])
+    towers = LoraSettings(encoders=info.encoders)
+    folders = {"vision_model": paths["adapter"]} if towers.adapts_vision else {}
+    if towers.adapts_text:
+        folders["text_model"] = paths["text_adapter"]
+    for folder in folders.values():
+        if not (folder / "adapter_config.json").is_file():
+            raise missing_checkpoint(folder, dataset, lora.METHOD)
+    clip = lab.model_copy("cpu")  # its own: merging changes it
+    check_head(info, head_info(dataset=dataset, method=lora.METHOD, model=lab.model,
+                               class_names=lab.label_map(dataset), embed_dim=clip.embed_dim), paths["head"])
+    for tower, folder in folders.items():
+        # peft injects the adapter into the tower in place, and merging puts plain Linear layers
+        # with the merged weights back in place: the CLIPModel holding the tower is adapted.
+        attach_adapter(getattr(clip.model, tower), folder, info, "cpu").merge_and_unload()
+    leftover = [n for n, _ in clip.model.named_parameters() if "lora_" in n]
+    if leftover:
+        raise RuntimeError(f"LoRA layers survived the merge: {leftover[:3]}")
+    return clip, head, info
+
+
+def _base_with_probe(lab: Lab, dataset: str) -> tuple[Clip, torch.nn.Linear, HeadInfo]:
+    """The base CLIP in float32 and the probe's head (checked against it)."""
+    clip = lab.model_copy("cpu")  # its own: saving rewrites its config
+    path = checkpoint_paths(lab.results_dir, dataset, probe.METHOD)["head"]
+    head, info = load_head(path, head_info(dataset=dataset, method=probe.METHOD, model=lab.model,
+                                           class_names=lab.label_map(dataset), embed_dim=clip.embed_dim))
+    return clip, head, info
+
+
+def _check_target(out: Path) -> None:
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder: choose another --out")
+    marked = out / INFO_FILE
+    try:
+        ours = marked.is_file() and json.loads(marked.read_text()).get("exported_by", "").startswith(MARK)
+    except (ValueError, AttributeError):
+        ours = False
+    if any(out.iterdir()) and not ours:
+        raise FileExistsError(f"{out} exists and is not an exported classifier: choose another --out, or remove it")
+
+
+def export_classifier(lab: Lab, dataset: str, method: str, out: str | Path) -> Path:
+    """Write a trained classifier (model, processor, head, class names, README) to one folder.
+
+    Args:
+        lab: the run context (base model, results folder with the trained run).
+        dataset: the dataset the classifier was trained on.
+        method: `probe` (`linear_probe`) or `lora`.
+        out: the folder to write (replaced when it is an earlier export).
+
+    Returns:
+        The folder.
+
+    Raises:
+        FileNotFoundError: the method was not trained for this dataset yet.
+        CheckpointError: its checkpoint is damaged or made for something else.
+        FileExistsError: `out` is something other than an earlier export.
+    """
+    name = method_named(method).name
+    if name not in EXPORTABLE:
+        raise ValueError(f"export takes a trained method, probe or lora; not {method}")
+    dataset, out = canonical_name(dataset), Path(out).expanduser()
+    _check_target(out)
+    clip, head, meta = (_merged_lora if name == lora.METHOD else _base_with_probe)(lab, dataset)
+    metrics_file = method_dir(lab.results_dir, dataset, method_named(name).folder) / "metrics.json"
+    metrics = read_json(metrics_file) if metrics_file.is_file() else {}
+    info = {
+        "exported_by": f"{MARK} {__version__}", "classes": lab.class_names(dataset),
+        "original_names": lab.label_map(dataset), "dataset": dataset, "method": name,
+        "base_model": lab.model, "encoders": meta.encoders if name == lora.METHOD else None,
+        "epoch": meta.epoch, "test_top1": metrics.get("top1"),
+        "logits": "normalize(visual_projection(vision_model(pixel_values).pooler_output)) @ weight.T + bias",
+    }
+    with atomic_folder(out) as tmp:
+        with quiet_loading():  # transformers' `Writing model shards` bar, for one shard
+            clip.model.save_pretrained(tmp)
+        clip.processor.save_pretrained(tmp)
+        save_head(tmp / HEAD_FILE, head, meta)
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
+        (tmp / "README.md").write_text(_readme(info))
+    return out
+
+
+def _readme(info: dict) -> str:
+    adapted = {"vision": "LoRA on the vision tower, merged", "text": "LoRA on the text tower, merged",
+               "both": "LoRA on both towers, merged"}.get(info["encoders"] or "", "the base model, unchanged")
+    top1 = f"{info['test_top1']:.2%}" if isinstance(info.get("test_top1"), float) else "not recorded"
+    return (
+        f"# {info['dataset']} classifier ({info['method']})\n\n"
+        f"A CLIP image classifier for the {len(info['classes'])} classes of `{info['dataset']}`, exported by "
+        f"clip-lab from `{info['base_model']}` ({adapted}; best epoch {info['epoch']}; test top-1 {top1}).\n"
+        f"It needs `torch`, `transformers`, `safetensors` and `pillow`, nothing else:\n\n"
+        f"```python\n{USAGE.format(folder='.')}```\n\n"
+        f"`classes.json` lists the class names in label order; `head.safetensors` holds `weight` (classes x "
+        f"embedding) and `bias`, applied to the L2-normalised image embedding.\n"
+    )
+
+
+def load_exported(folder: str | Path, device: str | torch.device = "cpu",
+                  dtype: torch.dtype | None = None) -> tuple[ClipClassifier, dict]:
+    """An exported folder as a `ClipClassifier` (eval mode), and its `classes.json`.
+
+    Args:
+        folder: what `export_classifier` wrote.
+        device: where the model goes.
+        dtype: the encoder's dtype (None: as saved, float32); the head stays float32.
+
+    Raises:
+        FileNotFoundError: not an exported classifier (no classes.json or head).
+    """
+    folder = Path(folder).expanduser()
+    if not (folder / INFO_FILE).is_file() or not (folder / HEAD_FILE).is_file():
+        raise FileNotFoundError(f"{folder} is not an exported classifier (no {INFO_FILE} and {HEAD_FILE}): make "
+                                f"one with `python -m clip_utils export --dataset DATASET --method probe|lora "
+                                f"--out {folder}`")
+    info = read_json(folder / INFO_FILE)
+    head, _ = read_head(folder / HEAD_FILE)
+    if head.out_features != len(info.get("classes", ())):
+        raise ValueError(f"{folder}: the head has {head.out_features} outputs but {INFO_FILE} names "
+                         f"{len(info.get('classes', ()))} classes")
+    clip = load_clip(folder, device, dtype=dtype)
+    model = clip.model
+    return ClipClassifier(model.vision_model, model.visual_projection, head.float().to(device)).eval(), info
+
+
+@torch.inference_mode()
+def predict_exported(folder: str | Path, photos: Sequence[str | Path], top_k: int = TOP_K,
+                     device: str | None = None) -> list[dict]:
+    """Top-k classes of each photo under an exported classifier (as `photos.predict_photos`).
+
+    Args:
+        folder: what `export_classifier` wrote.
+        photos: image files (all opened before the model loads).
+        top_k: classes per photo.
+        device: `cuda`, `cpu`, ... (None: cuda when available).
+
+    Returns:
+        `{"photo", "top_k": [{"label", "name", "prob"}, ...]}` or `{"photo", "error"}` per photo.
+    """
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    lab = Lab(model=str(Path(folder).expanduser()), device=device)  # the folder's preprocessing and the device
+    images, results = open_photos(photos)
+    if images:
+        classifier, info = load_exported(folder, lab.device)
+        for i, image in images.items():
+            results[i]["top_k"] = top_classes(lab, classifier, image, info["classes"], top_k)
+    return results

@@ -1,0 +1,408 @@
+"""The comparison of zero-shot, linear probe and LoRA, redrawn from saved results alone.
+
+    paths = make_report("results")     # results/summary.csv, results/figures/*.png
+    table = summary_table("results")   # the same numbers as a pandas DataFrame
+
+Everything here reads files (`metrics.json`, `predictions.csv`, `curves.json`) and draws:
+no model, no GPU, so figures can be restyled or re-made on a laptop long after training.
+`make_report` redraws summary.csv, the curves, the comparison, the prompt-set chart and
+every run's confusion matrix; a sample-prediction grid needs the images themselves, so it
+is redrawn only when every image of its predictions.csv is still on disk (and without the
+probabilities, which are not saved). Runs that are missing are skipped and named, with the
+command that would produce them.
+
+Per dataset the zero-shot row is never chosen by test accuracy, which would select on the
+test labels: it is `auto` (chosen on validation) when saved, else `domain`, else `default`,
+else the first saved set (its name is in the `prompt_set` column).
+
+Few-shot runs (`fewshot`, `sweep`) add one row per method and shots after the full-data
+rows (`shots` empty), with their mean over the seeds run (`seeds`) and the standard deviation
+of top-1 (`top1_std`, empty for one seed); the comparison figure draws them as groups of
+their own with the spread as error bars, and each dataset's few-shot table and figure are
+redrawn too.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+
+from clip_utils.results import fewshot
+
+
+from clip_utils.app import sweep
+
+
+from clip_utils.methods import zeroshot
+from clip_utils.figures.training import plot_comparison, plot_curves, plot_dynamics
+from clip_utils.data import results_name
+from clip_utils.results.evaluation import method_figures, run_label
+from clip_utils.registry import METHODS, TRAINED
+from clip_utils.registry import method as method_named
+from clip_utils.figures.predictions import plot_confusion, plot_prompt_comparison, plot_sample_predictions
+from clip_utils.runtime.files import read_json, write_csv
+from clip_utils.results.layout import dataset_folders, figures_dir, method_dir
+COLUMNS = ("dataset", "method", "prompt_set", "shots", "seeds", "n", "top1", "top1_std", "top5", "mean_per_class",
+           "trainable_params", "trainable_pct", "train_seconds", "seconds", "peak_vram_mb", "epochs", "best_epoch",
+           "model")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def baseline_set(saved: Sequence[str]) -> str | None:
+    """The prompt set that stands for zero-shot in the comparison (None when none is saved).
+
+    Args:
+        saved: the saved prompt sets of one dataset, in `zeroshot.saved_results` order.
+    """
+    return zeroshot.headline(saved) if saved else None
+
+
+def zeroshot_baseline(results_dir: str | Path, dataset: str, model: str | None = None) -> dict | None:
+    """The saved zero-shot metrics of `dataset` under `baseline_set` (None when there are none).
+
+    Args:
+        results_dir: the results root.
+        dataset: dataset name.
+        model: prefer the prompt sets run with this model (the trained methods' model), so a
+            comparison does not set one model's zero-shot beside another's fine-tuning.
+
+    Returns:
+        The metrics.json content with `prompt_set` set to the folder it was read from.
+    """
+    sets = zeroshot.saved_results(results_dir).get(dataset, {})
+    same_model = {name: m for name, m in sets.items() if m.get("model") == model}
+    sets = same_model or sets
+    name = baseline_set(list(sets))
+    return None if name is None else sets[name] | {"prompt_set": name}
+
+
+def summary_row(metrics: Mapping) -> dict:
+    """One row of summary.csv from a metrics.json (zero-shot: no training, no trainable parameters).
+
+    Args:
+        metrics: a method's metrics.json content.
+    """
+    zeroshot = metrics["method"] == "zeroshot"
+    prompt_set = metrics.get("prompt_set", "")
+    if zeroshot and metrics.get("selected_set"):
+        prompt_set = f"{prompt_set} ({metrics['selected_set']})"
+    return {
+        "dataset": results_name(metrics["dataset"]), "method": metrics["method"],
+        "prompt_set": prompt_set if zeroshot else "",
+        "n": metrics["n"], "top1": metrics["top1"], "top5": metrics["top5"],
+        "mean_per_class": metrics["mean_per_class"],
+        "trainable_params": 0 if zeroshot else metrics["trainable_params"],
+        "trainable_pct": 0.0 if zeroshot else metrics.get("trainable_pct"),
+        "train_seconds": 0.0 if zeroshot else metrics.get("train_seconds", metrics["seconds"]),
+        "seconds": metrics["seconds"], "peak_vram_mb": metrics.get("peak_vram_mb"),
+        "epochs": metrics.get("epochs", ""), "best_epoch": metrics.get("best_epoch", ""), "model": metrics["model"],
+        "shots": "", "seeds": 1, "top1_std": "",
+    }
+
+
+def fewshot_rows(results_dir: str | Path, dataset: str) -> list[dict]:
+    """Summary rows of a dataset's few-shot runs: one per method and shots, averaged over its seeds.
+
+    Accuracies, times and memory are means over the seeds; `top1_std` is the standard
+    deviation of top-1 over them (empty for a single seed), `seeds` how many there are.
+
+    Args:
+        results_dir: the results root.
+        dataset: the dataset's results folder name.
+    """
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for m in fewshot.saved_metrics(results_dir, dataset):
+        groups.setdefault((m["method"], m["shots"]), []).append(m)
+    rows = []
+    for (method, shots), runs in groups.items():
+        row = summary_row(runs[0]) | {"method": method, "shots": shots, "seeds": len(runs), "best_epoch": ""}
+        for key in ("top1", "top5", "mean_per_class", "train_seconds", "seconds", "peak_vram_mb"):
+            values = [r[key] for r in (summary_row(m) for m in runs) if isinstance(r[key], (int, float))]
+            row[key] = sum(values) / len(values) if values else row[key]
+        spread = fewshot.aggregate([{**m, "dataset": dataset} for m in runs])[0]["top1_std"]
+        row["top1_std"] = "" if spread is None else spread
+        rows.append(row)
+    return rows
+
+
+def collect(results_dir: str | Path) -> tuple[list[dict], list[str]]:
+    """Summary rows of every saved run, and a note for each dataset/method with none.
+
+    Args:
+        results_dir: the results root.
+
+    Returns:
+        `(rows, missing)`: rows in dataset then method order; `missing` lines say what to run.
+    """
+    rows, missing = [], []
+    for dataset in (folder.name for folder in dataset_folders(results_dir)):
+        trained = {}
+        for method in TRAINED:
+            file = Path(results_dir) / dataset / method / "metrics.json"
+            if file.is_file():
+                trained[method] = read_json(file)
+        model = next((m["model"] for m in trained.values()), None)
+        found = {"zeroshot": zeroshot_baseline(results_dir, dataset, model), **trained}
+        # What --dataset said (an image folder's path), for the commands that fill the gaps.
+        given = next((m["dataset"] for m in found.values() if m), dataset)
+        for method in METHODS:
+            if found.get(method) is None:
+                m = METHODS[method]
+                command = m.command + (" --prompts all" if m.name == zeroshot.METHOD else "")
+                missing.append(f"{dataset} {m.label} (python -m clip_utils {command} "
+                               f"--dataset {given})")
+            else:
+                rows.append(summary_row(found[method]))
+        rows += fewshot_rows(results_dir, dataset)
+        models = sorted({r["model"] for r in rows if r["dataset"] == dataset})
+        if len(models) > 1:
+            warnings.warn(f"{dataset}: the saved results come from different models ({', '.join(models)}), so "
+                          f"the comparison mixes them; rerun the older ones or keep each model in its own "
+                          f"--results-dir", stacklevel=2)
+    return rows, missing
+
+
+def saved_curves(results_dir: str | Path) -> dict[str, dict[str, list[dict]]]:
+    """Every saved curves.json: `{dataset: {method: curves}}`.
+
+    Args:
+        results_dir: the results root.
+    """
+    out: dict[str, dict[str, list[dict]]] = {}
+    for dataset in (folder.name for folder in dataset_folders(results_dir)):
+        for method in TRAINED:
+            file = Path(results_dir) / dataset / method / "curves.json"
+            if file.is_file():
+                out.setdefault(dataset, {})[method] = read_json(file)
+    return out
+
+
+def saved_evaluations(results_dir: str | Path) -> list[tuple[Path, dict[str, Path]]]:
+    """Every saved evaluation and where its figures go, named as `save_evaluation` names them.
+
+    Args:
+        results_dir: the results root.
+
+    Returns:
+        `[(folder holding metrics.json and predictions.csv, {"confusion": png, "samples": png})]`,
+        in dataset, method and prompt-set order; zero-shot validation runs (`<set>/val/`) included.
+    """
+    results_dir = Path(results_dir)
+    saved_sets = zeroshot.saved_results(results_dir)
+    out = []
+    for dataset in (folder.name for folder in dataset_folders(results_dir)):
+        for name in saved_sets.get(dataset, {}):
+            out.append((zeroshot.output_dir(results_dir, dataset, name),
+                        zeroshot.figures(results_dir, dataset, name)))
+        # saved_results reads test runs only; a `--split val` run keeps its own figures.
+        for file in sorted((results_dir / dataset / "zeroshot").glob("*/val/metrics.json")):
+            name = file.parent.parent.name
+            out.append((file.parent, zeroshot.figures(results_dir, dataset, name, "val")))
+        for method in TRAINED:
+            folder = method_dir(results_dir, dataset, method)
+            if (folder / "metrics.json").is_file():
+                out.append((folder, method_figures(results_dir, dataset, method)))
+    return out
+
+
+def read_predictions(path: str | Path) -> tuple[list[str], list[int], list[int]]:
+    """The `path`, `label` and `pred` columns of a predictions.csv.
+
+    Args:
+        path: the predictions.csv file.
+
+    Raises:
+        ValueError: a row without those columns or with a non-integer label.
+    """
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    try:
+        return [r["path"] for r in rows], [int(r["label"]) for r in rows], [int(r["pred"]) for r in rows]
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path} is not a predictions file with path,label,pred columns ({err!r})") from err
+
+
+def summary_table(results_dir: str | Path):
+    """The comparison as a pandas DataFrame (accuracies in %, one row per dataset and method).
+
+    Args:
+        results_dir: the results root.
+    """
+    import pandas as pd
+
+    rows, _ = collect(results_dir)
+    table = pd.DataFrame(rows, columns=list(COLUMNS))
+    if table["model"].nunique() <= 1:  # one model: say it once, elsewhere, not on every row
+        table = table.drop(columns=["model"])
+    table["shots"] = table["shots"].map(lambda k: "all" if k == "" else k)
+    table["top1_std"] = pd.to_numeric(table["top1_std"], errors="coerce")
+    for col in ("top1", "top1_std", "top5", "mean_per_class"):
+        table[col] = 100 * table[col]
+    table["method"] = table["method"].map(lambda name: method_named(name).label)
+    return table.rename(columns={"top1": "top1 %", "top1_std": "top1 std %", "top5": "top5 %",
+                                 "mean_per_class": "mean per class %", "trainable_pct": "trainable %"}).round(3)
+
+
+def photo_table(predictions: Mapping[str, Sequence[Mapping]]):
+    """Each photo's top-1 class under each method, side by side (a pandas DataFrame).
+
+    Args:
+        predictions: `{method: photos.predict_photos(...) result}` for one dataset.
+    """
+    import pandas as pd
+
+    rows: dict[str, dict[str, str]] = {}
+    for method, results in predictions.items():
+        for r in results:
+            top = r.get("top_k") or [{}]
+            cell = r["error"] if "error" in r else f"{top[0]['name']} ({top[0]['prob']:.0%})"
+            rows.setdefault(Path(r["photo"]).name, {})[method_named(method).label] = cell
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def redraw_evaluation(folder: str | Path, figures: Mapping[str, Path]) -> tuple[list[Path], list[str]]:
+    """Redraw one run's confusion matrix, and its sample grid when every image is still there.
+
+    Args:
+        folder: the run's results folder (metrics.json with `class_names`, predictions.csv).
+        figures: `{"confusion": png, "samples": png}` (`evaluation.figure_paths`).
+
+    Returns:
+        `(written figures, notes on what was not redrawn and why)`.
+    """
+    folder = Path(folder)
+    predictions = folder / "predictions.csv"
+    if not predictions.is_file():
+        return [], [f"{folder}: no predictions.csv, its confusion and sample figures were not redrawn"]
+    try:
+        metrics = read_json(folder / "metrics.json")
+        names = metrics["class_names"]
+        paths, labels, preds = read_predictions(predictions)
+    except (KeyError, ValueError) as err:  # a partial or older run: skip it, keep the rest of the report
+        return [], [f"{folder}: cannot redraw its figures ({err!s})"]
+    what = run_label(metrics)  # the title save_evaluation gave these figures
+    plot_confusion(labels, preds, names, title=f"{what}: top-1 {metrics['top1']:.1%}", path=figures["confusion"])
+    absent = [p for p in paths if not Path(p).is_file()]
+    if absent:
+        return [figures["confusion"]], [f"{figures['samples'].name} not redrawn: {len(absent)} of {len(paths)} "
+                                        f"images listed in {predictions} are missing (e.g. {absent[0]})"]
+    plot_sample_predictions(paths, labels, preds, names, title=what, path=figures["samples"])
+    return [figures["confusion"], figures["samples"]], []
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def is_c_sweep(curves: Sequence[Mapping]) -> bool:
+    """Whether a curves.json is an L-BFGS probe's sweep of C (one entry per C) rather than epochs."""
+    return any("C" in entry for entry in curves)
+
+
+def draw_curves(curves: Mapping[str, Mapping[str, Sequence[Mapping]]], figures: Path) -> list[Path]:
+    """Each run's curves and each dataset's training dynamics (of the runs trained by epochs).
+
+    Args:
+        curves: `saved_curves(...)`.
+        figures: the figures folder.
+    """
+    written = []
+    for dataset, runs in curves.items():
+        for method, entries in runs.items():
+            path = figures / f"{dataset}_{method}_curves.png"
+            # An L-BFGS probe's "epochs" rank the C values it tried, smallest first.
+            sweep_note = " (L-BFGS: one point per C, increasing)" if is_c_sweep(entries) else ""
+            plot_curves(entries, f"{dataset} {METHODS[method].label}{sweep_note}", path)
+            written.append(path)
+        by_epoch = {method: entries for method, entries in runs.items() if not is_c_sweep(entries)}
+        if by_epoch:
+            path = figures / f"{dataset}_training_dynamics.png"
+            plot_dynamics(by_epoch, f"{dataset}: training dynamics", path)
+            written.append(path)
+    return written
+
+
+def draw_prompt_sets(results_dir: Path, figures: Path) -> list[Path]:
+    """The chart `zeroshot.run_zeroshot` ends with, from every saved prompt set (none: nothing).
+
+    Args:
+        results_dir: the results root.
+        figures: the figures folder.
+    """
+    table = zeroshot.prompt_table(results_dir)
+    if not table:
+        return []
+    path = figures / zeroshot.COMPARISON_FIGURE
+    plot_prompt_comparison(table, path=path)
+    return [path]
+
+
+def draw_evaluations(results_dir: Path) -> list[Path]:
+    """Every saved run's confusion (and, images permitting, sample) figure; skips named on stderr.
+
+    Args:
+        results_dir: the results root.
+    """
+    written = []
+    for folder, paths in saved_evaluations(results_dir):
+        drawn, notes = redraw_evaluation(folder, paths)
+        written += drawn
+        for line in notes:
+            print(f"report: {line}", file=sys.stderr)
+    return written
+
+
+def comparison_rows(rows: Sequence[Mapping]) -> list[dict]:
+    """The summary rows as the comparison figure groups them: few-shot rows under `<dataset> K-shot`.
+
+    Args:
+        rows: `collect` rows.
+    """
+    return [dict(r, dataset=f"{r['dataset']}\n{r['shots']}-shot") if r.get("shots") not in (None, "") else dict(r)
+            for r in rows]
+
+
+def make_report(results_dir: str | Path) -> list[Path]:
+    """Write summary.csv and redraw every figure from saved files.
+
+    Missing runs and figures that cannot be redrawn (no predictions.csv, images gone) are
+    named on stderr, never fatal.
+
+    Args:
+        results_dir: the results root.
+
+    Returns:
+        The written files: summary.csv, then the figures (curves, comparison), each dataset's
+        fewshot.csv, fewshot_summary.csv and few-shot figure (where few-shot runs are saved),
+        the prompt-set chart, then each run's confusion and sample figures.
+
+    Raises:
+        FileNotFoundError: no saved run at all under `results_dir`.
+    """
+    results_dir = Path(results_dir)
+    rows, missing = collect(results_dir)
+    curves = saved_curves(results_dir)
+    if not rows and not curves:
+        raise FileNotFoundError(
+            f"no saved results under {results_dir}: run `python -m clip_utils zeroshot|probe|lora --dataset ...` "
+            f"(or the notebooks) first, or point --results-dir at the results folder"
+        )
+    for line in missing:
+        print(f"report: no results for {line}", file=sys.stderr)
+    figures = figures_dir(results_dir)
+    written = [write_csv(results_dir / "summary.csv", COLUMNS, [[r[c] for c in COLUMNS] for r in rows])]
+    written += draw_curves(curves, figures)
+    if rows:
+        written.append(figures / "comparison.png")
+        plot_comparison(comparison_rows(rows), written[-1])
+    for dataset in (folder.name for folder in dataset_folders(results_dir)):
+        written += sweep.write_fewshot_report(results_dir, dataset)[2]
+    return written + draw_prompt_sets(results_dir, figures) + draw_evaluations(results_dir)

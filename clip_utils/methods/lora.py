@@ -1,0 +1,434 @@
+"""LoRA fine-tuning of CLIP with peft, on the shared training loop: the vision tower, the text tower or both.
+
+    metrics = run_lora(lab, "flowers102")                     # config.LORA, config.LORA_SETTINGS
+    metrics = run_lora(lab, "flowers102", cfg, LoraSettings(rank=4, alpha=8), resume=True)
+    metrics = run_lora(lab, "flowers102", *clip_lora_preset(lab, "flowers102"))   # CLIP-LoRA
+    metrics = run_lora(lab, "flowers102", replace(cfg, seed=1), shots=4)   # lora/shots_4/seed_1/
+    classifier = load_classifier(lab, "flowers102")           # the best epoch, for predictions
+
+LoRA trains a copy of the lab's checkpoint made on the CPU (`Lab.model_copy`: the lab's
+model is shared with zero-shot and the probe, so it must not receive adapters, and the
+checkpoint is not read from disk again), and only the towers training uses move to the
+GPU: frozen base weights in bf16 on CUDA (fp32 on the CPU), adapters and head fp32. The
+lab's inference model (fp16 on CUDA) is freed first, so GPU memory, and its reported peak,
+hold LoRA's model alone. Training runs in bf16 autocast on CUDA (the head and logits in fp32), on
+augmented images decoded where the model runs (`inputs.iter_labelled_batches`: nvJPEG
+and GPU resizing on CUDA).
+
+Which towers (`LoraSettings.encoders`, `lora --encoders`):
+
+- `vision` (the default): peft wraps `model.vision_model` alone, and a linear head is
+  trained with it (LP-FT, below); the text tower stays on the CPU.
+- `text`, `both`: peft wraps `model.text_model` too (the same target names: both towers call
+  their layers q/k/v/out_proj, fc1, fc2), and the classifier is CLIP's own
+  (`clip_lora.TextTowerClassifier`): the `domain` prompts re-encoded at every step, times the
+  fixed logit scale, as CLIP-LoRA trains. No head is trained; the best epoch's class
+  embeddings are saved as the head (`frozen_head`), so test and predict run the same
+  `ClipClassifier` as for vision LoRA. With no linear head, LP-FT's start from the probe does
+  not apply: metrics.json says `head_init: "text"`, and the adapters are the one parameter group.
+
+The head of vision LoRA (LP-FT). It starts from the linear probe trained on the same images
+(same dataset, model, class list, shots and seed: `runs.probe_head`) when that run has
+finished, else from the lab's `domain` text classifier; metrics.json says which (`head_init`).
+It trains in the probe's units (`heads.StandardizedHead` with the mean and scale of the frozen
+encoder's cached training embeddings, `heads.head_units`), in its own parameter group at
+`cfg.head_lr` while the adapters train at `cfg.lr`: in raw units, at the adapters' rate, a
+head barely moves, and LoRA, which contains the probe, would end below it. The checkpoint
+holds the equivalent raw-unit head, like the probe's.
+
+Few-shot runs (`shots=K`) work with every `encoders` setting: the K-shot sample decides
+which images train and validate, in `lora/shots_K/seed_S/`.
+
+The best epoch's adapters are saved with `save_pretrained` into `results/<dataset>/lora/adapter/`
+(vision) and `text_adapter/` (text) beside `head.safetensors`, and test evaluation reads them
+back onto another copy of the checkpoint through `load_classifier`, exactly as `predict --method lora` does.
+
+Trainable parameters. peft adds `A` (r x d_in) and `B` (d_out x r) to each adapted linear
+layer, so each contributes `r * (d_in + d_out)`; a trained head adds `D * C + C`. For ViT-L/14
+with r=8 on q_proj and v_proj: 24 layers x 2 x 8 x (1024 + 1024) = 786,432, plus the head.
+CLIP-LoRA's setting (r=2 on q, k, v of both towers, no head): 24 x 3 x 2 x 2048 = 294,912 in
+the vision tower plus 12 x 3 x 2 x 1536 = 110,592 in the text tower (width 768).
+`lora_trainable_params` computes this from the config, and `run_lora` checks it against the
+model's actual parameters.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from torch import nn
+
+from clip_utils import config
+
+from clip_utils.runtime import distributed
+
+from clip_utils.results import fewshot
+from clip_utils.results.checkpoints import (
+    ADAPTER_DIR,
+    HEAD_FILE,
+    TEXT_ADAPTER_DIR,
+    check_head,
+    head_info,
+    missing_checkpoint,
+    read_head,
+    save_adapter,
+    save_head,
+)
+from clip_utils.methods.lora_adapters import TextTowerClassifier, attach_adapter, class_tokens, quiet_peft
+from clip_utils.config import LoraSettings, TrainConfig
+from clip_utils.data import canonical_name, results_name
+from clip_utils.results.evaluation import save_evaluation
+from clip_utils.model.heads import ClipClassifier, StandardizedHead, count_parameters, head_units
+from clip_utils.model.inputs import iter_labelled_batches
+from clip_utils.lab import Lab, inference_dtype
+from clip_utils.model.preprocess import Preprocess
+from clip_utils.methods.common import (
+    HEAD_INIT_SET,
+    RunData,
+    freeing_memory_on_failure,
+    probe_head,
+    resolved,
+    run_data,
+    run_info,
+    zeroshot_init_head,
+)
+from clip_utils.model.training import EpochCallback, FitResult, TrainJob, fit, predict
+from clip_utils.model.vram import VramProbe
+
+METHOD = "lora"
+
+
+def linear_shapes(tower_config) -> dict[str, tuple[int, int]]:
+    """`(d_in, d_out)` of each linear layer name in one CLIP encoder layer (either tower).
+
+    Args:
+        tower_config: a `CLIPVisionConfig` or `CLIPTextConfig` (hidden_size, intermediate_size).
+    """
+    hidden, mlp = tower_config.hidden_size, tower_config.intermediate_size
+    return {"q_proj": (hidden, hidden), "k_proj": (hidden, hidden), "v_proj": (hidden, hidden),
+            "out_proj": (hidden, hidden), "fc1": (hidden, mlp), "fc2": (mlp, hidden)}
+
+
+def adapter_params(tower_config, settings: LoraSettings) -> int:
+    """LoRA parameters in one tower: `r * (d_in + d_out)` per target, per layer.
+
+    Args:
+        tower_config: the tower's `CLIPVisionConfig` or `CLIPTextConfig`.
+        settings: rank and targets.
+    """
+    shapes = linear_shapes(tower_config)
+    return tower_config.num_hidden_layers * sum(settings.rank * sum(shapes[t]) for t in settings.targets)
+
+
+def lora_trainable_params(vision_config, settings: LoraSettings, n_classes: int, embed_dim: int,
+                          text_config=None) -> int:
+    """Exact trainable parameter count of a LoRA run: adapters of each adapted tower, plus the
+    linear head when only the vision tower is adapted (otherwise the text tower is the classifier).
+
+    Each adapted layer gains `A` (r x d_in) and `B` (d_out x r): `r * (d_in + d_out)`.
+
+    Args:
+        vision_config: the `CLIPVisionConfig`.
+        settings: rank, targets and encoders.
+        n_classes: head outputs.
+        embed_dim: head inputs (CLIP's projection dimension).
+        text_config: the `CLIPTextConfig` (needed when `settings` adapts the text tower).
+    """
+    count = adapter_params(vision_config, settings) if settings.adapts_vision else 0
+    if settings.adapts_text:
+        if text_config is None:
+            raise ValueError(f"LoRA on the {settings.encoders} encoders: the text config is needed to count")
+        count += adapter_params(text_config, settings)
+    else:
+        count += embed_dim * n_classes + n_classes
+    return count
+
+
+def add_lora(vision: nn.Module, settings: LoraSettings) -> nn.Module:
+    """Wrap a CLIP encoder with peft LoRA adapters (base weights frozen).
+
+    Args:
+        vision: `CLIPModel.vision_model` or `CLIPModel.text_model` (the same layer names).
+        settings: rank, alpha, dropout, targets, gradient checkpointing.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if settings.grad_checkpointing:
+        # Non-reentrant checkpointing lets gradients reach the adapters even though the frozen
+        # embeddings' outputs do not require grad (the reentrant variant would drop them).
+        enable = getattr(vision, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            vision.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=list(settings.targets), bias="none")
+    with quiet_peft():
+        return get_peft_model(vision, config)
+
+
+@dataclass
+class _Trained:
+    result: FitResult
+    trainable: int
+    total: int
+    pre: Preprocess
+
+
+@dataclass
+class _Prompts:
+    """What CLIP's own classifier starts from when the text tower is adapted."""
+
+    class_names: list[str]
+    templates: list[str]
+
+
+def _train(lab: Lab, dataset: str, data: RunData, splits: dict, start: StandardizedHead | _Prompts,
+           cfg: TrainConfig, lora: LoraSettings, resume: bool, callbacks: Sequence[EpochCallback],
+           head_init: str) -> _Trained:
+    """Build the LoRA classifier (on the head `start`, or CLIP's own from the prompts `start`)
+    and run the shared loop; the training copy is freed on return."""
+    device = torch.device(lab.device)
+    out = data.folder
+    class_names = lab.label_map(dataset)
+    # Copied on the CPU in the checkpoint's fp32 (the logit scale is read before any cast),
+    # and only the towers training uses move to the GPU: with the vision tower alone adapted,
+    # the text tower (a quarter of ViT-L/14's CLIP) has no part in training. peft's mixed-
+    # precision recipe: frozen base weights in bf16 on CUDA (half the memory, no fp32 -> bf16
+    # re-cast under autocast at every step), adapters upcast to fp32 by peft
+    # (`autocast_adapter_dtype`), the head fp32. The CPU keeps fp32: bf16 is slow there.
+    base_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    clip = lab.model_copy("cpu")  # its own copy: the adapters go into it
+    model = clip.model
+    model.requires_grad_(False)
+    model.vision_model.to(device, base_dtype)
+    model.visual_projection.to(device, base_dtype)
+    # peft draws the adapters' initial A from the global generator: seeded, the same command
+    # gives the same run in any process (`fit` re-seeds it at every epoch anyway).
+    torch.manual_seed(cfg.seed)
+    vision = add_lora(model.vision_model, lora) if lora.adapts_vision else model.vision_model
+    text = None
+    if isinstance(start, _Prompts):
+        model.text_model.to(device, base_dtype)
+        model.text_projection.to(device, base_dtype)
+        text = add_lora(model.text_model, lora)
+        tokens = class_tokens(clip.tokenizer, start.class_names, start.templates,
+                              model.config.text_config.max_position_embeddings)
+        classifier = TextTowerClassifier(vision, model.visual_projection, text, model.text_projection, tokens,
+                                         clip.logit_scale)
+    else:
+        classifier = ClipClassifier(vision, model.visual_projection, start)  # the text tower is left behind
+    head_params = [] if text is not None else list(start.parameters())
+    expected = lora_trainable_params(model.config.vision_config, lora, len(class_names), clip.embed_dim,
+                                     model.config.text_config)
+    trainable, total = count_parameters(classifier)
+    if trainable != expected:  # the count in metrics.json must be exact
+        raise RuntimeError(f"LoRA trainable parameters: model has {trainable}, config gives {expected}")
+    pre = clip.preprocess
+    info = dict(dataset=dataset, method=METHOD, model=lab.model, class_names=class_names, embed_dim=clip.embed_dim,
+                encoders=lora.encoders)
+
+    def batches(split: str, order: torch.Tensor | None = None, augment: bool = False,
+                desc: str | None = None) -> Iterable:
+        ds = splits[split]
+        return iter_labelled_batches([p for p, _ in ds.samples], torch.tensor(ds.targets), pre, device,
+                                     base_dtype, cfg.batch_size, order=order, augment=augment,
+                                     num_workers=lab.num_workers, desc=desc)
+
+    def save_best(epoch: int) -> None:
+        meta = head_info(**info, epoch=epoch)
+        if lora.adapts_vision:
+            save_adapter(out / ADAPTER_DIR, vision, meta)
+        if text is not None:
+            save_adapter(out / TEXT_ADAPTER_DIR, text, meta)
+            # Called right after validation, in eval mode: the frozen head holds the very class
+            # embeddings that validation scored.
+            save_head(out / HEAD_FILE, classifier.frozen_head(), meta)
+        else:
+            save_head(out / HEAD_FILE, start.folded(), meta)  # the raw-unit equivalent, like the probe's
+
+    adapters = [p for p in classifier.parameters() if p.requires_grad and all(p is not h for h in head_params)]
+    n_train = len(splits["train"])
+    # Under torchrun each rank decodes and trains on its share of every global batch; index
+    # n_train is the padding slot of those shares (distributed.rank_order).
+    train_paths, train_labels = distributed.padded([p for p, _ in splits["train"].samples],
+                                                   torch.tensor(splits["train"].targets))
+
+    def train_batches(epoch: int, generator: torch.Generator) -> Iterable:
+        order, per_rank = distributed.rank_order(torch.randperm(n_train, generator=generator), cfg.batch_size)
+        return iter_labelled_batches(train_paths, train_labels, pre, device, base_dtype, per_rank, order=order,
+                                     augment=cfg.augment, num_workers=lab.num_workers)
+
+    job = TrainJob(
+        name=f"{dataset} LoRA", model=classifier,
+        train_batches=train_batches,
+        val_batches=lambda: batches("val", desc=f"validating {dataset} LoRA"),
+        steps_per_epoch=math.ceil(n_train / cfg.batch_size), save_best=save_best,
+        checkpoints=(HEAD_FILE, ADAPTER_DIR, TEXT_ADAPTER_DIR), out_dir=out, device=device, batch_size=cfg.batch_size,
+        oom_hint=" or add --grad-checkpointing (LoraSettings(grad_checkpointing=True))",
+        fingerprint={"dataset": dataset, "model": lab.model, "method": METHOD, "class_naming": lab.class_naming,
+                     "domain": lab.domain, "n_train": n_train, "shots": data.shots, "head_init": head_init,
+                     "head_units": None if text is not None else "standard x 768/D",
+                     "sample": fewshot.sample_digest([p for s in ("train", "val") for p, _ in splits[s].samples]),
+                     **{f"lora_{k}": v for k, v in asdict(lora).items() if k != "grad_checkpointing"}},
+        # The adapters first (the curves' lr is theirs), then the head at its own rate (CLIP's
+        # own classifier, with the text tower adapted, has no head: one group).
+        param_groups=[{"params": adapters}] + ([{"params": head_params, "lr": cfg.head_lr or cfg.lr}]
+                                               if head_params else []),
+    )
+    return _Trained(fit(job, cfg, resume=resume, callbacks=callbacks), trainable, total, pre)
+
+
+def _probe_head_on_cpu(lab: Lab, dataset: str, data: RunData) -> nn.Linear | None:
+    head = probe_head(lab, dataset, data)
+    return None if head is None else head.cpu()
+
+
+def clip_lora_preset(lab: Lab, dataset: str, shots: int | None = None,
+                     seed: int | None = None) -> tuple[TrainConfig, LoraSettings]:
+    """CLIP-LoRA's settings (`config.CLIP_LORA`, `config.CLIP_LORA_SETTINGS`) with its iteration
+    count for this dataset's training split in epochs (`config.clip_lora_epochs`).
+
+    Args:
+        lab: the run context (the training split is listed, not read).
+        dataset: the dataset.
+        shots: a few-shot run's images per class (None: the whole training split).
+        seed: the few-shot run's seed (None: the lab's); it decides the sample's size only
+            where a class has fewer than `shots` images.
+    """
+    fewshot.check_shots(shots)
+    train, n_classes = lab.dataset(dataset, "train"), len(lab.label_map(dataset))
+    n_train = len(train)
+    if shots is not None:
+        sample = fewshot.draw(train.samples, lab.dataset(dataset, "val").samples, shots,
+                              lab.seed if seed is None else seed)
+        n_train = len(sample.train)
+    cfg = config.CLIP_LORA
+    return replace(cfg, epochs=config.clip_lora_epochs(n_train, n_classes, cfg.batch_size)), config.CLIP_LORA_SETTINGS
+
+
+def run_lora(lab: Lab, dataset: str, cfg: TrainConfig = config.LORA, lora: LoraSettings = config.LORA_SETTINGS,
+             resume: bool = False, callbacks: Sequence[EpochCallback] = (), *, shots: int | None = None) -> dict:
+    """Fine-tune CLIP with LoRA, evaluate the best epoch on test, save everything.
+
+    Writes `results/<dataset>/lora/` (a few-shot run: `.../shots_<K>/seed_<S>/`, with
+    samples.json): metrics.json, predictions.csv, curves.json, head.safetensors, adapter/
+    and/or text_adapter/ (peft), classification_report.txt, resume.pt, and the test figures
+    (a few-shot run's in its own `figures/`).
+
+    Args:
+        lab: the run context (model, data, results folder, device, seed).
+        dataset: `flowers102` or `cub200`.
+        cfg: hyper-parameters (default: `config.LORA`, as the CLI and Task2.ipynb;
+            `augment=False` trains on centre crops; `head_lr` is the head's rate with the
+            vision tower alone adapted). `cfg.seed` (else the lab's) also draws a few-shot sample.
+        lora: adapter settings (default: `config.LORA_SETTINGS`: the vision tower alone;
+            `clip_lora_preset` gives CLIP-LoRA's).
+        resume: continue an interrupted run from its last completed epoch.
+        callbacks: called as `callback(epoch, curve_entry)` after each epoch.
+        shots: train on this many images per class, validate on min(shots, 4) per class
+            (None: every image). The head starts from the probe of the same shots and seed.
+
+    Returns:
+        The metrics.json content (with `shots`, `seed`, `head_init`, `n_train`, `n_val`).
+    """
+    start = time.perf_counter()
+    dataset = canonical_name(dataset)
+    fewshot.check_shots(shots)
+    cfg = resolved(cfg, lab)
+    device = torch.device(lab.device)
+    data = run_data(lab, dataset, METHOD, shots, cfg.seed)
+    out = data.folder
+    splits = {s: data.split(lab.dataset(dataset, s), s) for s in ("train", "val", "test")}
+    class_names = lab.class_names(dataset)
+    begin: StandardizedHead | _Prompts
+    if lora.adapts_text:
+        # CLIP's own classifier, from the prompts the zero-shot head would use: no linear head,
+        # so LP-FT's start from the probe does not apply.
+        begin = _Prompts(class_names, list(lab.prompt_sets(dataset)[HEAD_INIT_SET]))
+        head_init = "text"
+    else:
+        # The probe's head is in the results folder: rank 0 reads it and sends it (on the CPU)
+        # to every rank, so all ranks build the same head and agree on head_init.
+        start_head = distributed.on_main(_probe_head_on_cpu, lab, dataset, data)
+        if start_head is not None:
+            start_head = start_head.to(device)
+        head_init = "linear_probe" if start_head is not None else "zeroshot"
+        if start_head is None:
+            start_head = zeroshot_init_head(lab, dataset)  # the zero-shot start, from the lab's model
+        # The probe's units: the frozen encoder's training embeddings (cached; the probe's own).
+        mean, scale = head_units(lab.features(dataset, "train").subset(data.train).embeddings.to(device))
+        begin = StandardizedHead(start_head, mean, scale)
+    # Then the lab's inference model (fp16 ViT-L/14 on CUDA) is not needed: free it, so LoRA
+    # has that memory and its peak is its own.
+    lab.unload()
+    with VramProbe(device, label=f"{dataset} LoRA") as vram:
+        trained = freeing_memory_on_failure(_train, lab, dataset, data, splits, begin, cfg, lora, resume, callbacks,
+                                            head_init)
+    result, trainable, total, pre = trained.result, trained.trainable, trained.total, trained.pre
+
+    lora_config = {"lora_" + k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(lora).items()}
+    extra = {"head_init": head_init, "n_train": len(splits["train"]), "n_val": len(splits["val"])}
+
+    def evaluate() -> dict:  # on rank 0 alone: it reads the checkpoint and writes the results
+        best = load_classifier(lab, dataset, shots, cfg.seed)
+        dtype = best.visual_projection.weight.dtype
+        test = splits["test"]
+        test_batches = iter_labelled_batches([p for p, _ in test.samples], torch.tensor(test.targets), pre, device,
+                                             dtype, cfg.batch_size, num_workers=lab.num_workers,
+                                             desc=f"testing {dataset} LoRA")
+        # The reloaded classifier is already in the inference dtype (fp16 on CUDA): no autocast,
+        # which would recast its fp16 weights to bf16 and lose precision.
+        logits, labels = predict(best, test_batches, device, autocast=False)
+        run = run_info(lab, dataset, METHOD, cfg, result, trainable=trainable, total=total,
+                       peak_vram_mb=vram.peak_allocated_mb, peak_reserved_mb=vram.peak_reserved_mb,
+                       seconds=time.perf_counter() - start, extra_config=lora_config, data=data)
+        # A few-shot run keeps its figures in its own folder: results/figures stays one set per method.
+        return save_evaluation(out, logits=logits, labels=labels, paths=[p for p, _ in test.samples],
+                               class_names=class_names, info=run | extra,
+                               figure_prefix=f"{results_name(dataset)}_{METHOD}",
+                               results_dir=lab.results_dir if shots is None else out)
+
+    return distributed.on_main(evaluate)
+
+
+def load_classifier(lab: Lab, dataset: str, shots: int | None = None, seed: int | None = None) -> ClipClassifier:
+    """The trained LoRA classifier of a dataset, ready for prediction: a `ClipClassifier` in eval mode.
+
+    A copy of the lab's checkpoint (in the lab's inference dtype) gets the saved adapter:
+    attaching it to the lab's shared model would change zero-shot predictions made later in
+    the same process. A text-adapted run's head already holds its text tower's class
+    embeddings, so its text adapter is not needed here (`export` merges it).
+
+    Args:
+        lab: the run context (model, results folder, device).
+        dataset: dataset name.
+        shots: the few-shot run's images per class (None: the full-data run).
+        seed: the few-shot run's seed (None: the lab's).
+
+    Raises:
+        FileNotFoundError: not trained yet (the message names the command to run).
+        CheckpointError: damaged, or trained for another dataset, class list or model.
+    """
+    dataset = canonical_name(dataset)
+    seed = lab.seed if seed is None else seed
+    folder = fewshot.run_dir(lab.results_dir, dataset, METHOD, shots, seed)
+    paths = {"head": folder / HEAD_FILE, "adapter": folder / ADAPTER_DIR}
+    if not paths["head"].is_file():
+        raise missing_checkpoint(paths["head"], dataset, METHOD, shots, seed)
+    head, info = read_head(paths["head"])
+    adapts_vision = LoraSettings(encoders=info.encoders).adapts_vision
+    if adapts_vision and not (paths["adapter"] / "adapter_config.json").is_file():
+        raise missing_checkpoint(paths["adapter"], dataset, METHOD, shots, seed)
+    clip = lab.model_copy(lab.device, inference_dtype(lab.device))
+    check_head(info, head_info(dataset=dataset, method=METHOD, model=lab.model, class_names=lab.label_map(dataset),
+                               embed_dim=clip.embed_dim), paths["head"])
+    vision = clip.model.vision_model
+    if adapts_vision:
+        vision = attach_adapter(vision, paths["adapter"], info, lab.device)
+    # The head stays float32 beside an fp16 encoder: ClipClassifier casts the embedding up.
+    return ClipClassifier(vision, clip.model.visual_projection, head.float().to(lab.device)).eval()

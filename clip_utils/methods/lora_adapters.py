@@ -1,0 +1,169 @@
+"""LoRA beyond the vision tower: CLIP's own classifier with a trainable text tower, and saved adapters.
+
+    tokens = class_tokens(tokenizer, class_names, ["a photo of a {}, a type of flower."], max_length=77)
+    classifier = TextTowerClassifier(vision, model.visual_projection, text, model.text_projection,
+                                     tokens, logit_scale=100.0)
+    logits = classifier(pixels)          # 100 * cos(image, class prompt), prompts re-encoded
+    head = classifier.frozen_head()      # the same logits as a linear head, for ClipClassifier
+
+CLIP-LoRA (Zanella & Ben Ayed, 2024) adapts both encoders and classifies as zero-shot CLIP
+does: the logits are the logit scale times the cosine similarity of the image embedding with
+each class prompt's text embedding. With LoRA in the text tower those text embeddings change
+at every step, so in training mode they are recomputed at every forward pass (the class
+prompts are a few hundred short sequences, much less work than the images' backward pass).
+The logit scale stays fixed, as in CLIP-LoRA: every base weight is frozen.
+
+Once training stops the text side no longer changes: in eval mode the class embeddings are
+computed once and kept until the module is put back in training mode (`train()` drops them),
+and `frozen_head` turns them into the linear head (`heads.zeroshot_head`) that `ClipClassifier`
+applies, so a text-adapted run is saved, reloaded, predicted with and exported exactly like a
+vision LoRA run: vision tower, projection, linear head.
+
+`attach_adapter` puts a saved adapter (either tower's) back on a fresh tower, checked against
+the head it was saved with; `quiet_peft` hides a warning peft raises about its own code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clip_utils.results.checkpoints import CheckpointError, HeadInfo, check_adapter
+from clip_utils.model.heads import image_embeddings, zeroshot_head
+from clip_utils.prompts import class_prompts
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """Silence a FutureWarning peft triggers on every adapter it builds or loads.
+
+    peft 0.21 probes `model.is_gradient_checkpointing`, which transformers 5 deprecates;
+    the warning is about peft's code, not the user's, and there is nothing to act on.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def attach_adapter(tower: nn.Module, folder: Path, info: HeadInfo, device: str | torch.device) -> nn.Module:
+    """A saved peft adapter on `tower` (in place), after checking it belongs to the head `info`.
+
+    Args:
+        tower: a fresh `vision_model` or `text_model` of the run's base CLIP.
+        folder: the adapter folder (`adapter/`, `text_adapter/`).
+        info: the metadata of the head saved beside it.
+        device: where the adapted tower goes.
+
+    Raises:
+        CheckpointError: from another run or epoch, or damaged.
+    """
+    from peft import PeftModel
+
+    check_adapter(folder, info)
+    try:
+        with quiet_peft():
+            return PeftModel.from_pretrained(tower, str(folder)).to(device)
+    except Exception as err:  # a cut-short or edited adapter file: peft and safetensors raise many types
+        raise CheckpointError(
+            f"the LoRA adapter in {folder} is damaged ({str(err).splitlines()[0]}): delete it and retrain "
+            f"with `python -m clip_utils lora --dataset {info.dataset}`"
+        ) from err
+
+
+@dataclass(frozen=True)
+class ClassTokens:
+    """Tokenised class prompts: `per_class` consecutive rows per class, in label order.
+
+    Attributes:
+        input_ids: `(C * per_class, L)` token ids.
+        attention_mask: `(C * per_class, L)` mask.
+        per_class: prompts per class (their embeddings are averaged, CLIP's ensembling).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    per_class: int = 1
+
+
+def class_tokens(tokenizer, class_names: Sequence[str], templates: Sequence[str], max_length: int) -> ClassTokens:
+    """Tokenised class prompts, every template filled with every name, class by class.
+
+    Args:
+        tokenizer: CLIP's tokenizer.
+        class_names: names in label order.
+        templates: prompt templates with `{}` (LoRA uses the `domain` set: one template, as
+            CLIP-LoRA does).
+        max_length: the text tower's context length.
+    """
+    prompts = [p for per_class in class_prompts(class_names, templates) for p in per_class]
+    tokens = tokenizer(prompts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return ClassTokens(tokens["input_ids"], tokens["attention_mask"], len(templates))
+
+
+class TextTowerClassifier(nn.Module):
+    """Logits = logit scale x cosine(image embedding, class prompt embedding), both towers live.
+
+    Args:
+        vision_model: CLIP's vision transformer (peft-wrapped when adapted).
+        visual_projection: CLIP's image projection.
+        text_model: CLIP's text transformer (peft-wrapped).
+        text_projection: CLIP's text projection.
+        tokens: the class prompts (`class_tokens`).
+        logit_scale: CLIP's temperature, `exp(model.logit_scale)` (fixed).
+    """
+
+    def __init__(self, vision_model: nn.Module, visual_projection: nn.Module, text_model: nn.Module,
+                 text_projection: nn.Module, tokens: ClassTokens, logit_scale: float) -> None:
+        super().__init__()
+        self.vision_model = vision_model
+        self.visual_projection = visual_projection
+        self.text_model = text_model
+        self.text_projection = text_projection
+        device = visual_projection.weight.device
+        # Buffers, not parameters; not persistent: the prompts are rebuilt from the class names.
+        self.register_buffer("input_ids", tokens.input_ids.to(device), persistent=False)
+        self.register_buffer("attention_mask", tokens.attention_mask.to(device), persistent=False)
+        self.per_class = tokens.per_class
+        self.logit_scale = float(logit_scale)
+        self._frozen: torch.Tensor | None = None
+
+    def class_embeddings(self) -> torch.Tensor:
+        """`(C, D)` unit-norm class embeddings from the current text tower (cached in eval mode)."""
+        if not self.training and self._frozen is not None:
+            return self._frozen
+        pooled = self.text_model(input_ids=self.input_ids, attention_mask=self.attention_mask).pooler_output
+        emb = F.normalize(self.text_projection(pooled).float(), dim=-1)
+        emb = F.normalize(emb.view(-1, self.per_class, emb.shape[-1]).mean(dim=1), dim=-1)
+        if not self.training:
+            self._frozen = emb.detach()
+        return emb
+
+    def train(self, mode: bool = True) -> TextTowerClassifier:
+        super().train(mode)
+        self._frozen = None  # the text tower may change from here on (or just has)
+        return self
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        images = image_embeddings(self, pixel_values)
+        classes = self.class_embeddings()
+        # In fp32 outside autocast, as `ClipClassifier` runs its head: bf16 logits would flip
+        # close calls between classes.
+        with torch.autocast(images.device.type, enabled=False):
+            return self.logit_scale * images.float() @ classes.float().T
+
+    @torch.no_grad()
+    def frozen_head(self) -> nn.Linear:
+        """The current classifier as a float32 linear head on the normalised image embedding.
+
+        In eval mode, after a validation pass, these are the very class embeddings that pass
+        scored (kept since); in training mode they are computed now, with dropout.
+        """
+        head = zeroshot_head(self.class_embeddings().T, self.logit_scale)
+        return head.to(self.visual_projection.weight.device)

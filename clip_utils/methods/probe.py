@@ -1,0 +1,254 @@
+"""The linear probe: a linear head trained on the frozen vision encoder's embeddings.
+
+    metrics = run_probe(lab, "flowers102")                    # config.PROBE; results/flowers102/linear_probe/
+    metrics = run_probe(lab, "flowers102", resume=True)       # after Ctrl-C: continue
+    metrics = run_probe(lab, "flowers102", solver="lbfgs")    # the CLIP paper's probe
+    metrics = run_probe(lab, "flowers102", replace(cfg, seed=1), shots=4)   # linear_probe/shots_4/seed_1/
+    classifier = load_classifier(lab, "flowers102")           # the best epoch, for predictions
+
+The probe trains on cached features (`lab.features`), held on the device and sliced by a
+seeded permutation: no DataLoader and no forward passes through the encoder, so a
+Flowers102 probe takes seconds once the features exist. With `augment=True` it trains
+through the frozen encoder on augmented images instead. Either way validation and test use
+the cached (non-augmented) features: the encoder is frozen, so they are exact. A few-shot
+run (`shots=K`) takes its K images per class (and min(K, 4) for validation) from the same
+cached features, by index (`fewshot`): nothing is encoded again.
+
+Two solvers. `adamw` (the default) is the shared loop: the head starts as the zero-shot
+classifier (`runs.zeroshot_init_head`) and trains in head units of the training embeddings
+(`heads.head_units`): CLIP embeddings share a large common component, and in raw units a
+few epochs of gradient steps barely move the head's decisions. `lbfgs` is the CLIP paper's
+probe (`logreg`): scikit-learn's L-BFGS logistic regression on the L2-normalised
+embeddings, C chosen on validation, refit on train + val (a few-shot run is not refit, to
+stay K-shot; `fitted_on` says which); its curves.json holds one entry per C tried (`epoch`
+ranks them) and metrics.json the chosen `C`. The checkpoint always holds
+the equivalent head on raw embeddings, so predicting needs nothing but the head.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from clip_utils import config
+
+from clip_utils.runtime import distributed
+
+from clip_utils.results import fewshot
+from clip_utils.results.checkpoints import (
+    HEAD_FILE,
+    TRAIN_HEAD_FILE,
+    check_head,
+    head_info,
+    load_head,
+    missing_checkpoint,
+    read_head,
+    save_head,
+)
+from clip_utils.config import TrainConfig
+from clip_utils.data import canonical_name, results_name
+from clip_utils.results.evaluation import save_evaluation
+from clip_utils.model.features import Features
+from clip_utils.model.heads import (
+    ClipClassifier,
+    FrozenEncoderProbe,
+    count_parameters,
+    head_units,
+    standardized_head,
+    unstandardized_head,
+)
+from clip_utils.model.inputs import iter_labelled_batches
+from clip_utils.lab import Lab
+from clip_utils.model.logreg import fit_lbfgs
+from clip_utils.runtime.files import write_json
+from clip_utils.methods.common import RunData, resolved, run_data, run_info, zeroshot_init_head
+from clip_utils.model.training import (
+    CURVES_FILE,
+    Batch,
+    EpochCallback,
+    FitResult,
+    TrainJob,
+    clear_previous_run,
+    fit,
+    permuted_batches,
+    predict,
+)
+from clip_utils.model.vram import VramProbe
+
+METHOD = "linear_probe"
+
+
+def _train_adamw(lab: Lab, dataset: str, data: RunData, feats: dict[str, Features], cfg: TrainConfig, info: dict,
+                 resume: bool, callbacks: Sequence[EpochCallback]) -> FitResult:
+    """The gradient probe on the shared loop: zero-shot start, head units, best epoch on validation."""
+    device, out = torch.device(lab.device), data.folder
+    model = lab.clip().model
+    head = zeroshot_init_head(lab, dataset)
+    train_x = feats["train"].embeddings.to(device)
+    train_y = feats["train"].labels.to(device)
+    val_x, val_y = feats["val"].embeddings.to(device), feats["val"].labels.to(device)
+    # The head trains in head units of the training embeddings (same zero-shot start): in
+    # raw units a few epochs of gradient steps barely move it. Checkpoints always hold the
+    # equivalent head on raw embeddings.
+    mean, std = head_units(train_x)
+    unit_head = standardized_head(head, mean, std)
+    val_x = (val_x - mean) / std
+    if cfg.augment:
+        trained: nn.Module = FrozenEncoderProbe(model, unit_head, mean, std)
+        paths, pixel_dtype = feats["train"].paths, next(model.parameters()).dtype
+
+        # Under torchrun each rank takes its share of every global batch; index len(paths) is the
+        # padding slot of those shares (distributed.rank_order).
+        padded_paths, padded_labels = distributed.padded(paths, feats["train"].labels)
+
+        def train_batches(epoch: int, generator: torch.Generator) -> Iterable[Batch]:
+            order, per_rank = distributed.rank_order(torch.randperm(len(paths), generator=generator), cfg.batch_size)
+            return iter_labelled_batches(padded_paths, padded_labels, lab.preprocess, device, pixel_dtype,
+                                         per_rank, order=order, augment=True, num_workers=lab.num_workers)
+    else:
+        train_x = (train_x - mean) / std
+        trained = unit_head
+
+        def train_batches(epoch: int, generator: torch.Generator) -> Iterable[Batch]:
+            return permuted_batches(train_x, train_y, cfg.batch_size, generator, shard=True)
+
+    job = TrainJob(
+        name=f"{dataset} linear probe", model=trained, train_batches=train_batches,
+        # The encoder is frozen: the cached validation features are exactly what it computes.
+        val_batches=lambda: permuted_batches(val_x, val_y, max(cfg.batch_size, 1024)),
+        steps_per_epoch=math.ceil(len(train_y) / cfg.batch_size),
+        save_best=lambda epoch: save_head(out / HEAD_FILE, unstandardized_head(unit_head, mean, std),
+                                          head_info(**info, epoch=epoch)),
+        checkpoints=(HEAD_FILE, TRAIN_HEAD_FILE),  # an earlier L-BFGS run's train-only head goes too
+        out_dir=out, device=device, batch_size=cfg.batch_size,
+        # head_units: resume.pt holds the head in these units (older runs trained in raw or
+        # plain standard units: same names and shapes, so only this tells them apart).
+        fingerprint={"dataset": dataset, "model": lab.model, "method": METHOD, "class_naming": lab.class_naming,
+                     "domain": lab.domain, "n_train": len(train_y), "augment": cfg.augment,
+                     "head_units": "standard x 768/D", "shots": data.shots,
+                     "sample": fewshot.sample_digest(feats["train"].paths + feats["val"].paths)},
+        val_model=unit_head if cfg.augment else None,
+        autocast=False,
+    )
+    return fit(job, cfg, resume=resume, callbacks=callbacks)
+
+
+def _fit_lbfgs(data: RunData, feats: dict[str, Features], n_classes: int, info: dict) -> tuple[FitResult, float]:
+    """The CLIP paper's probe: C swept on validation, refit on train + val (full data only), saved
+    like any head."""
+    clear_previous_run(data.folder, (HEAD_FILE, TRAIN_HEAD_FILE))  # no earlier run's resume state or head survives
+    # A K-shot run is not refit: on K + min(K, 4) images per class it would not be K-shot.
+    refit = data.shots is None
+    fitted = fit_lbfgs(feats["train"].embeddings, feats["train"].labels, feats["val"].embeddings,
+                       feats["val"].labels, n_classes, refit=refit)
+    save_head(data.folder / HEAD_FILE, fitted.head, head_info(**info, epoch=fitted.best))
+    if refit:  # what LoRA starts from: the head that has not seen the validation images
+        save_head(data.folder / TRAIN_HEAD_FILE, fitted.train_head, head_info(**info, epoch=fitted.best))
+    write_json(data.folder / CURVES_FILE, fitted.curves)
+    seconds = sum(e["seconds"] for e in fitted.curves) + fitted.refit_seconds
+    return FitResult(curves=fitted.curves, best_epoch=fitted.best, train_seconds=seconds), fitted.c
+
+
+def run_probe(lab: Lab, dataset: str, cfg: TrainConfig = config.PROBE, resume: bool = False,
+              callbacks: Sequence[EpochCallback] = (), *, shots: int | None = None,
+              solver: str = config.PROBE_SOLVER) -> dict:
+    """Train a linear probe on the frozen encoder, evaluate it on test, save everything.
+
+    Writes `results/<dataset>/linear_probe/` (a few-shot run: `.../shots_<K>/seed_<S>/`, with
+    samples.json): metrics.json, predictions.csv, curves.json, head.safetensors,
+    classification_report.txt, resume.pt (adamw), and the test figures (a few-shot run's in
+    its own `figures/`).
+
+    Args:
+        lab: the run context (model, data, results folder, device, seed).
+        dataset: a registered dataset or `imagefolder:PATH`.
+        cfg: hyper-parameters (default: `config.PROBE`, as the CLI and Task2.ipynb); `cfg.seed`
+            (else the lab's) also draws a few-shot sample. The lbfgs solver uses none of them.
+        resume: continue an interrupted adamw run from its last completed epoch.
+        callbacks: called as `callback(epoch, curve_entry)` after each adamw epoch.
+        shots: train on this many images per class, validate on min(shots, 4) per class
+            (None: every image).
+        solver: `adamw` (the shared loop) or `lbfgs` (the CLIP paper's logistic regression).
+
+    Returns:
+        The metrics.json content (with `shots`, `seed`, `solver`, `head_init`, `n_train`,
+        `n_val`, and `C` for lbfgs).
+    """
+    start = time.perf_counter()
+    dataset = canonical_name(dataset)
+    fewshot.check_shots(shots)
+    if solver not in config.SOLVERS:
+        raise ValueError(f"unknown probe solver {solver!r}: choose one of {', '.join(config.SOLVERS)}")
+    if solver == "lbfgs" and cfg.augment:
+        raise ValueError("the lbfgs solver fits the cached features; augmented training needs the adamw solver")
+    cfg = resolved(cfg, lab)
+    device = torch.device(lab.device)
+    data = run_data(lab, dataset, METHOD, shots, cfg.seed)
+    feats = {"train": lab.features(dataset, "train").subset(data.train),
+             "val": lab.features(dataset, "val").subset(data.val), "test": lab.features(dataset, "test")}
+    model = lab.clip().model
+    model.requires_grad_(False)  # frozen encoder; only the head learns
+    class_names = lab.class_names(dataset)
+    embed_dim = feats["train"].embeddings.shape[1]
+    info = dict(dataset=dataset, method=METHOD, model=lab.model, class_names=lab.label_map(dataset),
+                embed_dim=embed_dim)
+    extra = {"solver": solver, "n_train": len(feats["train"]), "n_val": len(feats["val"])}
+    with VramProbe(device, label=f"{dataset} linear probe") as vram:
+        if solver == "lbfgs":
+            # CPU scikit-learn on cached features, writing the heads and curves: rank 0 alone
+            # fits it and sends the result to the others (nothing there is collective).
+            result, c = distributed.on_main(_fit_lbfgs, data, feats, len(class_names), info)
+            # No epochs: the "epochs" are the C values tried (curves.json has one entry each).
+            cfg = replace(cfg, epochs=len(result.curves))
+            extra |= {"C": c, "head_init": "none", "fitted_on": "train" if shots else "train+val"}
+        else:
+            result = _train_adamw(lab, dataset, data, feats, cfg, info, resume, callbacks)
+            extra |= {"head_init": "zeroshot"}
+
+    def evaluate() -> dict:  # on rank 0 alone: it reads the checkpoint and writes the results
+        best, _ = load_head(data.folder / HEAD_FILE, head_info(**info))
+        best = best.to(device)
+        logits, labels = predict(best, permuted_batches(feats["test"].embeddings.to(device),
+                                                        feats["test"].labels.to(device), 4096), device, autocast=False)
+        encoder_params = count_parameters(model.vision_model)[1] + count_parameters(model.visual_projection)[1]
+        head_params = embed_dim * len(class_names) + len(class_names)
+        run = run_info(lab, dataset, METHOD, cfg, result, trainable=head_params,
+                       total=encoder_params + head_params, peak_vram_mb=vram.peak_allocated_mb,
+                       peak_reserved_mb=vram.peak_reserved_mb, seconds=time.perf_counter() - start, data=data)
+        # A few-shot run keeps its figures in its own folder: results/figures stays one set per method.
+        figures_root = lab.results_dir if shots is None else data.folder
+        return save_evaluation(data.folder, logits=logits, labels=labels, paths=feats["test"].paths,
+                               class_names=class_names, info=run | extra,
+                               figure_prefix=f"{results_name(dataset)}_{METHOD}", results_dir=figures_root)
+
+    return distributed.on_main(evaluate)
+
+
+def load_classifier(lab: Lab, dataset: str, shots: int | None = None, seed: int | None = None) -> ClipClassifier:
+    """The trained probe of a dataset on the lab's frozen CLIP, ready for prediction (eval mode).
+
+    Args:
+        lab: the run context (model, results folder, device).
+        dataset: dataset name.
+        shots: the few-shot run's images per class (None: the full-data run).
+        seed: the few-shot run's seed (None: the lab's).
+
+    Raises:
+        FileNotFoundError: not trained yet (the message names the command to run).
+        CheckpointError: damaged, or trained for another dataset, class list or model.
+    """
+    dataset = canonical_name(dataset)
+    path = fewshot.run_dir(lab.results_dir, dataset, METHOD, shots, lab.seed if seed is None else seed) / HEAD_FILE
+    if not path.is_file():
+        raise missing_checkpoint(path, dataset, METHOD, shots, lab.seed if seed is None else seed)
+    head, info = read_head(path)
+    clip = lab.clip()
+    check_head(info, head_info(dataset=dataset, method=METHOD, model=lab.model, class_names=lab.label_map(dataset),
+                               embed_dim=clip.embed_dim), path)
+    # The head stays float32 beside an fp16 encoder: ClipClassifier casts the embedding up.
+    return ClipClassifier(clip.model.vision_model, clip.model.visual_projection, head.float().to(lab.device)).eval()

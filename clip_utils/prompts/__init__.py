@@ -1,0 +1,237 @@
+"""Prompt sets per dataset, and the zero-shot text classifier built from them.
+
+    sets = prompt_sets("flowers102")          # {"default": [...], "domain": [...], ...}
+    names = resolve(["all"], "flowers102")    # every set, plus "auto"
+    W = build_text_classifier(model, processor.tokenizer, class_names, sets["domain"], "cuda")
+    logits = 100 * image_embeddings @ W       # W: (D, C), one unit column per class
+
+A prompt set is a list of templates with `{}` where the class name goes, or, for sets whose
+prompts differ from class to class (`descriptions`), a mapping `{class name: [prompt, ...]}`
+in label order (`PromptSet`). A class's weight vector is CLIP's prompt ensembling: embed each
+of its prompts, L2-normalise each embedding, average them, and normalise the mean again (as in
+the CLIP paper and CLIP_benchmark). metrics.json's `templates` holds the set as it is: the
+template list, or the mapping with every class's exact prompts.
+
+The templates themselves are data (`templates`, and each dataset's declaration). The sets:
+
+- `default`: `a photo of a {}.`, CLIP's plain prompt.
+- `domain`: `a photo of a {}, a type of flower.` / `... a type of bird.`: the dataset's
+  domain phrase in CLIP's single template (79.17% top-1 on Flowers102 test with ViT-L/14 in
+  CLIP_benchmark); the default template for a dataset without a phrase.
+- `diverse`: generic templates that vary the wording, framing and image quality, taken
+  from CLIP's ImageNet ensemble; they add no knowledge about the domain.
+- `domain_ensemble`: the domain template in many phrasings (close-up, in the garden or
+  the wild, cropped, field-guide style): the ensemble gains of `diverse`, each prompt
+  still saying what kind of thing the class is (datasets with a domain phrase).
+- `clip`: CLIP's own templates for the dataset, where they are not already the `domain`
+  set (several templates, as for DTD or Stanford Cars, or one in another form, as Food-101's
+  `a photo of {}, a type of food.`).
+- `waffle`: WaffleCLIP's random word and character descriptors (`waffle`), seeded, 30 prompts
+  a class; no language model and no file.
+- `descriptions` (only with a descriptions file, `Lab(descriptions=...)`, `--descriptions`):
+  CuPL sentences or DCLIP descriptors per class (`descriptions`).
+- `auto` (not a prompt set): every set above scored on the validation split, the best
+  one used on test. Choosing on validation is what makes the chosen number honest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from clip_utils.config import WAFFLE_COUNT
+from clip_utils.runtime.progress import bar
+from clip_utils.prompts.templates import DEFAULT, DIVERSE, domain_template, generic_domain_ensemble
+from clip_utils.prompts.waffle import waffle_templates
+
+AUTO = "auto"
+ALL = "all"
+WAFFLE = "waffle"
+DESCRIPTIONS = "descriptions"
+
+# Templates with `{}` for the class name, or every class's own prompts by class name.
+PromptSet = Sequence[str] | Mapping[str, Sequence[str]]
+
+
+class PromptSource(Protocol):
+    """What a dataset declares for its prompts (`data.DatasetSpec` has these fields)."""
+
+    domain: str | None
+    domain_ensemble: tuple[str, ...]
+    clip_templates: tuple[str, ...]
+
+
+def prompt_sets(spec: PromptSource, domain: str | None = None, seed: int = 0) -> dict[str, list[str]]:
+    """Every template prompt set of a dataset, by name, in presentation order.
+
+    `default` and `diverse` always; `domain` is the template with the dataset's domain
+    phrase (the default template when it has none); `domain_ensemble` when the dataset has a
+    domain phrase; `clip` when CLIP published templates for it other than the `domain` set;
+    `waffle` always (seeded). The per-class `descriptions` set needs a file and the class
+    names: the lab adds it (`Lab.prompt_sets`).
+
+    Args:
+        spec: the dataset's declaration (`data.dataset_spec(name)`).
+        domain: a domain phrase replacing the dataset's own (`a type of mushroom`).
+        seed: the seed of `waffle`'s random descriptors.
+
+    Returns:
+        `{name: templates}`; each template holds one `{}` for the class name.
+    """
+    phrase = domain or spec.domain
+    sets = {"default": list(DEFAULT), "domain": [domain_template(phrase)] if phrase else list(DEFAULT),
+            "diverse": list(DIVERSE)}
+    if phrase:
+        written = spec.domain_ensemble if spec.domain_ensemble and not domain else ()
+        sets["domain_ensemble"] = list(written or generic_domain_ensemble(phrase))
+    # CLIP's single template is usually the `domain` one (Flowers102, Pets): no second copy.
+    if spec.clip_templates and list(spec.clip_templates) != sets["domain"]:
+        sets["clip"] = list(spec.clip_templates)
+    sets[WAFFLE] = waffle_templates(seed, WAFFLE_COUNT, phrase)
+    return sets
+
+
+def resolve(names: Sequence[str] | str, spec: PromptSource, domain: str | None = None,
+            descriptions: bool = False) -> list[str]:
+    """Expand and check prompt-set names: `all` means every set plus `auto`.
+
+    Args:
+        names: set names (a comma-separated string is split), `all` or `auto` among them.
+        spec: the declaration of the dataset whose sets are meant.
+        domain: its domain phrase override (see `prompt_sets`).
+        descriptions: a descriptions file is given, so the `descriptions` set exists.
+
+    Returns:
+        The names in order, without duplicates.
+
+    Raises:
+        ValueError: an unknown name; the message lists the available ones.
+    """
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    known = [*prompt_sets(spec, domain), *([DESCRIPTIONS] if descriptions else []), AUTO]
+    out: list[str] = []
+    for name in names:
+        if name == ALL:
+            out += known
+        elif name in known:
+            out.append(name)
+        elif name == DESCRIPTIONS:
+            raise ValueError(f"the {DESCRIPTIONS} prompt set needs a descriptions file (--descriptions FILE: "
+                             f'{{"class name": ["description", ...]}}, as CuPL and DCLIP publish)')
+        else:
+            raise ValueError(f"unknown prompt set {name!r}: choose from {', '.join(known)} or {ALL}")
+    if not out:
+        raise ValueError(f"no prompt set given: choose from {', '.join(known)} or {ALL}")
+    return list(dict.fromkeys(out))
+
+
+def fill(templates: Sequence[str], class_name: str) -> list[str]:
+    """The prompts of one class: every template with `{}` replaced by the name."""
+    return [t.replace("{}", class_name) for t in templates]
+
+
+def class_prompts(class_names: Sequence[str], prompt_set: PromptSet) -> list[list[str]]:
+    """Every class's prompts, in label order, from templates or from per-class prompts.
+
+    Args:
+        class_names: names in label order.
+        prompt_set: templates with one `{}` each, or `{class name: [prompt, ...]}` covering
+            every name.
+
+    Raises:
+        ValueError: no template, a template without exactly one `{}`, or a class without prompts.
+    """
+    if isinstance(prompt_set, Mapping):
+        missing = [name for name in class_names if not prompt_set.get(name)]
+        if missing:
+            raise ValueError(f"the prompt set has no prompts for {len(missing)} classes: {', '.join(missing[:10])}")
+        return [list(prompt_set[name]) for name in class_names]
+    if not prompt_set:
+        raise ValueError("a prompt set needs at least one template")
+    bad = [t for t in prompt_set if t.count("{}") != 1]
+    if bad:
+        raise ValueError(f"every template needs exactly one '{{}}' for the class name; not so: {bad}")
+    return [fill(prompt_set, name) for name in class_names]
+
+
+def prompts_per_class(prompt_set: PromptSet) -> float:
+    """How many prompts a class has: the templates, or the mean over classes of a per-class set.
+
+    Args:
+        prompt_set: as metrics.json's `templates` holds it.
+    """
+    if isinstance(prompt_set, Mapping):
+        return sum(len(v) for v in prompt_set.values()) / max(1, len(prompt_set))
+    return len(prompt_set)
+
+
+def text_embeddings(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Projected (not yet normalised) CLIP text embeddings of tokenised prompts.
+
+    transformers 5 returns a `BaseModelOutputWithPooling` from `get_text_features` (the
+    projected embedding in `pooler_output`); transformers 4 returned the tensor itself.
+    Both are accepted.
+
+    Args:
+        model: a `CLIPModel`.
+        input_ids: `(B, L)` token ids.
+        attention_mask: `(B, L)` mask.
+    """
+    out = model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+@torch.inference_mode()
+def build_text_classifier(
+    model,
+    tokenizer,
+    class_names: Sequence[str],
+    templates: PromptSet,
+    device: str | torch.device,
+    batch_size: int = 256,
+    *,
+    progress: bool = True,
+    desc: str = "encoding prompts",
+) -> torch.Tensor:
+    """Zero-shot classifier weights: one ensembled, normalised text embedding per class.
+
+    Args:
+        model: a `CLIPModel` on `device`.
+        tokenizer: its tokenizer (`processor.tokenizer`).
+        class_names: names in label order.
+        templates: prompt templates with `{}` where the name goes, or every class's own
+            prompts, `{class name: [prompt, ...]}` (`PromptSet`).
+        device: where the text encoder runs.
+        batch_size: prompts per forward pass (whole classes are kept together; a class with
+            more prompts than that is one pass of its own).
+        progress: show a progress bar.
+        desc: its label.
+
+    Returns:
+        `(D, C)` float32 tensor on CPU; column `c` is the unit-norm mean of the unit-norm
+        embeddings of class `c`'s prompts (`class_prompts`).
+    """
+    per_class = class_prompts(class_names, templates)
+    if not class_names:
+        raise ValueError("no class names to build a classifier for")
+    max_length = model.config.text_config.max_position_embeddings
+    columns = []
+    with bar(total=len(class_names), desc=desc, unit="class", enabled=progress) as classes:
+        start = 0
+        while start < len(per_class):
+            end, n = start + 1, len(per_class[start])
+            while end < len(per_class) and n + len(per_class[end]) <= batch_size:
+                n, end = n + len(per_class[end]), end + 1
+            group = per_class[start:end]
+            prompts = [p for class_ in group for p in class_]
+            tokens = tokenizer(prompts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            emb = text_embeddings(model, tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+            emb = F.normalize(emb.float(), dim=-1).split([len(c) for c in group])
+            columns.append(F.normalize(torch.stack([e.mean(dim=0) for e in emb]), dim=-1).cpu())
+            classes.update(len(group))
+            start = end
+    return torch.cat(columns).T.contiguous()

@@ -1,0 +1,178 @@
+"""Files written atomically: JSON, CSV and text, single files and whole folders.
+
+Every file is written to a temporary sibling and renamed into place, so a run killed
+mid-write leaves the previous complete file (or none), never half a JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def _process_umask() -> int:
+    umask = os.umask(0)  # the only way to read it; set straight back, once, at import
+    os.umask(umask)
+    return umask
+
+
+UMASK = _process_umask()
+
+
+def publish(path: str | Path) -> None:
+    """Give a file or folder made by `tempfile` (0600/0700) the permissions `open`/`mkdir` would.
+
+    A folder's contents get them too: some writers (safetensors) create their files 0600.
+
+    Args:
+        path: the file or folder.
+    """
+    path = Path(path)
+    if path.is_dir():
+        for child in path.rglob("*"):
+            if not child.is_symlink():
+                os.chmod(child, (0o777 if child.is_dir() else 0o666) & ~UMASK)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~UMASK)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it onto `path` if the block succeeds.
+
+    The file is flushed to disk before the rename, so after a crash or power loss `path`
+    holds either the previous complete file or the new complete one.
+
+    Args:
+        path: the final file path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        publish(tmp_path)
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder next to `path`; swap it in for `path` if the block succeeds.
+
+    A crash mid-write leaves the previous folder (or none), never a half-written one; the
+    swap is two renames, and the previous folder is deleted only after the new one is in place.
+
+    Args:
+        path: the final folder.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    old = path.with_name(f".{path.name}.old")
+    try:
+        yield tmp
+        publish(tmp)
+        shutil.rmtree(old, ignore_errors=True)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _clean(value: Any) -> Any:
+    # JSON has no NaN/inf: write null rather than an invalid file.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # numpy / torch scalars
+        return _clean(value.item())
+    return value
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Write `data` as indented JSON, atomically.
+
+    Args:
+        path: output file.
+        data: JSON-able data (numpy/torch scalars and non-finite floats are converted).
+    """
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(_clean(data), indent=1) + "\n")
+    return Path(path)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write a text file atomically.
+
+    Args:
+        path: output file.
+        text: its content.
+    """
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file, naming the file when it is missing or malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"results file missing: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); delete it and rerun") from err
+
+
+def write_csv(path: str | Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
+    """Write a CSV file atomically.
+
+    Args:
+        path: output file.
+        header: column names.
+        rows: one sequence per row.
+    """
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return Path(path)
+
+
+def write_predictions(
+    path: str | Path, paths: Sequence[str], labels: Sequence[int], preds: Sequence[int],
+    class_names: Sequence[str] | None = None,
+) -> Path:
+    """Write predictions.csv: `path,label,pred` (plus names when `class_names` is given).
+
+    Args:
+        path: output file.
+        paths: image files.
+        labels: true labels.
+        preds: predicted labels.
+        class_names: names in label order, adds `label_name,pred_name` columns.
+    """
+    header = ["path", "label", "pred"]
+    rows = [[p, int(y), int(q)] for p, y, q in zip(paths, labels, preds, strict=True)]
+    if class_names is not None:
+        header += ["label_name", "pred_name"]
+        rows = [r + [class_names[r[1]], class_names[r[2]]] for r in rows]
+    return write_csv(path, header, rows)

@@ -1,0 +1,300 @@
+"""Offline test kit: a tiny CLIP and synthetic datasets in the real on-disk layouts.
+
+    python -m clip_utils.testkit demo_kit      # writes demo_kit/{model,data}
+
+Used by the tests and by `make demo`, so the whole pipeline runs without network or GPU.
+
+- The tiny CLIP is a real `CLIPModel` folder (config, weights, a character-level BPE
+  tokenizer, an image processor) loaded with `from_pretrained`, exactly like
+  `openai/clip-vit-large-patch14`, only with random weights and 32-pixel inputs.
+- Flowers102 reuses the real `imagelabels.mat` and `setid.mat` (torchvision verifies their
+  checksums), so torchvision parses it exactly as the real dataset: 1020/1020/6149 images.
+- CUB-200-2011 follows the official archive layout with the real class list.
+- The other torchvision benchmarks (Pets, FGVC Aircraft, DTD, Food-101, EuroSAT, Stanford
+  Cars) are in `testkit_benchmarks`, built on demand rather than into every kit.
+
+Every image's colours are fixed by its class (two colour patches per class, plus per-image
+noise and jitter), so a classifier trained on them can really learn and a test can tell
+learning from chance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+FLOWERS_FILES = ("imagelabels.mat", "setid.mat")
+TINY_IMAGE_SIZE = 32
+
+
+def _byte_chars() -> list[str]:
+    # CLIP's byte-level BPE maps every byte to a printable unicode character; a vocabulary
+    # of all 256 of them (plus end-of-word forms) with no merges is a character tokenizer.
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return list(bytes_to_unicode().values())
+
+
+def char_tokenizer():
+    """A CLIP tokenizer over single characters (no merges): works offline, needs no vocab file."""
+    from transformers import CLIPTokenizer
+
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    chars = _byte_chars()
+    tokens = specials + chars + [c + "</w>" for c in chars]
+    return CLIPTokenizer(vocab={tok: i for i, tok in enumerate(tokens)}, merges=[])
+
+
+def make_tiny_clip(folder: str | Path, image_size: int = TINY_IMAGE_SIZE, seed: int = 0) -> Path:
+    """Write a tiny random-weight CLIP (model, tokenizer, processor) to `folder`.
+
+    Args:
+        folder: output folder, loadable with `CLIPModel.from_pretrained`.
+        image_size: input resolution of the vision tower (the processor crops to it).
+        seed: weight initialisation seed.
+    """
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = char_tokenizer()
+    vocab = tokenizer.get_vocab()
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+    )
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": len(vocab),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 77,
+            "bos_token_id": vocab["<|startoftext|>"],
+            "eos_token_id": vocab["<|endoftext|>"],
+            "pad_token_id": vocab["<|endoftext|>"],
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": image_size,
+            "patch_size": 8,
+        },
+        projection_dim=16,
+        # A random text tower makes the zero-shot head (which both trained methods start
+        # from) a random prior; at CLIP's initial temperature (exp(2.66) = 14) that prior
+        # outweighs the few steps a test or the demo can afford, so the kit uses 1.
+        logit_scale_init_value=0.0,
+    )
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(folder)
+    return folder
+
+
+def class_colours(n_classes: int, seed: int) -> np.ndarray:
+    """`(n_classes, 2, 3)` RGB colours, two per class, for `class_image`.
+
+    Args:
+        n_classes: how many classes.
+        seed: the colours' seed (each synthetic dataset has its own).
+    """
+    return np.random.default_rng(seed).integers(0, 256, size=(n_classes, 2, 3))
+
+
+def class_image(label: int, index: int, size: tuple[int, int], colours: np.ndarray,
+                noise: float = 12.0) -> Image.Image:
+    """A synthetic photo of class `label`: two class colours split at a jittered edge, plus noise.
+
+    Args:
+        label: class index (row of `colours`).
+        index: image index, seeds the per-image noise.
+        size: `(width, height)`.
+        colours: `(n_classes, 2, 3)` RGB colours per class.
+        noise: standard deviation of the per-pixel noise.
+    """
+    rng = np.random.default_rng(index)
+    width, height = size
+    edge = int(width * rng.uniform(0.35, 0.65))
+    pixels = np.empty((height, width, 3), dtype=np.float32)
+    pixels[:, :edge] = colours[label, 0]
+    pixels[:, edge:] = colours[label, 1]
+    pixels += rng.normal(0, noise, pixels.shape)
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+def make_flowers102(root: str | Path, size: tuple[int, int] = (48, 40), seed: int = 1) -> Path:
+    """Write a synthetic Flowers102 under `<root>/flowers-102/` with the real split files.
+
+    Args:
+        root: dataset root (what `load_dataset` takes).
+        size: `(width, height)` of every generated image.
+        seed: seed of the class colours.
+    """
+    from scipy.io import loadmat
+
+    base = Path(root) / "flowers-102"
+    (base / "jpg").mkdir(parents=True, exist_ok=True)
+    for name in FLOWERS_FILES:
+        shutil.copyfile(ASSETS / name, base / name)
+    labels = loadmat(base / "imagelabels.mat")["labels"][0] - 1
+    colours = class_colours(102, seed)
+    for i, label in enumerate(labels, start=1):
+        class_image(int(label), i, size, colours).save(base / "jpg" / f"image_{i:05d}.jpg", quality=90)
+    return base
+
+
+def make_cub200(
+    root: str | Path,
+    n_classes: int = 200,
+    train_per_class: int = 6,
+    test_per_class: int = 3,
+    size: tuple[int, int] = (44, 36),
+    seed: int = 2,
+) -> Path:
+    """Write a synthetic CUB-200-2011 in the official layout under `<root>/CUB_200_2011/`.
+
+    Args:
+        root: dataset root (what `load_dataset` takes).
+        n_classes: how many of the real 200 classes to use (the first ones).
+        train_per_class: images per class marked as training in train_test_split.txt.
+        test_per_class: images per class marked as test.
+        size: `(width, height)` of every generated image.
+        seed: seed of the class colours.
+    """
+    base = Path(root) / "CUB_200_2011"
+    folders = [line.split()[1] for line in (ASSETS / "classes.txt").read_text().splitlines()][:n_classes]
+    colours = class_colours(len(folders), seed)
+    images, labels, split = [], [], []
+    image_id = 0
+    for label, folder in enumerate(folders):
+        (base / "images" / folder).mkdir(parents=True, exist_ok=True)
+        for k in range(train_per_class + test_per_class):
+            image_id += 1
+            rel = f"{folder}/{folder.split('.', 1)[1]}_{k:04d}_{image_id}.jpg"
+            class_image(label, image_id, size, colours).save(base / "images" / rel, quality=90)
+            images.append(f"{image_id} {rel}")
+            labels.append(f"{image_id} {label + 1}")
+            split.append(f"{image_id} {int(k < train_per_class)}")
+    (base / "classes.txt").write_text("".join(f"{i + 1} {f}\n" for i, f in enumerate(folders)))
+    (base / "images.txt").write_text("\n".join(images) + "\n")
+    (base / "image_class_labels.txt").write_text("\n".join(labels) + "\n")
+    (base / "train_test_split.txt").write_text("\n".join(split) + "\n")
+    return base
+
+
+def make_imagefolder(
+    folder: str | Path,
+    layout: str = "flat",
+    n_classes: int = 5,
+    per_class: int = 12,
+    size: tuple[int, int] = (40, 36),
+    seed: int = 3,
+) -> Path:
+    """Write a user's image folder (`--dataset imagefolder:PATH`) with class-coded images.
+
+    Args:
+        folder: the dataset folder to create.
+        layout: `flat` (`<class>/*.jpg`), `splits` (`train/`, `val/`, `test/`, each with class
+            folders: half, a quarter and a quarter of `per_class`) or `train-test` (no `val/`).
+        n_classes: classes, named `class_00`, `class-01`, ... (underscores and hyphens both).
+        per_class: images per class.
+        size: `(width, height)` of every image.
+        seed: seed of the class colours.
+    """
+    folder = Path(folder)
+    colours = class_colours(n_classes, seed)
+    names = [f"class{'_' if k % 2 == 0 else '-'}{k:02d}" for k in range(n_classes)]
+    quarter = max(1, per_class // 4)
+    shares = {"flat": {"": per_class}, "splits": {"train": per_class - 2 * quarter, "val": quarter, "test": quarter},
+              "train-test": {"train": per_class - quarter, "test": quarter}}[layout]
+    index = 0
+    for label, name in enumerate(names):
+        for split, count in shares.items():
+            target = folder / split / name
+            target.mkdir(parents=True, exist_ok=True)
+            for k in range(count):
+                index += 1
+                class_image(label, index, size, colours).save(target / f"img_{k:03d}.jpg", quality=90)
+    return folder
+
+
+def make_hard_imagefolder(
+    folder: str | Path,
+    n_classes: int = 10,
+    counts: tuple[int, int, int] = (16, 8, 40),
+    spread: float = 24.0,
+    noise: float = 48.0,
+    size: tuple[int, int] = (40, 36),
+    seed: int = 5,
+) -> Path:
+    """Write an image folder (`train/`, `val/`, `test/` layout) that no method gets fully right.
+
+    The kit's other sets are class-coded colours a linear probe separates perfectly, so
+    comparing methods on them says nothing. Here the classes' colours lie close together
+    (within `spread` of one grey) under heavy pixel noise and a per-image brightness shift,
+    so the tiny CLIP's features overlap between classes: zero-shot is chance, a probe is
+    far above it and below 100%.
+
+    Args:
+        folder: the dataset folder to create.
+        n_classes: classes, named `class_00`, ...
+        counts: images per class in train, val and test.
+        spread: how far (in RGB units) class colours lie from mid-grey.
+        noise: standard deviation of the per-pixel noise.
+        size: `(width, height)` of every image.
+        seed: seed of the class colours and brightness shifts.
+    """
+    folder = Path(folder)
+    rng = np.random.default_rng(seed)
+    colours = 128 + rng.uniform(-spread, spread, size=(n_classes, 2, 3))
+    index = 0
+    for split, count in zip(("train", "val", "test"), counts, strict=True):
+        for label in range(n_classes):
+            target = folder / split / f"class_{label:02d}"
+            target.mkdir(parents=True, exist_ok=True)
+            for k in range(count):
+                index += 1
+                shifted = colours + rng.normal(0, spread / 2)  # the whole image brighter or darker
+                class_image(label, 10_000 * seed + index, size, shifted, noise=noise).save(
+                    target / f"img_{k:03d}.jpg", quality=90)
+    return folder
+
+
+def make_kit(folder: str | Path, cub_classes: int = 200) -> dict[str, Path]:
+    """Build the whole kit: `<folder>/model` (tiny CLIP) and `<folder>/data` (both datasets).
+
+    Args:
+        folder: output folder.
+        cub_classes: classes in the synthetic CUB.
+    """
+    folder = Path(folder)
+    paths = {"model": make_tiny_clip(folder / "model"), "data": folder / "data"}
+    make_flowers102(paths["data"])
+    make_cub200(paths["data"], n_classes=cub_classes)
+    (folder / "KIT.json").write_text(json.dumps({k: str(v) for k, v in paths.items()}, indent=1))
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", help="output folder (model/ and data/ are written inside)")
+    parser.add_argument("--cub-classes", type=int, default=200, help="classes in the synthetic CUB")
+    args = parser.parse_args(argv)
+    paths = make_kit(args.folder, args.cub_classes)
+    print(f"tiny CLIP: {paths['model']}\ndatasets:  {paths['data']}")
+
+
+if __name__ == "__main__":
+    main()
