@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from clip_utils.errors import InvalidValue
+
 # Linear layers of a CLIP encoder layer (vision or text: both towers name them alike) that
 # LoRA may adapt.
 TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
@@ -55,17 +57,17 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
-            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
+            raise InvalidValue(f"epochs must be at least 1, got {self.epochs}")
         if not self.lr > 0:
-            raise ValueError(f"learning rate must be positive, got {self.lr}")
+            raise InvalidValue(f"learning rate must be positive, got {self.lr}")
         if self.head_lr is not None and not self.head_lr > 0:
-            raise ValueError(f"head learning rate must be positive, got {self.head_lr}")
+            raise InvalidValue(f"head learning rate must be positive, got {self.head_lr}")
         if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"batch size must be positive, got {self.batch_size}")
+            raise InvalidValue(f"batch size must be positive, got {self.batch_size}")
         if not 0 <= self.warmup < 1:
-            raise ValueError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+            raise InvalidValue(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
         if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
+            raise InvalidValue(f"label smoothing must be in [0, 1), got {self.label_smoothing}")
 
     def resolved(self, batch_size: int, seed: int) -> TrainConfig:
         """This config with `batch_size` and `seed` filled in where it leaves them open.
@@ -102,19 +104,19 @@ class LoraSettings:
 
     def __post_init__(self) -> None:
         if self.rank < 1:
-            raise ValueError(f"LoRA rank must be at least 1, got {self.rank}")
+            raise InvalidValue(f"LoRA rank must be at least 1, got {self.rank}")
         if not self.alpha > 0:
-            raise ValueError(f"LoRA alpha must be positive, got {self.alpha}")
+            raise InvalidValue(f"LoRA alpha must be positive, got {self.alpha}")
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+            raise InvalidValue(f"LoRA dropout must be in [0, 1), got {self.dropout}")
         unknown = [t for t in self.targets if t not in TARGETS]
         if unknown or not self.targets:
-            raise ValueError(
+            raise InvalidValue(
                 f"LoRA targets {', '.join(unknown) or '(none)'} are not linear layers of a CLIP encoder "
                 f"layer: choose among {', '.join(TARGETS)} (e.g. --targets q_proj,v_proj)"
             )
         if self.encoders not in ENCODERS:
-            raise ValueError(f"LoRA encoders {self.encoders!r}: choose one of {', '.join(ENCODERS)}")
+            raise InvalidValue(f"LoRA encoders {self.encoders!r}: choose one of {', '.join(ENCODERS)}")
 
     @property
     def adapts_vision(self) -> bool:
@@ -187,7 +189,7 @@ def clip_lora_epochs(n_train: int, n_classes: int, batch_size: int = 32) -> int:
         batch_size: images per step.
     """
     if n_train < 1 or n_classes < 1:
-        raise ValueError(f"need training images and classes, got {n_train} images, {n_classes} classes")
+        raise InvalidValue(f"need training images and classes, got {n_train} images, {n_classes} classes")
     shots = min(n_train / n_classes, CLIP_LORA_MAX_SHOTS)
     iterations = CLIP_LORA_ITERATIONS_PER_SHOT * shots
     return max(1, math.ceil(iterations * batch_size / n_train))
@@ -202,6 +204,8 @@ FEWSHOT_SHOTS = (1, 2, 4, 8, 16)
 FEWSHOT_SEEDS = (1, 2, 3)
 FEWSHOT_VAL_SHOTS = 4
 FEWSHOT_METHODS = ("linear_probe", "lora")
+# LoRA's head starts from the linear probe of the same sample when one is saved (LP-FT).
+LORA_HEAD_FROM = "linear_probe"
 # Task2.ipynb's few-shot section: small, so the notebook stays quick (CLIP_FEWSHOT_SHOTS and
 # CLIP_FEWSHOT_SEEDS widen it; an empty CLIP_FEWSHOT_SHOTS skips it).
 NOTEBOOK_FEWSHOT_SHOTS = (1, 2)

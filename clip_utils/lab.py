@@ -27,15 +27,16 @@ from pathlib import Path
 
 import torch
 
-from clip_utils.runtime import distributed
-from clip_utils.data.classnames import check_naming
 from clip_utils.config import CLASS_NAMING, DEFAULT_MODEL, INFERENCE_BATCH_SIZE
 from clip_utils.data import ImageListDataset, class_names, dataset_spec, load_dataset
-from clip_utils.prompts.descriptions import description_set
-from clip_utils.model.features import Features, encode_dataset
+from clip_utils.data.classnames import check_naming
+from clip_utils.errors import InvalidValue, MissingFile
 from clip_utils.model.clip import Clip, load_clip, load_preprocess
+from clip_utils.model.features import Features, encode_dataset
 from clip_utils.model.preprocess import Preprocess
-from clip_utils.prompts import DESCRIPTIONS, PromptSet, build_text_classifier, prompt_sets
+from clip_utils.prompts import DESCRIPTIONS, PromptSet, build_text_classifier, prompt_sets, select_prompt_set
+from clip_utils.prompts.descriptions import description_set
+from clip_utils.runtime import distributed
 
 
 def default_device() -> str:
@@ -57,9 +58,9 @@ def check_device(device: str) -> None:
     try:
         kind = torch.device(device).type
     except RuntimeError:
-        raise ValueError(f"unknown device {device!r}: use cuda, cuda:N, cpu or mps") from None
+        raise InvalidValue(f"unknown device {device!r}: use cuda, cuda:N, cpu or mps") from None
     if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available here; "
+        raise InvalidValue(f"device {device!r} requested but CUDA is not available here; "
                          f"use --device cpu (or CLIP_DEVICE=cpu)")
 
 
@@ -132,13 +133,13 @@ class Lab:
         if self.descriptions is not None:
             set_(self, "descriptions", Path(self.descriptions))
             if not self.descriptions.is_file():  # said now, before any model or dataset loads
-                raise FileNotFoundError(f"descriptions file not found: {self.descriptions}")
+                raise MissingFile(f"descriptions file not found: {self.descriptions}")
         if self.batch_size < 1:
-            raise ValueError(f"batch size must be positive, got {self.batch_size}")
+            raise InvalidValue(f"batch size must be positive, got {self.batch_size}")
         if self.encode_batch_size is None:
             set_(self, "encode_batch_size", max(self.batch_size, INFERENCE_BATCH_SIZE))
         if self.encode_batch_size < 1:
-            raise ValueError(f"encoding batch size must be positive, got {self.encode_batch_size}")
+            raise InvalidValue(f"encoding batch size must be positive, got {self.encode_batch_size}")
 
     def replace(self, **changes) -> Lab:
         """A new lab with some settings changed and nothing loaded (`dataclasses.replace`)."""
@@ -232,12 +233,30 @@ class Lab:
         if key not in self._loaded.text:
             sets = self.prompt_sets(dataset)
             if prompt_set not in sets:
-                raise ValueError(f"unknown prompt set {prompt_set!r} for {dataset}: choose from {', '.join(sets)}")
+                raise InvalidValue(f"unknown prompt set {prompt_set!r} for {dataset}: choose from {', '.join(sets)}")
             clip = self.clip()
             self._loaded.text[key] = build_text_classifier(
                 clip.model, clip.tokenizer, self.class_names(dataset), sets[prompt_set], self.device,
                 self.batch_size, desc=f"encoding {dataset} prompts ({prompt_set})")
         return self._loaded.text[key]
+
+    def choose_prompt_set(self, dataset: str, val: Features | None = None) -> tuple[str, dict[str, float]]:
+        """`auto`: the prompt set whose zero-shot classifier scores best on validation images.
+
+        Every set of `self.prompt_sets(dataset)` is scored (ties: the first in their order);
+        never on test images, so the choice is not made by looking at the test labels.
+
+        Args:
+            dataset: the dataset.
+            val: the validation features to choose on (a few-shot run's sample; None: the
+                whole validation split).
+
+        Returns:
+            `(chosen set, {set: validation top-1})`.
+        """
+        val = self.features(dataset, "val") if val is None else val
+        classifiers = {name: self.text_classifier(dataset, name) for name in self.prompt_sets(dataset)}
+        return select_prompt_set(val.embeddings, val.labels, classifiers, self.logit_scale)
 
     def dataset(self, name: str, split: str, transform=None) -> ImageListDataset:
         """A dataset split (downloaded when missing and `download` is set)."""

@@ -15,7 +15,6 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import pytest  # noqa: E402
-
 import torch  # noqa: E402
 
 from clip_utils import testkit  # noqa: E402
@@ -73,10 +72,9 @@ def task2_runs(kit, tmp_path_factory):
     settings are chosen to learn within seconds on CPU (few images, LoRA at a high rate);
     tests that modify files work on a copy of `results`.
     """
+    from clip_utils.config import LoraSettings, TrainConfig
     from clip_utils.lab import Lab
-    from clip_utils.config import LoraSettings
     from clip_utils.methods.lora import run_lora
-    from clip_utils.config import TrainConfig
     from clip_utils.methods.probe import run_probe
     from clip_utils.methods.zeroshot import run_zeroshot
 

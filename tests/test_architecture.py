@@ -17,12 +17,11 @@ import pytest
 
 import clip_utils
 from clip_utils import config
-from clip_utils.methods import lora
-from clip_utils.methods import probe
-from clip_utils.runtime import progress
 from clip_utils.app import sweep
 from clip_utils.app.cli import build_parser
 from clip_utils.lab import Lab
+from clip_utils.methods import lora, probe
+from clip_utils.runtime import progress
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = Path(clip_utils.__file__).resolve().parent
@@ -32,7 +31,7 @@ PACKAGE = Path(clip_utils.__file__).resolve().parent
 # never from above (function-local imports included): `report` cannot reach `lora` through
 # `sweep`, and the training loop knows nothing of datasets, labs or methods.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("config", "errors", "registry", "metrics"),  # building blocks, no package imports
+    ("config", "errors", "registry", "metrics"),  # building blocks: they import only `errors`
     ("runtime",),   # process concerns: env parameters, progress, torchrun, network, atomic files
     ("prompts",),   # templates and prompt sets, the text classifier
     ("data",),      # datasets, splits, class names, images
@@ -149,10 +148,10 @@ def test_imports_point_down_the_layers_even_inside_functions():
     assert cycle is None, " -> ".join(cycle)
 
 
-def test_the_foundation_imports_nothing_of_the_package():
+def test_the_foundation_imports_nothing_of_the_package_but_its_errors():
     graph = import_graph(PACKAGE)
     for name in LAYERS[0]:
-        assert not graph[name], f"{name} imports {graph[name]}"
+        assert graph[name] <= {"errors"}, f"{name} imports {graph[name]}"
 
 
 def test_the_package_tree_is_the_layers():
@@ -234,8 +233,7 @@ def test_the_cli_notebooks_and_api_train_and_predict_with_the_same_defaults():
     assert (tuple(cli_fewshot["shots"]), tuple(cli_fewshot["seeds"]), cli_fewshot["solver"]) == (
         config.FEWSHOT_SHOTS, config.FEWSHOT_SEEDS, config.PROBE_SOLVER)
     defaults = inspect.signature(sweep.run_fewshot).parameters
-    assert (defaults["shots"].default, defaults["seeds"].default, defaults["solver"].default) == (
-        config.FEWSHOT_SHOTS, config.FEWSHOT_SEEDS, config.PROBE_SOLVER)
+    assert (defaults["shots"].default, defaults["seeds"].default) == (config.FEWSHOT_SHOTS, config.FEWSHOT_SEEDS)
     assert (task2["FEWSHOT_SHOTS"], task2["FEWSHOT_SEEDS"]) == (config.NOTEBOOK_FEWSHOT_SHOTS,
                                                                 config.NOTEBOOK_FEWSHOT_SEEDS)
 

@@ -15,16 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from clip_utils.data import dataset_spec
-from clip_utils import data
-
-from clip_utils.data import images as imagelist
-
-from clip_utils import prompts
-
-from clip_utils.testkit import benchmarks as testkit_benchmarks
+from clip_utils import data, prompts
 from clip_utils.app.cli import main
-from clip_utils.data import DatasetNotFoundError, class_names, load_dataset
+from clip_utils.data import DatasetNotFoundError, class_names, dataset_spec, load_dataset
+from clip_utils.data import images as imagelist
+from clip_utils.testkit import benchmarks as testkit_benchmarks
 
 BENCHMARKS = ("pets", "fgvc_aircraft", "dtd", "food101", "eurosat", "stanford_cars")
 FOLDERS = {"pets": "oxford-iiit-pet", "fgvc_aircraft": "fgvc-aircraft-2013b", "dtd": "dtd", "food101": "food-101",

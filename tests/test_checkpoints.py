@@ -14,6 +14,16 @@ import pytest
 import torch
 from torch import nn
 
+from clip_utils.app.cli import main
+from clip_utils.app.photos import classifier_for
+from clip_utils.config import LoraSettings
+from clip_utils.lab import Lab
+from clip_utils.model.clip import load_clip
+from clip_utils.model.heads import ClipClassifier
+from clip_utils.model.inputs import iter_labelled_batches
+from clip_utils.model.lora import add_lora
+from clip_utils.model.preprocess import Preprocess
+from clip_utils.model.training import predict
 from clip_utils.results import checkpoints
 from clip_utils.results.checkpoints import (
     CheckpointMismatchError,
@@ -23,16 +33,6 @@ from clip_utils.results.checkpoints import (
     save_adapter,
     save_head,
 )
-from clip_utils.app.cli import main
-from clip_utils.config import LoraSettings
-from clip_utils.model.heads import ClipClassifier
-from clip_utils.model.inputs import iter_labelled_batches
-from clip_utils.lab import Lab
-from clip_utils.methods.lora import add_lora
-from clip_utils.model.clip import load_clip
-from clip_utils.app.photos import classifier_for
-from clip_utils.model.preprocess import Preprocess
-from clip_utils.model.training import predict
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -33,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         (["probe", "--dataset", "cub200", "--weight-decay", "-0.1"], "zero or more"),
         (["zeroshot", "--dataset", "imagefolder:"], "imagefolder: needs the folder"),
         (["lora", "--dataset", "cub200", "--targets", "q_proj,foo"], "LoRA targets foo are not linear layers"),
-        (["fewshot", "--dataset", "cub200", "--methods", "zeroshot"], "few-shot runs train a method"),
+        (["fewshot", "--dataset", "cub200", "--methods", "zeroshot"], "few-shot runs fit a method"),
         (["fewshot", "--dataset", "cub200", "--methods", "probe,svm"], "unknown method 'svm'"),
     ],
 )
@@ -110,7 +110,7 @@ def test_out_of_memory_outside_training_names_a_batch_size(capsys, monkeypatch):
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr("clip_utils.app.cli.run_zeroshot", oom)
+    monkeypatch.setattr("clip_utils.methods.zeroshot.run_zeroshot", oom)
     code = main(["zeroshot", "--dataset", "cub200", "--batch-size", "256", "--device", "cpu"])
     assert code == 1
     err = capsys.readouterr().err
@@ -123,7 +123,7 @@ def test_out_of_memory_while_a_probe_encodes_names_the_encoding_batch(capsys, mo
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr("clip_utils.app.cli.run_probe", oom)
+    monkeypatch.setattr("clip_utils.methods.probe.run_probe", oom)
     code = main(["probe", "--dataset", "cub200", "--batch-size", "16", "--encode-batch-size", "64", "--device", "cpu"])
     assert code == 1
     assert "--encode-batch-size 32" in capsys.readouterr().err

@@ -11,19 +11,19 @@ import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPVisionConfig
 
-from clip_utils.data import dataset_spec
 from clip_utils import config
-from clip_utils.results.checkpoints import HeadInfo
-from clip_utils.app.cli import build_parser, main
-from clip_utils.methods.lora_adapters import TextTowerClassifier, attach_adapter, class_tokens
+from clip_utils.app.cli import _parse, build_parser, main
+from clip_utils.app.photos import classifier_for
 from clip_utils.config import LoraSettings
+from clip_utils.methods.lora import run_lora
+from clip_utils.methods.lora_adapters import TextTowerClassifier, attach_adapter, class_tokens
+from clip_utils.model.clip import load_clip
 from clip_utils.model.heads import count_parameters
 from clip_utils.model.inputs import iter_labelled_batches
-from clip_utils.methods.lora import add_lora, lora_trainable_params, run_lora
-from clip_utils.model.clip import load_clip
-from clip_utils.app.photos import classifier_for
-from clip_utils.prompts import build_text_classifier
+from clip_utils.model.lora import add_lora, lora_trainable_params
 from clip_utils.model.training import predict
+from clip_utils.prompts import build_text_classifier
+from clip_utils.results.checkpoints import HeadInfo
 
 VIT_L14 = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)
 VIT_L14_TEXT = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
@@ -169,7 +169,7 @@ def test_clip_lora_preset_epochs_follow_its_iterations_per_shot():
 def test_preset_sets_clip_loras_settings_and_explicit_options_win():
     def parse(*extra):
         argv = ["lora", "--dataset", "cub200", "--preset", "clip-lora", *extra]
-        return vars(build_parser("clip-lora").parse_args(argv))
+        return vars(_parse(argv)[1])
 
     preset = parse()
     assert (preset["rank"], preset["alpha"], preset["dropout"], preset["targets"], preset["encoders"]) == (

@@ -107,10 +107,9 @@ def test_gpu_decode_of_grey_cmyk_and_png_matches_the_cpu(tmp_path):
 
 
 def test_zeroshot_probe_lora_and_predict_on_cuda(cuda_lab, capsys):
-    from clip_utils.config import LoraSettings
-    from clip_utils.methods.lora import run_lora
     from clip_utils.app.photos import predict_photos
-    from clip_utils.config import TrainConfig
+    from clip_utils.config import LoraSettings, TrainConfig
+    from clip_utils.methods.lora import run_lora
     from clip_utils.methods.probe import run_probe
     from clip_utils.methods.zeroshot import run_zeroshot
 
@@ -131,10 +130,9 @@ def test_zeroshot_probe_lora_and_predict_on_cuda(cuda_lab, capsys):
 
 
 def test_lora_grad_checkpointing_reduces_peak_memory_on_cuda(cuda_lab):
+    from clip_utils.config import LoraSettings, TrainConfig
     from clip_utils.lab import Lab
-    from clip_utils.config import LoraSettings
     from clip_utils.methods.lora import run_lora
-    from clip_utils.config import TrainConfig
 
     peaks = {}
     for ckpt in (False, True):
@@ -147,8 +145,8 @@ def test_lora_grad_checkpointing_reduces_peak_memory_on_cuda(cuda_lab):
 
 def test_lora_on_both_encoders_measures_memory_and_exports_on_cuda(cuda_lab, tmp_path):
     """Both towers in bf16 with fp32 adapters, CLIP's own classifier, the VRAM probe, then an fp32 merge."""
-    from clip_utils.config import LoraSettings, TrainConfig
     from clip_utils.app.export import export_classifier, predict_exported
+    from clip_utils.config import LoraSettings, TrainConfig
     from clip_utils.methods.lora import run_lora
 
     lab = cuda_lab.replace(results_dir=cuda_lab.results_dir / "both")

@@ -9,12 +9,9 @@ from collections import Counter
 import pytest
 import torch
 
-from clip_utils.data import cub
-
 from clip_utils import data
-
+from clip_utils.data import DatasetNotFoundError, UnreadableImageError, cub, load_dataset
 from clip_utils.data import images as imagelist
-from clip_utils.data import DatasetNotFoundError, UnreadableImageError, load_dataset
 
 
 @pytest.mark.parametrize("split,size", [("train", 1020), ("val", 1020), ("test", 6149)])

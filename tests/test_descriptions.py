@@ -9,17 +9,17 @@ import json
 
 import pytest
 
-from clip_utils.data import dataset_spec
 from clip_utils.app.cli import main
+from clip_utils.data import dataset_spec
+from clip_utils.lab import Lab
+from clip_utils.methods.zeroshot import run_zeroshot
+from clip_utils.prompts import build_text_classifier, prompt_sets
 from clip_utils.prompts.descriptions import (
     DescriptionsError,
     description_prompt,
     match_descriptions,
     read_descriptions,
 )
-from clip_utils.lab import Lab
-from clip_utils.prompts import build_text_classifier, prompt_sets
-from clip_utils.methods.zeroshot import run_zeroshot
 
 
 @pytest.mark.parametrize("description, prompt", [

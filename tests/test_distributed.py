@@ -30,10 +30,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from clip_utils.runtime import distributed
-
 from clip_utils import testkit
 from clip_utils.app.cli import main
+from clip_utils.runtime import distributed
 from clip_utils.runtime.distributed import PAD_LABEL, rank_order, shard, shard_sizes
 
 ROOT = Path(__file__).resolve().parents[1]

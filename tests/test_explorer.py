@@ -13,11 +13,10 @@ import pytest
 from PIL import Image
 
 from clip_utils.app import explorer as explorer_module
-from clip_utils.methods import lora
-from clip_utils.methods import probe
 from clip_utils.app.cli import main
 from clip_utils.app.explorer import UPLOADED, photo_explorer
 from clip_utils.app.photos import compare_photos, predict_photos
+from clip_utils.methods import lora, probe
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT / "my_photo"
@@ -61,9 +60,9 @@ def loads(monkeypatch):
     for module in (probe, lora):
         original = module.load_classifier
 
-        def counted(lab, dataset, _original=original, _method=module.METHOD):
+        def counted(lab, dataset, *args, _original=original, _method=module.METHOD, **kwargs):
             counts[_method, dataset] = counts.get((_method, dataset), 0) + 1
-            return _original(lab, dataset)
+            return _original(lab, dataset, *args, **kwargs)
 
         monkeypatch.setattr(module, "load_classifier", counted)
     return counts

@@ -14,8 +14,8 @@ import torch
 
 from clip_utils.app.cli import main
 from clip_utils.app.export import export_classifier, load_exported
-from clip_utils.model.inputs import iter_labelled_batches
 from clip_utils.app.photos import classifier_for
+from clip_utils.model.inputs import iter_labelled_batches
 from clip_utils.model.training import predict
 
 # What a user of the folder writes: transformers, safetensors and Pillow; no clip_utils anywhere.

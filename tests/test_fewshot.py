@@ -20,13 +20,10 @@ import pytest
 import torch
 from torch import nn
 
-from clip_utils import config
-
-from clip_utils.results import fewshot
-
-from clip_utils import testkit
+from clip_utils import config, testkit
 from clip_utils.app.cli import main
 from clip_utils.lab import Lab
+from clip_utils.results import fewshot
 
 SHOTS, SEEDS = (1, 4), (1, 2)
 
@@ -133,7 +130,7 @@ def test_the_sweep_writes_its_table_summary_and_figure(swept):
     assert math.isclose(float(row["top1"]), sum(probe_4) / 2)
     assert (swept["results"] / "figures" / "hard_fewshot.png").stat().st_size > 0
     assert (swept["results"] / "hard" / "zeroshot" / "auto" / "metrics.json").is_file()  # the figure's line
-    assert "8 runs trained, 0 reused" in swept["out"]
+    assert "8 runs fitted, 0 reused" in swept["out"]
     # a few-shot run's figures stay in its folder, results/figures keeps the full-data ones
     assert not (swept["results"] / "figures" / "hard_linear_probe_confusion.png").exists()
     assert (swept["folder"] / "lora" / "shots_1" / "seed_2" / "figures" / "hard_lora_confusion.png").is_file()
@@ -143,12 +140,12 @@ def test_a_second_sweep_reuses_every_finished_run(swept, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr("clip_utils.app.sweep.run_probe", no_training)
-    monkeypatch.setattr("clip_utils.app.sweep.run_lora", no_training)
+    monkeypatch.setattr("clip_utils.methods.probe.run_probe", no_training)
+    monkeypatch.setattr("clip_utils.methods.lora.run_lora", no_training)
     before = (swept["folder"] / "fewshot.csv").read_text()
     code, out, err = _cli(swept["args"])
     assert code == 0, err
-    assert "0 runs trained, 8 reused" in out
+    assert "0 runs fitted, 8 reused" in out
     assert (swept["folder"] / "fewshot.csv").read_text() == before
 
 
@@ -162,8 +159,7 @@ def test_lora_in_the_sweep_starts_from_the_probe_of_its_own_sample(swept):
 
 
 def test_few_shot_classifiers_load_by_shots_and_seed(swept, kit, hard):
-    from clip_utils.methods import lora
-    from clip_utils.methods import probe
+    from clip_utils.methods import lora, probe
 
     lab = _lab(kit, swept["results"])
     assert probe.load_classifier(lab, hard, shots=4, seed=1).head.out_features == 10

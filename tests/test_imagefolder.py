@@ -7,12 +7,9 @@ from collections import Counter
 
 import pytest
 
-from clip_utils.data import dataset_spec
-from clip_utils import prompts
-
-from clip_utils import testkit
+from clip_utils import prompts, testkit
 from clip_utils.app.cli import main
-from clip_utils.data import canonical_name, class_names, load_dataset, results_name
+from clip_utils.data import canonical_name, class_names, dataset_spec, load_dataset, results_name
 from clip_utils.data.imagefolder import PREFIX
 
 
@@ -73,7 +70,7 @@ def test_the_whole_pipeline_runs_on_an_image_folder(kit, image_folders, tmp_path
     results = tmp_path / "results"
     args = ["--dataset", dataset, *_common(kit, results)]
     assert main(["zeroshot", "--prompts", "default,domain,auto", "--domain", "a type of mushroom", *args]) == 0
-    assert main(["probe", "--epochs", "20", "--lr", "0.3", *args]) == 0
+    assert main(["probe", "--solver", "adamw", "--epochs", "20", "--lr", "0.3", *args]) == 0
     if layout == "splits":  # LoRA reads images like any method: one layout shows it (the notebooks run flat)
         assert main(["lora", "--epochs", "1", *args]) == 0
     photo = str(next((image_folders[layout] / ("test" if layout == "splits" else "")).rglob("*.jpg")))
@@ -115,7 +112,7 @@ def test_an_unreadable_image_is_named(kit, tmp_path, capsys):
     folder = testkit.make_imagefolder(tmp_path / "mine", per_class=6)
     broken = folder / "class_00" / "img_000.jpg"
     broken.write_bytes(b"\xff\xd8\xff not really a jpeg")
-    code = main(["probe", "--dataset", f"{PREFIX}{folder}", "--epochs", "1", *_common(kit, tmp_path)])  # every split
+    code = main(["probe", "--dataset", f"{PREFIX}{folder}", "--solver", "adamw", "--epochs", "1", *_common(kit, tmp_path)])  # every split
     err = capsys.readouterr().err
     assert code == 1 and str(broken) in err and "Traceback" not in err
 

@@ -11,11 +11,11 @@ import torch
 from transformers import CLIPVisionConfig
 
 from clip_utils.app.cli import main
-from clip_utils.model.inputs import iter_labelled_batches
 from clip_utils.config import LoraSettings
-from clip_utils.methods.lora import add_lora, lora_trainable_params
-from clip_utils.model.heads import ClipClassifier, count_parameters
 from clip_utils.model.clip import load_clip
+from clip_utils.model.heads import ClipClassifier, count_parameters
+from clip_utils.model.inputs import iter_labelled_batches
+from clip_utils.model.lora import add_lora, lora_trainable_params
 from clip_utils.model.preprocess import Preprocess
 
 VIT_L14 = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)
@@ -140,9 +140,9 @@ def test_cli_lora_writes_the_contract_files(kit, tmp_path):
 
 def test_lora_trains_without_the_labs_inference_model_in_memory(kit, tmp_path, monkeypatch):
     """The lab's frozen model (fp16 ViT-L/14 on CUDA) would sit in LoRA's memory and its peak."""
-    from clip_utils.methods import lora
-    from clip_utils.lab import Lab
     from clip_utils.config import TrainConfig
+    from clip_utils.lab import Lab
+    from clip_utils.methods import lora
 
     lab = Lab(model=str(kit["model"]), data_root=kit["data"], results_dir=tmp_path, device="cpu", num_workers=0)
     lab.clip()  # as zero-shot and the probe leave it in the notebook
@@ -161,8 +161,8 @@ def test_lora_trains_without_the_labs_inference_model_in_memory(kit, tmp_path, m
 
 def test_a_failed_lora_run_leaves_no_frame_holding_its_model(kit, tmp_path, monkeypatch):
     """A notebook keeps the last traceback: it must not keep LoRA's model (and its GPU memory)."""
-    from clip_utils.methods import lora
     from clip_utils.lab import Lab
+    from clip_utils.methods import lora
     from clip_utils.model.training import TrainingError
 
     def out_of_memory(job, *args, **kwargs):

@@ -9,8 +9,8 @@ import torch
 
 from clip_utils import lab as lab_module
 from clip_utils.lab import Lab
-from clip_utils.model.clip import load_clip, model_fingerprint
 from clip_utils.methods.common import zeroshot_init_head
+from clip_utils.model.clip import load_clip, model_fingerprint
 
 
 def test_a_head_built_after_unload_does_not_load_the_model_again(kit, tmp_path, monkeypatch):
@@ -87,8 +87,8 @@ def test_where_inference_casts_the_model_it_is_a_copy_made_again_without_a_read(
 
 
 def test_lora_and_export_leave_the_labs_model_as_it_was_loaded(task2_runs, kit, tmp_path):
-    from clip_utils.methods import lora
     from clip_utils.app.export import export_classifier
+    from clip_utils.methods import lora
 
     lab = task2_runs["lab"]  # it ran zero-shot, the probe and LoRA
     lora.load_classifier(lab, "cub200")

@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from clip_utils.model import heads
-
 from clip_utils.model import clip as models
+from clip_utils.model import heads
 from clip_utils.model.clip import ModelUnavailableError, load_clip
 from clip_utils.model.preprocess import Preprocess
 
@@ -35,7 +34,7 @@ def test_transform_matches_the_hf_processor(tiny_clip):
     from PIL import Image
 
     _, processor = tiny_clip
-    photo = Image.open(str(Path(models.__file__).parents[1] / "my_photo" / "flower.png")).convert("RGB")
+    photo = Image.open(str(Path(models.__file__).parents[2] / "my_photo" / "flower.png")).convert("RGB")
     ours = Preprocess.from_processor(processor).transform()(photo)
     theirs = processor(images=photo, return_tensors="pt")["pixel_values"][0]
     assert ours.shape == theirs.shape == (3, 32, 32)

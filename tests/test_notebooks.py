@@ -118,9 +118,8 @@ def test_a_demo_ends_saying_where_its_notebooks_are_and_how_to_use_its_kit(tmp_p
     import sys
 
     from clip_utils.app import notebooks
-
-    from clip_utils.figures import predictions as plots
     from clip_utils.app.cli import build_parser
+    from clip_utils.figures import predictions as plots
 
     (tmp_path / "kit").mkdir()
     (tmp_path / "kit" / "KIT.json").write_text("{}")  # an existing kit: nothing is built

@@ -17,12 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-from clip_utils.data import dataset_spec
 from clip_utils.app import photos
 from clip_utils.app.cli import main
-from clip_utils.lab import Lab
-from clip_utils.data import class_names
 from clip_utils.app.photos import PhotoError, format_predictions, load_photo, predict_photos
+from clip_utils.data import class_names, dataset_spec
+from clip_utils.lab import Lab
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOWER = ROOT / "my_photo" / "flower.png"
@@ -218,7 +217,6 @@ def test_prediction_matches_the_zeroshot_pipeline(lab):
     # The photo path (ClipClassifier with a zero-shot head) scores like the dataset path
     # (cached embeddings @ text classifier): same model, same preprocessing.
     from clip_utils import prompts
-    from clip_utils.methods import zeroshot
     from clip_utils.model.heads import image_embeddings
 
     model, processor = lab.clip().model, lab.clip().processor
@@ -226,7 +224,7 @@ def test_prediction_matches_the_zeroshot_pipeline(lab):
     W = prompts.build_text_classifier(model, processor.tokenizer, names, prompts.prompt_sets(dataset_spec("cub200"))["domain"], "cpu")
     with torch.no_grad():
         embedding = image_embeddings(model, lab.preprocess.transform()(load_photo(FLOWER))[None])
-    probs = zeroshot.predict(embedding, W, lab.clip().logit_scale).softmax(-1)[0]
+    probs = prompts.zeroshot_logits(embedding, W, lab.clip().logit_scale).softmax(-1)[0]
     (result,) = predict_photos(lab, [FLOWER], "cub200", top_k=3, prompt_set="domain")
     assert [t["label"] for t in result["top_k"]] == probs.topk(3).indices.tolist()
     assert [t["prob"] for t in result["top_k"]] == pytest.approx(probs.topk(3).values.tolist(), abs=1e-5)

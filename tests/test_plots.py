@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clip_utils.figures import training as charts
-
 from clip_utils.figures import predictions as plots
+from clip_utils.figures import training as charts
 
 
 @pytest.fixture(autouse=True)

@@ -13,10 +13,10 @@ from PIL import Image
 from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from clip_utils.model import preprocess
 from clip_utils.data import load_dataset, open_rgb
-from clip_utils.model.features import encode_paths
+from clip_utils.model import preprocess
 from clip_utils.model.clip import load_clip
+from clip_utils.model.features import encode_paths
 from clip_utils.model.preprocess import Preprocess, preprocess_tensors
 from clip_utils.prompts import build_text_classifier
 

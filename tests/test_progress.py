@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from notebook_outputs import bar_lines, unfinished_bars
 
 from clip_utils.runtime import progress
-from notebook_outputs import bar_lines, unfinished_bars
 
 
 @pytest.fixture(autouse=True)

@@ -9,11 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clip_utils.data import dataset_spec
 from clip_utils import prompts
-
-from clip_utils.prompts import waffle
-from clip_utils.prompts import build_text_classifier, prompt_sets, resolve
+from clip_utils.data import dataset_spec
+from clip_utils.prompts import build_text_classifier, prompt_sets, resolve, waffle
 
 
 def test_contract_sets():
@@ -38,7 +36,7 @@ def test_prompt_sets_are_copies():
 def test_resolve_all_auto_and_lists():
     every = [*prompt_sets(dataset_spec("flowers102")), "auto"]
     assert resolve(["all"], dataset_spec("flowers102")) == every
-    assert resolve("domain, default,domain", "flowers102") == ["domain", "default"]
+    assert resolve("domain, default,domain", dataset_spec("flowers102")) == ["domain", "default"]
     assert resolve(["default", "all"], dataset_spec("cub200")) == every
 
 

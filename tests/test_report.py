@@ -12,11 +12,9 @@ import pytest
 import transformers
 
 from clip_utils import lab
-
-from clip_utils.model import clip as models
-
 from clip_utils.app import report
 from clip_utils.app.cli import main
+from clip_utils.model import clip as models
 
 
 @pytest.fixture

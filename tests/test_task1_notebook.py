@@ -9,12 +9,11 @@ from pathlib import Path
 
 import nbformat
 import pytest
-
-from clip_utils.data import dataset_spec
-from clip_utils import prompts
-from clip_utils.data import canonical_name, class_names, load_dataset
-from clip_utils.app.notebooks import execute_notebook
 from notebook_outputs import bar_lines, model_loads, progress_widgets, saved_text, unfinished_bars
+
+from clip_utils import prompts
+from clip_utils.app.notebooks import execute_notebook
+from clip_utils.data import canonical_name, class_names, dataset_spec, load_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "Task1.ipynb"

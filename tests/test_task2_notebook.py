@@ -8,10 +8,10 @@ from pathlib import Path
 
 import nbformat
 import pytest
-
-from clip_utils.data import class_names, load_dataset
-from clip_utils.app.notebooks import execute_notebook
 from notebook_outputs import bar_lines, model_loads, progress_widgets, saved_text, unfinished_bars
+
+from clip_utils.app.notebooks import execute_notebook
+from clip_utils.data import class_names, load_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "Task2.ipynb"

@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from clip_utils.model import training as train
 from clip_utils.app.cli import main
+from clip_utils.model import training as train
 from clip_utils.model.training import RESUME_FILE, TrainConfig, TrainingError, TrainJob, fit, permuted_batches
 
 CONTRACT_KEYS = {"dataset", "split", "method", "model", "n", "top1", "top5", "mean_per_class", "class_names",
@@ -254,14 +254,14 @@ def test_cli_training_errors_are_one_line(kit, tmp_path, monkeypatch):
     def diverge(*args, **kwargs):
         raise TrainingError("training loss became nan at epoch 1, step 1: the run diverged. Try a lower lr")
 
-    monkeypatch.setattr("clip_utils.app.cli.run_probe", diverge)
+    monkeypatch.setattr("clip_utils.methods.probe.run_probe", diverge)
     code, _, err = _cli(["probe", "--dataset", "cub200", *_common(kit, tmp_path)])
     assert code == 1 and err.startswith("error: training loss became nan") and "Traceback" not in err
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("clip_utils.app.cli.run_probe", interrupted)
+    monkeypatch.setattr("clip_utils.methods.probe.run_probe", interrupted)
     code, _, err = _cli(["probe", "--dataset", "cub200", *_common(kit, tmp_path)])
     assert code == 130 and "nothing to resume" in err and "--resume" not in err  # stopped before an epoch ended
     (tmp_path / "cub200" / "linear_probe").mkdir(parents=True)
@@ -305,8 +305,8 @@ def test_probe_learns_in_a_few_epochs_at_the_notebook_learning_rate(short_probe_
 
 
 def test_augmented_probe_trains_through_the_encoder_and_validates_the_head(short_probe_lab):
-    from clip_utils.config import TrainConfig
     from clip_utils.app.photos import classifier_for
+    from clip_utils.config import TrainConfig
     from clip_utils.methods.probe import run_probe
     from clip_utils.model.training import read_curves
 
@@ -319,9 +319,9 @@ def test_augmented_probe_trains_through_the_encoder_and_validates_the_head(short
 
 
 def test_a_fresh_run_removes_the_previous_runs_results_first(short_probe_lab):
-    from clip_utils.model import training as train
     from clip_utils.config import TrainConfig
     from clip_utils.methods.probe import run_probe
+    from clip_utils.model import training as train
 
     out = short_probe_lab.results_dir / "cub200" / "linear_probe"
     run_probe(short_probe_lab, "cub200", TrainConfig(epochs=1, lr=1e-2), solver="adamw")
@@ -338,9 +338,9 @@ def test_a_fresh_run_removes_the_previous_runs_results_first(short_probe_lab):
 
 
 def test_a_fresh_run_that_dies_before_its_first_checkpoint_leaves_no_old_head(short_probe_lab, monkeypatch):
-    from clip_utils.model import training as train
     from clip_utils.config import TrainConfig
     from clip_utils.methods.probe import run_probe
+    from clip_utils.model import training as train
 
     out = short_probe_lab.results_dir / "cub200" / "linear_probe"
     run_probe(short_probe_lab, "cub200", TrainConfig(epochs=1, lr=1e-2), solver="adamw")

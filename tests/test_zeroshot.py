@@ -11,16 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from clip_utils.data import dataset_spec
-from clip_utils.results import evaluation
-
-from clip_utils.model import features
-
 from clip_utils import prompts
-
-from clip_utils.methods import zeroshot
-from clip_utils.data import load_dataset
+from clip_utils.data import dataset_spec, load_dataset
 from clip_utils.lab import Lab
+from clip_utils.methods import zeroshot
+from clip_utils.model import features
+from clip_utils.results import evaluation
 
 CONTRACT_KEYS = {"dataset", "split", "method", "model", "n", "top1", "top5", "mean_per_class",
                  "class_names", "seconds", "templates", "prompt_set"}
@@ -34,13 +30,13 @@ def _rows(path):
 def test_predict_is_scaled_cosine_similarity():
     f = torch.nn.functional.normalize(torch.randn(5, 4), dim=-1)
     w = torch.nn.functional.normalize(torch.randn(4, 3), dim=0)
-    logits = zeroshot.predict(f, w, 50.0)
+    logits = prompts.zeroshot_logits(f, w, 50.0)
     assert logits.shape == (5, 3)
     for i in range(5):
         for c in range(3):
             assert logits[i, c].item() == pytest.approx(50.0 * float(f[i] @ w[:, c]), rel=1e-5)
     with pytest.raises(ValueError, match="same model"):
-        zeroshot.predict(f, torch.randn(6, 3), 50.0)
+        prompts.zeroshot_logits(f, torch.randn(6, 3), 50.0)
 
 
 def test_select_prompt_set_picks_the_best_on_validation():
@@ -48,10 +44,10 @@ def test_select_prompt_set_picks_the_best_on_validation():
     labels = torch.tensor([0, 1, 2])
     right = torch.eye(3)                  # every image to its own class
     half = torch.eye(3)[:, [0, 2, 1]]     # swaps classes 1 and 2
-    best, scores = zeroshot.select_prompt_set(feats, labels, {"half": half, "right": right}, 10.0)
+    best, scores = prompts.select_prompt_set(feats, labels, {"half": half, "right": right}, 10.0)
     assert best == "right"
     assert scores == pytest.approx({"half": 1 / 3, "right": 1.0})
-    assert zeroshot.select_prompt_set(feats, labels, {"a": right, "b": right}, 10.0)[0] == "a"  # ties: first
+    assert prompts.select_prompt_set(feats, labels, {"a": right, "b": right}, 10.0)[0] == "a"  # ties: first
 
 
 def test_metrics_match_scikit_learn_and_hand_counts(tmp_path):
@@ -249,7 +245,7 @@ def test_saved_predictions_are_the_prompt_classifier_argmax(cub_run):
     templates = prompts.prompt_sets(dataset_spec("cub200"))["domain_ensemble"]
     W = prompts.build_text_classifier(model, processor.tokenizer, names, templates, "cpu")
     feats = lab.features("cub200", "test")
-    expected = zeroshot.predict(feats.embeddings, W, lab.clip().logit_scale).argmax(1)
+    expected = prompts.zeroshot_logits(feats.embeddings, W, lab.clip().logit_scale).argmax(1)
     rows = _rows(lab.results_dir / "cub200" / "zeroshot" / "domain_ensemble" / "predictions.csv")
     assert [int(r["pred"]) for r in rows] == expected.tolist()
 
@@ -359,8 +355,8 @@ def test_non_finite_embeddings_are_refused_and_never_cached(kit, tmp_path, monke
 
 def test_text_classifiers_are_built_once_per_lab(kit, tmp_path, monkeypatch):
     """run_zeroshot, `auto` and the photos share the lab's classifiers (ViT-L/14's text tower is not free)."""
-    from clip_utils.app import photos
     from clip_utils import prompts
+    from clip_utils.app import photos
 
     built = []
     real = prompts.build_text_classifier

@@ -39,17 +39,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clip_utils.data import dataset_spec
 from clip_utils.config import LoraSettings, TrainConfig
+from clip_utils.data import dataset_spec
 from clip_utils.model.features import encode_paths
 from clip_utils.model.heads import ClipClassifier, image_embeddings
 from clip_utils.model.inputs import iter_labelled_batches, iter_pixel_batches
-from clip_utils.methods.lora import add_lora
+from clip_utils.model.lora import add_lora
 from clip_utils.model.preprocess import Preprocess
-from clip_utils.prompts import build_text_classifier, prompt_sets
-from clip_utils.testkit import char_tokenizer
 from clip_utils.model.training import TrainJob, fit, permuted_batches
 from clip_utils.model.vram import VramProbe
+from clip_utils.prompts import build_text_classifier, prompt_sets
+from clip_utils.testkit import char_tokenizer
 
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "clip-vit-large-patch14"
 

@@ -1,7 +1,7 @@
 """Try your own photos interactively: an ipywidgets explorer for the notebooks.
 
     from clip_utils.app.explorer import photo_explorer
-    photo_explorer(lab, ["flowers102", "cub200"])                      # zero-shot, probe, LoRA
+    photo_explorer(lab, ["flowers102", "cub200"])                      # every registered method
     photo_explorer(lab, ["flowers102"], methods=["zeroshot"], photo_dir="my_photo")
 
 The last line of a cell shows it: upload one or more photos or pick one from `photo_dir`,
@@ -35,15 +35,21 @@ from pathlib import Path
 import ipywidgets as widgets
 from PIL import Image
 
-from clip_utils import config
-from clip_utils.results.checkpoints import CheckpointError
-from clip_utils.model.heads import ClipClassifier
-from clip_utils.lab import Lab
-from clip_utils.registry import METHODS
-from clip_utils.registry import method as method_named
-from clip_utils.app.photos import (PhotoError, checkpoint_missing, classifier_for, format_comparison, list_photos, load_photo,
-                     open_photo, top_classes)
+from clip_utils import config, registry
+from clip_utils.app.photos import (
+    PhotoError,
+    checkpoint_missing,
+    classifier_for,
+    format_comparison,
+    list_photos,
+    load_photo,
+    open_photo,
+    top_classes,
+)
+from clip_utils.errors import InvalidValue, UserError
 from clip_utils.figures.predictions import plot_photo_predictions
+from clip_utils.lab import Lab
+from clip_utils.model.heads import ClipClassifier
 
 UPLOADED = "<uploaded>"  # the photo menu's entry for the last upload (no file path looks like it)
 MAX_TOP_K = 20  # a longer bar chart is unreadable
@@ -75,12 +81,12 @@ class PhotoExplorer(widgets.VBox):
         reasons: `{method: why it is disabled}` for the dataset shown.
     """
 
-    def __init__(self, lab: Lab, datasets: Sequence[str], methods: Sequence[str] = tuple(METHODS),
+    def __init__(self, lab: Lab, datasets: Sequence[str], methods: Sequence[str] | None = None,
                  photo_dir: str | Path = "my_photo", top_k: int = config.TOP_K,
                  prompt_set: str = config.PHOTO_PROMPT_SET) -> None:
         if not datasets:
-            raise ValueError("photo_explorer needs at least one dataset")
-        names = list(dict.fromkeys(method_named(m).name for m in methods))
+            raise InvalidValue("photo_explorer needs at least one dataset")
+        names = list(dict.fromkeys(registry.get(m).name for m in (methods or [m.name for m in registry.methods()])))
         try:
             files = list_photos(photo_dir)
         except PhotoError:  # no folder: uploads still work
@@ -88,7 +94,7 @@ class PhotoExplorer(widgets.VBox):
         upload = widgets.FileUpload(accept="image/*", multiple=True, description="Upload photos")
         photo = widgets.Dropdown(options=[(p.name, str(p)) for p in files], description="Photo")
         dataset = widgets.Dropdown(options=list(datasets), description="Dataset")
-        boxes = {name: widgets.Checkbox(value=True, description=METHODS[name].label, indent=False) for name in names}
+        boxes = {name: widgets.Checkbox(value=True, description=registry.get(name).label, indent=False) for name in names}
         slider = widgets.IntSlider(value=min(max(top_k, 1), MAX_TOP_K), min=1, max=MAX_TOP_K, description="Top-k",
                                    continuous_update=False)  # one prediction per release, not per pixel dragged
         notes, output = widgets.HTML(), widgets.Output()
@@ -184,7 +190,7 @@ class PhotoExplorer(widgets.VBox):
                 elif box.disabled:  # available again (another dataset): on by default
                     box.value = True
                 box.disabled, box.tooltip = reason is not None, reason or ""
-        self.notes.value = "<br>".join(f'<span style="color:#777">{html.escape(METHODS[name].label)} unavailable: '
+        self.notes.value = "<br>".join(f'<span style="color:#777">{html.escape(registry.get(name).label)} unavailable: '
                                        f"{html.escape(why)}</span>" for name, why in self.reasons.items())
 
     # ------------------------------------------------------------------ predictions
@@ -220,7 +226,7 @@ class PhotoExplorer(widgets.VBox):
             for method in chosen:
                 try:
                     entry["methods"][method] = {"top_k": self._ranking(key, image, dataset, method)[:k]}
-                except (FileNotFoundError, CheckpointError) as err:  # damaged, mismatched, or removed since
+                except UserError as err:  # damaged, mismatched, or removed since
                     self._failed[dataset, method] = str(err)
                     entry["methods"][method] = {"error": str(err)}
                     failed = True
@@ -228,7 +234,7 @@ class PhotoExplorer(widgets.VBox):
             outputs.append(_text_output(f"{dataset}: {format_comparison([entry])}"))
             for method, predicted in entry["methods"].items():
                 if "top_k" in predicted:
-                    title = f"{name} ({dataset}, {METHODS[method].label})"
+                    title = f"{name} ({dataset}, {registry.get(method).label})"
                     figures.append(plot_photo_predictions(image, predicted["top_k"], title))
                     outputs.append(_png_output(figures[-1], title))
         if failed:
@@ -237,7 +243,7 @@ class PhotoExplorer(widgets.VBox):
         self.output.outputs = tuple(outputs)
 
 
-def photo_explorer(lab: Lab, datasets: Sequence[str], methods: Sequence[str] = tuple(METHODS),
+def photo_explorer(lab: Lab, datasets: Sequence[str], methods: Sequence[str] | None = None,
                    photo_dir: str | Path = "my_photo", top_k: int = config.TOP_K,
                    prompt_set: str = config.PHOTO_PROMPT_SET) -> PhotoExplorer:
     """The photo explorer widget, showing its first result already; a cell's last line displays it.
@@ -245,7 +251,7 @@ def photo_explorer(lab: Lab, datasets: Sequence[str], methods: Sequence[str] = t
     Args:
         lab: the run context; its model and text classifiers are shared, not reloaded.
         datasets: the datasets to offer (the first is shown first).
-        methods: the methods to offer (`zeroshot`, `probe`/`linear_probe`, `lora`); those with
+        methods: the methods to offer (None: every registered method); those with
             no checkpoint for the chosen dataset are disabled, with the reason.
         photo_dir: the folder whose photos the menu offers (the first is shown first).
         top_k: the slider's starting value.

@@ -34,37 +34,23 @@ from pathlib import Path
 
 import torch
 
-from clip_utils import __version__
-
-from clip_utils.methods import lora
-
-from clip_utils.methods import probe
-from clip_utils.results.checkpoints import (
-    HeadInfo,
-    check_head,
-    checkpoint_paths,
-    head_info,
-    load_head,
-    missing_checkpoint,
-    read_head,
-    save_head,
-)
-from clip_utils.methods.lora_adapters import attach_adapter
-from clip_utils.config import TOP_K, LoraSettings
-from clip_utils.data import canonical_name
-from clip_utils.model.heads import ClipClassifier
-from clip_utils.lab import Lab
-from clip_utils.registry import method as method_named
-from clip_utils.model.clip import Clip, load_clip
+from clip_utils import __version__, registry
 from clip_utils.app.photos import open_photos, top_classes
-from clip_utils.runtime.progress import quiet_loading
-from clip_utils.runtime.files import atomic_folder, read_json
+from clip_utils.config import TOP_K
+from clip_utils.data import canonical_name
+from clip_utils.errors import InvalidValue, MissingFile, Refused
+from clip_utils.lab import Lab
+from clip_utils.model.clip import load_clip
+from clip_utils.model.heads import ClipClassifier
+from clip_utils.registry import Method
+from clip_utils.results.checkpoints import read_head, save_head
 from clip_utils.results.layout import method_dir
+from clip_utils.runtime.files import atomic_folder, read_json
+from clip_utils.runtime.progress import quiet_loading
 
 INFO_FILE = "classes.json"
 HEAD_FILE = "head.safetensors"
 MARK = "clip-lab export"
-EXPORTABLE = (probe.METHOD, lora.METHOD)
 
 USAGE = '''\
 import json, torch
@@ -83,53 +69,32 @@ print(classes[logits.argmax(-1).item()], f"{{logits.softmax(-1).max().item():.1%
 '''
 
 
-def _merged_lora(lab: Lab, dataset: str) -> tuple[Clip, torch.nn.Linear, HeadInfo]:
-    """The base CLIP in float32 with the run's adapters merged into it, its head and metadata."""
-    paths = checkpoint_paths(lab.results_dir, dataset, lora.METHOD)
-    if not paths["head"].is_file():
-        raise missing_checkpoint(paths["head"], dataset, lora.METHOD)
-    head, info = read_head(paths["head"])
-    towers = LoraSettings(encoders=info.encoders)
-    folders = {"vision_model": paths["adapter"]} if towers.adapts_vision else {}
-    if towers.adapts_text:
-        folders["text_model"] = paths["text_adapter"]
-    for folder in folders.values():
-        if not (folder / "adapter_config.json").is_file():
-            raise missing_checkpoint(folder, dataset, lora.METHOD)
-    clip = lab.model_copy("cpu")  # its own: merging changes it
-    check_head(info, head_info(dataset=dataset, method=lora.METHOD, model=lab.model,
-                               class_names=lab.label_map(dataset), embed_dim=clip.embed_dim), paths["head"])
-    for tower, folder in folders.items():
-        # peft injects the adapter into the tower in place, and merging puts plain Linear layers
-        # with the merged weights back in place: the CLIPModel holding the tower is adapted.
-        attach_adapter(getattr(clip.model, tower), folder, info, "cpu").merge_and_unload()
-    leftover = [n for n, _ in clip.model.named_parameters() if "lora_" in n]
-    if leftover:
-        raise RuntimeError(f"LoRA layers survived the merge: {leftover[:3]}")
-    return clip, head, info
+def exportable(method: str) -> Method:
+    """The registered method called `method`, if it can be exported.
 
-
-def _base_with_probe(lab: Lab, dataset: str) -> tuple[Clip, torch.nn.Linear, HeadInfo]:
-    """The base CLIP in float32 and the probe's head (checked against it)."""
-    clip = lab.model_copy("cpu")  # its own: saving rewrites its config
-    path = checkpoint_paths(lab.results_dir, dataset, probe.METHOD)["head"]
-    head, info = load_head(path, head_info(dataset=dataset, method=probe.METHOD, model=lab.model,
-                                           class_names=lab.label_map(dataset), embed_dim=clip.embed_dim))
-    return clip, head, info
+    Raises:
+        ValueError: no such method, or one whose classifier is not a linear head on the image embedding.
+    """
+    m = registry.get(method)
+    if m.export is None:
+        can = ", ".join(x.command for x in registry.methods() if x.export is not None)
+        raise InvalidValue(f"{m.label} cannot be exported (its classifier is not a linear head on the image "
+                         f"embedding): export takes {can}")
+    return m
 
 
 def _check_target(out: Path) -> None:
     if not out.exists():
         return
     if not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder: choose another --out")
+        raise Refused(f"{out} exists and is not a folder: choose another --out")
     marked = out / INFO_FILE
     try:
         ours = marked.is_file() and json.loads(marked.read_text()).get("exported_by", "").startswith(MARK)
     except (ValueError, AttributeError):
         ours = False
     if any(out.iterdir()) and not ours:
-        raise FileExistsError(f"{out} exists and is not an exported classifier: choose another --out, or remove it")
+        raise Refused(f"{out} exists and is not an exported classifier: choose another --out, or remove it")
 
 
 def export_classifier(lab: Lab, dataset: str, method: str, out: str | Path) -> Path:
@@ -149,18 +114,16 @@ def export_classifier(lab: Lab, dataset: str, method: str, out: str | Path) -> P
         CheckpointError: its checkpoint is damaged or made for something else.
         FileExistsError: `out` is something other than an earlier export.
     """
-    name = method_named(method).name
-    if name not in EXPORTABLE:
-        raise ValueError(f"export takes a trained method, probe or lora; not {method}")
+    m = exportable(method)
     dataset, out = canonical_name(dataset), Path(out).expanduser()
     _check_target(out)
-    clip, head, meta = (_merged_lora if name == lora.METHOD else _base_with_probe)(lab, dataset)
-    metrics_file = method_dir(lab.results_dir, dataset, method_named(name).folder) / "metrics.json"
+    clip, head, meta, adapted = m.export(lab, dataset)
+    metrics_file = method_dir(lab.results_dir, dataset, m.name) / "metrics.json"
     metrics = read_json(metrics_file) if metrics_file.is_file() else {}
     info = {
         "exported_by": f"{MARK} {__version__}", "classes": lab.class_names(dataset),
-        "original_names": lab.label_map(dataset), "dataset": dataset, "method": name,
-        "base_model": lab.model, "encoders": meta.encoders if name == lora.METHOD else None,
+        "original_names": lab.label_map(dataset), "dataset": dataset, "method": m.name,
+        "base_model": lab.model, "encoders": adapted,
         "epoch": meta.epoch, "test_top1": metrics.get("top1"),
         "logits": "normalize(visual_projection(vision_model(pixel_values).pooler_output)) @ weight.T + bias",
     }
@@ -203,13 +166,13 @@ def load_exported(folder: str | Path, device: str | torch.device = "cpu",
     """
     folder = Path(folder).expanduser()
     if not (folder / INFO_FILE).is_file() or not (folder / HEAD_FILE).is_file():
-        raise FileNotFoundError(f"{folder} is not an exported classifier (no {INFO_FILE} and {HEAD_FILE}): make "
+        raise MissingFile(f"{folder} is not an exported classifier (no {INFO_FILE} and {HEAD_FILE}): make "
                                 f"one with `python -m clip_utils export --dataset DATASET --method probe|lora "
                                 f"--out {folder}`")
     info = read_json(folder / INFO_FILE)
     head, _ = read_head(folder / HEAD_FILE)
     if head.out_features != len(info.get("classes", ())):
-        raise ValueError(f"{folder}: the head has {head.out_features} outputs but {INFO_FILE} names "
+        raise InvalidValue(f"{folder}: the head has {head.out_features} outputs but {INFO_FILE} names "
                          f"{len(info.get('classes', ()))} classes")
     clip = load_clip(folder, device, dtype=dtype)
     model = clip.model
@@ -231,7 +194,7 @@ def predict_exported(folder: str | Path, photos: Sequence[str | Path], top_k: in
         `{"photo", "top_k": [{"label", "name", "prob"}, ...]}` or `{"photo", "error"}` per photo.
     """
     if top_k < 1:
-        raise ValueError(f"top_k must be at least 1, got {top_k}")
+        raise InvalidValue(f"top_k must be at least 1, got {top_k}")
     lab = Lab(model=str(Path(folder).expanduser()), device=device)  # the folder's preprocessing and the device
     images, results = open_photos(photos)
     if images:

@@ -24,8 +24,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from clip_utils.runtime.progress import PROGRESS_ENV, quiet_loading
 from clip_utils.runtime.files import atomic_path
+from clip_utils.runtime.progress import PROGRESS_ENV, quiet_loading
 from clip_utils.testkit import make_kit
 
 # The repository checkout this runner belongs to: where the notebooks, data/ and results/ live.

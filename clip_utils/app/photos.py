@@ -47,26 +47,19 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from clip_utils import config
-
-from clip_utils.methods import lora
-
-from clip_utils.methods import probe
-
-from clip_utils.methods import zeroshot
-from clip_utils.results.checkpoints import CheckpointError, checkpoint_paths
+from clip_utils import config, registry
 from clip_utils.data import results_name
-from clip_utils.model.heads import ClipClassifier
-from clip_utils.lab import Lab
-from clip_utils.registry import METHODS
-from clip_utils.registry import method as method_named
+from clip_utils.errors import InvalidValue, UserError
 from clip_utils.figures.predictions import plot_photo_predictions
+from clip_utils.lab import Lab
+from clip_utils.model.heads import ClipClassifier
+from clip_utils.results import fewshot
 from clip_utils.runtime.progress import bar
 
 DECODE_SIZE = 1024
 
 
-class PhotoError(ValueError):
+class PhotoError(InvalidValue):
     """A photo that cannot be used; the message names the file and what to do."""
 
 
@@ -172,26 +165,23 @@ def list_photos(folder: str | Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
-def classifier_for(lab: Lab, dataset: str, method: str = "zeroshot",
+def classifier_for(lab: Lab, dataset: str, method: str | None = None,
                    prompt_set: str = config.PHOTO_PROMPT_SET) -> ClipClassifier:
     """The `ClipClassifier` (vision tower + head, eval mode, on `lab.device`) of a method.
 
     Args:
         lab: the run context.
-        dataset: `flowers102` or `cub200`.
-        method: `zeroshot` (head = text classifier of `prompt_set`), `probe` or `lora`
-            (the trained run's checkpoint in the results folder).
-        prompt_set: zero-shot prompt set, `auto` included.
+        dataset: a registered dataset or `imagefolder:PATH`.
+        method: a registered method (None: the reference, zero-shot, with `prompt_set`); a
+            method that fits loads its finished run from the results folder.
+        prompt_set: the zero-shot prompt set, `auto` included.
     """
-    name = method_named(method).name
-    if name == zeroshot.METHOD:
-        return zeroshot.load_classifier(lab, dataset, prompt_set)
-    trained = {probe.METHOD: probe.load_classifier, lora.METHOD: lora.load_classifier}
-    return trained[name](lab, dataset)
+    m = registry.reference() if method is None else registry.get(method)
+    return m.load_classifier(lab, dataset, prompt_set=prompt_set)
 
 
 def checkpoint_missing(lab: Lab, dataset: str, method: str) -> str | None:
-    """Why `method` cannot predict on `dataset` yet (no trained checkpoint), or None when it can.
+    """Why `method` cannot predict on `dataset` yet (no finished checkpoint), or None when it can.
 
     Only looks for the files (no model is loaded): a checkpoint that is there but damaged or
     made for another run is refused later, by `classifier_for`.
@@ -199,15 +189,10 @@ def checkpoint_missing(lab: Lab, dataset: str, method: str) -> str | None:
     Args:
         lab: the run context (its results folder).
         dataset: dataset name.
-        method: `zeroshot` (always None: it trains nothing), `probe` or `lora`.
+        method: a registered method (one that fits nothing always can).
     """
-    m = method_named(method)
-    if not m.trained:
-        return None
-    paths = checkpoint_paths(lab.results_dir, dataset, m.name)
-    # LoRA: an adapter of either tower (`lora --encoders text` leaves no vision adapter).
-    adapters = [paths[k] / "adapter_config.json" for k in ("adapter", "text_adapter")] if m.name == lora.METHOD else []
-    if paths["head"].is_file() and (not adapters or any(p.is_file() for p in adapters)):
+    m = registry.get(method)
+    if not m.trained or m.has_checkpoint(fewshot.run_dir(lab.results_dir, dataset, m.name)):
         return None
     return f"no {m.label} checkpoint for {dataset}: train it with python -m clip_utils {m.command} --dataset {dataset}"
 
@@ -258,7 +243,7 @@ def predict_photos(
     lab: Lab,
     photos: Sequence[str | Path],
     dataset: str,
-    method: str = "zeroshot",
+    method: str | None = None,
     top_k: int = config.TOP_K,
     prompt_set: str = config.PHOTO_PROMPT_SET,
 ) -> list[dict]:
@@ -271,7 +256,7 @@ def predict_photos(
         lab: the run context.
         photos: image files.
         dataset: whose classes to predict (`flowers102` or `cub200`).
-        method: `zeroshot`, `probe` or `lora`.
+        method: a registered method (None: the reference, zero-shot).
         top_k: classes per photo (clamped to the number of classes).
         prompt_set: zero-shot prompt set (`default`, `domain`, `diverse`, `domain_ensemble`, `auto`).
 
@@ -280,7 +265,7 @@ def predict_photos(
         "prob": float}, ...]}` (most likely first) or `{"photo": path, "error": message}`.
     """
     if top_k < 1:
-        raise ValueError(f"top_k must be at least 1, got {top_k}")
+        raise InvalidValue(f"top_k must be at least 1, got {top_k}")
     names = lab.class_names(dataset)
     images, results = open_photos(photos)
     if not images:
@@ -295,7 +280,7 @@ def compare_photos(
     lab: Lab,
     photos: Sequence[str | Path],
     dataset: str,
-    methods: Sequence[str] = tuple(METHODS),
+    methods: Sequence[str] | None = None,
     top_k: int = config.TOP_K,
     prompt_set: str = config.PHOTO_PROMPT_SET,
 ) -> list[dict]:
@@ -308,7 +293,7 @@ def compare_photos(
         lab: the run context.
         photos: image files.
         dataset: whose classes to predict.
-        methods: method names (default: all three).
+        methods: method names (default: every registered method).
         top_k: classes per photo and method.
         prompt_set: zero-shot prompt set.
 
@@ -319,19 +304,19 @@ def compare_photos(
         that could not be read.
     """
     if top_k < 1:
-        raise ValueError(f"top_k must be at least 1, got {top_k}")
+        raise InvalidValue(f"top_k must be at least 1, got {top_k}")
     names = lab.class_names(dataset)
     images, results = open_photos(photos)
     for i in images:
         results[i]["methods"] = {}
-    for name in dict.fromkeys(method_named(m).name for m in methods):
+    for name in dict.fromkeys(registry.get(m).name for m in (methods or [m.name for m in registry.methods()])):
         if not images:
             break
         reason, classifier = checkpoint_missing(lab, dataset, name), None
         if reason is None:
             try:
                 classifier = classifier_for(lab, dataset, name, prompt_set)
-            except (FileNotFoundError, CheckpointError) as err:
+            except UserError as err:
                 reason = str(err)
         for i, image in images.items():
             results[i]["methods"][name] = ({"error": reason} if classifier is None
@@ -371,7 +356,7 @@ def format_comparison(results: Sequence[dict]) -> str:
         if "error" in r:
             lines.append(f"   error: {r['error']}")
             continue
-        tops = {METHODS[m].label: e["top_k"] for m, e in r["methods"].items() if "top_k" in e}
+        tops = {registry.get(m).label: e["top_k"] for m, e in r["methods"].items() if "top_k" in e}
         if not tops:
             lines.append("   no method could predict")
             continue
@@ -384,14 +369,14 @@ def format_comparison(results: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def photo_figures(results: Sequence[dict], dataset: str, method: str = "zeroshot",
+def photo_figures(results: Sequence[dict], dataset: str, method: str | None = None,
                   folder: str | Path | None = None) -> list:
     """Each readable photo beside its top-k bar chart (the notebooks' custom-photo sections).
 
     Args:
         results: what `predict_photos` returned (error entries are skipped).
         dataset: whose classes were predicted (a registered name or `imagefolder:PATH`).
-        method: the method that predicted them (canonical name or alias: `zeroshot`, `probe`, `lora`).
+        method: the method that predicted them (a registered name; None: the reference, zero-shot).
         folder: save the figures there as `photo_<file name>_<dataset>_<method>.png`: the dataset
             by its results folder's name, the method by its canonical name, as every other
             results file (None: do not save). The file name keeps its extension (`bird_jpg`),
@@ -400,7 +385,7 @@ def photo_figures(results: Sequence[dict], dataset: str, method: str = "zeroshot
     Returns:
         The matplotlib Figures, in order.
     """
-    entry, where = method_named(method), results_name(dataset)
+    entry, where = registry.reference() if method is None else registry.get(method), results_name(dataset)
     figures = []
     for r in results:
         if "error" in r:

@@ -1,4 +1,4 @@
-"""The comparison of zero-shot, linear probe and LoRA, redrawn from saved results alone.
+"""The comparison of every method, redrawn from saved results alone.
 
     paths = make_report("results")     # results/summary.csv, results/figures/*.png
     table = summary_table("results")   # the same numbers as a pandas DataFrame
@@ -30,22 +30,17 @@ import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-
-from clip_utils.results import fewshot
-
-
+from clip_utils import registry
 from clip_utils.app import sweep
-
-
-from clip_utils.methods import zeroshot
-from clip_utils.figures.training import plot_comparison, plot_curves, plot_dynamics
 from clip_utils.data import results_name
-from clip_utils.results.evaluation import method_figures, run_label
-from clip_utils.registry import METHODS, TRAINED
-from clip_utils.registry import method as method_named
+from clip_utils.errors import InvalidValue, MissingFile
 from clip_utils.figures.predictions import plot_confusion, plot_prompt_comparison, plot_sample_predictions
-from clip_utils.runtime.files import read_json, write_csv
+from clip_utils.figures.training import plot_comparison, plot_curves, plot_dynamics
+from clip_utils.results import fewshot, prompt_sets
+from clip_utils.results.evaluation import method_figures, run_label
 from clip_utils.results.layout import dataset_folders, figures_dir, method_dir
+from clip_utils.runtime.files import read_json, write_csv
+
 COLUMNS = ("dataset", "method", "prompt_set", "shots", "seeds", "n", "top1", "top1_std", "top5", "mean_per_class",
            "trainable_params", "trainable_pct", "train_seconds", "seconds", "peak_vram_mb", "epochs", "best_epoch",
            "model")
@@ -58,9 +53,9 @@ def baseline_set(saved: Sequence[str]) -> str | None:
     """The prompt set that stands for zero-shot in the comparison (None when none is saved).
 
     Args:
-        saved: the saved prompt sets of one dataset, in `zeroshot.saved_results` order.
+        saved: the saved prompt sets of one dataset, in `prompt_sets.saved_results` order.
     """
-    return zeroshot.headline(saved) if saved else None
+    return prompt_sets.headline(saved) if saved else None
 
 
 def zeroshot_baseline(results_dir: str | Path, dataset: str, model: str | None = None) -> dict | None:
@@ -75,7 +70,7 @@ def zeroshot_baseline(results_dir: str | Path, dataset: str, model: str | None =
     Returns:
         The metrics.json content with `prompt_set` set to the folder it was read from.
     """
-    sets = zeroshot.saved_results(results_dir).get(dataset, {})
+    sets = prompt_sets.saved_results(results_dir).get(dataset, {})
     same_model = {name: m for name, m in sets.items() if m.get("model") == model}
     sets = same_model or sets
     name = baseline_set(list(sets))
@@ -88,7 +83,7 @@ def summary_row(metrics: Mapping) -> dict:
     Args:
         metrics: a method's metrics.json content.
     """
-    zeroshot = metrics["method"] == "zeroshot"
+    zeroshot = registry.get(metrics["method"]).reference
     prompt_set = metrics.get("prompt_set", "")
     if zeroshot and metrics.get("selected_set"):
         prompt_set = f"{prompt_set} ({metrics['selected_set']})"
@@ -143,22 +138,21 @@ def collect(results_dir: str | Path) -> tuple[list[dict], list[str]]:
     rows, missing = [], []
     for dataset in (folder.name for folder in dataset_folders(results_dir)):
         trained = {}
-        for method in TRAINED:
-            file = Path(results_dir) / dataset / method / "metrics.json"
+        for m in registry.trained():
+            file = Path(results_dir) / dataset / m.folder / "metrics.json"
             if file.is_file():
-                trained[method] = read_json(file)
+                trained[m.name] = read_json(file)
         model = next((m["model"] for m in trained.values()), None)
-        found = {"zeroshot": zeroshot_baseline(results_dir, dataset, model), **trained}
+        found = {registry.reference().name: zeroshot_baseline(results_dir, dataset, model), **trained}
         # What --dataset said (an image folder's path), for the commands that fill the gaps.
         given = next((m["dataset"] for m in found.values() if m), dataset)
-        for method in METHODS:
-            if found.get(method) is None:
-                m = METHODS[method]
-                command = m.command + (" --prompts all" if m.name == zeroshot.METHOD else "")
+        for m in registry.methods():
+            if found.get(m.name) is None:
+                command = m.command + (" --prompts all" if m.reference else "")
                 missing.append(f"{dataset} {m.label} (python -m clip_utils {command} "
                                f"--dataset {given})")
             else:
-                rows.append(summary_row(found[method]))
+                rows.append(summary_row(found[m.name]))
         rows += fewshot_rows(results_dir, dataset)
         models = sorted({r["model"] for r in rows if r["dataset"] == dataset})
         if len(models) > 1:
@@ -176,10 +170,10 @@ def saved_curves(results_dir: str | Path) -> dict[str, dict[str, list[dict]]]:
     """
     out: dict[str, dict[str, list[dict]]] = {}
     for dataset in (folder.name for folder in dataset_folders(results_dir)):
-        for method in TRAINED:
-            file = Path(results_dir) / dataset / method / "curves.json"
-            if file.is_file():
-                out.setdefault(dataset, {})[method] = read_json(file)
+        for m in registry.trained():
+            file = Path(results_dir) / dataset / m.folder / "curves.json"
+            if m.epochs and file.is_file():
+                out.setdefault(dataset, {})[m.name] = read_json(file)
     return out
 
 
@@ -194,20 +188,20 @@ def saved_evaluations(results_dir: str | Path) -> list[tuple[Path, dict[str, Pat
         in dataset, method and prompt-set order; zero-shot validation runs (`<set>/val/`) included.
     """
     results_dir = Path(results_dir)
-    saved_sets = zeroshot.saved_results(results_dir)
+    saved_sets = prompt_sets.saved_results(results_dir)
     out = []
     for dataset in (folder.name for folder in dataset_folders(results_dir)):
         for name in saved_sets.get(dataset, {}):
-            out.append((zeroshot.output_dir(results_dir, dataset, name),
-                        zeroshot.figures(results_dir, dataset, name)))
+            out.append((prompt_sets.output_dir(results_dir, dataset, name),
+                        prompt_sets.figures(results_dir, dataset, name)))
         # saved_results reads test runs only; a `--split val` run keeps its own figures.
-        for file in sorted((results_dir / dataset / "zeroshot").glob("*/val/metrics.json")):
+        for file in sorted((results_dir / dataset / registry.reference().folder).glob("*/val/metrics.json")):
             name = file.parent.parent.name
-            out.append((file.parent, zeroshot.figures(results_dir, dataset, name, "val")))
-        for method in TRAINED:
-            folder = method_dir(results_dir, dataset, method)
+            out.append((file.parent, prompt_sets.figures(results_dir, dataset, name, "val")))
+        for m in registry.trained():
+            folder = method_dir(results_dir, dataset, m.name)
             if (folder / "metrics.json").is_file():
-                out.append((folder, method_figures(results_dir, dataset, method)))
+                out.append((folder, method_figures(results_dir, dataset, m.name)))
     return out
 
 
@@ -225,7 +219,7 @@ def read_predictions(path: str | Path) -> tuple[list[str], list[int], list[int]]
     try:
         return [r["path"] for r in rows], [int(r["label"]) for r in rows], [int(r["pred"]) for r in rows]
     except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{path} is not a predictions file with path,label,pred columns ({err!r})") from err
+        raise InvalidValue(f"{path} is not a predictions file with path,label,pred columns ({err!r})") from err
 
 
 def summary_table(results_dir: str | Path):
@@ -244,7 +238,7 @@ def summary_table(results_dir: str | Path):
     table["top1_std"] = pd.to_numeric(table["top1_std"], errors="coerce")
     for col in ("top1", "top1_std", "top5", "mean_per_class"):
         table[col] = 100 * table[col]
-    table["method"] = table["method"].map(lambda name: method_named(name).label)
+    table["method"] = table["method"].map(lambda name: registry.get(name).label)
     return table.rename(columns={"top1": "top1 %", "top1_std": "top1 std %", "top5": "top5 %",
                                  "mean_per_class": "mean per class %", "trainable_pct": "trainable %"}).round(3)
 
@@ -262,7 +256,7 @@ def photo_table(predictions: Mapping[str, Sequence[Mapping]]):
         for r in results:
             top = r.get("top_k") or [{}]
             cell = r["error"] if "error" in r else f"{top[0]['name']} ({top[0]['prob']:.0%})"
-            rows.setdefault(Path(r["photo"]).name, {})[method_named(method).label] = cell
+            rows.setdefault(Path(r["photo"]).name, {})[registry.get(method).label] = cell
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
@@ -320,7 +314,7 @@ def draw_curves(curves: Mapping[str, Mapping[str, Sequence[Mapping]]], figures: 
             path = figures / f"{dataset}_{method}_curves.png"
             # An L-BFGS probe's "epochs" rank the C values it tried, smallest first.
             sweep_note = " (L-BFGS: one point per C, increasing)" if is_c_sweep(entries) else ""
-            plot_curves(entries, f"{dataset} {METHODS[method].label}{sweep_note}", path)
+            plot_curves(entries, f"{dataset} {registry.get(method).label}{sweep_note}", path)
             written.append(path)
         by_epoch = {method: entries for method, entries in runs.items() if not is_c_sweep(entries)}
         if by_epoch:
@@ -331,16 +325,16 @@ def draw_curves(curves: Mapping[str, Mapping[str, Sequence[Mapping]]], figures: 
 
 
 def draw_prompt_sets(results_dir: Path, figures: Path) -> list[Path]:
-    """The chart `zeroshot.run_zeroshot` ends with, from every saved prompt set (none: nothing).
+    """The chart a zero-shot run ends with, from every saved prompt set (none: nothing).
 
     Args:
         results_dir: the results root.
         figures: the figures folder.
     """
-    table = zeroshot.prompt_table(results_dir)
+    table = prompt_sets.prompt_table(results_dir)
     if not table:
         return []
-    path = figures / zeroshot.COMPARISON_FIGURE
+    path = figures / prompt_sets.COMPARISON_FIGURE
     plot_prompt_comparison(table, path=path)
     return [path]
 
@@ -391,8 +385,8 @@ def make_report(results_dir: str | Path) -> list[Path]:
     rows, missing = collect(results_dir)
     curves = saved_curves(results_dir)
     if not rows and not curves:
-        raise FileNotFoundError(
-            f"no saved results under {results_dir}: run `python -m clip_utils zeroshot|probe|lora --dataset ...` "
+        raise MissingFile(
+            f"no saved results under {results_dir}: run `python -m clip_utils {'|'.join(registry.choices())} --dataset ...` "
             f"(or the notebooks) first, or point --results-dir at the results folder"
         )
     for line in missing:

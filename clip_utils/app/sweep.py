@@ -1,50 +1,49 @@
 """The few-shot sweep: each method at each shots and seed, run where missing, then tabled and drawn.
 
     result = run_fewshot(lab, "flowers102")                   # config.FEWSHOT_*: 1-16 shots, seeds 1-3
-    result = run_fewshot(lab, "cub200", shots=(1, 2), seeds=(1, 2), methods=("linear_probe",))
+    result = run_fewshot(lab, "cub200", ["probe", "tip-adapter"], shots=(1, 2), seeds=(1, 2))
     result.summary, result.figure                             # mean/std per method and shots, the png
-    python -m clip_utils fewshot --dataset flowers102 --methods probe,lora --shots 1,2,4,8,16 --seeds 1,2,3
+    python -m clip_utils fewshot --dataset flowers102 --methods all --shots 1,2,4,8,16 --seeds 1,2,3
 
-For every shots K and seed S the probe runs before LoRA, so LoRA starts from the probe of
-its own sample (LP-FT, see `lora`). A run whose metrics.json exists with the same model,
-solver and training settings is reused, so a second call only fills in what is missing (an
-interrupted run starts over: few-shot runs are short). Then, from the saved runs alone:
+Every method of a sweep fits on the same K-shot sample of each seed (drawn from the seed
+alone, saved in each run's samples.json), and the cached image features are encoded once
+for the whole sweep. Methods run one after another, each over every shots and seed, in the
+order their declared dependencies need (`Method.requires`: LoRA after the probe, so it
+starts from the probe of its own sample) and otherwise in registry order. A run whose
+metrics.json exists with the same model and settings (`Method.recorded`) is reused, so a
+second call only fills in what is missing (an interrupted run starts over: few-shot runs are
+short). Then, from the saved runs alone:
 
-    results/<dataset>/fewshot.csv            one row per method, shots and seed
-    results/<dataset>/fewshot_summary.csv    mean and standard deviation over the seeds
-    results/figures/<dataset>_fewshot.png    top-1 against shots (log scale), mean and a
-                                             band of one standard deviation, zero-shot as a line
+    results/<dataset>/fewshot.csv             one row per method, shots and seed
+    results/<dataset>/fewshot_summary.csv     mean and standard deviation over the seeds
+    results/figures/<dataset>_fewshot.png     top-1 against shots (log scale), mean and a
+                                              band of one standard deviation, zero-shot as a line
+    results/figures/<dataset>_fewshot_cost.png   top-1 at the largest shots against fit time
 
 The zero-shot line is the saved `auto` run of the same model when there is one, else
-`auto` is run (`report` redraws the figure from files alone, with whatever zero-shot run
+`auto` is run (`report` redraws the figures from files alone, with whatever zero-shot run
 is saved).
 """
 
 from __future__ import annotations
 
+import argparse
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from clip_utils import config
-
-from clip_utils.results import fewshot
-
-from clip_utils import prompts
-
-from clip_utils.methods import zeroshot
-from clip_utils.config import LoraSettings, TrainConfig
+from clip_utils import config, prompts, registry
 from clip_utils.data import canonical_name, results_name
-from clip_utils.lab import Lab
-from clip_utils.methods.lora import run_lora
-from clip_utils.registry import METHODS
-from clip_utils.registry import method as method_named
+from clip_utils.errors import InvalidValue
 from clip_utils.figures.predictions import new_figure, save_figure
-from clip_utils.methods.probe import run_probe
-from clip_utils.runtime.progress import write
-from clip_utils.runtime.files import read_json, write_csv
+from clip_utils.lab import Lab
+from clip_utils.registry import Method
+from clip_utils.results import fewshot, prompt_sets
 from clip_utils.results.layout import figures_dir
+from clip_utils.runtime.files import read_json, write_csv
+from clip_utils.runtime.progress import write
 
 CSV_FILE = "fewshot.csv"
 SUMMARY_FILE = "fewshot_summary.csv"
@@ -78,19 +77,9 @@ def figure_path(results_dir: str | Path, dataset: str) -> Path:
     return Path(results_dir) / "figures" / f"{results_name(dataset)}_fewshot.png"
 
 
-def _lora_config(settings: LoraSettings) -> dict:
-    # As lora.run_lora records it in metrics.json's config.
-    return {"lora_" + k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()}
-
-
-def _expected(lab: Lab, method: str, cfg: TrainConfig, solver: str, settings: LoraSettings) -> dict:
-    """The metrics.json fields a finished run with these settings has."""
-    if method == "linear_probe" and solver == "lbfgs":
-        return {"solver": solver}  # no training settings: L-BFGS uses none of them
-    recorded = asdict(cfg.resolved(lab.batch_size, lab.seed))
-    if method == "lora":
-        recorded |= _lora_config(settings)
-    return {"config": recorded} | ({"solver": solver} if method == "linear_probe" else {})
+def cost_figure_path(results_dir: str | Path, dataset: str) -> Path:
+    """`results/figures/<dataset>_fewshot_cost.png`."""
+    return Path(results_dir) / "figures" / f"{results_name(dataset)}_fewshot_cost.png"
 
 
 def _finished(folder: Path, lab: Lab, shots: int, seed: int, expected: Mapping) -> bool:
@@ -115,72 +104,83 @@ def _finished(folder: Path, lab: Lab, shots: int, seed: int, expected: Mapping) 
 
 def zeroshot_line(lab: Lab, dataset: str) -> dict:
     """The zero-shot run the figure's line shows: the saved `auto` run of this model, else run now."""
-    saved = zeroshot.saved_results(lab.results_dir, model=lab.model).get(results_name(dataset), {})
+    saved = prompt_sets.saved_results(lab.results_dir, model=lab.model).get(results_name(dataset), {})
     if prompts.AUTO in saved:
         return saved[prompts.AUTO] | {"prompt_set": prompts.AUTO}
-    return zeroshot.run_zeroshot(lab, dataset, [prompts.AUTO])[prompts.AUTO] | {"prompt_set": prompts.AUTO}
+    reference = registry.reference()
+    settings = reference.settings(argparse.Namespace(prompts=[prompts.AUTO], split="test"))
+    return reference.run(lab, dataset, settings)[prompts.AUTO] | {"prompt_set": prompts.AUTO}
 
 
-def check_methods(methods: Sequence[str]) -> list[str]:
-    """The canonical names of the methods a sweep trains (`probe` -> `linear_probe`).
+def check_methods(methods: Sequence[str]) -> list[Method]:
+    """The methods a sweep fits, in the order it runs them: each after the ones it requires.
 
     Args:
-        methods: method names or aliases.
+        methods: method names, commands or aliases.
 
     Raises:
-        ValueError: none given, or one that trains nothing or does not exist.
+        ValueError: none given, or one that fits nothing or does not exist.
     """
-    names = [method_named(m).name for m in methods]
-    if not names or not all(METHODS[m].trained for m in names):
-        raise ValueError(f"few-shot runs train a method: choose among probe, lora (got {', '.join(methods) or 'none'})")
-    return names
+    chosen = [registry.get(m) for m in methods]
+    fits = registry.trained()
+    if not chosen or not all(m.trained for m in chosen):
+        raise InvalidValue(f"few-shot runs fit a method on labelled images: choose among "
+                         f"{', '.join(m.command for m in fits)} (got {', '.join(methods) or 'none'})")
+    names = {m.name for m in chosen}
+    ordered: list[Method] = []
+    for m in fits:  # registry order, each method's requirements placed before it
+        if m.name in names:
+            ordered += [r for r in (registry.get(n) for n in m.requires) if r.name in names and r not in ordered]
+            if m not in ordered:
+                ordered.append(m)
+    return ordered
+
+
+def _defaults(lab: Lab) -> argparse.Namespace:
+    """A command line that sets nothing: each method's settings at its defaults."""
+    return argparse.Namespace(batch_size=None, seed=None)
 
 
 def run_fewshot(lab: Lab, dataset: str, methods: Sequence[str] = config.FEWSHOT_METHODS,
                 shots: Sequence[int] = config.FEWSHOT_SHOTS, seeds: Sequence[int] = config.FEWSHOT_SEEDS, *,
-                probe_cfg: TrainConfig = config.PROBE, lora_cfg: TrainConfig = config.LORA,
-                lora_settings: LoraSettings = config.LORA_SETTINGS,
-                solver: str = config.PROBE_SOLVER) -> FewshotResult:
-    """Run the missing few-shot runs of a dataset, then write its table, summary and figure.
+                settings: Mapping[str, Any] | None = None, args: argparse.Namespace | None = None) -> FewshotResult:
+    """Run the missing few-shot runs of a dataset, then write its table, summary and figures.
 
     Args:
         lab: the run context (model, data, results folder, device).
         dataset: a registered dataset or `imagefolder:PATH`.
-        methods: `linear_probe` (or `probe`) and/or `lora`.
+        methods: registered methods that fit (names, commands or aliases).
         shots: images per class, e.g. `(1, 2, 4, 8, 16)`.
-        seeds: the seeds each shots value runs with (each draws its own sample).
-        probe_cfg: the probe's settings (its seed is each run's).
-        lora_cfg: LoRA's settings (likewise).
-        lora_settings: LoRA's adapter settings.
-        solver: the probe's solver (`lbfgs` or `adamw`).
+        seeds: the seeds each shots value runs with (each draws its own sample, shared by
+            every method).
+        settings: `{method name: its settings}` for methods not at their defaults (e.g. the
+            probe's `ProbeSettings`); each run's seed replaces the settings' own.
+        args: the `fewshot` command line, read by each method's `settings` (its options and
+            `--epochs` apply where they can); None: defaults.
 
     Returns:
         A `FewshotResult`; its `rows` and `summary` cover every saved few-shot run of the
         dataset, this call's and earlier ones'.
     """
     dataset = canonical_name(dataset)
-    names = check_methods(methods)
+    order = check_methods(methods)
     for k in shots:
         fewshot.check_shots(k)
-    # The probe first: LoRA's head starts from the probe of the same shots and seed.
-    order = [m for m in METHODS if m in names]
+    given = dict(settings or {})
     trained, reused = [], []
-    for k in sorted(set(shots)):
-        for seed in dict.fromkeys(seeds):
-            for method in order:
-                cfg = replace(probe_cfg if method == "linear_probe" else lora_cfg, seed=seed)
-                folder = fewshot.run_dir(lab.results_dir, dataset, method, k, seed)
-                what = f"{results_name(dataset)} {METHODS[method].label} {k}-shot seed {seed}"
-                if _finished(folder, lab, k, seed, _expected(lab, method, cfg, solver, lora_settings)):
-                    reused.append((method, k, seed))
+    for m in order:
+        chosen = given.get(m.name) or m.settings(args or _defaults(lab))
+        for k in sorted(set(shots)):
+            for seed in dict.fromkeys(seeds):
+                folder = fewshot.run_dir(lab.results_dir, dataset, m.name, k, seed)
+                what = f"{results_name(dataset)} {m.label} {k}-shot seed {seed}"
+                if _finished(folder, lab, k, seed, m.recorded(lab, chosen, seed)):
+                    reused.append((m.name, k, seed))
                     write(f"fewshot: {what}: finished earlier, reused")
                     continue
-                if method == "linear_probe":
-                    m = run_probe(lab, dataset, cfg, shots=k, solver=solver)
-                else:
-                    m = run_lora(lab, dataset, cfg, lora_settings, shots=k)
-                trained.append((method, k, seed))
-                write(f"fewshot: {what}: top-1 {m['top1']:.2%}")
+                result = m.run(lab, dataset, chosen, shots=k, seed=seed)
+                trained.append((m.name, k, seed))
+                write(f"fewshot: {what}: top-1 {result['top1']:.2%}")
     line = zeroshot_line(lab, dataset)
     rows, summary, files = write_fewshot_report(lab.results_dir, dataset, line)
     return FewshotResult(rows, summary, trained, reused, files)
@@ -210,13 +210,15 @@ def write_fewshot_report(results_dir: str | Path, dataset: str, zeroshot_run: Ma
              write_csv(folder / SUMMARY_FILE, fewshot.SUMMARY_COLUMNS,
                        [[r.get(c) for c in fewshot.SUMMARY_COLUMNS] for r in summary])]
     if zeroshot_run is None:
-        saved = zeroshot.saved_results(results_dir, model=rows[0].get("model")).get(results_name(dataset), {})
-        name = zeroshot.headline(saved) if saved else None
+        saved = prompt_sets.saved_results(results_dir, model=rows[0].get("model")).get(results_name(dataset), {})
+        name = prompt_sets.headline(saved) if saved else None
         zeroshot_run = saved[name] | {"prompt_set": name} if name else None
     figures_dir(results_dir)
     path = figure_path(results_dir, dataset)
     plot_fewshot(summary, zeroshot_run, f"{results_name(dataset)}: few-shot test top-1 (mean ± std over seeds)", path)
-    return rows, summary, [*files, path]
+    cost = cost_figure_path(results_dir, dataset)
+    plot_fewshot_cost(summary, zeroshot_run, f"{results_name(dataset)}: accuracy against fit time", cost)
+    return rows, summary, [*files, cost, path]
 
 
 def plot_fewshot(summary: Sequence[Mapping], zeroshot_run: Mapping | None, title: str,
@@ -233,8 +235,8 @@ def plot_fewshot(summary: Sequence[Mapping], zeroshot_run: Mapping | None, title
     fig = new_figure(figsize=(7, 4.5))
     ax = fig.subplots()
     every = sorted({r["shots"] for r in summary})
-    for k, (name, m) in enumerate(METHODS.items()):
-        runs = sorted((r for r in summary if r["method"] == name), key=lambda r: r["shots"])
+    for k, m in enumerate(registry.methods()):
+        runs = sorted((r for r in summary if r["method"] == m.name), key=lambda r: r["shots"])
         if not runs:
             continue
         xs, mean = [r["shots"] for r in runs], [100 * r["top1"] for r in runs]
@@ -248,11 +250,41 @@ def plot_fewshot(summary: Sequence[Mapping], zeroshot_run: Mapping | None, title
     if zeroshot_run is not None:
         chosen = f": {zeroshot_run['selected_set']}" if zeroshot_run.get("selected_set") else ""
         ax.axhline(100 * zeroshot_run["top1"], color="C0", ls="--", lw=1.2,
-                   label=f"zero-shot ({zeroshot_run.get('prompt_set', '')}{chosen})")
+                   label=f"{registry.reference().label} ({zeroshot_run.get('prompt_set', '')}{chosen})")
     ax.set_xscale("log", base=2)
     ax.set_xticks(every, [str(k) for k in every])
     ax.minorticks_off()
     ax.set(xlabel="training images per class (shots)", ylabel="test top-1 %", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return save_figure(fig, path)
+
+
+def plot_fewshot_cost(summary: Sequence[Mapping], zeroshot_run: Mapping | None, title: str,
+                      path: str | Path | None = None):
+    """Each method's top-1 at the largest shots it ran against its mean fit time (log scale), the
+    question behind every comparison: is the accuracy worth the time?
+
+    Args:
+        summary: `fewshot.aggregate` rows of one dataset (`train_seconds` is the fit time).
+        zeroshot_run: zero-shot metrics for a reference line, or None.
+        title: the figure's title.
+        path: PNG to write (None: only return the figure).
+    """
+    fig = new_figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    for k, m in enumerate(registry.methods()):
+        runs = [r for r in summary if r["method"] == m.name]
+        if not runs:
+            continue
+        top = max(runs, key=lambda r: r["shots"])
+        seconds = max(float(top.get("train_seconds") or 0.0), 1e-3)  # a log axis: training-free fits take ~0 s
+        ax.errorbar([seconds], [100 * top["top1"]], yerr=[100 * (top["top1_std"] or 0.0)], fmt="o", color=f"C{k}",
+                    capsize=3, label=f"{m.label} ({top['shots']}-shot)")
+    if zeroshot_run is not None:
+        ax.axhline(100 * zeroshot_run["top1"], color="C0", ls="--", lw=1.2, label=registry.reference().label)
+    ax.set_xscale("log")
+    ax.set(xlabel="fit time per run, s (log)", ylabel="test top-1 %", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     return save_figure(fig, path)
@@ -269,5 +301,5 @@ def summary_table(summary: Sequence[Mapping]):
     table = pd.DataFrame(list(summary), columns=list(fewshot.SUMMARY_COLUMNS)).drop(columns=["model"])
     for col in ("top1", "top1_std", "top5", "top5_std", "mean_per_class", "mean_per_class_std"):
         table[col] = 100 * table[col].astype(float)
-    table["method"] = table["method"].map(lambda name: METHODS[name].label)
+    table["method"] = table["method"].map(lambda name: registry.get(name).label)
     return table.round(2)

@@ -21,6 +21,7 @@ from typing import Any
 
 from PIL import Image
 
+from clip_utils.errors import InvalidValue
 from clip_utils.data.benchmarks import DTD, EUROSAT, FGVC_AIRCRAFT, FLOWERS102, FOOD101, PETS, STANFORD_CARS
 from clip_utils.data.cub import CUB200
 from clip_utils.data.imagefolder import PREFIX, imagefolder_spec
@@ -57,7 +58,7 @@ def dataset_spec(name: str) -> DatasetSpec:
         return DATASETS[name]
     if name.startswith(PREFIX):
         return imagefolder_spec(name[len(PREFIX):])
-    raise ValueError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}, or {PREFIX}PATH for "
+    raise InvalidValue(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}, or {PREFIX}PATH for "
                      f"your own folder of class folders")
 
 
@@ -104,7 +105,7 @@ def load_dataset(
     """
     spec = dataset_spec(name)
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
+        raise InvalidValue(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
     samples, classes = spec.load(Path(root), split, download)
     if not samples:
         raise DatasetNotFoundError(f"the {split} split of {spec.title} is empty: check the dataset files")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from clip_utils.errors import InvalidValue
 from clip_utils.data.classnames import camel_words, check_naming, curated_eurosat, curated_flowers102, curated_pets
 from clip_utils.data.images import Samples
 from clip_utils.prompts.templates import DOMAIN_ENSEMBLES
@@ -114,7 +115,7 @@ def flowers102_class_names(path: str | Path = CAT_TO_NAME) -> list[str]:
     try:
         return [mapping[str(k + 1)] for k in range(102)]
     except KeyError as err:
-        raise ValueError(f"{path} has no name for Flowers102 class id {err}") from err
+        raise InvalidValue(f"{path} has no name for Flowers102 class id {err}") from err
 
 
 def flowers102_names(root: Path, naming: str) -> list[str]:

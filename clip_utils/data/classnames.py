@@ -24,6 +24,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from clip_utils.errors import InvalidValue
+
 NAMINGS = ("curated", "original")
 
 # Where CLIP's prompt-engineering list (used by CLIP_benchmark for the published anchors)
@@ -91,7 +93,7 @@ EUROSAT_CLIP = {
 def check_naming(naming: str) -> str:
     """`naming` if it is one of `NAMINGS`, else a `ValueError` naming the choices."""
     if naming not in NAMINGS:
-        raise ValueError(f"unknown class naming {naming!r}: choose {' or '.join(NAMINGS)}")
+        raise InvalidValue(f"unknown class naming {naming!r}: choose {' or '.join(NAMINGS)}")
     return naming
 
 

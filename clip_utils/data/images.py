@@ -24,17 +24,18 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from clip_utils.errors import MissingFile, UserError
 from clip_utils.runtime.network import reachable
 
 SPLITS = ("train", "val", "test")
 Samples = list[tuple[str, int]]
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(MissingFile):
     """A dataset is missing on disk and downloading was not enabled."""
 
 
-class UnreadableImageError(OSError):
+class UnreadableImageError(UserError, OSError):
     """An image file exists but cannot be decoded; the message names the file."""
 
 

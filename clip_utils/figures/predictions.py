@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 
 from clip_utils import metrics
 from clip_utils.data import UnreadableImageError, open_rgb
+from clip_utils.errors import InvalidValue
 from clip_utils.runtime.env import TRUE
 from clip_utils.runtime.files import atomic_path
 
@@ -314,7 +315,7 @@ def plot_prompt_comparison(table: Mapping[str, Mapping[str, float]], path: str |
 
     rows = [(ds, ps, 100 * acc) for ds, sets in table.items() for ps, acc in sets.items()]
     if not rows:
-        raise ValueError("no zero-shot results to compare: run zero-shot evaluation first")
+        raise InvalidValue("no zero-shot results to compare: run zero-shot evaluation first")
     fig = new_figure(figsize=(min(14.0, max(6.0, 2.5 + 0.8 * len(rows))), 4.8))
     ax = fig.add_subplot()
     datasets = list(dict.fromkeys(r[0] for r in rows))

@@ -18,8 +18,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from clip_utils.registry import METHODS
-from clip_utils.registry import method as method_named
+from clip_utils import registry
 from clip_utils.figures.predictions import new_figure, save_figure
 from clip_utils.model.training import best_epoch
 
@@ -97,7 +96,7 @@ def plot_dynamics(curves: Mapping[str, Sequence[Mapping]], title: str, path: str
     loss_ax, acc_ax = fig.subplots(1, 2, sharex=True)
     for i, (method, entries) in enumerate(curves.items()):
         epochs = [e["epoch"] for e in entries]
-        label = method_named(method).label
+        label = registry.get(method).label
         loss_ax.plot(epochs, [e["train_loss"] for e in entries], "-", color=f"C{i}", alpha=0.6,
                      label=f"{label} train")
         loss_ax.plot(epochs, [e["val_loss"] for e in entries], "--", color=f"C{i}", label=f"{label} validation")
@@ -118,15 +117,18 @@ def _bars(ax, rows: Sequence[Mapping], value: Callable[[Mapping], float | None],
     axis, zeros) left out; `error(row)`, when given, is the bar's error bar (a standard
     deviation over seeds; None: none). Returns the drawn values."""
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-    width = 0.8 / len(METHODS)
+    every = registry.methods()
+    present = [m for m in every if any(r["method"] == m.name for r in rows)]  # no empty slots
+    width = 0.8 / max(len(present), 1)
     drawn: list[float] = []
-    for k, (method, entry) in enumerate(METHODS.items()):
+    for j, entry in enumerate(present):
+        method, k = entry.name, every.index(entry)  # a method keeps its colour in every figure
         xs, ys, errors = [], [], []
         for i, dataset in enumerate(datasets):
             row = next((r for r in rows if r["dataset"] == dataset and r["method"] == method), None)
             y = value(row) if row else None
             if y is not None and not (isinstance(y, float) and math.isnan(y)) and (y > 0 or not log):
-                xs.append(i + (k - (len(METHODS) - 1) / 2) * width)
+                xs.append(i + (j - (len(present) - 1) / 2) * width)
                 ys.append(y)
                 spread = error(row) if error else None
                 errors.append(math.nan if spread is None else spread)  # NaN: no error bar drawn
@@ -137,7 +139,7 @@ def _bars(ax, rows: Sequence[Mapping], value: Callable[[Mapping], float | None],
         drawn += ys
     ax.set_xticks(range(len(datasets)), datasets)
     ax.set(ylabel=ylabel, title=title)
-    if log:
+    if log and drawn:  # nothing above zero (training-free methods alone): a linear axis
         ax.set_yscale("log")
         if drawn:
             # From a decade below the smallest bar, so each bar spans at least a decade (an
@@ -178,5 +180,5 @@ def plot_comparison(rows: Sequence[Mapping], path: str | Path | None = None) -> 
         vram_ax.text(0.5, 0.5, NOT_RECORDED, transform=vram_ax.transAxes, ha="center", va="center",
                      color="grey", fontsize="large")
     axes[0][0].legend(fontsize="small")
-    fig.suptitle("zero-shot vs linear probe vs LoRA: accuracy (top) and cost (bottom)")
+    fig.suptitle("the methods side by side: accuracy (top) and cost (bottom)")
     return save_figure(fig, path)

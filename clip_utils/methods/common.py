@@ -26,20 +26,19 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from clip_utils.runtime import distributed
-
-from clip_utils.results import fewshot
-from clip_utils.results.checkpoints import HEAD_FILE, TRAIN_HEAD_FILE, CheckpointError, check_head, head_info, read_head
+from clip_utils import config
 from clip_utils.config import TrainConfig
 from clip_utils.data import ImageListDataset
-from clip_utils.model.heads import zeroshot_head
 from clip_utils.lab import Lab
-from clip_utils.runtime.files import read_json
-from clip_utils.results.layout import check_results_folder
+from clip_utils.model.heads import zeroshot_head
 from clip_utils.model.training import FitResult, TrainingError
+from clip_utils.results import fewshot
+from clip_utils.results.checkpoints import HEAD_FILE, TRAIN_HEAD_FILE, CheckpointError, check_head, head_info, read_head
+from clip_utils.results.layout import check_results_folder
+from clip_utils.runtime import distributed
+from clip_utils.runtime.files import read_json
 
 HEAD_INIT_SET = "domain"
-PROBE = "linear_probe"  # the method LoRA's head may start from (by name: the methods do not import each other)
 T = TypeVar("T")
 
 
@@ -109,7 +108,7 @@ def probe_head(lab: Lab, dataset: str, data: RunData) -> nn.Linear | None:
         dataset: dataset name.
         data: the LoRA run's `RunData`.
     """
-    folder = fewshot.run_dir(lab.results_dir, dataset, PROBE, data.shots, data.seed)
+    folder = fewshot.run_dir(lab.results_dir, dataset, config.LORA_HEAD_FROM, data.shots, data.seed)
     file, metrics_file = folder / TRAIN_HEAD_FILE, folder / "metrics.json"
     if not file.is_file():
         file = folder / HEAD_FILE
@@ -117,7 +116,7 @@ def probe_head(lab: Lab, dataset: str, data: RunData) -> nn.Linear | None:
         return None
     try:
         head, info = read_head(file)
-        check_head(info, head_info(dataset=dataset, method=PROBE, model=lab.model, class_names=lab.label_map(dataset),
+        check_head(info, head_info(dataset=dataset, method=config.LORA_HEAD_FROM, model=lab.model, class_names=lab.label_map(dataset),
                                    embed_dim=head.in_features), file)
         metrics = read_json(metrics_file)
     except (CheckpointError, ValueError) as err:

@@ -55,6 +55,7 @@ model's actual parameters.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -63,29 +64,10 @@ import torch
 from torch import nn
 
 from clip_utils import config
-
-from clip_utils.runtime import distributed
-
-from clip_utils.results import fewshot
-from clip_utils.results.checkpoints import (
-    ADAPTER_DIR,
-    HEAD_FILE,
-    TEXT_ADAPTER_DIR,
-    check_head,
-    head_info,
-    missing_checkpoint,
-    read_head,
-    save_adapter,
-    save_head,
-)
-from clip_utils.methods.lora_adapters import TextTowerClassifier, attach_adapter, class_tokens, quiet_peft
 from clip_utils.config import LoraSettings, TrainConfig
 from clip_utils.data import canonical_name, results_name
-from clip_utils.results.evaluation import save_evaluation
-from clip_utils.model.heads import ClipClassifier, StandardizedHead, count_parameters, head_units
-from clip_utils.model.inputs import iter_labelled_batches
+from clip_utils.errors import InvalidValue
 from clip_utils.lab import Lab, inference_dtype
-from clip_utils.model.preprocess import Preprocess
 from clip_utils.methods.common import (
     HEAD_INIT_SET,
     RunData,
@@ -96,79 +78,44 @@ from clip_utils.methods.common import (
     run_info,
     zeroshot_init_head,
 )
+from clip_utils.methods.lora_adapters import TextTowerClassifier, attach_adapter, class_tokens
+from clip_utils.model.clip import Clip
+from clip_utils.model.heads import ClipClassifier, StandardizedHead, count_parameters, head_units
+from clip_utils.model.inputs import iter_labelled_batches
+from clip_utils.model.lora import add_lora, lora_trainable_params
+from clip_utils.model.preprocess import Preprocess
 from clip_utils.model.training import EpochCallback, FitResult, TrainJob, fit, predict
 from clip_utils.model.vram import VramProbe
+from clip_utils.registry import Method, register
+from clip_utils.results import fewshot
+from clip_utils.results.checkpoints import (
+    ADAPTER_DIR,
+    HEAD_FILE,
+    TEXT_ADAPTER_DIR,
+    HeadInfo,
+    check_head,
+    checkpoint_paths,
+    head_info,
+    missing_checkpoint,
+    read_head,
+    save_adapter,
+    save_head,
+)
+from clip_utils.results.evaluation import save_evaluation
+from clip_utils.runtime import distributed
+from clip_utils.runtime.options import (
+    Given,
+    add_sample_options,
+    add_training_options,
+    fraction,
+    given,
+    name_list,
+    positive_float,
+    positive_int,
+)
+from clip_utils.runtime.progress import write
 
 METHOD = "lora"
-
-
-def linear_shapes(tower_config) -> dict[str, tuple[int, int]]:
-    """`(d_in, d_out)` of each linear layer name in one CLIP encoder layer (either tower).
-
-    Args:
-        tower_config: a `CLIPVisionConfig` or `CLIPTextConfig` (hidden_size, intermediate_size).
-    """
-    hidden, mlp = tower_config.hidden_size, tower_config.intermediate_size
-    return {"q_proj": (hidden, hidden), "k_proj": (hidden, hidden), "v_proj": (hidden, hidden),
-            "out_proj": (hidden, hidden), "fc1": (hidden, mlp), "fc2": (mlp, hidden)}
-
-
-def adapter_params(tower_config, settings: LoraSettings) -> int:
-    """LoRA parameters in one tower: `r * (d_in + d_out)` per target, per layer.
-
-    Args:
-        tower_config: the tower's `CLIPVisionConfig` or `CLIPTextConfig`.
-        settings: rank and targets.
-    """
-    shapes = linear_shapes(tower_config)
-    return tower_config.num_hidden_layers * sum(settings.rank * sum(shapes[t]) for t in settings.targets)
-
-
-def lora_trainable_params(vision_config, settings: LoraSettings, n_classes: int, embed_dim: int,
-                          text_config=None) -> int:
-    """Exact trainable parameter count of a LoRA run: adapters of each adapted tower, plus the
-    linear head when only the vision tower is adapted (otherwise the text tower is the classifier).
-
-    Each adapted layer gains `A` (r x d_in) and `B` (d_out x r): `r * (d_in + d_out)`.
-
-    Args:
-        vision_config: the `CLIPVisionConfig`.
-        settings: rank, targets and encoders.
-        n_classes: head outputs.
-        embed_dim: head inputs (CLIP's projection dimension).
-        text_config: the `CLIPTextConfig` (needed when `settings` adapts the text tower).
-    """
-    count = adapter_params(vision_config, settings) if settings.adapts_vision else 0
-    if settings.adapts_text:
-        if text_config is None:
-            raise ValueError(f"LoRA on the {settings.encoders} encoders: the text config is needed to count")
-        count += adapter_params(text_config, settings)
-    else:
-        count += embed_dim * n_classes + n_classes
-    return count
-
-
-def add_lora(vision: nn.Module, settings: LoraSettings) -> nn.Module:
-    """Wrap a CLIP encoder with peft LoRA adapters (base weights frozen).
-
-    Args:
-        vision: `CLIPModel.vision_model` or `CLIPModel.text_model` (the same layer names).
-        settings: rank, alpha, dropout, targets, gradient checkpointing.
-    """
-    from peft import LoraConfig, get_peft_model
-
-    if settings.grad_checkpointing:
-        # Non-reentrant checkpointing lets gradients reach the adapters even though the frozen
-        # embeddings' outputs do not require grad (the reentrant variant would drop them).
-        enable = getattr(vision, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            vision.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                        target_modules=list(settings.targets), bias="none")
-    with quiet_peft():
-        return get_peft_model(vision, config)
 
 
 @dataclass
@@ -432,3 +379,150 @@ def load_classifier(lab: Lab, dataset: str, shots: int | None = None, seed: int 
         vision = attach_adapter(vision, paths["adapter"], info, lab.device)
     # The head stays float32 beside an fp16 encoder: ClipClassifier casts the embedding up.
     return ClipClassifier(vision, clip.model.visual_projection, head.float().to(lab.device)).eval()
+
+
+# ---------------------------------------------------------------------------- the registered method
+
+@dataclass(frozen=True)
+class LoraRunSettings:
+    """A LoRA run's settings: the training loop's, the adapters', and the preset they came from.
+
+    `train.epochs` None: the preset's iteration count for the dataset, worked out when it runs.
+    """
+
+    train: TrainConfig = config.LORA
+    lora: LoraSettings = config.LORA_SETTINGS
+    preset: str | None = None
+
+
+def _add_arguments(parser) -> None:
+    train, lora = config.LORA, config.LORA_SETTINGS
+    add_training_options(parser, train)
+    add_sample_options(parser)
+    g = parser.add_argument_group("LoRA")
+    g.add_argument("--head-lr", type=positive_float, default=train.head_lr, action=Given,
+                   help="the head's learning rate with --encoders vision (its own parameter group, in the probe's "
+                        "units; the head starts from the probe of the same shots and seed when one is saved) "
+                        "(default: %(default)s)")
+    g.add_argument("--preset", choices=tuple(config.LORA_PRESETS), default=None,
+                   help="clip-lora: CLIP-LoRA's published settings (q,k,v of both encoders, r=2, alpha=1, "
+                        "dropout 0.25, lr 2e-4, batch 32, no warm-up, its 500 iterations per shot as epochs, "
+                        "see README); options given explicitly override it")
+    g.add_argument("--encoders", choices=config.ENCODERS, default=lora.encoders,
+                   help="towers to adapt: vision (a linear head on the adapted image embeddings), text or both "
+                        "(CLIP's own classifier, the class prompts re-encoded at every step) (default: %(default)s)")
+    g.add_argument("--rank", type=positive_int, default=lora.rank, help="LoRA rank r (default: %(default)s)")
+    g.add_argument("--alpha", type=positive_float, default=lora.alpha, help="LoRA alpha (default: %(default)s)")
+    g.add_argument("--dropout", type=fraction, default=lora.dropout, help="LoRA dropout (default: %(default)s)")
+    g.add_argument("--targets", type=name_list, default=list(lora.targets),
+                   help=f"comma list of layers to adapt in each adapted tower: {', '.join(config.TARGETS)} "
+                        f"(default: {','.join(lora.targets)})")
+    g.add_argument("--grad-checkpointing", action="store_true", default=lora.grad_checkpointing,
+                   help="recompute activations in the backward pass: far less memory, about 25%% slower")
+    g.add_argument("--no-augment", dest="augment", action="store_false", default=train.augment,
+                   help="train without image augmentation")
+
+
+def _parser_defaults(args) -> dict | None:
+    """A preset's values as the command's defaults (explicit options still win)."""
+    if not getattr(args, "preset", None):
+        return None
+    train, lora = config.LORA_PRESETS[args.preset]
+    return {"epochs": os.environ.get("CLIP_EPOCHS"),  # unset: the preset's count for the dataset
+            "lr": train.lr, "weight_decay": train.weight_decay, "head_lr": train.head_lr, "augment": train.augment,
+            "batch_size": os.environ.get("CLIP_BATCH_SIZE", str(train.batch_size)),
+            "rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout, "targets": list(lora.targets),
+            "grad_checkpointing": lora.grad_checkpointing, "encoders": lora.encoders}
+
+
+def _lora_settings(args) -> LoraSettings:
+    d = config.LORA_SETTINGS
+    return LoraSettings(rank=getattr(args, "rank", d.rank), alpha=getattr(args, "alpha", d.alpha),
+                        dropout=getattr(args, "dropout", d.dropout), targets=tuple(getattr(args, "targets", d.targets)),
+                        grad_checkpointing=getattr(args, "grad_checkpointing", d.grad_checkpointing),
+                        encoders=getattr(args, "encoders", d.encoders))
+
+
+def _check_arguments(args) -> None:
+    _lora_settings(args)  # rank, targets, towers: a ValueError names what is wrong
+    if "head_lr" in given(args) and getattr(args, "encoders", "vision") != "vision":
+        raise InvalidValue(f"--head-lr is the rate of the linear head that --encoders vision trains; --encoders "
+                         f"{args.encoders} trains no head (CLIP's own classifier): leave --head-lr out")
+
+
+def _settings(args) -> LoraRunSettings:
+    preset = getattr(args, "preset", None)
+    d = config.LORA_PRESETS[preset][0] if preset else config.LORA
+    epochs = getattr(args, "epochs", None) or (None if preset else d.epochs)
+    train = replace(d, epochs=epochs, lr=getattr(args, "lr", d.lr), weight_decay=getattr(args, "weight_decay", d.weight_decay),
+                    head_lr=getattr(args, "head_lr", d.head_lr), augment=getattr(args, "augment", d.augment),
+                    batch_size=args.batch_size, seed=args.seed)
+    return LoraRunSettings(train, _lora_settings(args), preset)
+
+
+def _run(lab: Lab, dataset: str, settings: LoraRunSettings, *, shots: int | None = None, seed: int | None = None,
+         resume: bool = False, callbacks: Sequence[EpochCallback] = ()) -> dict:
+    cfg = settings.train if seed is None else replace(settings.train, seed=seed)
+    if cfg.epochs is None:  # a preset without --epochs: its iteration count for this dataset
+        cfg = replace(cfg, epochs=clip_lora_preset(lab, dataset, shots=shots, seed=cfg.seed)[0].epochs)
+        write(f"--preset {settings.preset}: {cfg.epochs} epochs (CLIP-LoRA's 500 iterations per training image per "
+              f"class, at most 8000, at batch {config.LORA_PRESETS[settings.preset][0].batch_size})")
+    return run_lora(lab, dataset, cfg, settings.lora, resume=resume, callbacks=callbacks, shots=shots)
+
+
+def lora_config(settings: LoraSettings) -> dict:
+    """The adapter settings as `run_lora` records them in metrics.json's config."""
+    return {"lora_" + k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()}
+
+
+def _recorded(lab: Lab, settings: LoraRunSettings, seed: int) -> dict:
+    cfg = replace(settings.train, seed=seed).resolved(lab.batch_size, lab.seed)
+    return {"config": asdict(cfg) | lora_config(settings.lora)}
+
+
+def _load_classifier(lab: Lab, dataset: str, *, shots: int | None = None, seed: int | None = None,
+                     prompt_set: str | None = None) -> ClipClassifier:
+    return load_classifier(lab, dataset, shots, seed)
+
+
+def _has_checkpoint(folder) -> bool:
+    # An adapter of either tower (`--encoders text` leaves no vision adapter).
+    adapters = (folder / ADAPTER_DIR / "adapter_config.json", folder / TEXT_ADAPTER_DIR / "adapter_config.json")
+    return (folder / HEAD_FILE).is_file() and any(p.is_file() for p in adapters)
+
+
+def _export(lab: Lab, dataset: str) -> tuple[Clip, torch.nn.Linear, HeadInfo, str]:
+    """The base CLIP in float32 with the run's adapters merged into it, its head and metadata, and
+    the towers it adapted."""
+    paths = checkpoint_paths(lab.results_dir, dataset, METHOD)
+    if not paths["head"].is_file():
+        raise missing_checkpoint(paths["head"], dataset, METHOD)
+    head, info = read_head(paths["head"])
+    towers = LoraSettings(encoders=info.encoders)
+    folders = {"vision_model": paths["adapter"]} if towers.adapts_vision else {}
+    if towers.adapts_text:
+        folders["text_model"] = paths["text_adapter"]
+    for folder in folders.values():
+        if not (folder / "adapter_config.json").is_file():
+            raise missing_checkpoint(folder, dataset, METHOD)
+    clip = lab.model_copy("cpu")  # its own: merging changes it
+    check_head(info, head_info(dataset=dataset, method=METHOD, model=lab.model,
+                               class_names=lab.label_map(dataset), embed_dim=clip.embed_dim), paths["head"])
+    for tower, folder in folders.items():
+        # peft injects the adapter into the tower in place, and merging puts plain Linear layers
+        # with the merged weights back in place: the CLIPModel holding the tower is adapted.
+        attach_adapter(getattr(clip.model, tower), folder, info, "cpu").merge_and_unload()
+    leftover = [n for n, _ in clip.model.named_parameters() if "lora_" in n]
+    if leftover:
+        raise RuntimeError(f"LoRA layers survived the merge: {leftover[:3]}")
+    return clip, head, info, info.encoders
+
+
+register(Method(
+    name=METHOD, label="LoRA", command="lora", folder="lora", order=20,
+    description="LoRA fine-tuning of the vision encoder, the text encoder or both",
+    trained=True, epochs=True, new_classes="no", distributed=True, requires=(config.LORA_HEAD_FROM,),
+    batch_size=config.LORA.batch_size, add_arguments=_add_arguments, parser_defaults=_parser_defaults,
+    check_arguments=_check_arguments, settings=_settings, run=_run, recorded=_recorded,
+    load_classifier=_load_classifier, has_checkpoint=_has_checkpoint, export=_export,
+))

@@ -25,8 +25,6 @@ the head it was saved with; `quiet_peft` hides a warning peft raises about its o
 
 from __future__ import annotations
 
-import contextlib
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,21 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clip_utils.results.checkpoints import CheckpointError, HeadInfo, check_adapter
 from clip_utils.model.heads import image_embeddings, zeroshot_head
+from clip_utils.model.lora import quiet_peft
 from clip_utils.prompts import class_prompts
-
-
-@contextlib.contextmanager
-def quiet_peft():
-    """Silence a FutureWarning peft triggers on every adapter it builds or loads.
-
-    peft 0.21 probes `model.is_gradient_checkpointing`, which transformers 5 deprecates;
-    the warning is about peft's code, not the user's, and there is nothing to act on.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        yield
+from clip_utils.results.checkpoints import CheckpointError, HeadInfo, check_adapter
 
 
 def attach_adapter(tower: nn.Module, folder: Path, info: HeadInfo, device: str | torch.device) -> nn.Module:

@@ -30,29 +30,18 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
 
 from clip_utils import config
-
-from clip_utils.runtime import distributed
-
-from clip_utils.results import fewshot
-from clip_utils.results.checkpoints import (
-    HEAD_FILE,
-    TRAIN_HEAD_FILE,
-    check_head,
-    head_info,
-    load_head,
-    missing_checkpoint,
-    read_head,
-    save_head,
-)
 from clip_utils.config import TrainConfig
 from clip_utils.data import canonical_name, results_name
-from clip_utils.results.evaluation import save_evaluation
+from clip_utils.errors import InvalidValue
+from clip_utils.lab import Lab
+from clip_utils.methods.common import RunData, resolved, run_data, run_info, zeroshot_init_head
+from clip_utils.model.clip import Clip
 from clip_utils.model.features import Features
 from clip_utils.model.heads import (
     ClipClassifier,
@@ -63,10 +52,7 @@ from clip_utils.model.heads import (
     unstandardized_head,
 )
 from clip_utils.model.inputs import iter_labelled_batches
-from clip_utils.lab import Lab
 from clip_utils.model.logreg import fit_lbfgs
-from clip_utils.runtime.files import write_json
-from clip_utils.methods.common import RunData, resolved, run_data, run_info, zeroshot_init_head
 from clip_utils.model.training import (
     CURVES_FILE,
     Batch,
@@ -79,6 +65,24 @@ from clip_utils.model.training import (
     predict,
 )
 from clip_utils.model.vram import VramProbe
+from clip_utils.registry import Method, register
+from clip_utils.results import fewshot
+from clip_utils.results.checkpoints import (
+    HEAD_FILE,
+    TRAIN_HEAD_FILE,
+    HeadInfo,
+    check_head,
+    checkpoint_paths,
+    head_info,
+    load_head,
+    missing_checkpoint,
+    read_head,
+    save_head,
+)
+from clip_utils.results.evaluation import save_evaluation
+from clip_utils.runtime import distributed
+from clip_utils.runtime.files import write_json
+from clip_utils.runtime.options import add_sample_options, add_training_options, given, positive_int
 
 METHOD = "linear_probe"
 
@@ -183,9 +187,9 @@ def run_probe(lab: Lab, dataset: str, cfg: TrainConfig = config.PROBE, resume: b
     dataset = canonical_name(dataset)
     fewshot.check_shots(shots)
     if solver not in config.SOLVERS:
-        raise ValueError(f"unknown probe solver {solver!r}: choose one of {', '.join(config.SOLVERS)}")
+        raise InvalidValue(f"unknown probe solver {solver!r}: choose one of {', '.join(config.SOLVERS)}")
     if solver == "lbfgs" and cfg.augment:
-        raise ValueError("the lbfgs solver fits the cached features; augmented training needs the adamw solver")
+        raise InvalidValue("the lbfgs solver fits the cached features; augmented training needs the adamw solver")
     cfg = resolved(cfg, lab)
     device = torch.device(lab.device)
     data = run_data(lab, dataset, METHOD, shots, cfg.seed)
@@ -252,3 +256,91 @@ def load_classifier(lab: Lab, dataset: str, shots: int | None = None, seed: int 
                                embed_dim=clip.embed_dim), path)
     # The head stays float32 beside an fp16 encoder: ClipClassifier casts the embedding up.
     return ClipClassifier(clip.model.vision_model, clip.model.visual_projection, head.float().to(lab.device)).eval()
+
+
+# ---------------------------------------------------------------------------- the registered method
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """A probe run's settings: the training loop's (adamw) and the solver."""
+
+    train: TrainConfig = config.PROBE
+    solver: str = config.PROBE_SOLVER
+
+
+SOLVER_HELP = ("lbfgs: the CLIP paper's L-BFGS logistic regression, C swept on validation and refit on train + val "
+               "(not with --shots; no epochs or learning rate); adamw: the training loop with the training options "
+               "(default: %(default)s)")
+# Options of the training loop: the lbfgs solver uses none of them.
+LOOP_OPTIONS = ("epochs", "lr", "weight_decay", "resume", "augment")
+
+
+def _add_arguments(parser) -> None:
+    add_training_options(parser, config.PROBE)
+    add_sample_options(parser)
+    parser.add_argument("--solver", choices=config.SOLVERS, default=config.PROBE_SOLVER, help=SOLVER_HELP)
+    parser.add_argument("--augment", action="store_true", default=config.PROBE.augment,
+                        help="train on augmented images (slower: no cached features; needs --solver adamw)")
+    parser.add_argument("--encode-batch-size", type=positive_int, default=config.ENCODE_BATCH_SIZE,
+                        help="images per forward pass when encoding the frozen features (default: %(default)s)")
+
+
+def _add_sweep_arguments(parser) -> None:
+    parser.add_argument("--solver", choices=config.SOLVERS, default=config.PROBE_SOLVER,
+                        help="the linear probe's solver (default: %(default)s)")
+
+
+def _check_arguments(args) -> None:
+    if getattr(args, "solver", config.PROBE_SOLVER) != "lbfgs":
+        return
+    if getattr(args, "augment", False):
+        raise InvalidValue("--augment trains through the encoder with the training loop: add --solver adamw")
+    wasted = [f"--{name.replace('_', '-')}" for name in LOOP_OPTIONS if name in given(args)]
+    if wasted:
+        raise InvalidValue(f"{', '.join(wasted)}: the lbfgs solver has no training loop (it sweeps C on validation); "
+                         f"these options apply with --solver adamw")
+
+
+def _settings(args) -> ProbeSettings:
+    d = config.PROBE
+    train = replace(d, epochs=getattr(args, "epochs", None) or d.epochs, lr=getattr(args, "lr", d.lr),
+                    weight_decay=getattr(args, "weight_decay", d.weight_decay),
+                    augment=getattr(args, "augment", d.augment), batch_size=args.batch_size, seed=args.seed)
+    return ProbeSettings(train, getattr(args, "solver", config.PROBE_SOLVER))
+
+
+def _run(lab: Lab, dataset: str, settings: ProbeSettings, *, shots: int | None = None, seed: int | None = None,
+         resume: bool = False, callbacks: Sequence[EpochCallback] = ()) -> dict:
+    cfg = settings.train if seed is None else replace(settings.train, seed=seed)
+    return run_probe(lab, dataset, cfg, resume=resume, callbacks=callbacks, shots=shots, solver=settings.solver)
+
+
+def _recorded(lab: Lab, settings: ProbeSettings, seed: int) -> dict:
+    if settings.solver == "lbfgs":
+        return {"solver": settings.solver}  # no training settings: L-BFGS uses none of them
+    return {"config": asdict(replace(settings.train, seed=seed).resolved(lab.batch_size, lab.seed)),
+            "solver": settings.solver}
+
+
+def _load_classifier(lab: Lab, dataset: str, *, shots: int | None = None, seed: int | None = None,
+                     prompt_set: str | None = None) -> ClipClassifier:
+    return load_classifier(lab, dataset, shots, seed)
+
+
+def _export(lab: Lab, dataset: str) -> tuple[Clip, nn.Linear, HeadInfo, None]:
+    """The base model in float32 (its own copy: saving rewrites its config), unchanged, and the probe's head."""
+    clip = lab.model_copy("cpu")
+    path = checkpoint_paths(lab.results_dir, dataset, METHOD)["head"]
+    head, info = load_head(path, head_info(dataset=dataset, method=METHOD, model=lab.model,
+                                           class_names=lab.label_map(dataset), embed_dim=clip.embed_dim))
+    return clip, head, info, None
+
+
+register(Method(
+    name=METHOD, label="linear probe", command="probe", folder="linear_probe", order=10, aliases=("probe",),
+    description="linear probe on the frozen vision encoder",
+    trained=True, epochs=True, new_classes="no", distributed=True, batch_size=config.PROBE.batch_size,
+    add_arguments=_add_arguments, add_sweep_arguments=_add_sweep_arguments, check_arguments=_check_arguments,
+    settings=_settings, run=_run, recorded=_recorded, load_classifier=_load_classifier,
+    has_checkpoint=lambda folder: (folder / HEAD_FILE).is_file(), export=_export,
+))

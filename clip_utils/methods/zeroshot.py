@@ -21,113 +21,36 @@ one prompt-set result that was not chosen by looking at the test labels.
 from __future__ import annotations
 
 import time
-import warnings
-from collections.abc import Iterable, Mapping
-from pathlib import Path
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
-import torch
-
-from clip_utils.runtime import distributed
-
-from clip_utils import prompts
-from clip_utils.data import canonical_name, dataset_spec, results_name
-from clip_utils.results.evaluation import figure_paths, save_evaluation
-from clip_utils.model.heads import ClipClassifier, zeroshot_head
-from clip_utils.lab import Lab
+from clip_utils import config, prompts
+from clip_utils.data import canonical_name, dataset_spec
+from clip_utils.errors import InvalidValue
 from clip_utils.figures.predictions import plot_prompt_comparison
-from clip_utils.runtime.files import read_json
-from clip_utils.results.layout import check_results_folder, dataset_folders, figures_dir, method_dir
+from clip_utils.lab import Lab
+from clip_utils.model.heads import ClipClassifier, zeroshot_head
+from clip_utils.registry import Method, register
+from clip_utils.results.evaluation import save_evaluation
+from clip_utils.results.layout import check_results_folder, figures_dir
+
+# The saved results' helpers, importable from here as before (Task1.ipynb uses them).
+from clip_utils.results.prompt_sets import (  # noqa: F401
+    COMPARISON_FIGURE,
+    SET_ORDER,
+    figure_prefix,
+    figures,
+    headline,
+    output_dir,
+    prompt_table,
+    results_table,
+    saved_results,
+    summarise,
+)
+from clip_utils.runtime import distributed
+from clip_utils.runtime.options import name_list
 
 METHOD = "zeroshot"
-# How tables list the prompt sets of any dataset (each dataset has some of them).
-SET_ORDER = ("default", "domain", "diverse", "domain_ensemble", "clip", prompts.WAFFLE, prompts.DESCRIPTIONS)
-
-COMPARISON_FIGURE = "zeroshot_prompt_sets.png"
-
-
-def output_dir(results_dir: str | Path, dataset: str, prompt_set: str, split: str = "test") -> Path:
-    """Where one prompt set's results go: `<results>/<dataset>/zeroshot/<set>/`.
-
-    A validation-split run goes one level deeper (`.../<set>/val/`) so that it never
-    overwrites the test results the contract, the tables and the charts refer to.
-
-    Args:
-        results_dir: the results root.
-        dataset: the dataset.
-        prompt_set: the prompt set.
-        split: the evaluated split.
-    """
-    folder = method_dir(results_dir, dataset, "zeroshot", prompt_set)
-    return folder if split == "test" else folder / split
-
-
-def figures(results_dir: str | Path, dataset: str, prompt_set: str, split: str = "test") -> dict[str, Path]:
-    """The confusion and sample figures of one dataset and prompt set: `{"confusion", "samples"}`.
-
-    Args:
-        results_dir: the results root.
-        dataset: the dataset.
-        prompt_set: the prompt set.
-        split: the evaluated split.
-    """
-    return figure_paths(results_dir, _figure_prefix(dataset, prompt_set, split))
-
-
-def _figure_prefix(dataset: str, prompt_set: str, split: str) -> str:
-    return f"{results_name(dataset)}_zeroshot_{prompt_set}" + ("" if split == "test" else f"_{split}")
-
-
-def predict(features: torch.Tensor, classifier: torch.Tensor, logit_scale: float) -> torch.Tensor:
-    """Zero-shot logits: scaled cosine similarity of image and class embeddings.
-
-    Args:
-        features: `(N, D)` L2-normalised image embeddings.
-        classifier: `(D, C)` L2-normalised class embeddings (`build_text_classifier`).
-        logit_scale: CLIP's temperature, `model.logit_scale.exp()` (100 for OpenAI CLIP).
-
-    Returns:
-        `(N, C)` float32 logits; their softmax is CLIP's class probability.
-    """
-    if features.shape[1] != classifier.shape[0]:
-        raise ValueError(f"image embeddings of size {features.shape[1]} do not match text embeddings "
-                         f"of size {classifier.shape[0]}: were they made by the same model?")
-    return logit_scale * (features.float() @ classifier.float())
-
-
-def select_prompt_set(
-    features: torch.Tensor, labels: torch.Tensor, classifiers: Mapping[str, torch.Tensor], scale: float
-) -> tuple[str, dict[str, float]]:
-    """The prompt set with the best top-1 on a (validation) split.
-
-    Args:
-        features: `(N, D)` image embeddings of the selection split.
-        labels: `(N,)` their labels.
-        classifiers: `{set name: (D, C) classifier}`, in preference order for ties.
-        scale: the logit scale.
-
-    Returns:
-        `(best name, {name: top-1 accuracy})`.
-    """
-    if not classifiers:
-        raise ValueError("no prompt sets to choose from")
-    scores = {name: float((predict(features, w, scale).argmax(1) == labels).float().mean())
-              for name, w in classifiers.items()}
-    return max(scores, key=scores.get), scores  # max keeps the first of equal scores
-
-
-def choose_on_val(lab: Lab, dataset: str) -> tuple[str, dict[str, float]]:
-    """`auto`: every prompt set of `dataset` scored on the validation split's (cached) image
-    features with the lab's text classifiers; returns `select_prompt_set`'s answer.
-
-    Args:
-        lab: the run context.
-        dataset: the dataset.
-    """
-    val = lab.features(dataset, "val")
-    classifiers = {name: lab.text_classifier(dataset, name) for name in lab.prompt_sets(dataset)}
-    return select_prompt_set(val.embeddings, val.labels, classifiers, lab.clip().logit_scale)
-
-
 def run_zeroshot(
     lab: Lab, dataset: str, prompt_sets: list[str] | str = prompts.ALL, split: str = "test"
 ) -> dict[str, dict]:
@@ -163,9 +86,9 @@ def run_zeroshot(
         extra: dict = {}
         chosen = name
         if name == prompts.AUTO:
-            chosen, val_top1 = choose_on_val(lab, dataset)
+            chosen, val_top1 = lab.choose_prompt_set(dataset)
             extra = {"selected_set": chosen, "selected_on": "val", "val_top1": val_top1}
-        logits = predict(feats.embeddings, lab.text_classifier(dataset, chosen), scale)
+        logits = prompts.zeroshot_logits(feats.embeddings, lab.text_classifier(dataset, chosen), scale)
         info = {
             "dataset": dataset, "split": split, "method": METHOD, "model": str(lab.model),
             "class_names_source": lab.class_naming,
@@ -178,7 +101,7 @@ def run_zeroshot(
         results[name] = distributed.on_main(save_evaluation,
             output_dir(lab.results_dir, dataset, name, split),
             logits=logits, labels=feats.labels, paths=feats.paths, class_names=classes, info=info,
-            figure_prefix=_figure_prefix(dataset, name, split), results_dir=lab.results_dir,
+            figure_prefix=figure_prefix(dataset, name, split), results_dir=lab.results_dir,
         )
     distributed.on_main(lambda: plot_prompt_comparison(prompt_table(lab.results_dir, lab.model),
                                                        path=figures_dir(lab.results_dir) / COMPARISON_FIGURE))
@@ -196,100 +119,59 @@ def load_classifier(lab: Lab, dataset: str, prompt_set: str = prompts.AUTO) -> C
     dataset = canonical_name(dataset)
     sets = lab.prompt_sets(dataset)
     if prompt_set == prompts.AUTO:
-        prompt_set = choose_on_val(lab, dataset)[0]
+        prompt_set = lab.choose_prompt_set(dataset)[0]
     elif prompt_set not in sets:
-        raise ValueError(f"unknown prompt set {prompt_set!r}: choose from {', '.join([*sets, prompts.AUTO])}")
+        raise InvalidValue(f"unknown prompt set {prompt_set!r}: choose from {', '.join([*sets, prompts.AUTO])}")
     clip = lab.clip()
     head = zeroshot_head(lab.text_classifier(dataset, prompt_set), clip.logit_scale).to(lab.device)  # float32
     return ClipClassifier(clip.model.vision_model, clip.model.visual_projection, head).eval()
 
 
-def saved_results(results_dir: str | Path, model: str | None = None) -> dict[str, dict[str, dict]]:
-    """Every zero-shot metrics.json under `results_dir`: `{dataset folder: {prompt_set: metrics}}`.
+# ---------------------------------------------------------------------------- the registered method
 
-    Args:
-        results_dir: the results root.
-        model: keep only the runs of this model (None: every run, whatever its model).
-    """
-    out: dict[str, dict[str, dict]] = {}
-    for folder in dataset_folders(results_dir):
-        dataset, folder = folder.name, folder / "zeroshot"
-        known = [*SET_ORDER, prompts.AUTO]
-        found = sorted(folder.glob("*/metrics.json"), key=lambda p: (
-            known.index(p.parent.name) if p.parent.name in known else len(known), p.parent.name))
-        runs = {p.parent.name: read_json(p) for p in found}
-        runs = {name: m for name, m in runs.items() if model is None or m.get("model") == model}
-        if runs:
-            out[dataset] = runs
-    return out
+@dataclass(frozen=True)
+class ZeroshotSettings:
+    """What `zeroshot` evaluates: prompt sets (`all`, `auto` among them) on a split."""
+
+    prompt_sets: tuple[str, ...] = (prompts.ALL,)
+    split: str = "test"
 
 
-def prompt_table(results_dir: str | Path, model: str | None = None) -> dict[str, dict[str, float]]:
-    """Top-1 per dataset and prompt set from the saved results (input of the comparison chart).
-
-    Args:
-        results_dir: the results root.
-        model: only this model's runs (None: all; several models then warn, see `results_table`).
-    """
-    saved = _one_model(saved_results(results_dir, model))
-    return {ds: {name: m["top1"] for name, m in sets.items()} for ds, sets in saved.items()}
+def _add_arguments(parser) -> None:
+    parser.add_argument("--prompts", type=name_list, default=[prompts.ALL],
+                        help="comma list of prompt sets (default, domain, diverse, domain_ensemble, clip = CLIP's "
+                             "own where published, waffle = WaffleCLIP's random descriptors, descriptions = the "
+                             "--descriptions file, auto = best of them on the validation split) or 'all' "
+                             "(default: all)")
+    parser.add_argument("--split", default="test", choices=("val", "test"), help="split to evaluate (default: test)")
 
 
-def _one_model(saved: dict[str, dict[str, dict]]) -> dict[str, dict[str, dict]]:
-    models = sorted({str(m.get("model")) for sets in saved.values() for m in sets.values()})
-    if len(models) > 1:
-        warnings.warn(f"the saved zero-shot results come from {len(models)} models ({', '.join(models)}): "
-                      f"keep each model in its own --results-dir (in Python: pass model= to keep one)", stacklevel=3)
-    return saved
+def _settings(args) -> ZeroshotSettings:
+    return ZeroshotSettings(tuple(getattr(args, "prompts", None) or (prompts.ALL,)), getattr(args, "split", "test"))
 
 
-def results_table(results_dir: str | Path, model: str | None = None):
-    """The saved zero-shot results as a pandas DataFrame, one row per dataset and prompt set.
-
-    Args:
-        results_dir: the results root.
-        model: only this model's runs (None: every run; a `model` column appears, with a
-            warning, when they come from several models).
-    """
-    import pandas as pd
-
-    saved = _one_model(saved_results(results_dir, model))
-    rows = [
-        {"dataset": ds, "prompt_set": name, "templates": prompts.prompts_per_class(m["templates"]),
-         "selected_set": m.get("selected_set", ""), "n": m["n"], "top1 %": 100 * m["top1"],
-         "top5 %": 100 * m["top5"], "mean per class %": 100 * m["mean_per_class"], "model": m.get("model")}
-        for ds, sets in saved.items() for name, m in sets.items()
-    ]
-    table = pd.DataFrame(rows)
-    if not table.empty and table["model"].nunique() <= 1:
-        table = table.drop(columns=["model"])
-    return table.round(2)
+def _run(lab: Lab, dataset: str, settings: ZeroshotSettings, *, shots: int | None = None, seed: int | None = None,
+         resume: bool = False, callbacks: Sequence = ()) -> dict[str, dict]:
+    return run_zeroshot(lab, dataset, list(settings.prompt_sets), split=settings.split)
 
 
-# The set that stands for zero-shot in reports and comparisons: `auto` was chosen on the
-# validation split; the others are fixed in advance. Never "the best on test", which would
-# choose by looking at the test labels.
-HEADLINE_ORDER = (prompts.AUTO, "domain", "default")
+def _print_result(results: Mapping[str, Mapping], lab: Lab, args) -> None:
+    print(f"{'prompt set':<16} {'top-1':>7} {'top-5':>7} {'per-class':>9}  results")
+    for name, m in results.items():
+        chosen = f" (chose {m['selected_set']} on val)" if "selected_set" in m else ""
+        print(f"{name:<16} {m['top1']:7.2%} {m['top5']:7.2%} {m['mean_per_class']:9.2%}  "
+              f"{output_dir(lab.results_dir, m['dataset'], name, m['split'])}{chosen}")
 
 
-def headline(sets: Iterable[str]) -> str:
-    """The prompt set to report for a dataset: `auto`, else `domain`, else `default`, else the first.
-
-    Args:
-        sets: the prompt sets run (e.g. the keys of `run_zeroshot`'s result).
-    """
-    names = list(sets)
-    if not names:
-        raise ValueError("no zero-shot results")
-    return next((name for name in HEADLINE_ORDER if name in names), names[0])
+def _load_classifier(lab: Lab, dataset: str, *, shots: int | None = None, seed: int | None = None,
+                     prompt_set: str = prompts.AUTO) -> ClipClassifier:
+    return load_classifier(lab, dataset, prompt_set)
 
 
-def summarise(results: Mapping[str, Mapping[str, Mapping]]) -> dict:
-    """The numbers worth keeping from `{dataset: run_zeroshot(...)}`, for task1_summary.json.
-
-    Args:
-        results: `{dataset: {set name: metrics}}`.
-    """
-    keep = ("n", "top1", "top5", "mean_per_class", "selected_set", "seconds")
-    return {ds: {name: {k: m[k] for k in keep if k in m} | {"templates": prompts.prompts_per_class(m["templates"])}
-                 for name, m in sets.items()} for ds, sets in results.items()}
+register(Method(
+    name=METHOD, label="zero-shot", command="zeroshot", folder="zeroshot", order=0,
+    description="zero-shot evaluation under prompt sets",
+    trained=False, uses_text_classifier=True, new_classes="yes", reference=True, distributed=True,
+    batch_size=config.INFERENCE_BATCH_SIZE, add_arguments=_add_arguments, settings=_settings, run=_run,
+    load_classifier=_load_classifier, has_checkpoint=lambda folder: True, print_result=_print_result,
+))

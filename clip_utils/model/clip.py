@@ -30,16 +30,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from clip_utils.runtime import distributed
 from clip_utils.config import DEFAULT_MODEL
+from clip_utils.errors import UserError
 from clip_utils.model.heads import logit_scale
-from clip_utils.runtime.network import reachable
-from clip_utils.runtime.env import TRUE
 from clip_utils.model.preprocess import Preprocess
+from clip_utils.runtime import distributed
+from clip_utils.runtime.env import TRUE
+from clip_utils.runtime.network import reachable
 from clip_utils.runtime.progress import quiet_loading
 
 
-class ModelUnavailableError(RuntimeError):
+class ModelUnavailableError(UserError, RuntimeError):
     """The model is not on disk and cannot be downloaded now."""
 
 

@@ -28,14 +28,14 @@ from pathlib import Path
 
 import torch
 
-from clip_utils.runtime import distributed
 from clip_utils.data import ImageListDataset
+from clip_utils.model.clip import model_fingerprint
 from clip_utils.model.heads import image_embeddings
 from clip_utils.model.inputs import iter_pixel_batches
-from clip_utils.model.clip import model_fingerprint
 from clip_utils.model.preprocess import Preprocess
-from clip_utils.runtime.files import atomic_path
 from clip_utils.model.vram import VramProbe
+from clip_utils.runtime import distributed
+from clip_utils.runtime.files import atomic_path
 
 CACHE_VERSION = 1
 

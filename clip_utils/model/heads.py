@@ -35,19 +35,20 @@ def image_embeddings(model, pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 class ClipClassifier(nn.Module):
-    """CLIP's vision tower and projection with a linear head on the normalised embedding.
+    """CLIP's vision tower and projection with a head on the normalised embedding.
 
     The same head serves the linear probe (trained on cached embeddings) and LoRA (trained
-    through the adapted tower), so a probe and a LoRA model are scored identically.
+    through the adapted tower), so a probe and a LoRA model are scored identically; the
+    methods fitted on cached features put their own module there (a cache model, an MLP).
 
     Args:
         vision_model: CLIP vision transformer (possibly wrapped by peft).
         visual_projection: CLIP's image projection.
-        head: linear layer from the projection dimension to the classes; float32 even beside
-            an fp16 encoder (the embedding is cast to the head's dtype).
+        head: a module from the normalised embedding to class logits (a linear layer for most
+            methods); float32 even beside an fp16 encoder (the embedding is cast to its dtype).
     """
 
-    def __init__(self, vision_model: nn.Module, visual_projection: nn.Module, head: nn.Linear) -> None:
+    def __init__(self, vision_model: nn.Module, visual_projection: nn.Module, head: nn.Module) -> None:
         super().__init__()
         self.vision_model = vision_model
         self.visual_projection = visual_projection
@@ -61,7 +62,12 @@ class ClipClassifier(nn.Module):
         # The head runs in its own dtype even under autocast: bf16 logits (8-bit mantissa)
         # would flip close calls between classes, and this matmul is too small to gain.
         with torch.autocast(embeddings.device.type, enabled=False):
-            return self.head(embeddings.to(self.head.weight.dtype))
+            return self.head(embeddings.to(self.head_dtype))
+
+    @property
+    def head_dtype(self) -> torch.dtype:
+        """The head's dtype (its first parameter's or buffer's)."""
+        return next(iter([*self.head.parameters(), *self.head.buffers()])).dtype
 
 
 def zeroshot_head(text_classifier: torch.Tensor, logit_scale: float) -> nn.Linear:

@@ -30,9 +30,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from clip_utils.runtime import distributed
 from clip_utils.data.images import open_rgb, unreadable
 from clip_utils.model.preprocess import Preprocess, preprocess_tensors
+from clip_utils.runtime import distributed
 from clip_utils.runtime.progress import bar
 
 

@@ -22,6 +22,8 @@ from functools import lru_cache, partial
 import torch
 from PIL import Image
 
+from clip_utils.errors import InvalidValue
+
 # PIL resample codes, as processor configs store them, to torchvision's tensor filters, as
 # transformers maps them (nearest is PIL's pixel-centre nearest, torchvision's "nearest-exact").
 _TENSOR_FILTERS = {0: "nearest-exact", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
@@ -71,10 +73,10 @@ class Preprocess:
         elif size.get("height") and size.get("width") and not size.get("shortest_edge"):
             resize = (int(size["height"]), int(size["width"]))
         else:
-            raise ValueError(f"unsupported resize size {dict(size)}: need shortest_edge or height and width")
+            raise InvalidValue(f"unsupported resize size {dict(size)}: need shortest_edge or height and width")
         backend = getattr(ip, "backend", "torchvision")
         if backend not in ("torchvision", "pil"):
-            raise ValueError(f"unsupported image processor backend {backend!r}")
+            raise InvalidValue(f"unsupported image processor backend {backend!r}")
         return cls(
             resize=resize,
             crop=(int(crop["height"]), int(crop["width"])) if ip.do_center_crop else None,
@@ -113,7 +115,7 @@ def _pil_code(resample) -> int:
     value = getattr(resample, "value", resample)
     code = 2 if value is None else _PIL_CODES.get(value, value)  # None: both backends use bilinear
     if not isinstance(code, int) or not 0 <= code <= 5:
-        raise ValueError(f"unsupported resample {resample!r}")
+        raise InvalidValue(f"unsupported resample {resample!r}")
     return code
 
 
@@ -207,7 +209,7 @@ def augment_geometry(pre: Preprocess) -> list:
     from torchvision import transforms as T
 
     if pre.size is None:
-        raise ValueError("augmentation needs a fixed input size: the processor neither crops nor squashes")
+        raise InvalidValue("augmentation needs a fixed input size: the processor neither crops nor squashes")
     mode = _TENSOR_FILTERS.get(pre.interpolation, "bicubic")
     mode = T.InterpolationMode("bicubic" if mode == "lanczos" else mode)
     return [

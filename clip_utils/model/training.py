@@ -49,10 +49,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clip_utils.runtime import distributed
 from clip_utils.config import TrainConfig
-from clip_utils.runtime.progress import bar, write
+from clip_utils.errors import UserError
+from clip_utils.runtime import distributed
 from clip_utils.runtime.files import atomic_path, read_json, write_json
+from clip_utils.runtime.progress import bar, write
 
 CURVES_FILE = "curves.json"
 RESUME_FILE = "resume.pt"
@@ -66,7 +67,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 EpochCallback = Callable[[int, dict], None]
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """A training run cannot go on; the message says what to try (printed as one line by the CLI)."""
 
 

@@ -43,9 +43,10 @@ import torch
 import torch.nn.functional as F
 
 from clip_utils.config import WAFFLE_COUNT
-from clip_utils.runtime.progress import bar
+from clip_utils.errors import InvalidValue
 from clip_utils.prompts.templates import DEFAULT, DIVERSE, domain_template, generic_domain_ensemble
 from clip_utils.prompts.waffle import waffle_templates
+from clip_utils.runtime.progress import bar
 
 AUTO = "auto"
 ALL = "all"
@@ -120,12 +121,12 @@ def resolve(names: Sequence[str] | str, spec: PromptSource, domain: str | None =
         elif name in known:
             out.append(name)
         elif name == DESCRIPTIONS:
-            raise ValueError(f"the {DESCRIPTIONS} prompt set needs a descriptions file (--descriptions FILE: "
+            raise InvalidValue(f"the {DESCRIPTIONS} prompt set needs a descriptions file (--descriptions FILE: "
                              f'{{"class name": ["description", ...]}}, as CuPL and DCLIP publish)')
         else:
-            raise ValueError(f"unknown prompt set {name!r}: choose from {', '.join(known)} or {ALL}")
+            raise InvalidValue(f"unknown prompt set {name!r}: choose from {', '.join(known)} or {ALL}")
     if not out:
-        raise ValueError(f"no prompt set given: choose from {', '.join(known)} or {ALL}")
+        raise InvalidValue(f"no prompt set given: choose from {', '.join(known)} or {ALL}")
     return list(dict.fromkeys(out))
 
 
@@ -148,13 +149,13 @@ def class_prompts(class_names: Sequence[str], prompt_set: PromptSet) -> list[lis
     if isinstance(prompt_set, Mapping):
         missing = [name for name in class_names if not prompt_set.get(name)]
         if missing:
-            raise ValueError(f"the prompt set has no prompts for {len(missing)} classes: {', '.join(missing[:10])}")
+            raise InvalidValue(f"the prompt set has no prompts for {len(missing)} classes: {', '.join(missing[:10])}")
         return [list(prompt_set[name]) for name in class_names]
     if not prompt_set:
-        raise ValueError("a prompt set needs at least one template")
+        raise InvalidValue("a prompt set needs at least one template")
     bad = [t for t in prompt_set if t.count("{}") != 1]
     if bad:
-        raise ValueError(f"every template needs exactly one '{{}}' for the class name; not so: {bad}")
+        raise InvalidValue(f"every template needs exactly one '{{}}' for the class name; not so: {bad}")
     return [fill(prompt_set, name) for name in class_names]
 
 
@@ -235,3 +236,41 @@ def build_text_classifier(
             classes.update(len(group))
             start = end
     return torch.cat(columns).T.contiguous()
+
+
+def zeroshot_logits(features: torch.Tensor, classifier: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    """Zero-shot logits: scaled cosine similarity of image and class embeddings.
+
+    Args:
+        features: `(N, D)` L2-normalised image embeddings.
+        classifier: `(D, C)` L2-normalised class embeddings (`build_text_classifier`).
+        logit_scale: CLIP's temperature, `model.logit_scale.exp()` (100 for OpenAI CLIP).
+
+    Returns:
+        `(N, C)` float32 logits; their softmax is CLIP's class probability.
+    """
+    if features.shape[1] != classifier.shape[0]:
+        raise InvalidValue(f"image embeddings of size {features.shape[1]} do not match text embeddings "
+                         f"of size {classifier.shape[0]}: were they made by the same model?")
+    return logit_scale * (features.float() @ classifier.float())
+
+
+def select_prompt_set(
+    features: torch.Tensor, labels: torch.Tensor, classifiers: Mapping[str, torch.Tensor], scale: float
+) -> tuple[str, dict[str, float]]:
+    """The prompt set with the best top-1 on a (validation) split.
+
+    Args:
+        features: `(N, D)` image embeddings of the selection split.
+        labels: `(N,)` their labels.
+        classifiers: `{set name: (D, C) classifier}`, in preference order for ties.
+        scale: the logit scale.
+
+    Returns:
+        `(best name, {name: top-1 accuracy})`.
+    """
+    if not classifiers:
+        raise ValueError("no prompt sets to choose from")
+    scores = {name: float((zeroshot_logits(features, w, scale).argmax(1) == labels).float().mean())
+              for name, w in classifiers.items()}
+    return max(scores, key=scores.get), scores  # max keeps the first of equal scores

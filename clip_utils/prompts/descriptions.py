@@ -43,13 +43,15 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from clip_utils.errors import InvalidValue, MissingFile
+
 # DCLIP's `make_descriptor_sentence`, on whole first words.
 _WHICH_IS = ("a", "an", "used")
 _WHICH = ("has", "have", "often", "typically", "may", "can", "which")
 LISTED = 20  # missing classes named in the error before "and N more"
 
 
-class DescriptionsError(ValueError):
+class DescriptionsError(InvalidValue):
     """A descriptions file that cannot be used; the message names the file and what is wrong."""
 
 
@@ -65,7 +67,7 @@ def read_descriptions(path: str | Path) -> dict[str, list[str]]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"descriptions file not found: {path}")
+        raise MissingFile(f"descriptions file not found: {path}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:

@@ -34,6 +34,8 @@ from __future__ import annotations
 import random
 import string
 
+from clip_utils.errors import InvalidValue
+
 WORDS_PER_DESCRIPTOR = 2
 CHAR_GROUPS = 2
 CHARS_PER_GROUP = 4
@@ -96,7 +98,7 @@ def waffle_templates(seed: int = 0, count: int = 15, phrase: str | None = None) 
         character descriptors alternating.
     """
     if not 1 <= count <= 1000:  # the word pairs run out long before a repeat-free draw of millions
-        raise ValueError(f"waffle takes 1 to 1000 descriptor pairs, got {count}")
+        raise InvalidValue(f"waffle takes 1 to 1000 descriptor pairs, got {count}")
     rng = random.Random(seed)
     concept = f", {phrase.strip().rstrip('.')}" if phrase else ""
     templates: list[str] = []

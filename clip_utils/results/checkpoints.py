@@ -27,14 +27,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from clip_utils.registry import method as method_named
+from clip_utils.errors import InvalidValue, MissingFile
+from clip_utils import registry
 from clip_utils.runtime.files import atomic_folder, atomic_path
 from clip_utils.results.layout import method_dir
 
@@ -45,9 +46,12 @@ TRAIN_HEAD_FILE = "head_train.safetensors"
 ADAPTER_DIR = "adapter"
 TEXT_ADAPTER_DIR = "text_adapter"
 ADAPTER_INFO = "clip_lab.json"
+# A fitted module (`save_module`): its tensors, and under this metadata key its constructor arguments.
+MODULE_FILE = "adapter.safetensors"
+MODULE_CONFIG = "module_config"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InvalidValue):
     """A checkpoint that cannot be used: damaged, or made for something else."""
 
 
@@ -56,7 +60,7 @@ class CheckpointMismatchError(CheckpointError):
 
 
 def _retrain(dataset: str, method: str) -> str:
-    return f"`python -m clip_utils {method_named(method).command} --dataset {dataset}`"
+    return f"`python -m clip_utils {registry.get(method).command} --dataset {dataset}`"
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,7 @@ def head_info(*, dataset: str, method: str, model: str, class_names: Sequence[st
         epoch: the epoch the weights come from.
         encoders: the towers LoRA adapted.
     """
-    return HeadInfo(dataset=dataset, method=method_named(method).name, model=str(model), n_classes=len(class_names),
+    return HeadInfo(dataset=dataset, method=registry.get(method).name, model=str(model), n_classes=len(class_names),
                     classes_hash=classes_hash(class_names), embed_dim=int(embed_dim), epoch=int(epoch),
                     encoders=encoders)
 
@@ -173,6 +177,60 @@ def read_head(path: str | Path) -> tuple[nn.Linear, HeadInfo]:
     return head, info
 
 
+def save_module(path: str | Path, module: nn.Module, config: dict, info: HeadInfo) -> Path:
+    """Write a fitted module's tensors, the arguments that rebuild it, and its metadata, atomically.
+
+    safetensors holds tensors only (no pickle): the module is rebuilt from `config` by its
+    method's class and gets these tensors with `load_state_dict`.
+
+    Args:
+        path: output file (`.../adapter.safetensors`).
+        module: the fitted module (its `state_dict`: parameters and buffers).
+        config: JSON-able constructor arguments of the module's class.
+        info: what it was fitted for.
+    """
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=info.to_metadata() | {MODULE_CONFIG: json.dumps(config)})
+    return Path(path)
+
+
+def read_module(path: str | Path, build: Callable[..., nn.Module]) -> tuple[nn.Module, HeadInfo]:
+    """Rebuild a module saved by `save_module`, without checking what it was fitted for.
+
+    Args:
+        path: the file.
+        build: the module's class (or any callable taking its saved config as keyword arguments).
+
+    Raises:
+        CheckpointError: damaged, not such a file, or tensors that do not fit the module.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors' own error types for a cut-short or foreign file
+        raise CheckpointError(
+            f"{path} is damaged ({str(err).splitlines()[0] if str(err) else type(err).__name__}): delete it and "
+            f"retrain{_retrain_from(path)}"
+        ) from err
+    info = HeadInfo.from_metadata(meta, path)
+    if not all(torch.isfinite(t).all() for t in tensors.values()):
+        raise CheckpointError(f"{path} is damaged (non-finite weights): delete it and retrain{_retrain_from(path)}")
+    try:
+        module = build(**json.loads(meta[MODULE_CONFIG]))
+        module.load_state_dict(tensors)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path} does not hold a {info.method} module this version can rebuild ({err}): "
+                              f"delete it and retrain{_retrain_from(path)}") from err
+    return module, info
+
+
 def _retrain_from(path: Path) -> str:
     # The damaged file's own metadata is unreadable: its folder names the dataset and method.
     folder = path.parent
@@ -211,7 +269,7 @@ def check_head(info: HeadInfo, expected: HeadInfo, path: Path) -> None:
     if info.embed_dim != expected.embed_dim:
         problems.append(f"embedding size {info.embed_dim}, not {expected.embed_dim}")
     if problems:
-        command = method_named(expected.method).command
+        command = registry.get(expected.method).command
         raise CheckpointMismatchError(
             f"{path} was trained for {'; '.join(problems)} (this run: dataset {expected.dataset!r}, "
             f"model {expected.model!r}, {expected.n_classes} classes). Retrain it with "
@@ -240,7 +298,7 @@ def load_head(path: str | Path, expected: HeadInfo) -> tuple[nn.Linear, HeadInfo
 
 
 def missing_checkpoint(path: Path, dataset: str, method: str, shots: int | None = None,
-                       seed: int | None = None) -> FileNotFoundError:
+                       seed: int | None = None) -> MissingFile:
     """The error for a checkpoint that is not there, naming the command that creates it.
 
     Args:
@@ -251,13 +309,13 @@ def missing_checkpoint(path: Path, dataset: str, method: str, shots: int | None 
         seed: that run's seed.
     """
     if shots is not None:
-        command = (f"`python -m clip_utils {method_named(method).command} --dataset {dataset} --shots {shots} "
+        command = (f"`python -m clip_utils {registry.get(method).command} --dataset {dataset} --shots {shots} "
                    f"--seed {seed}`")
-        return FileNotFoundError(f"no {shots}-shot {method_named(method).label} checkpoint for {dataset} with seed "
+        return MissingFile(f"no {shots}-shot {registry.get(method).label} checkpoint for {dataset} with seed "
                                  f"{seed}: expected {path}. Train one with {command} (or the fewshot command) with "
                                  f"the same --results-dir.")
-    return FileNotFoundError(
-        f"no {method_named(method).label} checkpoint for {dataset}: expected {path}. "
+    return MissingFile(
+        f"no {registry.get(method).label} checkpoint for {dataset}: expected {path}. "
         f"Train one with {_retrain(dataset, method)} (or run Task2.ipynb) with the same --results-dir."
     )
 
@@ -294,9 +352,9 @@ def checkpoint_paths(results_dir: str | Path, dataset: str, method: str) -> dict
         dataset: dataset name.
         method: `probe`, `linear_probe` or `lora`.
     """
-    m = method_named(method)
+    m = registry.get(method)
     if not m.trained:
-        raise ValueError(f"{m.label} trains nothing and has no checkpoint: choose probe or lora")
+        raise InvalidValue(f"{m.label} trains nothing and has no checkpoint: choose probe or lora")
     folder = method_dir(results_dir, dataset, m.folder)
     return {"head": folder / HEAD_FILE, "adapter": folder / ADAPTER_DIR, "text_adapter": folder / TEXT_ADAPTER_DIR}
 
@@ -311,12 +369,12 @@ def check_adapter(folder: Path, info: HeadInfo) -> None:
     file = folder / ADAPTER_INFO
     if not file.is_file():
         raise CheckpointMismatchError(f"{folder} has no {ADAPTER_INFO}: it was not saved by clip-lab; retrain "
-                                      f"with {_retrain(info.dataset, 'lora')}")
+                                      f"with {_retrain(info.dataset, info.method)}")
     try:
         recorded = HeadInfo(**json.loads(file.read_text()))  # a file without `encoders`: vision
     except (ValueError, TypeError) as err:
         raise CheckpointError(f"{file} is damaged ({err}): delete {folder} and retrain with "
-                              f"{_retrain(info.dataset, 'lora')}") from err
+                              f"{_retrain(info.dataset, info.method)}") from err
     if recorded != info:
         raise CheckpointMismatchError(
             f"the adapter in {folder} (dataset {recorded.dataset}, epoch {recorded.epoch}) does not belong "

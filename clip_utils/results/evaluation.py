@@ -27,11 +27,12 @@ from typing import Any
 
 import torch
 
+from clip_utils.errors import MissingFile
 from clip_utils import metrics
 
 from clip_utils.figures import predictions as plots
 from clip_utils.data import results_name
-from clip_utils.registry import method as method_named
+from clip_utils import registry
 from clip_utils.runtime.files import write_json, write_predictions, write_text
 from clip_utils.results.layout import figures_dir
 
@@ -57,13 +58,13 @@ def method_figures(results_dir: str | Path, dataset: str, method: str) -> dict[s
         dataset: a registered dataset or `imagefolder:PATH`.
         method: `linear_probe` (or `probe`) or `lora`.
     """
-    return figure_paths(results_dir, f"{results_name(dataset)}_{method_named(method).name}")
+    return figure_paths(results_dir, f"{results_name(dataset)}_{registry.get(method).name}")
 
 
 def run_label(info: Mapping[str, Any]) -> str:
     """`flowers102 zero-shot domain`: how figures of a run are titled (also when redrawn): the
     dataset by its results folder's name (an image folder's name, not its path), the method
-    by its label in `methods.METHODS`, as every figure and table names it.
+    by its registered label, as every figure and table names it.
 
     Args:
         info: the run's metrics.json content (or the info going into it).
@@ -72,7 +73,7 @@ def run_label(info: Mapping[str, Any]) -> str:
     if parts.get("dataset"):
         parts["dataset"] = results_name(str(parts["dataset"]))
     if parts.get("method"):
-        parts["method"] = method_named(str(parts["method"])).label
+        parts["method"] = registry.get(str(parts["method"])).label
     return " ".join(str(parts[k]) for k in ("dataset", "method", "prompt_set") if parts.get(k))
 
 
@@ -145,7 +146,7 @@ def report_excerpt(out_dir: str | Path, rows: int = 10) -> str:
     """
     path = Path(out_dir) / REPORT_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"no classification report at {path}: evaluate first")
+        raise MissingFile(f"no classification report at {path}: evaluate first")
     lines = path.read_text().rstrip("\n").split("\n")
     header, body = lines[:2], lines[2:]
     summary_at = next(i for i, line in enumerate(body) if line.strip().startswith("accuracy")) - 1

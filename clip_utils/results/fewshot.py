@@ -31,11 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
+from clip_utils.errors import InvalidValue
 from clip_utils.config import FEWSHOT_VAL_SHOTS
 from clip_utils.data import results_name
 from clip_utils.data.images import Samples
-from clip_utils.registry import METHODS
-from clip_utils.registry import method as method_named
+from clip_utils import registry
 from clip_utils.runtime.files import read_json, write_json
 from clip_utils.results.layout import method_dir
 
@@ -52,7 +52,7 @@ SUMMARY_COLUMNS = ("dataset", "method", "shots", "seeds", "top1", "top1_std", "t
 def check_shots(shots: int | None) -> None:
     """Raise `ValueError` unless `shots` is None (all images) or a positive whole number."""
     if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 1):
-        raise ValueError(f"shots must be a positive whole number of images per class (or None for all), got {shots!r}")
+        raise InvalidValue(f"shots must be a positive whole number of images per class (or None for all), got {shots!r}")
 
 
 def val_shots(shots: int) -> int:
@@ -174,14 +174,14 @@ def saved_metrics(results_dir: str | Path, dataset: str, methods: Sequence[str] 
         Each run's metrics, with `method`, `shots` and `seed` as its folder says.
     """
     out = []
-    names = [method_named(m).name for m in methods] if methods else [n for n, m in METHODS.items() if m.trained]
+    names = [registry.get(m).name for m in methods] if methods else [m.name for m in registry.trained()]
     for name in names:
         base = method_dir(results_dir, dataset, name)
         for file in base.glob("shots_*/seed_*/metrics.json"):
             match = RUN_FOLDER.search(file.parent.relative_to(base).as_posix())
             if match is not None:
                 out.append(read_json(file) | {"method": name, "shots": int(match[1]), "seed": int(match[2])})
-    order = {name: i for i, name in enumerate(METHODS)}
+    order = {m.name: i for i, m in enumerate(registry.methods())}
     return sorted(out, key=lambda m: (order[m["method"]], m["shots"], m["seed"]))
 
 
@@ -242,7 +242,7 @@ def mixed_settings(metrics: Sequence[dict]) -> list[str]:
         differ = sorted({k for s in settings for k in s if any(t.get(k) != s.get(k) for t in settings)})
         if differ:
             seeds = ", ".join(str(m["seed"]) for m in runs)
-            messages.append(f"the {METHODS[method].label} {shots}-shot runs (seeds {seeds}) differ in "
+            messages.append(f"the {registry.get(method).label} {shots}-shot runs (seeds {seeds}) differ in "
                             f"{', '.join(differ)}, so their mean over seeds mixes them: train them alike, "
                             f"or keep each setting in its own --results-dir")
     return messages

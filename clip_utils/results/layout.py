@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from clip_utils.errors import Refused
 from clip_utils.data import canonical_name, results_name
 from clip_utils.data.imagefolder import PREFIX
-from clip_utils.registry import METHODS
-from clip_utils.registry import method as method_named
+from clip_utils import registry
 from clip_utils.runtime.files import read_json
 
 
@@ -24,12 +24,12 @@ def method_dir(results_dir: str | Path, dataset: str, method: str, prompt_set: s
     Args:
         results_dir: the results root.
         dataset: a registered dataset or `imagefolder:PATH` (its folder is `data.results_name`).
-        method: a method of `methods.METHODS` (`zeroshot`, `linear_probe` or `probe`, `lora`).
+        method: a registered method (name, command or alias).
         prompt_set: the prompt set (zero-shot only).
     """
-    m = method_named(method)
+    m = registry.get(method)
     folder = Path(results_dir) / results_name(dataset) / m.folder
-    return folder / prompt_set if m.name == "zeroshot" and prompt_set else folder
+    return folder / prompt_set if m.reference and prompt_set else folder
 
 
 def dataset_folders(results_dir: str | Path) -> list[Path]:
@@ -45,7 +45,7 @@ def dataset_folders(results_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(d for d in root.iterdir()
-                  if d.is_dir() and any((d / m.folder).is_dir() for m in METHODS.values()))
+                  if d.is_dir() and any((d / m.folder).is_dir() for m in registry.methods()))
 
 
 def figures_dir(results_dir: str | Path) -> Path:
@@ -80,5 +80,5 @@ def check_results_folder(results_dir: str | Path, name: str) -> None:
     except (OSError, ValueError, AttributeError):
         return  # an unreadable file is reported where it is read
     if isinstance(owner, str) and owner.startswith(PREFIX) and owner != canonical_name(name):
-        raise ValueError(f"{folder} holds the results of {owner}, another folder with the same name as "
+        raise Refused(f"{folder} holds the results of {owner}, another folder with the same name as "
                          f"{canonical_name(name)}: use another --results-dir, or rename one of the folders")

@@ -43,6 +43,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from clip_utils.errors import InvalidValue
+
 T = TypeVar("T")
 
 # A padding slot in a rank's share of a batch (see `rank_order`): cross_entropy's default
@@ -113,9 +115,9 @@ def setup(device: str) -> str:
     kind = torch.device(device)
     if kind.type == "cuda":
         if kind.index is not None:
-            raise ValueError(f"--device {device}: under torchrun each rank takes cuda:LOCAL_RANK; pass --device cuda")
+            raise InvalidValue(f"--device {device}: under torchrun each rank takes cuda:LOCAL_RANK; pass --device cuda")
         if local >= torch.cuda.device_count():
-            raise ValueError(f"local rank {local} has no GPU ({torch.cuda.device_count()} visible): start at most "
+            raise InvalidValue(f"local rank {local} has no GPU ({torch.cuda.device_count()} visible): start at most "
                              f"that many processes per machine (--nproc_per_node)")
         device = f"cuda:{local}"
         torch.cuda.set_device(local)

@@ -17,11 +17,13 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from clip_utils.errors import InvalidValue
+
 TRUE = ("1", "true", "yes", "on")
 FALSE = ("0", "false", "no", "off")
 
 
-class ParameterError(ValueError):
+class ParameterError(InvalidValue):
     """An environment override that does not parse; names the variable and what it accepts."""
 
 

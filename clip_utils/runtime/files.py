@@ -17,6 +17,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from clip_utils.errors import InvalidValue, MissingFile
+
 
 def _process_umask() -> int:
     umask = os.umask(0)  # the only way to read it; set straight back, once, at import
@@ -135,11 +137,11 @@ def read_json(path: str | Path) -> Any:
     """Read a JSON file, naming the file when it is missing or malformed."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"results file missing: {path}")
+        raise MissingFile(f"results file missing: {path}")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); delete it and rerun") from err
+        raise InvalidValue(f"{path} is not valid JSON ({err}); delete it and rerun") from err
 
 
 def write_csv(path: str | Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:

@@ -31,6 +31,7 @@ from tqdm import tqdm as text_tqdm
 from tqdm.auto import tqdm as auto_tqdm
 from tqdm.autonotebook import tqdm as notebook_tqdm  # what tqdm.auto builds on: widget or console
 
+from clip_utils.errors import InvalidValue
 from clip_utils.runtime.env import TRUE
 
 LOG_INTERVAL_S = 30.0
@@ -51,7 +52,7 @@ def style() -> str:
     """
     value = os.environ.get(PROGRESS_ENV, "").strip().lower() or "auto"
     if value not in STYLES:
-        raise ValueError(f"{PROGRESS_ENV}={value!r}: expected one of {', '.join(STYLES)}")
+        raise InvalidValue(f"{PROGRESS_ENV}={value!r}: expected one of {', '.join(STYLES)}")
     return value
 
 
