@@ -25,6 +25,7 @@ linear in the feature (it has `linear_head()`) also exports as a plain linear he
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from clip_utils.model.feature_fit import FeatureData, Fitted
 from clip_utils.model.heads import ClipClassifier, count_parameters
 from clip_utils.model.training import CURVES_FILE
 from clip_utils.model.vram import VramProbe
+from clip_utils.registry import Method
 from clip_utils.results import fewshot
 from clip_utils.results.checkpoints import (
     MODULE_FILE,
@@ -239,7 +241,7 @@ def has_checkpoint(folder) -> bool:
     return (folder / MODULE_FILE).is_file()
 
 
-def export_linear(lab: Lab, dataset: str, method: str, build: Callable[..., nn.Module]
+def export_linear(lab: Lab, dataset: str, *, method: str, build: Callable[..., nn.Module]
                   ) -> tuple[Clip, nn.Linear, HeadInfo, None]:
     """The base model (float32, its own copy) and the saved module as the linear head it is.
 
@@ -248,3 +250,62 @@ def export_linear(lab: Lab, dataset: str, method: str, build: Callable[..., nn.M
     """
     module, info = read_cached(lab, dataset, method, build)
     return lab.model_copy("cpu"), module.linear_head(), info, None
+
+
+@dataclass(frozen=True)
+class Option:
+    """A method's own option: `--NAME` on its command line, the keyword of its `fit`.
+
+    Left out, the option is None and the method uses its default (or searches the value on
+    validation, where the method does).
+    """
+
+    name: str
+    type: Callable[[str], Any]
+    help: str
+
+
+def cached_method(*, name: str, label: str, command: str, description: str, order: float,
+                  fit: Callable[..., Fitted], build: Callable[..., nn.Module], options: tuple[Option, ...] = (),
+                  epochs: bool = False, linear: bool = False, new_classes: str = "zeroshot",
+                  aliases: tuple[str, ...] = ()) -> Method:
+    """The declaration of a method fitted on cached features (its module registers it).
+
+    Args:
+        name: canonical name, also its results folder.
+        label: how tables and figures name it.
+        command: its CLI command.
+        description: one line for `--help`.
+        order: position in tables and figures.
+        fit: `fit(FeatureData, *, seed, **options) -> Fitted`.
+        build: the module's class (rebuilt from its saved config).
+        options: its own command-line options (each a keyword of `fit`).
+        epochs: it trains over epochs (curves.json); `--epochs` of a sweep reaches it when it
+            has an `epochs` option.
+        linear: its module is linear in the feature (`linear_head()`), so it exports.
+        new_classes: how it scores classes it did not fit on (`registry.NewClasses`).
+        aliases: other names accepted on input.
+    """
+
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        add_cached_arguments(parser)
+        group = parser.add_argument_group(label)
+        for o in options:
+            group.add_argument(f"--{o.name.replace('_', '-')}", dest=o.name, type=o.type, default=None, help=o.help)
+
+    def run(lab: Lab, dataset: str, settings: CachedSettings, *, shots: int | None = None, seed: int | None = None,
+            resume: bool = False, callbacks: tuple = ()) -> dict:
+        seed = lab.seed if seed is None else seed
+        bound = functools.partial(fit, seed=seed, **settings.options)
+        return run_cached(lab, dataset, name, bound, settings, shots=shots, seed=seed)
+
+    def load_classifier(lab: Lab, dataset: str, **kwargs: Any) -> ClipClassifier:
+        return load_cached(lab, dataset, name, build, **kwargs)
+
+    return Method(
+        name=name, label=label, command=command, folder=name, description=description, order=order, aliases=aliases,
+        trained=True, epochs=epochs, uses_text_classifier=True, new_classes=new_classes,
+        add_arguments=add_arguments, settings=functools.partial(cached_settings, options=tuple(o.name for o in options)),
+        run=run, recorded=recorded, load_classifier=load_classifier, has_checkpoint=has_checkpoint,
+        export=functools.partial(export_linear, method=name, build=build) if linear else None,
+    )
