@@ -200,8 +200,9 @@ def run_probe(lab: Lab, dataset: str, cfg: TrainConfig = config.PROBE, resume: b
     cfg = resolved(cfg, lab)
     device = torch.device(lab.device)
     data = run_data(lab, dataset, METHOD, shots, cfg.seed)
+    # The test split is read in `evaluate`, after the head is saved: nothing before can select on it.
     feats = {"train": lab.features(dataset, "train").subset(data.train),
-             "val": lab.features(dataset, "val").subset(data.val), "test": lab.features(dataset, "test")}
+             "val": lab.features(dataset, "val").subset(data.val)}
     model = lab.clip().model
     model.requires_grad_(False)  # frozen encoder; only the head learns
     class_names = lab.class_names(dataset)
@@ -220,6 +221,8 @@ def run_probe(lab: Lab, dataset: str, cfg: TrainConfig = config.PROBE, resume: b
         else:
             result = _train_adamw(lab, dataset, data, feats, cfg, info, resume, callbacks)
             extra |= {"head_init": "zeroshot"}
+
+    feats["test"] = lab.features(dataset, "test")  # every rank: the encoding is sharded under torchrun
 
     def evaluate() -> dict:  # on rank 0 alone: it reads the checkpoint and writes the results
         best, _ = load_head(data.folder / HEAD_FILE, head_info(**info))
