@@ -210,6 +210,8 @@ FEWSHOT_VAL_SHOTS = 4
 FEWSHOT_METHODS = ("linear_probe", "lora")
 # LoRA's head starts from the linear probe of the same sample when one is saved (LP-FT).
 LORA_HEAD_FROM = "linear_probe"
+# `head_init` of a head that starts as the zero-shot classifier (metrics.json).
+HEAD_INIT_ZEROSHOT = "zeroshot"
 # Task2.ipynb's few-shot section: small, so the notebook stays quick (CLIP_FEWSHOT_SHOTS and
 # CLIP_FEWSHOT_SEEDS widen it; an empty CLIP_FEWSHOT_SHOTS skips it).
 NOTEBOOK_FEWSHOT_SHOTS = (1, 2)

@@ -106,9 +106,9 @@ def test_every_frozen_encoder_method_predicts_through_the_common_classifier(pois
 def test_methods_declare_what_they_can_do():
     by_name = {m.name: m for m in registry.methods()}
     assert [m.name for m in registry.methods() if m.reference] == ["zeroshot"]
-    assert by_name["zeroshot"].new_classes == by_name["clip_adapter"].new_classes == "yes"
-    assert by_name["linear_probe"].new_classes == "no"
-    assert {m.new_classes for m in by_name.values() if m.uses_text_classifier and not m.reference} <= {"yes", "zeroshot"}
+    assert by_name["zeroshot"].new_classes == by_name["clip_adapter"].new_classes == "text"
+    assert by_name["linear_probe"].new_classes == "closed"
+    assert {m.new_classes for m in by_name.values() if m.uses_text_classifier and not m.reference} <= {"text", "fallback"}
     assert by_name["lora"].requires == ("linear_probe",)
     # a classifier that is not a linear head on the image embedding cannot be exported
     assert by_name["tip_adapter"].export is None and by_name["gda"].export is not None

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from clip_utils import prompts
+from clip_utils import config, prompts
 from clip_utils.data import canonical_name, results_name
 from clip_utils.lab import Lab
 from clip_utils.methods.common import RunData, run_data
@@ -195,7 +195,7 @@ def run_cached(lab: Lab, dataset: str, method: str, fit: Callable[[FeatureData],
         "n_train": len(fd.support_labels), "n_val": len(fd.val_labels), "fitted_on": "train",
         "selected_on": "val", "prompts": settings.prompts, "prompt_set": chosen, "prompt_val_top1": scores,
         "selected": {k: fitted.info[k] for k in SELECTED if isinstance(fitted.info.get(k), (int, float))},
-        "fit_info": fitted.info, "head_init": "zeroshot", "class_names_source": lab.class_naming,
+        "fit_info": fitted.info, "head_init": config.HEAD_INIT_ZEROSHOT, "class_names_source": lab.class_naming,
         "config": {"seed": seed, **settings.options},
     }
     figures_root = lab.results_dir if shots is None else data.folder
@@ -273,7 +273,7 @@ class Option:
 
 def cached_method(*, name: str, label: str, command: str, description: str, order: float,
                   fit: Callable[..., Fitted], build: Callable[..., nn.Module], options: tuple[Option, ...] = (),
-                  epochs: bool = False, linear: bool = False, new_classes: str = "zeroshot",
+                  epochs: bool = False, linear: bool = False, new_classes: str = "fallback",
                   aliases: tuple[str, ...] = ()) -> Method:
     """The declaration of a method fitted on cached features (its module registers it).
 
@@ -312,6 +312,6 @@ def cached_method(*, name: str, label: str, command: str, description: str, orde
         name=name, label=label, command=command, folder=name, description=description, order=order, aliases=aliases,
         trained=True, epochs=epochs, uses_text_classifier=True, new_classes=new_classes,
         add_arguments=add_arguments, settings=functools.partial(cached_settings, options=tuple(o.name for o in options)),
-        run=run, recorded=recorded, load_classifier=load_classifier, has_checkpoint=has_checkpoint,
+        run=run, recorded=recorded, load_classifier=load_classifier, has_checkpoint=has_checkpoint, fit=fit,
         export=functools.partial(export_linear, method=name, build=build) if linear else None,
     )

@@ -309,7 +309,7 @@ def fit(
 
 register(cached_method(
     name=METHOD, label="CLIP-Adapter", command="clip-adapter", order=36, fit=fit, build=CLIPAdapterHead, epochs=True,
-    new_classes="yes",
+    new_classes="text",
     description="CLIP-Adapter: a bottleneck MLP on the image feature, blended with it, scored by the text "
                 "classifier (last epoch)",
     options=(Option("epochs", positive_int, f"epochs (default: the published {EPOCHS})"),

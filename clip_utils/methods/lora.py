@@ -305,7 +305,7 @@ def run_lora(lab: Lab, dataset: str, cfg: TrainConfig = config.LORA, lora: LoraS
         start_head = distributed.on_main(_probe_head_on_cpu, lab, dataset, data)
         if start_head is not None:
             start_head = start_head.to(device)
-        head_init = "linear_probe" if start_head is not None else "zeroshot"
+        head_init = config.LORA_HEAD_FROM if start_head is not None else config.HEAD_INIT_ZEROSHOT
         if start_head is None:
             start_head = zeroshot_init_head(lab, dataset)  # the zero-shot start, from the lab's model
         # The probe's units: the frozen encoder's training embeddings (cached; the probe's own).
@@ -523,7 +523,7 @@ def _export(lab: Lab, dataset: str) -> tuple[Clip, torch.nn.Linear, HeadInfo, st
 register(Method(
     name=METHOD, label="LoRA", command="lora", folder="lora", order=20,
     description="LoRA fine-tuning of the vision encoder, the text encoder or both",
-    trained=True, epochs=True, new_classes="no", distributed=True, requires=(config.LORA_HEAD_FROM,),
+    trained=True, epochs=True, new_classes="text", distributed=True, requires=(config.LORA_HEAD_FROM,),
     batch_size=config.LORA.batch_size, add_arguments=_add_arguments, parser_defaults=_parser_defaults,
     check_arguments=_check_arguments, settings=_settings, run=_run, recorded=_recorded,
     load_classifier=_load_classifier, has_checkpoint=_has_checkpoint, export=_export,

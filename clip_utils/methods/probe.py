@@ -220,7 +220,7 @@ def run_probe(lab: Lab, dataset: str, cfg: TrainConfig = config.PROBE, resume: b
             extra |= {"C": c, "head_init": "none", "fitted_on": "train+val" if refit and not shots else "train"}
         else:
             result = _train_adamw(lab, dataset, data, feats, cfg, info, resume, callbacks)
-            extra |= {"head_init": "zeroshot"}
+            extra |= {"head_init": config.HEAD_INIT_ZEROSHOT}
 
     feats["test"] = lab.features(dataset, "test")  # every rank: the encoding is sharded under torchrun
 
@@ -358,7 +358,7 @@ def _export(lab: Lab, dataset: str) -> tuple[Clip, nn.Linear, HeadInfo, None]:
 register(Method(
     name=METHOD, label="linear probe", command="probe", folder="linear_probe", order=10, aliases=("probe",),
     description="linear probe on the frozen vision encoder",
-    trained=True, epochs=True, new_classes="no", distributed=True, batch_size=config.PROBE.batch_size,
+    trained=True, epochs=True, new_classes="closed", distributed=True, batch_size=config.PROBE.batch_size,
     add_arguments=_add_arguments, add_sweep_arguments=_add_sweep_arguments, check_arguments=_check_arguments,
     settings=_settings, run=_run, recorded=_recorded, load_classifier=_load_classifier,
     has_checkpoint=lambda folder: (folder / HEAD_FILE).is_file(), export=_export,
