@@ -27,14 +27,12 @@ from typing import Any
 
 import torch
 
-from clip_utils.errors import MissingFile
-from clip_utils import metrics
-
-from clip_utils.figures import predictions as plots
+from clip_utils import metrics, registry
 from clip_utils.data import results_name
-from clip_utils import registry
-from clip_utils.runtime.files import write_json, write_predictions, write_text
+from clip_utils.errors import MissingFile
+from clip_utils.figures import predictions as plots
 from clip_utils.results.layout import figures_dir
+from clip_utils.runtime.files import write_json, write_predictions, write_text
 
 REPORT_FILE = "classification_report.txt"
 
