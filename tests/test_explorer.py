@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from clip_utils import registry
 from clip_utils.app import explorer as explorer_module
 from clip_utils.app.cli import main
 from clip_utils.app.explorer import UPLOADED, photo_explorer
@@ -70,7 +71,7 @@ def loads(monkeypatch):
 
 def test_it_shows_the_first_photo_under_every_method_at_once(task2_runs):
     lab = task2_runs["lab"]
-    ex = photo_explorer(lab, ["cub200", "flowers102"], photo_dir=PHOTOS)
+    ex = photo_explorer(lab, ["cub200", "flowers102"], methods=ALL, photo_dir=PHOTOS)
     assert ex.photo.value == str(BIRD) and ex.dataset.value == "cub200" and not ex.reasons
     (result,) = ex.results
     assert result["photo"] == "bird.jpg" and list(result["methods"]) == list(ALL)
@@ -85,7 +86,7 @@ def test_it_shows_the_first_photo_under_every_method_at_once(task2_runs):
 
 
 def test_top_k_methods_and_dataset_reuse_what_is_loaded(task2_runs, loads):
-    ex = photo_explorer(task2_runs["lab"], ["cub200", "flowers102"], photo_dir=PHOTOS)
+    ex = photo_explorer(task2_runs["lab"], ["cub200", "flowers102"], methods=ALL, photo_dir=PHOTOS)
     before = shown(ex)["bird.jpg"]
     ex.top_k.value = 3
     assert {m: len(names) for m, names in shown(ex)["bird.jpg"].items()} == dict.fromkeys(ALL, 3)
@@ -151,7 +152,7 @@ def test_a_damaged_checkpoint_is_disabled_with_its_reason(task2_runs, tmp_path):
     shutil.copytree(task2_runs["results"] / "cub200", results / "cub200")
     head = results / "cub200" / "lora" / "head.safetensors"
     head.write_bytes(head.read_bytes()[:100])
-    ex = photo_explorer(task2_runs["lab"].replace(results_dir=results), ["cub200"], photo_dir=PHOTOS)
+    ex = photo_explorer(task2_runs["lab"].replace(results_dir=results), ["cub200"], methods=ALL, photo_dir=PHOTOS)
     assert ex.method_boxes["lora"].disabled and "damaged" in ex.reasons["lora"]
     assert list(ex.results[0]["methods"]) == list(ALL) and "error" in ex.results[0]["methods"]["lora"]
     assert pngs(ex) == 2  # zero-shot and the probe still shown
@@ -191,7 +192,9 @@ def _args(task2_runs, dataset="cub200"):
 def test_predict_all_prints_the_methods_side_by_side(task2_runs, capsys):
     assert main(["predict", str(BIRD), str(FLOWER), "--method", "all", "--top-k", "3", *_args(task2_runs)]) == 0
     out, err = capsys.readouterr()
-    assert said(err) == []
+    # the methods not trained for cub200 (the adapters) are skipped in one line
+    (skipped,) = said(err)
+    assert skipped.startswith("warning: skipped, not trained for cub200: Tip-Adapter") and "LoRA" not in skipped
     lines = out.splitlines()
     assert lines[0] == str(BIRD) and lines[5] == str(FLOWER) and len(lines) == 10
     assert lines[1].split() == ["zero-shot", "linear", "probe", "LoRA"]
@@ -208,13 +211,13 @@ def test_predict_all_skips_untrained_methods_in_one_line(task2_runs, capsys):
     out, err = capsys.readouterr()
     assert code == 0
     (result,) = json.loads(out)
-    assert result["photo"] == str(BIRD) and list(result["methods"]) == list(ALL)
+    assert result["photo"] == str(BIRD) and list(result["methods"]) == [m.name for m in registry.methods()]
     assert len(result["methods"]["zeroshot"]["top_k"]) == 5
     assert result["methods"]["lora"] == {
         "error": "no LoRA checkpoint for flowers102: train it with python -m clip_utils lora --dataset flowers102"}
     (line,) = said(err)
-    assert line.startswith("warning: skipped linear probe (no linear probe checkpoint for flowers102: train it with")
-    assert "; LoRA (no LoRA checkpoint" in line
+    assert line.startswith("warning: skipped, not trained for flowers102: linear probe, LoRA, Tip-Adapter")
+    assert "python -m clip_utils METHOD --dataset flowers102" in line
 
     assert main(["predict", str(BIRD), "--method", "all", *_args(task2_runs, "flowers102")]) == 0
     assert capsys.readouterr().out.splitlines()[1].split() == ["zero-shot"]
@@ -230,7 +233,7 @@ def test_predict_all_fails_on_a_damaged_checkpoint_and_still_shows_the_others(ta
     out, err = capsys.readouterr()
     (result,) = json.loads(out)
     assert code == 1 and "top_k" in result["methods"]["zeroshot"] and "top_k" in result["methods"]["lora"]
-    (line,) = said(err)  # an error, not a skip: the probe was trained, its file is broken
+    (line,) = [line for line in said(err) if line.startswith("error")]  # an error, not a skip: the file is broken
     assert line.startswith("error: linear probe: ") and "damaged" in line
 
 
@@ -238,7 +241,7 @@ def test_predict_all_keeps_predicts_exit_codes(task2_runs, tmp_path, capsys):
     code = main(["predict", str(BIRD), str(tmp_path / "gone.jpg"), "--method", "all", "--json", *_args(task2_runs)])
     results = json.loads(capsys.readouterr().out)
     assert code == 1 and set(results[1]) == {"photo", "error"} and "photo not found" in results[1]["error"]
-    assert all("top_k" in e for e in results[0]["methods"].values())
+    assert all("top_k" in results[0]["methods"][m] for m in ALL)
     # Nothing readable: answered before any model loads (this model path cannot load).
     broken = [*_args(task2_runs)]
     broken[broken.index("--model") + 1] = str(tmp_path / "no-model")

@@ -273,8 +273,10 @@ def _predict_all(args) -> int:
     # Not trained yet is a skip; a checkpoint that is there but cannot be used is a failure.
     untrained = {name: why for name, why in errors.items() if checkpoint_missing(lab, args.dataset, name)}
     if untrained:
-        print("warning: skipped " + "; ".join(f"{registry.get(name).label} ({why})" for name, why in untrained.items())
-              + " (with the same --model, --data-root and --results-dir as here)", file=sys.stderr)
+        labels = ", ".join(registry.get(name).label for name in untrained)
+        print(f"warning: skipped, not trained for {args.dataset}: {labels} (train one with python -m clip_utils "
+              f"METHOD --dataset {args.dataset} and the same --model, --data-root and --results-dir as here)",
+              file=sys.stderr)
     for name in errors.keys() - untrained.keys():
         print(f"error: {registry.get(name).label}: {errors[name]}", file=sys.stderr)
     return 1 if len(untrained) < len(errors) or any("error" in r for r in results) else 0
