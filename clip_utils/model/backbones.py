@@ -168,6 +168,11 @@ class Backbone:
         return model.text_model, getattr(model, "text_projection", None)
 
     @staticmethod
+    def token_embedding(model) -> nn.Embedding:
+        """The text tower's word embeddings (what prompt learning feeds `text_from_embeddings`)."""
+        return model.text_model.embeddings.token_embedding
+
+    @staticmethod
     def embed_dim(model) -> int:
         """The size of the image embedding heads take."""
         projection = visual_projection(model)
