@@ -72,7 +72,8 @@ def runs(family_kit, tmp_path_factory) -> dict:
         lab = make_lab(family_kit, name, tmp_path_factory.mktemp(f"results_{name}"))
         out[name] = {"lab": lab, "zeroshot": run_zeroshot(lab, "cub200", ["default"])["default"],
                      "probe": run_probe(lab, "cub200", solver="lbfgs"),
-                     "lora": run_lora(lab, "cub200", TrainConfig(epochs=1, lr=0.02, head_lr=5e-3), LORA)}
+                     "lora": run_lora(lab, "cub200", TrainConfig(epochs=1, lr=0.02, head_lr=5e-3, augment=True),
+                                      LORA)}
     return out
 
 
@@ -92,6 +93,9 @@ def test_load_clip_reads_the_family_from_config_json(family_kit):
     assert siglip.backbone.text_kwargs(siglip.model) == {"padding": "max_length", "truncation": True, "max_length": 64}
     assert siglip.preprocess.crop is None and siglip.preprocess.resize == (32, 32)  # squash, no crop
     assert siglip.preprocess.mean == (0.5, 0.5, 0.5) and siglip.preprocess.std == (0.5, 0.5, 0.5)
+    for name in FAMILIES:  # the family's image processor, read without the weights
+        lab = Lab(model=str(family_kit["models"][name]), device="cpu")
+        assert lab.preprocess == load_clip(family_kit["models"][name]).preprocess and lab._loaded.clip is None
 
 
 def _test_images(lab: Lab) -> tuple[list[str], list[Image.Image]]:
@@ -130,6 +134,7 @@ def test_zeroshot_predicts_as_the_model_card_does(runs, family_kit, name):
         ours = {row["path"]: int(row["pred"]) for row in csv.DictReader(f)}
     assert [ours[p] for p in paths] == expected
     assert runs[name]["zeroshot"]["logit_bias"] == pytest.approx(load_clip(family_kit["models"][name]).logit_bias)
+    assert runs[name]["zeroshot"]["probabilities"] == BACKBONES[name].probabilities
 
 
 def test_a_padding_mistake_would_change_siglips_answers(runs, family_kit):
@@ -187,6 +192,44 @@ def test_the_probe_and_lora_run_on_every_family(runs, name):
     # r * (d + d) per target and layer (every target is hidden x hidden), plus the head.
     adapters = config.num_hidden_layers * len(LORA.targets) * LORA.rank * 2 * config.hidden_size
     assert lora["trainable_params"] == adapters + lab.checkpoint().embed_dim * 10 + 10
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_the_text_tower_classifier_starts_at_the_model_cards_logits(family_kit, name, tmp_path):
+    """LoRA on the text tower classifies as the family does: prompts padded as its card pads
+    them, its projections (or none), scale and bias; peft's B starts at zero, so before any step
+    the logits are the card's."""
+    from clip_utils.methods.lora_adapters import TextTowerClassifier, class_tokens
+    from clip_utils.model.lora import add_lora
+
+    clip = load_clip(family_kit["models"][name]).copy()
+    lab = make_lab(family_kit, name, tmp_path)
+    prompts = _prompts(lab)
+    vision, projection = clip.backbone.image_parts(clip.model)
+    text, text_projection = clip.backbone.text_parts(clip.model)
+    tokens = class_tokens(clip.tokenizer, lab.class_names("cub200"), ["a photo of a {}."],
+                          clip.model.config.text_config.max_position_embeddings, clip.backbone.text_kwargs(clip.model))
+    classifier = TextTowerClassifier(vision, projection, add_lora(text, LORA), text_projection, tokens,
+                                     clip.logit_scale, clip.logit_bias).eval()
+    _, images = _test_images(lab)
+    pixels = torch.stack([lab.preprocess.transform()(im) for im in images])
+    with torch.no_grad():
+        ours = classifier(pixels)
+    torch.testing.assert_close(ours, card_logits(family_kit["models"][name], name, images, prompts),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_lora_on_both_siglip_towers_trains_the_encoder_layers_only(family_kit, tmp_path):
+    from clip_utils.methods.lora import run_lora
+
+    lab = make_lab(family_kit, "siglip", tmp_path)
+    settings = LoraSettings(rank=2, alpha=4, targets=("q_proj", "v_proj", "out_proj", "fc1"), encoders="both")
+    metrics = run_lora(lab, "cub200", TrainConfig(epochs=1, lr=0.02), settings)
+    config = lab.checkpoint().model.config
+    per_tower = {tower: c.num_hidden_layers * settings.rank * (3 * 2 * c.hidden_size + c.hidden_size
+                                                              + c.intermediate_size)
+                 for tower, c in (("vision", config.vision_config), ("text", config.text_config))}
+    assert metrics["head_init"] == "text" and metrics["trainable_params"] == sum(per_tower.values())
 
 
 def test_lora_on_siglip_adapts_the_encoder_layers_only(family_kit):

@@ -93,7 +93,7 @@ def run_zeroshot(
             "dataset": dataset, "split": split, "method": METHOD, "model": str(lab.model),
             "class_names_source": lab.class_naming,
             "prompt_set": name, "templates": sets[chosen], **extra, "logit_scale": scale,
-            "logit_bias": bias,
+            "logit_bias": bias, "probabilities": lab.clip().backbone.probabilities,
             "seconds": time.perf_counter() - start, "feature_seconds": encoding.get("seconds"),
             "features_from_cache": encoding.get("from_cache"), "peak_vram_mb": encoding.get("peak_vram_mb"),
             "peak_reserved_mb": encoding.get("peak_reserved_mb"), "world_size": distributed.world_size(),
