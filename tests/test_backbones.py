@@ -29,7 +29,8 @@ from clip_utils.model.clip import load_clip
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("clip", "siglip", "metaclip_2")
-HAS_PROTOBUF = importlib.util.find_spec("google") is not None and importlib.util.find_spec("google.protobuf") is not None
+HAS_PROTOBUF = importlib.util.find_spec("google") is not None and \
+    importlib.util.find_spec("google.protobuf") is not None
 needs_protobuf = pytest.mark.skipif(not HAS_PROTOBUF, reason="transformers builds SiglipTokenizer only with protobuf")
 # What each model card passes its processor for text (SigLIP: "important: we pass padding=max_length").
 CARD_TEXT = {"clip": {"padding": True}, "metaclip_2": {"padding": True},

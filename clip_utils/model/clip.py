@@ -8,9 +8,11 @@
 Any Hugging Face id or local folder of a supported family works: CLIP (also MetaCLIP 1 and
 OpenCLIP checkpoints in HF format), SigLIP (also SigLIP 2 at a fixed resolution) and
 MetaCLIP 2. The family comes from the checkpoint's `config.json` (`model_type`), read before
-any weight: another kind of checkpoint is refused in one line (`backbones.UnsupportedModel`). Loading never waits on a network that is
-not there: a model that is neither a folder nor in the local cache is fetched only after a
-quick reachability check, and `HF_HUB_OFFLINE=1` is honoured, so an offline machine gets a
+any weight: another kind of checkpoint is refused in one line (`backbones.UnsupportedModel`).
+
+Loading never waits on a network that is not there: a model that is neither a folder nor
+in the local cache is fetched only after a quick reachability check, and
+`HF_HUB_OFFLINE=1` is honoured, so an offline machine gets a
 `ModelUnavailableError` naming the model within seconds instead of minutes of retries.
 Each load says so in one line on stderr (`loaded NAME (427.6M parameters, float32) in 3.1 s`).
 

@@ -1,16 +1,18 @@
 """Head algebra and the classifier every method ends in: pure building blocks, no I/O.
 
-    head = zeroshot_head(text_classifier, logit_scale(model), logit_bias(model))   # zero-shot as a linear layer
+    head = zeroshot_head(text_classifier, logit_scale(model), logit_bias(model))  # zero-shot, a linear layer
     classifier = ClipClassifier(model.vision_model, visual_projection(model), head)
     probs = probabilities(classifier(pixels), classifier.probabilities)
 
 Zero-shot, the linear probe and LoRA all predict through `ClipClassifier` (vision tower,
 projection, linear head on the normalised embedding), so prediction code never cares which
-method made it. SigLIP has no projection (its vision tower's pooled output is the
-embedding: the projection is None), and its zero-shot logits carry a bias and turn into
-probabilities by a sigmoid per class (`ClipClassifier.probabilities`). The probe and LoRA train their heads in head units (`head_units`: standard
+method made it. The probe and LoRA train their heads in head units (`head_units`: standard
 units scaled to the embedding size; `standardized_head`, `StandardizedHead`) and save the
 equivalent head on raw embeddings (`unstandardized_head`).
+
+SigLIP has no projection (its vision tower's pooled output is the embedding: the projection
+is None), and its zero-shot logits carry a bias and become probabilities by a sigmoid per
+class (`ClipClassifier.probabilities`).
 """
 
 from __future__ import annotations

@@ -121,7 +121,8 @@ def _kit_words() -> list[str]:
     from clip_utils.prompts.templates import DEFAULT, DIVERSE, domain_template
 
     flowers = list(json.loads((ASSETS / "cat_to_name.json").read_text()).values())
-    birds = [line.split()[1].split(".", 1)[1].replace("_", " ") for line in (ASSETS / "classes.txt").read_text().splitlines()]
+    birds = [line.split()[1].split(".", 1)[1].replace("_", " ")
+             for line in (ASSETS / "classes.txt").read_text().splitlines()]
     templates = [*DEFAULT, *DIVERSE, domain_template("a type of flower"), domain_template("a type of bird")]
     lines = [t.replace("{}", name) for name in flowers + birds for t in templates[:2]] + templates
     return lines + [" ".join(string.ascii_letters + string.digits + string.punctuation)]
