@@ -148,7 +148,7 @@ def zeroshot_init_head(lab: Lab, dataset: str) -> nn.Linear:
         dataset: dataset name (chooses the domain templates).
     """
     text = lab.text_classifier(dataset, HEAD_INIT_SET)
-    return zeroshot_head(text, lab.logit_scale).to(lab.device)
+    return zeroshot_head(text, lab.logit_scale, lab.logit_bias).to(lab.device)
 
 
 def resolved(cfg: TrainConfig, lab: Lab) -> TrainConfig:

@@ -126,7 +126,10 @@ def save_evaluation(
     what = run_label(info)
     plots.plot_confusion(labels, preds, class_names, title=f"{what}: top-1 {scores['top1']:.1%}",
                          path=figures["confusion"])
-    plots.plot_sample_predictions(paths, labels, preds, class_names, probs=logits.softmax(dim=1).numpy(),
+    # SigLIP's zero-shot says `"probabilities": "sigmoid"` (a probability per class); heads
+    # trained with cross-entropy are a softmax over classes.
+    probs = logits.sigmoid() if info.get("probabilities") == "sigmoid" else logits.softmax(dim=1)
+    plots.plot_sample_predictions(paths, labels, preds, class_names, probs=probs.numpy(),
                                   title=what, path=figures["samples"])
     write_json(out_dir / "metrics.json", record)
     return record

@@ -107,6 +107,174 @@ def make_tiny_clip(folder: str | Path, image_size: int = TINY_IMAGE_SIZE, seed: 
     return folder
 
 
+# --------------------------------------------------------------------------- other families
+
+# Text settings of the released configs: SigLIP's cards pad to 64 tokens, on the right (its text
+# tower reads the last position); MetaCLIP 2 pads to the longest prompt, on the right, in CLIP's
+# 77-token context.
+SIGLIP_TEXT_LENGTH = 64
+METACLIP_2_TEXT_LENGTH = 77
+SIGLIP_TOKENIZERS = ("gemma", "sentencepiece")
+
+
+def _kit_words() -> list[str]:
+    """The text a kit tokenizer is trained on: the kit's class names and the prompt templates'
+    words (a few hundred words), plus every printable character so nothing is unknown."""
+    import string
+
+    from clip_utils.prompts.templates import DEFAULT, DIVERSE, domain_template
+
+    flowers = list(json.loads((ASSETS / "cat_to_name.json").read_text()).values())
+    birds = [line.split()[1].split(".", 1)[1].replace("_", " ")
+             for line in (ASSETS / "classes.txt").read_text().splitlines()]
+    templates = [*DEFAULT, *DIVERSE, domain_template("a type of flower"), domain_template("a type of bird")]
+    lines = [t.replace("{}", name) for name in flowers + birds for t in templates[:2]] + templates
+    return lines + [" ".join(string.ascii_letters + string.digits + string.punctuation)]
+
+
+def _train_sentencepiece(model_type: str, vocab_size: int, **specials) -> bytes:
+    """A tiny sentencepiece model trained on `_kit_words()` (milliseconds; no normaliser rules,
+    which would add a 200 kB character map to a model of a few kilobytes)."""
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(_kit_words()), model_writer=model, vocab_size=vocab_size,
+                                   model_type=model_type, character_coverage=1.0, normalization_rule_name="identity",
+                                   hard_vocab_limit=False, minloglevel=2, num_threads=1, **specials)
+    return model.getvalue()
+
+
+def _pieces(model: bytes) -> list[tuple[str, float]]:
+    """`(piece, score)` of every id of a sentencepiece model (read without protobuf)."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_proto=model)
+    return [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+
+
+def siglip_sentencepiece_tokenizer(folder: str | Path):
+    """SigLIP's own `SiglipTokenizer` on a tiny sentencepiece model (T5's layout: pad 0, eos 1,
+    unk 2), as google/siglip-* ship it. transformers requires protobuf for this class."""
+    from transformers import SiglipTokenizer
+
+    vocab_file = Path(folder) / "spiece.model"
+    vocab_file.parent.mkdir(parents=True, exist_ok=True)
+    vocab_file.write_bytes(_train_sentencepiece("unigram", 200, pad_id=0, eos_id=1, unk_id=2, bos_id=-1))
+    return SiglipTokenizer(str(vocab_file), model_max_length=SIGLIP_TEXT_LENGTH)
+
+
+def gemma_tokenizer():
+    """A tiny `GemmaTokenizer` (tokenizers backend: a BPE with Gemma's special ids, pad 0, eos 1,
+    bos 2, unk 3, mask 4), as SigLIP 2's fixed-resolution checkpoints ship it, right-padded to 64."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+    from tokenizers.trainers import BpeTrainer
+    from transformers import GemmaTokenizer
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    trainer_tok = Tokenizer(BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    trainer_tok.normalizer = normalizers.Replace(" ", "\u2581")
+    trainer_tok.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
+    trainer_tok.train_from_iterator(_kit_words(), BpeTrainer(vocab_size=300, special_tokens=specials,
+                                                            show_progress=False))
+    model = json.loads(trainer_tok.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return GemmaTokenizer(vocab=model["vocab"], merges=merges, padding_side="right",
+                          model_max_length=SIGLIP_TEXT_LENGTH)
+
+
+def xlm_roberta_tokenizer():
+    """A tiny `XLMRobertaTokenizer` (MetaCLIP 2's class): a sentencepiece unigram model in
+    fairseq's layout (<s> 0, <pad> 1, </s> 2, <unk> 3, <mask> last), as XLM-R's conversion lays it."""
+    from transformers import XLMRobertaTokenizer
+
+    pieces = _pieces(_train_sentencepiece("unigram", 200, unk_id=0, bos_id=1, eos_id=2, pad_id=-1))
+    vocab = [("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *pieces[3:], ("<mask>", 0.0)]
+    return XLMRobertaTokenizer(vocab=vocab, model_max_length=METACLIP_2_TEXT_LENGTH)
+
+
+def _tiny_towers(image_size: int) -> tuple[dict, dict]:
+    text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    vision = {**text, "image_size": image_size, "patch_size": 8}
+    return text, vision
+
+
+def make_tiny_siglip(folder: str | Path, image_size: int = TINY_IMAGE_SIZE, seed: int = 0,
+                     tokenizer: str = "gemma") -> Path:
+    """Write a tiny random-weight SigLIP (`SiglipModel`, `SiglipProcessor`) to `folder`.
+
+    The released configs' text settings: 64 positions, prompts padded to 64 on the right.
+    The image processor squashes to a square with no crop, mean and std 0.5, as SigLIP's.
+
+    Args:
+        folder: output folder, loadable with `SiglipModel.from_pretrained`.
+        image_size: input resolution of the vision tower.
+        seed: weight initialisation seed.
+        tokenizer: `gemma` (SigLIP 2 fixed-resolution's tokenizer, tokenizers backend) or
+            `sentencepiece` (SigLIP's `SiglipTokenizer`; transformers needs protobuf for it).
+    """
+    import torch
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor
+
+    if tokenizer not in SIGLIP_TOKENIZERS:
+        raise ValueError(f"tokenizer {tokenizer!r}: choose from {', '.join(SIGLIP_TOKENIZERS)}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = gemma_tokenizer() if tokenizer == "gemma" else siglip_sentencepiece_tokenizer(folder / "_spm")
+    image_processor = SiglipImageProcessor(size={"height": image_size, "width": image_size}, resample=3,
+                                           image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    SiglipProcessor(image_processor=image_processor, tokenizer=tok).save_pretrained(folder)
+    shutil.rmtree(folder / "_spm", ignore_errors=True)
+    text, vision = _tiny_towers(image_size)
+    config = SiglipConfig(
+        text_config={**text, "vocab_size": len(tok), "max_position_embeddings": SIGLIP_TEXT_LENGTH,
+                     "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
+                     "bos_token_id": tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id},
+        vision_config=vision,
+    )
+    torch.manual_seed(seed)
+    model = SiglipModel(config)
+    with torch.no_grad():
+        # As the tiny CLIP: a temperature of 1 keeps the random zero-shot prior weak. The bias
+        # is SigLIP's own part of the logits (released models: about -10), here -1.
+        model.logit_scale.fill_(0.0)
+        model.logit_bias.fill_(-1.0)
+    model.save_pretrained(folder)
+    return folder
+
+
+def make_tiny_metaclip2(folder: str | Path, image_size: int = TINY_IMAGE_SIZE, seed: int = 0) -> Path:
+    """Write a tiny random-weight MetaCLIP 2 (`MetaClip2Model`, `CLIPProcessor` with an
+    `XLMRobertaTokenizer`, as facebook/metaclip-2-worldwide-* ship it) to `folder`.
+
+    Args:
+        folder: output folder, loadable with `MetaClip2Model.from_pretrained`.
+        image_size: input resolution of the vision tower (the processor crops to it).
+        seed: weight initialisation seed.
+    """
+    import torch
+    from transformers import CLIPImageProcessor, CLIPProcessor, MetaClip2Config, MetaClip2Model
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = xlm_roberta_tokenizer()
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                         crop_size={"height": image_size, "width": image_size})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tok).save_pretrained(folder)
+    text, vision = _tiny_towers(image_size)
+    config = MetaClip2Config(
+        text_config={**text, "vocab_size": len(tok), "max_position_embeddings": METACLIP_2_TEXT_LENGTH,
+                     "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                     "pad_token_id": tok.pad_token_id},
+        vision_config=vision, projection_dim=16, logit_scale_init_value=0.0,
+    )
+    torch.manual_seed(seed)
+    MetaClip2Model(config).save_pretrained(folder)
+    return folder
+
+
 def class_colours(n_classes: int, seed: int) -> np.ndarray:
     """`(n_classes, 2, 3)` RGB colours, two per class, for `class_image`.
 
