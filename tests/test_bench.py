@@ -17,8 +17,10 @@ def test_small_benchmark_prints_the_side_by_side_table(tmp_path, capsys):
         assert pipeline in table
     rows = json.loads(out.read_text())["rows"]
     sections = {r["section"] for r in rows}
-    assert sections == {"zero-shot", "linear probe", "LoRA train"}
-    for section in sections:  # every section has its textbook baseline, so every ratio is defined
+    assert sections == {"zero-shot", "linear probe", "LoRA train", "few-shot fits"}
+    fits = {r["pipeline"] for r in rows if r["section"] == "few-shot fits"}
+    assert {"Tip-Adapter", "GDA", "LP++", "CLIP-Adapter"} <= fits  # every method with a feature-level fit
+    for section in sections - {"few-shot fits"}:  # each has its textbook baseline, so every ratio is defined
         assert any(r["section"] == section and r["pipeline"].startswith("textbook") for r in rows), section
     assert all(r["images_per_s"] > 0 and r["seconds"] > 0 for r in rows)
 

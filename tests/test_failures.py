@@ -67,7 +67,7 @@ def test_a_full_disk_mid_run_is_one_line_and_keeps_the_earlier_result(kit, tmp_p
 
 
 @pytest.mark.parametrize("argv, fragment", [
-    (["probe", "--lr", "1e30", "--epochs", "50"], "--lr, --epochs: the lbfgs solver has no training loop"),
+    (["probe", "--lr", "1e30", "--epochs", "50"], "--epochs, --lr: the lbfgs solver has no training loop"),
     (["probe", "--solver", "adamw", "--lr", "inf"], "expected a finite number"),
     (["probe", "--refit", "--shots", "2"], "--refit adds the validation images"),
     (["tip-adapter", "--alpha", "nan"], "expected a finite number"),

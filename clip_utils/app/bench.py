@@ -436,13 +436,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-batch-size", type=int, default=256, help="batch for our zero-shot encoding")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workers", type=int, default=None, help="file reader threads (default: cores - 1)")
-    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}")
+    parser.add_argument("--sections", default=None,
+                        help=f"comma list of {', '.join(SECTIONS)} (default: all; with --small all but sweep)")
     parser.add_argument("--json", help="also write the rows and environment to this JSON file")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     n = args.images or (64 if args.small else 2000)
-    sections = set(args.sections.split(","))
+    sections = set(args.sections.split(",") if args.sections else SECTIONS[:-1] if args.small else SECTIONS)
     env = environment(device)
     print(f"benchmark on {env['device']} | torch {env['torch']} | transformers {env['transformers']} | "
           f"{'small ViT (smoke run)' if args.small else 'ViT-L/14 architecture, random weights'} | {n} JPEGs")
@@ -460,8 +461,8 @@ def main(argv: list[str] | None = None) -> int:
             rows += bench_probe(model.config.projection_dim, 1020, 1020, 102, device, epochs=30)
         if "lora-train" in sections:
             rows += bench_lora(model, processor, paths, device, args.batch_size, args.workers)
-    if "fits" in sections:
-        rows += bench_fits(device)
+    if "fits" in sections:  # --small: the same fits on 10 classes of 64-dim features, for a smoke run
+        rows += bench_fits(device, n_classes=10, dim=64) if args.small else bench_fits(device)
     if "sweep" in sections:
         rows += bench_sweep_on_kit(device)
     print(format_table(rows))

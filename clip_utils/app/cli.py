@@ -54,7 +54,7 @@ from clip_utils.model.training import RESUME_FILE
 from clip_utils.registry import Method
 from clip_utils.results import fewshot
 from clip_utils.runtime import distributed
-from clip_utils.runtime.files import check_writable, run_lock
+from clip_utils.runtime.files import check_writable, kept_on_failure, run_lock
 from clip_utils.runtime.options import ints, name_list, non_negative_int, positive_int, positive_ints
 
 EPILOG = "Results layout and options: README.md and DESIGN.md."
@@ -230,7 +230,9 @@ def cmd_method(method: Method, args) -> None:
     """A method's own command: read its settings, run it (one run per folder at a time), say what it did."""
     lab = _lab(args)
     shots = getattr(args, "shots", None)
-    with run_lock(fewshot.run_dir(lab.results_dir, args.dataset, method.name, shots, args.seed)):
+    folder = fewshot.run_dir(lab.results_dir, args.dataset, method.name, shots, args.seed)
+    # one run per folder at a time; a run that fails gives the folder back as it was
+    with run_lock(folder), kept_on_failure(folder):
         result = method.run(lab, args.dataset, method.settings(args), shots=shots, seed=args.seed,
                             resume=getattr(args, "resume", False), callbacks=distributed.crash_hooks())
     if distributed.is_main():  # under torchrun: printed once

@@ -136,7 +136,8 @@ def collect(results_dir: str | Path) -> tuple[list[dict], list[str]]:
         results_dir: the results root.
 
     Returns:
-        `(rows, missing)`: rows in dataset then method order; `missing` lines say what to run.
+        `(rows, missing)`: rows in dataset then method order; `missing` has a line per dataset
+        naming the methods with no full-data run and the command for each.
     """
     rows, missing = [], []
     for dataset in (folder.name for folder in dataset_folders(results_dir)):
@@ -149,13 +150,15 @@ def collect(results_dir: str | Path) -> tuple[list[dict], list[str]]:
         found = {registry.reference().name: zeroshot_baseline(results_dir, dataset, model), **trained}
         # What --dataset said (an image folder's path), for the commands that fill the gaps.
         given = next((m["dataset"] for m in found.values() if m), dataset)
+        absent = []
         for m in registry.methods():
             if found.get(m.name) is None:
-                command = m.command + (" --prompts all" if m.reference else "")
-                missing.append(f"{dataset} {m.label} (python -m clip_utils {command} "
-                               f"--dataset {given})")
+                absent.append(f"{m.label} (python -m clip_utils {m.command}"
+                              f"{' --prompts all' if m.reference else ''} --dataset {given})")
             else:
                 rows.append(summary_row(found[m.name]))
+        if absent:  # one line per dataset, however many methods are registered
+            missing.append(f"{dataset}: " + "; ".join(absent))
         rows += fewshot_rows(results_dir, dataset)
         models = sorted({r["model"] for r in rows if r["dataset"] == dataset})
         if len(models) > 1:

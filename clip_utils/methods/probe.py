@@ -48,8 +48,8 @@ from clip_utils.model.features import Features
 from clip_utils.model.heads import (
     ClipClassifier,
     FrozenEncoderProbe,
-    image_encoder_parameters,
     head_units,
+    image_encoder_parameters,
     standardized_head,
     unstandardized_head,
 )

@@ -293,3 +293,42 @@ def run_lock(folder: str | Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def kept_on_failure(folder: str | Path, skip: tuple[str, ...] = ("shots_",)) -> Iterator[None]:
+    """Run a block that rewrites `folder`; if it fails, put the folder back as it was.
+
+    A fresh run clears its folder's earlier results before writing its own (so old metrics
+    never sit beside new curves). When the run then fails (a full disk, a bug), this brings
+    the earlier, complete results back, so a failed rerun loses nothing. The copy is made of
+    hard links, so it costs no space and no time. An interrupt (Ctrl-C, SIGTERM) is not a
+    failure: what the run saved (its resume state) stays.
+
+    Args:
+        folder: the run's results folder.
+        skip: names starting with these are left out (a full-data run's folder holds its
+            few-shot runs' folders, which the run does not touch).
+    """
+    folder = Path(folder)
+    entries = [p for p in folder.iterdir() if not p.name.startswith(skip)] if folder.is_dir() else []
+    if not entries:
+        yield
+        return
+    backup = Path(tempfile.mkdtemp(prefix=f".{folder.name}.previous.", dir=folder.parent))
+    try:
+        for path in entries:
+            if path.is_dir():
+                shutil.copytree(path, backup / path.name, copy_function=os.link, symlinks=True)
+            else:
+                os.link(path, backup / path.name)
+        yield
+    except Exception:
+        for path in folder.iterdir():
+            if not path.name.startswith(skip):
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        for path in backup.iterdir():
+            os.replace(path, folder / path.name)
+        raise
+    finally:
+        shutil.rmtree(backup, ignore_errors=True)
