@@ -22,6 +22,7 @@ end in one line naming the problem (exit code 1), not a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -231,8 +232,13 @@ def cmd_method(method: Method, args) -> None:
     lab = _lab(args)
     shots = getattr(args, "shots", None)
     folder = fewshot.run_dir(lab.results_dir, args.dataset, method.name, shots, args.seed)
-    # one run per folder at a time; a run that fails gives the folder back as it was
-    with run_lock(folder), kept_on_failure(folder):
+    # one run per folder at a time; a run that fails gives the folder back as it was (rank 0
+    # alone: under torchrun only it writes the folder)
+    guard = contextlib.ExitStack()
+    if distributed.is_main():
+        guard.enter_context(run_lock(folder))
+        guard.enter_context(kept_on_failure(folder))
+    with guard:
         result = method.run(lab, args.dataset, method.settings(args), shots=shots, seed=args.seed,
                             resume=getattr(args, "resume", False), callbacks=distributed.crash_hooks())
     if distributed.is_main():  # under torchrun: printed once

@@ -168,6 +168,18 @@ def collect(results_dir: str | Path) -> tuple[list[dict], list[str]]:
     return rows, missing
 
 
+def fitted_methods(results_dir: str | Path, dataset: str) -> list[str]:
+    """The methods that fit on labelled images with a full-data run saved for `dataset`, in
+    registry order (what a notebook's per-method sections show).
+
+    Args:
+        results_dir: the results root.
+        dataset: the dataset's name or results folder name.
+    """
+    return [m.name for m in registry.trained()
+            if (method_dir(results_dir, dataset, m.name) / "metrics.json").is_file()]
+
+
 def saved_curves(results_dir: str | Path) -> dict[str, dict[str, list[dict]]]:
     """Every saved curves.json: `{dataset: {method: curves}}`.
 
