@@ -26,17 +26,19 @@ runs of the same sample it starts from (`requires`), so a sweep runs those first
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from clip_utils.errors import InvalidValue
 
 # How a method scores classes it did not train on (the base-to-new protocol's question):
-# "yes" (its classifier is text: any class name works), "zeroshot" (class-specific parts;
-# new classes fall back to the zero-shot classifier), "no" (a closed-set head).
-NewClasses = Literal["yes", "zeroshot", "no"]
+# "text" (its classifier is built from class names: any name works), "fallback" (it holds
+# class-specific parts; new classes fall back to the zero-shot classifier), "closed" (a
+# closed-set head: it cannot).
+NewClasses = Literal["text", "fallback", "closed"]
 
 
 def _none(*_args: Any, **_kwargs: Any) -> None:
@@ -91,6 +93,9 @@ class Method:
             None: the method cannot be exported.
         print_result: `print_result(result, lab, args)` prints what its command ran (None: the
             CLI's one-line summary of a trained run).
+        fit: `fit(FeatureData, *, seed, **options) -> Fitted` for a method fitted on cached
+            features (`model.feature_fit`); the benchmark times it. None: not such a method.
+        module: the module that registered it (set by `register`).
     """
 
     name: str
@@ -105,7 +110,7 @@ class Method:
     trained: bool = True
     epochs: bool = False
     uses_text_classifier: bool = False
-    new_classes: NewClasses = "no"
+    new_classes: NewClasses = "closed"
     reference: bool = False
     distributed: bool = False
     requires: tuple[str, ...] = ()
@@ -119,6 +124,8 @@ class Method:
     has_checkpoint: Callable[[Path], bool] = lambda folder: (folder / "metrics.json").is_file()
     export: Callable[..., Any] | None = None
     print_result: Callable[..., None] | None = None
+    fit: Callable[..., Any] | None = None
+    module: str = ""
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -140,6 +147,8 @@ def register(method: Method) -> Method:
     clash = [n for n in method.names if n in taken]
     if clash:
         raise ValueError(f"method {method.name!r}: the name {clash[0]!r} is already {taken[clash[0]]!r}'s")
+    # note: the caller's module is the method's own (each method module registers itself)
+    method = replace(method, module=method.module or sys._getframe(1).f_globals.get("__name__", ""))
     _REGISTRY[method.name] = method
     return method
 

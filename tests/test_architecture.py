@@ -283,3 +283,42 @@ def test_a_bar_in_a_log_prints_a_few_lines_not_carriage_returns(monkeypatch, cap
     assert "\r" not in err
     lines = err.strip().splitlines()
     assert 1 <= len(lines) <= 3 and "5000/5000" in lines[-1]
+
+
+def _method_name_uses(package: Path) -> list[str]:
+    """`file: what` for every import of a method's module and every string literal equal to a
+    method's name or command, outside that method's own module, the registry, config and the
+    test kit."""
+    from clip_utils import registry
+
+    allowed = {"registry", "config"}
+    found = []
+    for file in sorted(package.rglob("*.py")):
+        name = module_name(file, package)
+        if name in allowed or name.split(".")[0] == "testkit":
+            continue
+        tree = ast.parse(file.read_text())
+        imported = set(import_graph(package).get(name, ()))
+        for m in registry.methods():
+            own = m.module == f"{package.name}.{name}"
+            if own:
+                continue
+            if m.module.removeprefix(f"{package.name}.") in imported:
+                found.append(f"{name}: imports {m.module}")
+            literals = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+            for word in sorted({m.name, m.command} & literals):
+                found.append(f"{name}: the string {word!r} ({m.label})")
+    return found
+
+
+def test_no_module_names_a_method_but_its_own():
+    assert _method_name_uses(PACKAGE) == []
+
+
+def test_the_method_name_check_finds_a_planted_name(tmp_path):
+    package = tmp_path / PACKAGE.name
+    (package / "app").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "app" / "__init__.py").write_text("")
+    (package / "app" / "report.py").write_text('def rows(m):\n    return m == "lora"\n')
+    assert _method_name_uses(package) == ["app.report: the string 'lora' (LoRA)"]

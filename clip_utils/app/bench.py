@@ -20,6 +20,11 @@ the images), the linear probe (end to end, once features exist), and LoRA traini
 (images per second and peak VRAM, with and without gradient checkpointing). The zero-shot
 section also times our input path alone (read, decode, resize; no model): when "ours" falls
 short of the model alone, that row says whether the input or the overlap is to blame.
+
+Two more sections time the few-shot methods fitted on cached features: `fits`, seconds for
+one fit of each at 16 shots on Flowers102-sized generated features (102 classes, 1,632
+support features, D=768), and `sweep`, the whole `fewshot` of all of them (shots 1-16,
+seeds 1-3) on the test kit's hard image folder with its tiny CLIP.
 """
 
 from __future__ import annotations
@@ -39,8 +44,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clip_utils.config import LoraSettings, TrainConfig
+from clip_utils import registry
+from clip_utils.config import FEWSHOT_VAL_SHOTS, LoraSettings, TrainConfig
 from clip_utils.data import dataset_spec
+from clip_utils.model.feature_fit import FeatureData
 from clip_utils.model.features import encode_paths
 from clip_utils.model.heads import ClipClassifier, image_embeddings
 from clip_utils.model.inputs import iter_labelled_batches, iter_pixel_batches
@@ -336,6 +343,58 @@ def bench_probe(dim: int, n_train: int, n_val: int, n_classes: int, device: torc
     ]
 
 
+def fewshot_features(n_classes: int, shots: int, val_shots: int, dim: int, device: torch.device,
+                     seed: int = 0) -> FeatureData:
+    """Generated L2-normalised features of a K-shot run's size: class prototypes, a text
+    classifier near them (zero-shot informative, not perfect) and images around them."""
+    g = torch.Generator().manual_seed(seed)
+    unit = lambda x: torch.nn.functional.normalize(x, dim=-1)  # noqa: E731
+    protos = unit(torch.randn(n_classes, dim, generator=g))
+    text = unit(protos + 0.06 * torch.randn(n_classes, dim, generator=g))
+
+    def images(per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.arange(n_classes).repeat_interleave(per_class)
+        return unit(protos[labels] + 0.045 * torch.randn(len(labels), dim, generator=g)).to(device), labels.to(device)
+
+    support, support_labels = images(shots)
+    val, val_labels = images(val_shots)
+    return FeatureData(support, support_labels, val, val_labels, text.to(device), logit_scale=100.0)
+
+
+def bench_fits(device: torch.device, n_classes: int = 102, shots: int = 16, dim: int = 768) -> list[Row]:
+    """Seconds to fit each method registered with a feature-level `fit`, at K-shot on
+    Flowers102-sized generated features (102 classes, 16 shots: 1,632 support features)."""
+    data = fewshot_features(n_classes, shots, min(shots, FEWSHOT_VAL_SHOTS), dim, device)
+    rows = []
+    for m in registry.methods():
+        if m.fit is None:
+            continue
+        kind = "training-free" if not m.epochs else "trained, its published schedule"
+        rows.append(_timed("few-shot fits", m.label, len(data.support_labels), device, lambda m=m: m.fit(data, seed=0),
+                           note=f"{kind}; {n_classes} classes x {shots} shots, D={dim}"))
+    return rows
+
+
+def bench_sweep_on_kit(device: torch.device, shots: tuple[int, ...] = (1, 2, 4, 8, 16),
+                       seeds: tuple[int, ...] = (1, 2, 3)) -> list[Row]:
+    """The whole few-shot sweep of every method fitted on cached features, on the test kit's
+    hard image folder (10 classes, 16 training images each) with its tiny CLIP."""
+    from clip_utils.app.sweep import run_fewshot
+    from clip_utils.lab import Lab
+    from clip_utils.testkit import make_hard_imagefolder, make_tiny_clip
+
+    methods = [m.name for m in registry.methods() if m.fit is not None]
+    with tempfile.TemporaryDirectory() as tmp:
+        model, folder = make_tiny_clip(Path(tmp) / "model"), make_hard_imagefolder(Path(tmp) / "hard")
+        lab = Lab(model=str(model), data_root=tmp, results_dir=Path(tmp) / "results", device=str(device))
+        runs = len(methods) * len(shots) * len(seeds)
+        row = _timed("few-shot sweep", f"fewshot --methods <{len(methods)}> on the kit", runs, device,
+                     lambda: run_fewshot(lab, f"imagefolder:{folder}", methods, shots, seeds),
+                     note=f"{runs} runs (shots {','.join(map(str, shots))} x seeds {','.join(map(str, seeds))}), "
+                          f"encoding and zero-shot included; 'img/s' is runs/s")
+    return [row]
+
+
 # --------------------------------------------------------------------------- table
 
 
@@ -366,6 +425,9 @@ def environment(device: torch.device) -> dict:
             "cpus": os.cpu_count()}
 
 
+SECTIONS = ("zero-shot", "linear-probe", "lora-train", "fits", "sweep")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m clip_utils.app.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="small ViT and few images: a CPU smoke run")
@@ -374,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-batch-size", type=int, default=256, help="batch for our zero-shot encoding")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workers", type=int, default=None, help="file reader threads (default: cores - 1)")
-    parser.add_argument("--sections", default="zeroshot,probe,lora", help="comma list of sections to run")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}")
     parser.add_argument("--json", help="also write the rows and environment to this JSON file")
     args = parser.parse_args(argv)
 
@@ -392,12 +454,16 @@ def main(argv: list[str] | None = None) -> int:
         paths = make_jpegs(tmp, n)
         print(f"generated {n} JPEGs in {time.perf_counter() - start:.1f} s "
               f"(mean {np.mean([Path(p).stat().st_size for p in paths]) / 1e3:.0f} kB)")
-        if "zeroshot" in sections:
+        if "zero-shot" in sections:
             rows += bench_zeroshot(model, processor, paths, device, args.eval_batch_size, args.workers)
-        if "probe" in sections:
+        if "linear-probe" in sections:
             rows += bench_probe(model.config.projection_dim, 1020, 1020, 102, device, epochs=30)
-        if "lora" in sections:
+        if "lora-train" in sections:
             rows += bench_lora(model, processor, paths, device, args.batch_size, args.workers)
+    if "fits" in sections:
+        rows += bench_fits(device)
+    if "sweep" in sections:
+        rows += bench_sweep_on_kit(device)
     print(format_table(rows))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,8 @@ from clip_utils.results.evaluation import method_figures, run_label
 from clip_utils.results.layout import dataset_folders, figures_dir, method_dir
 from clip_utils.runtime.files import read_json, write_csv
 
-COLUMNS = ("dataset", "method", "prompt_set", "shots", "seeds", "n", "top1", "top1_std", "top5", "mean_per_class",
+COLUMNS = ("dataset", "method", "prompt_set", "shots", "seeds", "fitted_on", "n", "top1", "top1_std", "top5",
+           "mean_per_class",
            "trainable_params", "trainable_pct", "train_seconds", "seconds", "peak_vram_mb", "epochs", "best_epoch",
            "model")
 
@@ -98,6 +99,8 @@ def summary_row(metrics: Mapping) -> dict:
         "seconds": metrics["seconds"], "peak_vram_mb": metrics.get("peak_vram_mb"),
         "epochs": metrics.get("epochs", ""), "best_epoch": metrics.get("best_epoch", ""), "model": metrics["model"],
         "shots": "", "seeds": 1, "top1_std": "",
+        # which labelled images it fitted on: methods side by side should have seen the same
+        "fitted_on": "" if zeroshot else metrics.get("fitted_on", "train"),
     }
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import functools
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from clip_utils import prompts
+from clip_utils import config, prompts
 from clip_utils.data import canonical_name, results_name
 from clip_utils.lab import Lab
 from clip_utils.methods.common import RunData, run_data
@@ -59,6 +60,9 @@ from clip_utils.runtime.files import write_json
 from clip_utils.runtime.options import add_prompt_option, add_sample_options
 
 EVAL_BATCH = 8192  # test features scored per matmul
+# The hyper-parameters these methods choose on validation (where they search them), as
+# metrics.json's `selected` and the CLI's summary line report them.
+SELECTED = ("alpha", "beta")
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,8 @@ def run_cached(lab: Lab, dataset: str, method: str, fit: Callable[[FeatureData],
             torch.cuda.synchronize(device)  # note: a CPU-GPU sync point, once, for an honest fit time
         fit_seconds = time.perf_counter() - fit_start
     module = fitted.module.eval()
+    if fitted.info.get("note"):  # e.g. GDA at one shot without augmented views: exactly zero-shot
+        warnings.warn(f"{method}: {fitted.info['note']}", stacklevel=2)
     info = head_info(dataset=dataset, method=method, model=lab.model, class_names=lab.label_map(dataset),
                      embed_dim=fd.dim, epoch=int(fitted.info.get("best_epoch", 0) or 0))
     save_module(data.folder / MODULE_FILE, module, fitted.config, info)
@@ -188,8 +194,8 @@ def run_cached(lab: Lab, dataset: str, method: str, fit: Callable[[FeatureData],
         "peak_vram_mb": vram.peak_allocated_mb, "peak_reserved_mb": vram.peak_reserved_mb, "device": str(device),
         "n_train": len(fd.support_labels), "n_val": len(fd.val_labels), "fitted_on": "train",
         "selected_on": "val", "prompts": settings.prompts, "prompt_set": chosen, "prompt_val_top1": scores,
-        "selected": {k: v for k, v in fitted.info.items() if isinstance(v, (int, float)) and k != "best_epoch"},
-        "fit_info": fitted.info, "head_init": "zeroshot", "class_names_source": lab.class_naming,
+        "selected": {k: fitted.info[k] for k in SELECTED if isinstance(fitted.info.get(k), (int, float))},
+        "fit_info": fitted.info, "head_init": config.HEAD_INIT_ZEROSHOT, "class_names_source": lab.class_naming,
         "config": {"seed": seed, **settings.options},
     }
     figures_root = lab.results_dir if shots is None else data.folder
@@ -267,7 +273,7 @@ class Option:
 
 def cached_method(*, name: str, label: str, command: str, description: str, order: float,
                   fit: Callable[..., Fitted], build: Callable[..., nn.Module], options: tuple[Option, ...] = (),
-                  epochs: bool = False, linear: bool = False, new_classes: str = "zeroshot",
+                  epochs: bool = False, linear: bool = False, new_classes: str = "fallback",
                   aliases: tuple[str, ...] = ()) -> Method:
     """The declaration of a method fitted on cached features (its module registers it).
 
@@ -306,6 +312,6 @@ def cached_method(*, name: str, label: str, command: str, description: str, orde
         name=name, label=label, command=command, folder=name, description=description, order=order, aliases=aliases,
         trained=True, epochs=epochs, uses_text_classifier=True, new_classes=new_classes,
         add_arguments=add_arguments, settings=functools.partial(cached_settings, options=tuple(o.name for o in options)),
-        run=run, recorded=recorded, load_classifier=load_classifier, has_checkpoint=has_checkpoint,
+        run=run, recorded=recorded, load_classifier=load_classifier, has_checkpoint=has_checkpoint, fit=fit,
         export=functools.partial(export_linear, method=name, build=build) if linear else None,
     )

@@ -174,7 +174,7 @@ def run_info(lab: Lab, dataset: str, method: str, cfg: TrainConfig, fit_result: 
     cfg = resolved(cfg, lab)
     tags = data.tags() if data is not None else {"shots": None, "seed": cfg.seed}
     return {
-        "dataset": dataset, "split": "test", "method": method, "model": lab.model, **tags,
+        "dataset": dataset, "split": "test", "method": method, "model": lab.model, **tags, "fitted_on": "train",
         "seconds": seconds, "train_seconds": fit_result.train_seconds,
         "trainable_params": trainable, "total_params": total, "trainable_pct": 100.0 * trainable / total,
         "epochs": cfg.epochs, "best_epoch": fit_result.best_epoch,

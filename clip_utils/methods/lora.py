@@ -290,7 +290,8 @@ def run_lora(lab: Lab, dataset: str, cfg: TrainConfig = config.LORA, lora: LoraS
     device = torch.device(lab.device)
     data = run_data(lab, dataset, METHOD, shots, cfg.seed)
     out = data.folder
-    splits = {s: data.split(lab.dataset(dataset, s), s) for s in ("train", "val", "test")}
+    # The test split is listed in `evaluate`, after the best epoch is saved: nothing before can select on it.
+    splits = {s: data.split(lab.dataset(dataset, s), s) for s in ("train", "val")}
     class_names = lab.class_names(dataset)
     begin: StandardizedHead | _Prompts
     if lora.adapts_text:
@@ -304,7 +305,7 @@ def run_lora(lab: Lab, dataset: str, cfg: TrainConfig = config.LORA, lora: LoraS
         start_head = distributed.on_main(_probe_head_on_cpu, lab, dataset, data)
         if start_head is not None:
             start_head = start_head.to(device)
-        head_init = "linear_probe" if start_head is not None else "zeroshot"
+        head_init = config.LORA_HEAD_FROM if start_head is not None else config.HEAD_INIT_ZEROSHOT
         if start_head is None:
             start_head = zeroshot_init_head(lab, dataset)  # the zero-shot start, from the lab's model
         # The probe's units: the frozen encoder's training embeddings (cached; the probe's own).
@@ -318,13 +319,14 @@ def run_lora(lab: Lab, dataset: str, cfg: TrainConfig = config.LORA, lora: LoraS
                                             head_init)
     result, trainable, total, pre = trained.result, trained.trainable, trained.total, trained.pre
 
-    lora_config = {"lora_" + k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(lora).items()}
+    recorded_lora = adapter_config(lora)
     extra = {"head_init": head_init, "n_train": len(splits["train"]), "n_val": len(splits["val"])}
+
+    test = data.split(lab.dataset(dataset, "test"), "test")  # every rank: a download waits on the others
 
     def evaluate() -> dict:  # on rank 0 alone: it reads the checkpoint and writes the results
         best = load_classifier(lab, dataset, shots, cfg.seed)
         dtype = best.visual_projection.weight.dtype
-        test = splits["test"]
         test_batches = iter_labelled_batches([p for p, _ in test.samples], torch.tensor(test.targets), pre, device,
                                              dtype, cfg.batch_size, num_workers=lab.num_workers,
                                              desc=f"testing {dataset} LoRA")
@@ -333,7 +335,7 @@ def run_lora(lab: Lab, dataset: str, cfg: TrainConfig = config.LORA, lora: LoraS
         logits, labels = predict(best, test_batches, device, autocast=False)
         run = run_info(lab, dataset, METHOD, cfg, result, trainable=trainable, total=total,
                        peak_vram_mb=vram.peak_allocated_mb, peak_reserved_mb=vram.peak_reserved_mb,
-                       seconds=time.perf_counter() - start, extra_config=lora_config, data=data)
+                       seconds=time.perf_counter() - start, extra_config=recorded_lora, data=data)
         # A few-shot run keeps its figures in its own folder: results/figures stays one set per method.
         return save_evaluation(out, logits=logits, labels=labels, paths=[p for p, _ in test.samples],
                                class_names=class_names, info=run | extra,
@@ -470,14 +472,14 @@ def _run(lab: Lab, dataset: str, settings: LoraRunSettings, *, shots: int | None
     return run_lora(lab, dataset, cfg, settings.lora, resume=resume, callbacks=callbacks, shots=shots)
 
 
-def lora_config(settings: LoraSettings) -> dict:
+def adapter_config(settings: LoraSettings) -> dict:
     """The adapter settings as `run_lora` records them in metrics.json's config."""
     return {"lora_" + k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()}
 
 
 def _recorded(lab: Lab, settings: LoraRunSettings, seed: int) -> dict:
     cfg = replace(settings.train, seed=seed).resolved(lab.batch_size, lab.seed)
-    return {"config": asdict(cfg) | lora_config(settings.lora)}
+    return {"config": asdict(cfg) | adapter_config(settings.lora)}
 
 
 def _load_classifier(lab: Lab, dataset: str, *, shots: int | None = None, seed: int | None = None,
@@ -521,7 +523,7 @@ def _export(lab: Lab, dataset: str) -> tuple[Clip, torch.nn.Linear, HeadInfo, st
 register(Method(
     name=METHOD, label="LoRA", command="lora", folder="lora", order=20,
     description="LoRA fine-tuning of the vision encoder, the text encoder or both",
-    trained=True, epochs=True, new_classes="no", distributed=True, requires=(config.LORA_HEAD_FROM,),
+    trained=True, epochs=True, new_classes="text", distributed=True, requires=(config.LORA_HEAD_FROM,),
     batch_size=config.LORA.batch_size, add_arguments=_add_arguments, parser_defaults=_parser_defaults,
     check_arguments=_check_arguments, settings=_settings, run=_run, recorded=_recorded,
     load_classifier=_load_classifier, has_checkpoint=_has_checkpoint, export=_export,

@@ -19,8 +19,10 @@ classifier (`runs.zeroshot_init_head`) and trains in head units of the training 
 (`heads.head_units`): CLIP embeddings share a large common component, and in raw units a
 few epochs of gradient steps barely move the head's decisions. `lbfgs` is the CLIP paper's
 probe (`logreg`): scikit-learn's L-BFGS logistic regression on the L2-normalised
-embeddings, C chosen on validation, refit on train + val (a few-shot run is not refit, to
-stay K-shot; `fitted_on` says which); its curves.json holds one entry per C tried (`epoch`
+embeddings, C chosen on validation; by default fitted on the training images alone, as every
+other method is, so methods compared side by side saw the same labelled images (`refit=True`,
+`probe --refit`, refits on train + val as the CLIP paper does; a few-shot run never is, to stay
+K-shot; `fitted_on` says which); its curves.json holds one entry per C tried (`epoch`
 ranks them) and metrics.json the chosen `C`. The checkpoint always holds
 the equivalent head on raw embeddings, so predicting needs nothing but the head.
 """
@@ -142,12 +144,13 @@ def _train_adamw(lab: Lab, dataset: str, data: RunData, feats: dict[str, Feature
     return fit(job, cfg, resume=resume, callbacks=callbacks)
 
 
-def _fit_lbfgs(data: RunData, feats: dict[str, Features], n_classes: int, info: dict) -> tuple[FitResult, float]:
-    """The CLIP paper's probe: C swept on validation, refit on train + val (full data only), saved
-    like any head."""
+def _fit_lbfgs(data: RunData, feats: dict[str, Features], n_classes: int, info: dict,
+               refit: bool) -> tuple[FitResult, float]:
+    """The CLIP paper's probe: C swept on validation, refit on train + val when asked (full data
+    only), saved like any head."""
     clear_previous_run(data.folder, (HEAD_FILE, TRAIN_HEAD_FILE))  # no earlier run's resume state or head survives
-    # A K-shot run is not refit: on K + min(K, 4) images per class it would not be K-shot.
-    refit = data.shots is None
+    # A K-shot run is never refit: on K + min(K, 4) images per class it would not be K-shot.
+    refit = refit and data.shots is None
     fitted = fit_lbfgs(feats["train"].embeddings, feats["train"].labels, feats["val"].embeddings,
                        feats["val"].labels, n_classes, refit=refit)
     save_head(data.folder / HEAD_FILE, fitted.head, head_info(**info, epoch=fitted.best))
@@ -160,7 +163,7 @@ def _fit_lbfgs(data: RunData, feats: dict[str, Features], n_classes: int, info: 
 
 def run_probe(lab: Lab, dataset: str, cfg: TrainConfig = config.PROBE, resume: bool = False,
               callbacks: Sequence[EpochCallback] = (), *, shots: int | None = None,
-              solver: str = config.PROBE_SOLVER) -> dict:
+              solver: str = config.PROBE_SOLVER, refit: bool = config.PROBE_REFIT) -> dict:
     """Train a linear probe on the frozen encoder, evaluate it on test, save everything.
 
     Writes `results/<dataset>/linear_probe/` (a few-shot run: `.../shots_<K>/seed_<S>/`, with
@@ -178,6 +181,8 @@ def run_probe(lab: Lab, dataset: str, cfg: TrainConfig = config.PROBE, resume: b
         shots: train on this many images per class, validate on min(shots, 4) per class
             (None: every image).
         solver: `adamw` (the shared loop) or `lbfgs` (the CLIP paper's logistic regression).
+        refit: lbfgs only: refit on train + val at the chosen C, as the CLIP paper does (the
+            probe then fits on images the other methods only validate on; never with `shots`).
 
     Returns:
         The metrics.json content (with `shots`, `seed`, `solver`, `head_init`, `n_train`,
@@ -188,13 +193,16 @@ def run_probe(lab: Lab, dataset: str, cfg: TrainConfig = config.PROBE, resume: b
     fewshot.check_shots(shots)
     if solver not in config.SOLVERS:
         raise InvalidValue(f"unknown probe solver {solver!r}: choose one of {', '.join(config.SOLVERS)}")
+    if refit and solver != "lbfgs":
+        raise InvalidValue("refit is the lbfgs solver's: the training loop keeps its best epoch on validation")
     if solver == "lbfgs" and cfg.augment:
         raise InvalidValue("the lbfgs solver fits the cached features; augmented training needs the adamw solver")
     cfg = resolved(cfg, lab)
     device = torch.device(lab.device)
     data = run_data(lab, dataset, METHOD, shots, cfg.seed)
+    # The test split is read in `evaluate`, after the head is saved: nothing before can select on it.
     feats = {"train": lab.features(dataset, "train").subset(data.train),
-             "val": lab.features(dataset, "val").subset(data.val), "test": lab.features(dataset, "test")}
+             "val": lab.features(dataset, "val").subset(data.val)}
     model = lab.clip().model
     model.requires_grad_(False)  # frozen encoder; only the head learns
     class_names = lab.class_names(dataset)
@@ -206,13 +214,15 @@ def run_probe(lab: Lab, dataset: str, cfg: TrainConfig = config.PROBE, resume: b
         if solver == "lbfgs":
             # CPU scikit-learn on cached features, writing the heads and curves: rank 0 alone
             # fits it and sends the result to the others (nothing there is collective).
-            result, c = distributed.on_main(_fit_lbfgs, data, feats, len(class_names), info)
+            result, c = distributed.on_main(_fit_lbfgs, data, feats, len(class_names), info, refit)
             # No epochs: the "epochs" are the C values tried (curves.json has one entry each).
             cfg = replace(cfg, epochs=len(result.curves))
-            extra |= {"C": c, "head_init": "none", "fitted_on": "train" if shots else "train+val"}
+            extra |= {"C": c, "head_init": "none", "fitted_on": "train+val" if refit and not shots else "train"}
         else:
             result = _train_adamw(lab, dataset, data, feats, cfg, info, resume, callbacks)
-            extra |= {"head_init": "zeroshot"}
+            extra |= {"head_init": config.HEAD_INIT_ZEROSHOT}
+
+    feats["test"] = lab.features(dataset, "test")  # every rank: the encoding is sharded under torchrun
 
     def evaluate() -> dict:  # on rank 0 alone: it reads the checkpoint and writes the results
         best, _ = load_head(data.folder / HEAD_FILE, head_info(**info))
@@ -266,10 +276,11 @@ class ProbeSettings:
 
     train: TrainConfig = config.PROBE
     solver: str = config.PROBE_SOLVER
+    refit: bool = config.PROBE_REFIT
 
 
-SOLVER_HELP = ("lbfgs: the CLIP paper's L-BFGS logistic regression, C swept on validation and refit on train + val "
-               "(not with --shots; no epochs or learning rate); adamw: the training loop with the training options "
+SOLVER_HELP = ("lbfgs: the CLIP paper's L-BFGS logistic regression, C swept on validation (no epochs or learning "
+               "rate; --refit refits on train + val); adamw: the training loop with the training options "
                "(default: %(default)s)")
 # Options of the training loop: the lbfgs solver uses none of them.
 LOOP_OPTIONS = ("epochs", "lr", "weight_decay", "resume", "augment")
@@ -279,6 +290,9 @@ def _add_arguments(parser) -> None:
     add_training_options(parser, config.PROBE)
     add_sample_options(parser)
     parser.add_argument("--solver", choices=config.SOLVERS, default=config.PROBE_SOLVER, help=SOLVER_HELP)
+    parser.add_argument("--refit", action="store_true", default=config.PROBE_REFIT,
+                        help="lbfgs: refit on train + val at the chosen C, as the CLIP paper does (the other methods "
+                             "fit on train alone; not with --shots)")
     parser.add_argument("--augment", action="store_true", default=config.PROBE.augment,
                         help="train on augmented images (slower: no cached features; needs --solver adamw)")
     parser.add_argument("--encode-batch-size", type=positive_int, default=config.ENCODE_BATCH_SIZE,
@@ -291,7 +305,11 @@ def _add_sweep_arguments(parser) -> None:
 
 
 def _check_arguments(args) -> None:
+    if getattr(args, "refit", False) and getattr(args, "shots", None):
+        raise ValueError("--refit adds the validation images to the fit: a K-shot run (--shots) stays K-shot")
     if getattr(args, "solver", config.PROBE_SOLVER) != "lbfgs":
+        if getattr(args, "refit", False):
+            raise ValueError("--refit is the lbfgs solver's: the training loop keeps its best epoch on validation")
         return
     if getattr(args, "augment", False):
         raise InvalidValue("--augment trains through the encoder with the training loop: add --solver adamw")
@@ -306,13 +324,14 @@ def _settings(args) -> ProbeSettings:
     train = replace(d, epochs=getattr(args, "epochs", None) or d.epochs, lr=getattr(args, "lr", d.lr),
                     weight_decay=getattr(args, "weight_decay", d.weight_decay),
                     augment=getattr(args, "augment", d.augment), batch_size=args.batch_size, seed=args.seed)
-    return ProbeSettings(train, getattr(args, "solver", config.PROBE_SOLVER))
+    return ProbeSettings(train, getattr(args, "solver", config.PROBE_SOLVER), getattr(args, "refit", config.PROBE_REFIT))
 
 
 def _run(lab: Lab, dataset: str, settings: ProbeSettings, *, shots: int | None = None, seed: int | None = None,
          resume: bool = False, callbacks: Sequence[EpochCallback] = ()) -> dict:
     cfg = settings.train if seed is None else replace(settings.train, seed=seed)
-    return run_probe(lab, dataset, cfg, resume=resume, callbacks=callbacks, shots=shots, solver=settings.solver)
+    return run_probe(lab, dataset, cfg, resume=resume, callbacks=callbacks, shots=shots, solver=settings.solver,
+                     refit=settings.refit)
 
 
 def _recorded(lab: Lab, settings: ProbeSettings, seed: int) -> dict:
@@ -339,7 +358,7 @@ def _export(lab: Lab, dataset: str) -> tuple[Clip, nn.Linear, HeadInfo, None]:
 register(Method(
     name=METHOD, label="linear probe", command="probe", folder="linear_probe", order=10, aliases=("probe",),
     description="linear probe on the frozen vision encoder",
-    trained=True, epochs=True, new_classes="no", distributed=True, batch_size=config.PROBE.batch_size,
+    trained=True, epochs=True, new_classes="closed", distributed=True, batch_size=config.PROBE.batch_size,
     add_arguments=_add_arguments, add_sweep_arguments=_add_sweep_arguments, check_arguments=_check_arguments,
     settings=_settings, run=_run, recorded=_recorded, load_classifier=_load_classifier,
     has_checkpoint=lambda folder: (folder / HEAD_FILE).is_file(), export=_export,

@@ -171,7 +171,7 @@ def _load_classifier(lab: Lab, dataset: str, *, shots: int | None = None, seed: 
 register(Method(
     name=METHOD, label="zero-shot", command="zeroshot", folder="zeroshot", order=0,
     description="zero-shot evaluation under prompt sets",
-    trained=False, uses_text_classifier=True, new_classes="yes", reference=True, distributed=True,
+    trained=False, uses_text_classifier=True, new_classes="text", reference=True, distributed=True,
     batch_size=config.INFERENCE_BATCH_SIZE, add_arguments=_add_arguments, settings=_settings, run=_run,
     load_classifier=_load_classifier, has_checkpoint=lambda folder: True, print_result=_print_result,
 ))

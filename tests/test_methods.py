@@ -1,0 +1,140 @@
+"""Every registered method on the kit: the protocol's promises, checked for each of them.
+
+No method reads the test split before its fit is saved; methods of one sweep fit on the same
+K-shot sample; each fitted method predicts and (where its classifier is a linear head)
+exports like any other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+
+import pytest
+
+from clip_utils import registry
+from clip_utils.app.cli import main
+from clip_utils.lab import Lab
+from clip_utils.results import fewshot
+
+FITTED = [m.name for m in registry.trained()]
+
+
+def _lab(kit, results) -> Lab:
+    return Lab(model=str(kit["model"]), data_root=kit["data"], results_dir=results, device="cpu", batch_size=32,
+               num_workers=0, download=False)
+
+
+def _settings(method: registry.Method):
+    # a command line that sets one epoch where a method trains over epochs (LoRA, the loops)
+    return method.settings(argparse.Namespace(batch_size=None, seed=None, epochs=1))
+
+
+@pytest.fixture(scope="module")
+def poisoned_runs(kit, tmp_path_factory):
+    """Each fitted method, 2-shot on the kit's CUB, with the test split poisoned: reading it
+    before the method's checkpoint is saved fails the run."""
+    results = tmp_path_factory.mktemp("poisoned")
+    lab = _lab(kit, results)
+    features, dataset = Lab.features, Lab.dataset
+    current: dict = {}
+
+    def guard(split: str) -> None:
+        m = current.get("method")
+        if split == "test" and m is not None:
+            folder = fewshot.run_dir(results, "cub200", m.name, 2, 1)
+            assert m.has_checkpoint(folder), f"{m.label} read the test split before saving its fit"
+
+    def poisoned_features(self, name, split):
+        guard(split)
+        return features(self, name, split)
+
+    def poisoned_dataset(self, name, split, transform=None):
+        guard(split)
+        return dataset(self, name, split, transform)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(Lab, "features", poisoned_features)
+    mp.setattr(Lab, "dataset", poisoned_dataset)
+    runs = {}
+    try:
+        for m in registry.trained():
+            current["method"] = m
+            runs[m.name] = m.run(lab, "cub200", _settings(m), shots=2, seed=1)
+    finally:
+        mp.undo()
+    return {"lab": lab, "results": results, "runs": runs}
+
+
+def test_no_method_reads_the_test_split_before_its_fit_is_saved(poisoned_runs):
+    # each run would have failed at its first look at the test split otherwise
+    assert set(poisoned_runs["runs"]) == set(FITTED)
+    for name, metrics in poisoned_runs["runs"].items():
+        assert metrics["split"] == "test" and metrics["n"] > 0 and 0 <= metrics["top1"] <= 1, name
+        assert metrics["fitted_on"] == "train" and (metrics["shots"], metrics["seed"]) == (2, 1), name
+
+
+def test_every_method_fits_on_the_same_sample(poisoned_runs):
+    samples = {name: fewshot.read_samples(fewshot.run_dir(poisoned_runs["results"], "cub200", name, 2, 1))
+               for name in FITTED}
+    first = samples[FITTED[0]]
+    assert len(first["train"]) == 2 * 20
+    assert all(s["train"] == first["train"] and s["val"] == first["val"] for s in samples.values())
+
+
+# LoRA changes the encoder itself, so its head does not apply to the frozen features (test_lora.py checks it)
+@pytest.mark.parametrize("name", [name for name in FITTED if name != "lora"])
+def test_every_frozen_encoder_method_predicts_through_the_common_classifier(poisoned_runs, name):
+    lab = poisoned_runs["lab"]
+    m = registry.get(name)
+    classifier = m.load_classifier(lab, "cub200", shots=2, seed=1)
+    feats = lab.features("cub200", "test")
+    import csv
+
+    import torch
+
+    with torch.no_grad():
+        preds = classifier.head(feats.embeddings.to(classifier.head_dtype)).argmax(1)
+    folder = fewshot.run_dir(poisoned_runs["results"], "cub200", name, 2, 1)
+    with open(folder / "predictions.csv", newline="") as f:
+        saved = [int(r["pred"]) for r in csv.DictReader(f)]
+    assert preds.tolist() == saved
+
+
+def test_methods_declare_what_they_can_do():
+    by_name = {m.name: m for m in registry.methods()}
+    assert [m.name for m in registry.methods() if m.reference] == ["zeroshot"]
+    assert by_name["zeroshot"].new_classes == by_name["clip_adapter"].new_classes == "text"
+    assert by_name["linear_probe"].new_classes == "closed"
+    assert {m.new_classes for m in by_name.values() if m.uses_text_classifier and not m.reference} <= {"text", "fallback"}
+    assert by_name["lora"].requires == ("linear_probe",)
+    # a classifier that is not a linear head on the image embedding cannot be exported
+    assert by_name["tip_adapter"].export is None and by_name["gda"].export is not None
+
+
+def test_a_linear_adapter_exports_as_a_plain_linear_head(kit, tmp_path):
+    common = ["--dataset", "cub200", "--model", str(kit["model"]), "--data-root", str(kit["data"]),
+              "--results-dir", str(tmp_path), "--device", "cpu", "--no-download", "--workers", "0"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["lp++", "--prompts", "default", "--epochs", "20", *common]) == 0
+        assert main(["export", "--method", "lp++", "--out", str(tmp_path / "exported"), *common]) == 0
+    from clip_utils.app.export import load_exported
+
+    classifier, info = load_exported(tmp_path / "exported")
+    lab = _lab(kit, tmp_path)
+    feats = lab.features("cub200", "test")
+    import torch
+
+    with torch.no_grad():
+        top1 = (classifier.head(feats.embeddings).argmax(1) == feats.labels).float().mean().item()
+    metrics = json.loads((tmp_path / "cub200" / "lp_pp" / "metrics.json").read_text())
+    assert info["method"] == "lp_pp" and top1 == pytest.approx(metrics["top1"], abs=1e-6)
+
+
+def test_a_cache_model_cannot_be_exported(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", "--method", "tip-adapter", "--dataset", "cub200", "--out", "x"])
+    assert exit_.value.code == 2 and "invalid choice" in capsys.readouterr().err
