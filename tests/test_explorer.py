@@ -154,11 +154,11 @@ def test_top_k_and_method_boxes_answer_from_what_is_kept(task2_runs, work):
     assert [list(r) for r in shown(ex).values()] == [["zeroshot"], ["zeroshot"]] and pngs(ex) == 2
     ex.method_boxes["lora"].value = True
     assert [list(r) for r in shown(ex).values()] == [["zeroshot", "lora"]] * 2
+    for k in (12, 20):
+        start = time.perf_counter()
+        ex.top_k.value = k
+        timings[f"top-k {k}"] = time.perf_counter() - start
     assert work == counts  # no forward pass and no chart drawn: kept rankings, kept charts cut to size
-    ex.top_k.value = 12  # more rows than drawn: the charts are drawn again (once), the model is not run
-    assert work["forward"] == counts["forward"] and work["charts"] == counts["charts"] + 4
-    ex.top_k.value = 20
-    assert work["forward"] == counts["forward"] and work["charts"] == counts["charts"] + 4
     print("explorer updates (2 photos, 3 methods):", {what: f"{s * 1000:.0f} ms" for what, s in timings.items()})
     assert max(timings.values()) < 1.0, timings  # about 0.05 s; generous for a busy machine
 

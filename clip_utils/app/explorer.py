@@ -15,7 +15,7 @@ Uploads go through the same loading as files (`photos.open_photo`: EXIF rotation
 16-bit, huge images); what cannot be read is a message in the widget, never a traceback.
 What costs is done once and kept: each (dataset, method) classifier (LoRA's holds its own
 model copy), each photo's ranking of every class under each method, and each method's chart
-image, drawn with enough rows to be cut to any smaller top-k. Moving the top-k slider or
+image, drawn once with the slider's most classes and cut to any top-k. Moving the top-k slider or
 ticking a method box therefore runs no model and draws no chart: it pastes kept images
 (`figures.predictions.photo_row`), a few tens of milliseconds for two photos and three
 methods. While it works (loading a classifier, a first prediction) the controls' row says so.
@@ -156,8 +156,8 @@ class PhotoExplorer(widgets.VBox):
         self._classifiers: dict[tuple[str, str], ClipClassifier] = {}
         self._failed: dict[tuple[str, str], str] = {}  # checkpoints that exist but cannot be loaded
         self._rankings: dict[tuple, list[dict]] = {}
-        self._charts: dict[tuple, Image.Image] = {}  # (photo, dataset, method, prompt set): chart, some rows drawn
-        self._panels: dict[tuple, Image.Image] = {}  # (photo, dataset, charts): title and photo
+        self._charts: dict[tuple, Image.Image] = {}  # (photo, dataset, method, prompt set): MAX_TOP_K rows
+        self._panels: dict[tuple, Image.Image] = {}  # (photo, dataset): title and photo
         self._snapshot = None  # the display handle of the static image, once displayed
         self._quiet = False
         self._update_methods()
@@ -297,23 +297,20 @@ class PhotoExplorer(widgets.VBox):
                                                     len(names))
         return self._rankings[cache]
 
-    def _chart(self, key: tuple, dataset: str, method: str, ranking: list[dict], rows: int) -> Image.Image:
-        """The method's chart for this photo with at least `rows` classes drawn (kept): drawn at
-        the slider's default first, at its maximum the first time more are asked for."""
+    def _chart(self, key: tuple, dataset: str, method: str, ranking: list[dict]) -> Image.Image:
+        """The method's chart for this photo, drawn once with the slider's most classes (kept):
+        any top-k is its first rows, cut out by `plots.photo_row`."""
         cache = (key, dataset, method, self.prompt_set)
-        chart = self._charts.get(cache)
-        if chart is None or chart.height < round(plots.chart_height(rows) * plots.EXPLORER_DPI):
-            drawn = min(len(ranking), max(rows, config.TOP_K) if chart is None else MAX_TOP_K)
+        if cache not in self._charts:
             with self._busy("drawing ..."):
-                chart = self._charts[cache] = plots.chart_image(registry.get(method).label, ranking[:drawn])
-        return chart
+                self._charts[cache] = plots.chart_image(registry.get(method).label, ranking[:MAX_TOP_K])
+        return self._charts[cache]
 
     def _row(self, key: tuple, name: str, image: Image.Image, dataset: str, charts: list[Image.Image], rows: int,
              first: bool) -> Image.Image:
-        cache = (key, dataset, min(len(charts), plots.CHARTS_PER_LINE))
-        if cache not in self._panels:
-            self._panels[cache] = plots.photo_panel(image, f"{name} ({dataset})", len(charts))
-        return plots.photo_row(self._panels[cache], charts, rows, banner=first and plots.is_demo())
+        if (key, dataset) not in self._panels:
+            self._panels[key, dataset] = plots.photo_panel(image, f"{name} ({dataset})")
+        return plots.photo_row(self._panels[key, dataset], charts, rows, banner=first and plots.is_demo())
 
     def refresh(self) -> None:
         """Show the selected photos under the chosen methods (or why not), from what is kept."""
@@ -341,7 +338,7 @@ class PhotoExplorer(widgets.VBox):
                     failed = True
                     continue
                 entry["methods"][method] = {"top_k": ranking[:k]}
-                charts.append(self._chart(key, dataset, method, ranking, min(k, len(ranking))))
+                charts.append(self._chart(key, dataset, method, ranking))
             results.append(entry)
             if charts:
                 rows = min(k, len(self.lab.class_names(dataset)))

@@ -597,19 +597,22 @@ def chart_image(label: str, top_k: Sequence[Mapping]):
     return _image(fig)
 
 
-def photo_panel(image, title: str, methods: int):
-    """The title and the photo of a row of `methods` charts, as a PIL image at `EXPLORER_DPI`
-    (as wide as the row; the charts are pasted beside the photo)."""
+def photo_panel(image, title: str):
+    """The title and the photo of an explorer row, as a PIL image at `EXPLORER_DPI`, as wide
+    as a full row of charts (`photo_row` cuts it to the row it heads, so one panel serves any
+    number of methods)."""
     photo = thumbnail(image)
     photo_h = _photo_height(photo)
     fig = new_figure(constrained=False, demo_mark=False, dpi=EXPLORER_DPI,
-                     figsize=(_row_width(min(max(methods, 1), CHARTS_PER_LINE)), TITLE_IN + photo_h))
+                     figsize=(_row_width(CHARTS_PER_LINE), TITLE_IN + photo_h))
     _draw_panel(fig, photo, title, photo_h)
     return _image(fig)
 
 
+@functools.lru_cache(maxsize=8)
 def demo_banner(width_px: int):
-    """The demo mark as a strip `width_px` wide (`photo_row` puts it above a view's first row)."""
+    """The demo mark as a strip `width_px` wide (`photo_row` puts it above a view's first row;
+    drawn once per width)."""
     fig = new_figure(constrained=False, demo_mark=False, dpi=EXPLORER_DPI,
                      figsize=(width_px / EXPLORER_DPI, BANNER_IN))
     fig.text(0.5, 0.5, DEMO_MARK, ha="center", va="center", fontsize=13, weight="bold", color="white",
@@ -633,11 +636,12 @@ def photo_row(panel, charts: Sequence, rows: int, banner: bool = False):
     lines = max(1, math.ceil(len(charts) / CHARTS_PER_LINE))
     charts_px = lines * chart_px + (lines - 1) * round(GAP_IN * px)
     top = round(BANNER_IN * px) if banner else 0
+    width = round(_row_width(max(1, min(len(charts), CHARTS_PER_LINE))) * px)
     height = top + max(panel.height, round(TITLE_IN * px) + charts_px) + round(MARGIN_IN * px)
-    row = Image.new("RGB", (panel.width, height), "white")
+    row = Image.new("RGB", (width, height), "white")
     if banner:
-        row.paste(demo_banner(panel.width), (0, 0))
-    row.paste(panel, (0, top))
+        row.paste(demo_banner(width), (0, 0))
+    row.paste(panel.crop((0, 0, width, panel.height)), (0, top))
     for i, chart in enumerate(charts):
         line, col = divmod(i, CHARTS_PER_LINE)
         x = round((MARGIN_IN + PHOTO_IN + GAP_IN + col * (CHART_IN + GAP_IN)) * px)
