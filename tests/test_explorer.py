@@ -285,6 +285,7 @@ def test_a_static_image_of_the_view_stays_where_the_controls_cannot(task2_runs, 
     ex._ipython_display_()  # what the cell's last line does
     (controls, _), (snapshot, how) = shown_
     assert "application/vnd.jupyter.widget-view+json" in controls and how == {"display_id": True}
+    assert controls["text/plain"] == explorer_module.CONTROLS_TEXT  # not a page of repr where widgets cannot show
     png = Image.open(io.BytesIO(base64.b64decode(snapshot["image/png"])))
     assert png.size == ex.images[0].size and snapshot["text/plain"] == "bird.jpg (cub200)"
     # The live widget hides it by a marker inside the PNG: the style names what the base64 holds.

@@ -59,6 +59,7 @@ from clip_utils.model.heads import ClipClassifier
 UPLOADED = "<uploaded>"  # the photo menu's entry for the last upload (no file path looks like it)
 MAX_TOP_K = 20  # a longer bar chart is unreadable
 SNAPSHOT_KEY = "Comment"  # the PNG text chunk that carries an explorer's marker
+CONTROLS_TEXT = "photo explorer controls: they need a running kernel (run this cell); its view is below"
 
 
 def _png(image: Image.Image, marker: str | None = None) -> str:
@@ -181,7 +182,10 @@ class PhotoExplorer(widgets.VBox):
         """The controls, then a static image of the view for when they cannot be drawn."""
         from IPython.display import display
 
-        display(self._repr_mimebundle_(), raw=True)
+        controls = self._repr_mimebundle_()
+        # What a viewer without widgets (GitHub) prints instead of the controls: not a repr.
+        controls["text/plain"] = CONTROLS_TEXT
+        display(controls, raw=True)
         self._snapshot = display(self.snapshot(), raw=True, display_id=True)
 
     def snapshot(self) -> dict:
