@@ -216,6 +216,8 @@ HEAD_INIT_ZEROSHOT = "zeroshot"
 # CLIP_FEWSHOT_SEEDS widen it; an empty CLIP_FEWSHOT_SHOTS skips it).
 NOTEBOOK_FEWSHOT_SHOTS = (1, 2)
 NOTEBOOK_FEWSHOT_SEEDS = (1, 2)
+# ... and its methods: the two it trains, and the training-free adapters (fits of a second).
+NOTEBOOK_FEWSHOT_METHODS = ("linear_probe", "lora", "tip_adapter", "gda")
 
 # Zero-shot photo predictions: CLIP's published single template for the dataset, which needs
 # no dataset on disk (`auto` would encode the validation split first) and is the prompt set

@@ -75,6 +75,7 @@ class _Loaded:
     text: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
     prompt_sets: dict[str, dict[str, PromptSet]] = field(default_factory=dict)
     logit_scale: float | None = None
+    logit_bias: float | None = None
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,13 @@ class Lab:
         return self._loaded.logit_scale
 
     @property
+    def logit_bias(self) -> float:
+        """SigLIP's logit bias (0 for CLIP), kept through `unload` as the logit scale is."""
+        if self._loaded.logit_bias is None:
+            self._loaded.logit_bias = self.clip().logit_bias
+        return self._loaded.logit_bias
+
+    @property
     def preprocess(self) -> Preprocess:
         """The model's image preprocessing, read from its processor config (no weights loaded)."""
         if self._loaded.preprocess is None:
@@ -237,7 +245,8 @@ class Lab:
             clip = self.clip()
             self._loaded.text[key] = build_text_classifier(
                 clip.model, clip.tokenizer, self.class_names(dataset), sets[prompt_set], self.device,
-                self.batch_size, desc=f"encoding {dataset} prompts ({prompt_set})")
+                self.batch_size, desc=f"encoding {dataset} prompts ({prompt_set})",
+                text_kwargs=clip.backbone.text_kwargs(clip.model))
         return self._loaded.text[key]
 
     def choose_prompt_set(self, dataset: str, val: Features | None = None) -> tuple[str, dict[str, float]]:

@@ -323,3 +323,15 @@ def test_the_notebooks_shot_list_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("CLIP_FEWSHOT_SHOTS", "1,zero")
     with pytest.raises(ParameterError, match="CLIP_FEWSHOT_SHOTS='1,zero'"):
         env_ints("CLIP_FEWSHOT_SHOTS", (1, 2))
+
+
+def test_more_shots_than_a_class_has_is_refused_in_one_line(kit, tmp_path, capsys):
+    # Flowers102's official training split has 10 images per class: 16 shots cannot be 16 per class
+    code = main(["probe", "--dataset", "flowers102", "--shots", "16", *_common(kit, tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and err[0].startswith("error: flowers102: --shots 16 needs 16"), err
+    assert "has 10" in err[0] and not (tmp_path / "flowers102" / "linear_probe" / "shots_16").exists()
+    code = main(["fewshot", "--dataset", "flowers102", "--methods", "probe", "--shots", "1,16", "--seeds", "1",
+                 *_common(kit, tmp_path)])
+    assert code == 1 and "--shots 16 needs 16" in capsys.readouterr().err
+    assert not (tmp_path / "flowers102" / "linear_probe" / "shots_1").exists()  # refused before any run

@@ -138,3 +138,49 @@ def test_a_cache_model_cannot_be_exported(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["export", "--method", "tip-adapter", "--dataset", "cub200", "--out", "x"])
     assert exit_.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- where zero-shot is informative
+
+
+@pytest.fixture(scope="module")
+def informative_sweep(tmp_path_factory):
+    """Every fitted method, 16-shot, seed 1, in one sweep on the informative kit (zero-shot
+    clearly above chance and below the probe: `testkit.make_informative_kit`)."""
+    from clip_utils import config
+    from clip_utils.app.sweep import run_fewshot
+    from clip_utils.testkit import make_informative_kit
+
+    paths = make_informative_kit(tmp_path_factory.mktemp("informative"))
+    dataset = f"imagefolder:{paths['dataset']}"
+    lab = Lab(model=str(paths["model"]), data_root=paths["dataset"].parent, results_dir=paths["dataset"].parent / "r",
+              device="cpu", num_workers=0, download=False)
+    lora = registry.get("lora")
+    settings = {lora.name: lora.settings(argparse.Namespace(batch_size=None, seed=None, epochs=2))}
+    result = run_fewshot(lab, dataset, FITTED, shots=(16,), seeds=(1,), settings=settings)
+    runs = {r["method"]: r for r in result.rows}
+    zeroshot = next(iter(json.loads(p.read_text()) for p in (lab.results_dir / "birds" / "zeroshot").glob("auto/metrics.json")))
+    assert config.FEWSHOT_VAL_SHOTS == 4
+    return {"lab": lab, "runs": runs, "zeroshot": zeroshot, "folder": lab.results_dir / "birds"}
+
+
+def test_every_method_beats_an_informative_zero_shot(informative_sweep):
+    zeroshot, runs = informative_sweep["zeroshot"]["top1"], informative_sweep["runs"]
+    assert 2 / 12 < zeroshot < 0.8  # informative, and room above it
+    # 384 test images: one standard error of an accuracy is at most 2.6 points; ask for 2
+    margin = 2 * (0.25 / zeroshot_n(informative_sweep)) ** 0.5
+    assert set(runs) == set(FITTED)
+    for name, run in runs.items():
+        assert run["top1"] > zeroshot + margin, (name, run["top1"], zeroshot)
+
+
+def zeroshot_n(sweep) -> int:
+    return sweep["zeroshot"]["n"]
+
+
+def test_tip_adapter_f_is_not_below_tip_adapter_on_validation(informative_sweep):
+    def val(name):
+        folder = fewshot.run_dir(informative_sweep["lab"].results_dir, "birds", name, 16, 1)
+        return json.loads((folder / "metrics.json").read_text())["fit_info"]["val_acc"]
+
+    assert val("tip_adapter_f") >= val("tip_adapter")

@@ -25,7 +25,9 @@ import argparse
 import functools
 import json
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,6 +54,7 @@ from clip_utils.model.training import RESUME_FILE
 from clip_utils.registry import Method
 from clip_utils.results import fewshot
 from clip_utils.runtime import distributed
+from clip_utils.runtime.files import check_writable, run_lock
 from clip_utils.runtime.options import ints, name_list, non_negative_int, positive_int, positive_ints
 
 EPILOG = "Results layout and options: README.md and DESIGN.md."
@@ -224,10 +227,12 @@ def _print_run(metrics: dict, lab: Lab, args) -> None:
 
 
 def cmd_method(method: Method, args) -> None:
-    """A method's own command: read its settings, run it, say what it did."""
+    """A method's own command: read its settings, run it (one run per folder at a time), say what it did."""
     lab = _lab(args)
-    result = method.run(lab, args.dataset, method.settings(args), shots=getattr(args, "shots", None), seed=args.seed,
-                        resume=getattr(args, "resume", False), callbacks=distributed.crash_hooks())
+    shots = getattr(args, "shots", None)
+    with run_lock(fewshot.run_dir(lab.results_dir, args.dataset, method.name, shots, args.seed)):
+        result = method.run(lab, args.dataset, method.settings(args), shots=shots, seed=args.seed,
+                            resume=getattr(args, "resume", False), callbacks=distributed.crash_hooks())
     if distributed.is_main():  # under torchrun: printed once
         (method.print_result or _print_run)(result, lab, args)
 
@@ -268,8 +273,10 @@ def _predict_all(args) -> int:
     # Not trained yet is a skip; a checkpoint that is there but cannot be used is a failure.
     untrained = {name: why for name, why in errors.items() if checkpoint_missing(lab, args.dataset, name)}
     if untrained:
-        print("warning: skipped " + "; ".join(f"{registry.get(name).label} ({why})" for name, why in untrained.items())
-              + " (with the same --model, --data-root and --results-dir as here)", file=sys.stderr)
+        labels = ", ".join(registry.get(name).label for name in untrained)
+        print(f"warning: skipped, not trained for {args.dataset}: {labels} (train one with python -m clip_utils "
+              f"METHOD --dataset {args.dataset} and the same --model, --data-root and --results-dir as here)",
+              file=sys.stderr)
     for name in errors.keys() - untrained.keys():
         print(f"error: {registry.get(name).label}: {errors[name]}", file=sys.stderr)
     return 1 if len(untrained) < len(errors) or any("error" in r for r in results) else 0
@@ -373,12 +380,26 @@ def _parse(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Na
     return parser, args
 
 
+class Terminated(Exception):
+    """SIGTERM arrived (what a batch scheduler sends before it kills a job)."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     parser, args = _parse(argv)
     _check_arguments(parser, args)
+    # SIGTERM stops the run like Ctrl-C: at the next Python instruction, every file written
+    # so far complete (writes are atomic), and says what can be resumed.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         with warnings.catch_warnings():  # restores the previous display when main returns
             warnings.showwarning = _show_warning
+            if args.command not in ("predict", "report"):  # before any slow work: a folder we cannot write to
+                check_writable(args.results_dir)
             if distributed.launched():  # torchrun: join the other processes, on this rank's device
                 args.device = distributed.setup(args.device or default_device())
             code = args.handler(args) or 0
@@ -390,6 +411,10 @@ def main(argv: list[str] | None = None) -> int:
         if distributed.is_main():  # under torchrun every process gets the Ctrl-C: say it once
             print(f"interrupted: {_kept_after_interrupt(args)}", file=sys.stderr)
         return 130
+    except Terminated:
+        if distributed.is_main():
+            print(f"terminated (SIGTERM): {_kept_after_interrupt(args)}", file=sys.stderr)
+        return 143
     except torch.OutOfMemoryError as err:
         # Training turns its own OOM into a TrainingError; what lands here is encoding or prediction.
         option, size = (("--encode-batch-size", args.encode_batch_size) if hasattr(args, "encode_batch_size")
@@ -402,3 +427,5 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         distributed.teardown()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)

@@ -5,15 +5,19 @@
     folder = export_classifier(lab, "cub200", "lora", "cub-lora")
     classifier, info = load_exported("cub-lora")                              # a ClipClassifier again
 
-The folder is a Hugging Face CLIP checkpoint plus a head:
+The folder is a Hugging Face checkpoint of the base model's family plus a head:
 
-    config.json, model.safetensors      the CLIP model, LoRA merged into its weights (peft's
-                                        `merge_and_unload`): `CLIPModel.from_pretrained(folder)`
-    preprocessor_config.json, tokenizer files    its processor: `CLIPProcessor.from_pretrained(folder)`
+    config.json, model.safetensors      the model, LoRA merged into its weights (peft's
+                                        `merge_and_unload`), loaded with the family's own class:
+                                        `CLIPModel`, `SiglipModel` or `MetaClip2Model.from_pretrained(folder)`
+    preprocessor_config.json, tokenizer files    its processor (`CLIPProcessor`, `SiglipProcessor`)
     head.safetensors                    `weight` (C x D) and `bias` (C): logits = head applied to
-                                        the L2-normalised image embedding
-    classes.json                        class names in label order, and where the classifier came from
-    README.md                           a plain transformers usage snippet (`USAGE`)
+                                        the L2-normalised image embedding (CLIP, MetaCLIP 2: the
+                                        projected pooled output; SigLIP: the pooled output)
+    classes.json                        class names in label order, the family, the probability
+                                        kind (`softmax`: the heads are trained with cross-entropy),
+                                        and where the classifier came from
+    README.md                           a plain transformers usage snippet (`USAGE`, the family's classes)
 
 LoRA is merged in float32 on the CPU, whichever device trained it, so the saved weights are
 the adapted weights `W + (alpha / r) B A` rounded once; the exported model in float32 gives
@@ -40,8 +44,9 @@ from clip_utils.config import TOP_K
 from clip_utils.data import canonical_name
 from clip_utils.errors import InvalidValue, MissingFile, Refused
 from clip_utils.lab import Lab
+from clip_utils.model.backbones import Backbone
 from clip_utils.model.clip import load_clip
-from clip_utils.model.heads import ClipClassifier
+from clip_utils.model.heads import ClipClassifier, visual_projection
 from clip_utils.registry import Method
 from clip_utils.results.checkpoints import read_head, save_head
 from clip_utils.results.layout import method_dir
@@ -56,17 +61,35 @@ USAGE = '''\
 import json, torch
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import CLIPModel, CLIPProcessor
+from transformers import {model_class}, {processor_class}
 
 folder = "{folder}"
-model, processor = CLIPModel.from_pretrained(folder).eval(), CLIPProcessor.from_pretrained(folder)
+model, processor = {model_class}.from_pretrained(folder).eval(), {processor_class}.from_pretrained(folder)
 head, classes = load_file(f"{{folder}}/head.safetensors"), json.load(open(f"{{folder}}/classes.json"))["classes"]
 pixels = processor(images=Image.open("photo.jpg").convert("RGB"), return_tensors="pt")["pixel_values"]
 with torch.no_grad():
-    embedding = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
+    embedding = {embedding}
     logits = torch.nn.functional.normalize(embedding, dim=-1) @ head["weight"].T + head["bias"]
 print(classes[logits.argmax(-1).item()], f"{{logits.softmax(-1).max().item():.1%}}")
 '''
+
+# The image embedding the head takes, per family: the projected pooled output, or SigLIP's pooled output.
+EMBEDDING = {
+    True: "model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)",
+    False: "model.vision_model(pixel_values=pixels).pooler_output",
+}
+
+
+def usage(backbone: Backbone, folder: str = ".", projected: bool = True) -> str:
+    """The README's usage snippet for an exported folder of this family.
+
+    Args:
+        backbone: the base model's family (its model and processor classes).
+        folder: the folder the snippet loads.
+        projected: whether the model has an image projection (all but SigLIP).
+    """
+    return USAGE.format(folder=folder, model_class=backbone.model_class, processor_class=backbone.processor_class,
+                        embedding=EMBEDDING[projected])
 
 
 def exportable(method: str) -> Method:
@@ -120,12 +143,19 @@ def export_classifier(lab: Lab, dataset: str, method: str, out: str | Path) -> P
     clip, head, meta, adapted = m.export(lab, dataset)
     metrics_file = method_dir(lab.results_dir, dataset, m.name) / "metrics.json"
     metrics = read_json(metrics_file) if metrics_file.is_file() else {}
+    projected = visual_projection(clip.model) is not None
+    embedding = "visual_projection(vision_model(pixel_values).pooler_output)" if projected else \
+        "vision_model(pixel_values).pooler_output"
     info = {
         "exported_by": f"{MARK} {__version__}", "classes": lab.class_names(dataset),
         "original_names": lab.label_map(dataset), "dataset": dataset, "method": m.name,
         "base_model": lab.model, "encoders": adapted,
+        "backbone": clip.backbone.name, "model_class": clip.backbone.model_class,
+        "processor_class": clip.backbone.processor_class,
         "epoch": meta.epoch, "test_top1": metrics.get("top1"),
-        "logits": "normalize(visual_projection(vision_model(pixel_values).pooler_output)) @ weight.T + bias",
+        "logits": f"normalize({embedding}) @ weight.T + bias",
+        # The exported heads are trained with cross-entropy: a softmax over classes, whatever the family.
+        "probabilities": "softmax",
     }
     with atomic_folder(out) as tmp:
         with quiet_loading():  # transformers' `Writing model shards` bar, for one shard
@@ -133,20 +163,21 @@ def export_classifier(lab: Lab, dataset: str, method: str, out: str | Path) -> P
         clip.processor.save_pretrained(tmp)
         save_head(tmp / HEAD_FILE, head, meta)
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
-        (tmp / "README.md").write_text(_readme(info))
+        (tmp / "README.md").write_text(_readme(info, usage(clip.backbone, ".", projected)))
     return out
 
 
-def _readme(info: dict) -> str:
+def _readme(info: dict, snippet: str) -> str:
     adapted = {"vision": "LoRA on the vision tower, merged", "text": "LoRA on the text tower, merged",
                "both": "LoRA on both towers, merged"}.get(info["encoders"] or "", "the base model, unchanged")
     top1 = f"{info['test_top1']:.2%}" if isinstance(info.get("test_top1"), float) else "not recorded"
     return (
         f"# {info['dataset']} classifier ({info['method']})\n\n"
-        f"A CLIP image classifier for the {len(info['classes'])} classes of `{info['dataset']}`, exported by "
-        f"clip-lab from `{info['base_model']}` ({adapted}; best epoch {info['epoch']}; test top-1 {top1}).\n"
+        f"An image classifier for the {len(info['classes'])} classes of `{info['dataset']}`, exported by "
+        f"clip-lab from `{info['base_model']}` ({info['model_class']}; {adapted}; best epoch {info['epoch']}; "
+        f"test top-1 {top1}).\n"
         f"It needs `torch`, `transformers`, `safetensors` and `pillow`, nothing else:\n\n"
-        f"```python\n{USAGE.format(folder='.')}```\n\n"
+        f"```python\n{snippet}```\n\n"
         f"`classes.json` lists the class names in label order; `head.safetensors` holds `weight` (classes x "
         f"embedding) and `bias`, applied to the L2-normalised image embedding.\n"
     )
@@ -174,9 +205,9 @@ def load_exported(folder: str | Path, device: str | torch.device = "cpu",
     if head.out_features != len(info.get("classes", ())):
         raise InvalidValue(f"{folder}: the head has {head.out_features} outputs but {INFO_FILE} names "
                          f"{len(info.get('classes', ()))} classes")
-    clip = load_clip(folder, device, dtype=dtype)
-    model = clip.model
-    return ClipClassifier(model.vision_model, model.visual_projection, head.float().to(device)).eval(), info
+    clip = load_clip(folder, device, dtype=dtype)  # with the family's own class, read from config.json
+    return ClipClassifier(*clip.backbone.image_parts(clip.model), head.float().to(device),
+                          info.get("probabilities", "softmax")).eval(), info
 
 
 @torch.inference_mode()
@@ -191,7 +222,8 @@ def predict_exported(folder: str | Path, photos: Sequence[str | Path], top_k: in
         device: `cuda`, `cpu`, ... (None: cuda when available).
 
     Returns:
-        `{"photo", "top_k": [{"label", "name", "prob"}, ...]}` or `{"photo", "error"}` per photo.
+        `{"photo", "probabilities", "top_k": [{"label", "name", "prob"}, ...]}` or `{"photo", "error"}`
+        per photo (`probabilities`: `softmax`, the exported heads' kind).
     """
     if top_k < 1:
         raise InvalidValue(f"top_k must be at least 1, got {top_k}")
@@ -200,5 +232,6 @@ def predict_exported(folder: str | Path, photos: Sequence[str | Path], top_k: in
     if images:
         classifier, info = load_exported(folder, lab.device)
         for i, image in images.items():
+            results[i]["probabilities"] = classifier.probabilities
             results[i]["top_k"] = top_classes(lab, classifier, image, info["classes"], top_k)
     return results

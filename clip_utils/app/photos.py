@@ -54,7 +54,7 @@ from clip_utils.data import results_name
 from clip_utils.errors import InvalidValue, UserError
 from clip_utils.figures.predictions import plot_photo_predictions
 from clip_utils.lab import Lab
-from clip_utils.model.heads import ClipClassifier
+from clip_utils.model.heads import ClipClassifier, probabilities
 from clip_utils.results import fewshot
 from clip_utils.runtime.progress import bar
 
@@ -250,6 +250,11 @@ def open_photos(photos: Sequence[str | Path]) -> tuple[dict[int, Image.Image], l
     return images, results
 
 
+def probability_kind(classifier) -> str:
+    """`softmax` or `sigmoid`: what a classifier's probabilities are (`ClipClassifier.probabilities`)."""
+    return getattr(classifier, "probabilities", "softmax")
+
+
 @torch.inference_mode()
 def top_classes(lab: Lab, classifier: ClipClassifier, image: Image.Image, names: Sequence[str],
                 top_k: int) -> list[dict]:
@@ -263,11 +268,13 @@ def top_classes(lab: Lab, classifier: ClipClassifier, image: Image.Image, names:
         top_k: classes to return (clamped to the number of classes).
 
     Returns:
-        `[{"label": int, "name": str, "prob": float}, ...]`, most likely first.
+        `[{"label": int, "name": str, "prob": float}, ...]`, most likely first; `prob` is of
+        the classifier's kind (`classifier.probabilities`): a softmax over classes, or
+        SigLIP zero-shot's sigmoid per class (which need not sum to 1).
     """
-    dtype = classifier.visual_projection.weight.dtype  # the encoder's (fp16 on CUDA)
+    dtype = classifier.encoder_dtype  # the encoder's (fp16 on CUDA)
     pixels = lab.preprocess.transform()(image).unsqueeze(0).to(lab.device, dtype)
-    probs = classifier(pixels).float().softmax(dim=-1)[0].cpu()
+    probs = probabilities(classifier(pixels), probability_kind(classifier))[0].cpu()
     top = probs.topk(min(top_k, len(names)))
     return [{"label": int(j), "name": names[int(j)], "prob": float(p)}
             for p, j in zip(top.values, top.indices, strict=True)]
@@ -296,8 +303,10 @@ def predict_photos(
         prompt_set: zero-shot prompt set (`default`, `domain`, `diverse`, `domain_ensemble`, `auto`).
 
     Returns:
-        One dict per photo, in order: `{"photo": path, "top_k": [{"label": int, "name": str,
-        "prob": float}, ...]}` (most likely first) or `{"photo": path, "error": message}`.
+        One dict per photo, in order: `{"photo": path, "probabilities": "softmax" or "sigmoid",
+        "top_k": [{"label": int, "name": str, "prob": float}, ...]}` (most likely first) or
+        `{"photo": path, "error": message}`. `probabilities` says what `prob` is: a softmax
+        over classes, or (SigLIP zero-shot) a sigmoid per class.
     """
     if top_k < 1:
         raise InvalidValue(f"top_k must be at least 1, got {top_k}")
@@ -307,6 +316,7 @@ def predict_photos(
         return results
     classifier = classifier_for(lab, dataset, method, prompt_set)
     for i, image in bar(images.items(), desc="predicting photos", unit="photo", total=len(images)):
+        results[i]["probabilities"] = probability_kind(classifier)
         results[i]["top_k"] = top_classes(lab, classifier, image, names, top_k)
     return results
 
@@ -333,8 +343,9 @@ def compare_photos(
         prompt_set: zero-shot prompt set.
 
     Returns:
-        One dict per photo: `{"photo": path, "methods": {method: {"top_k": [...]} or
-        {"error": message}}}` (canonical method names: a method with no checkpoint, or a
+        One dict per photo: `{"photo": path, "methods": {method: {"probabilities": kind,
+        "top_k": [...]} or {"error": message}}}` (canonical method names; `probabilities` as
+        in `predict_photos`, per method: a method with no checkpoint, or a
         damaged one, has the error), or `{"photo": path, "error": message}` for a photo
         that could not be read.
     """
@@ -355,7 +366,8 @@ def compare_photos(
                 reason = str(err)
         for i, image in images.items():
             results[i]["methods"][name] = ({"error": reason} if classifier is None
-                                           else {"top_k": top_classes(lab, classifier, image, names, top_k)})
+                                           else {"probabilities": probability_kind(classifier),
+                                                 "top_k": top_classes(lab, classifier, image, names, top_k)})
         del classifier  # free LoRA's model copy before the next method loads
     return results
 

@@ -166,6 +166,10 @@ def run_fewshot(lab: Lab, dataset: str, methods: Sequence[str] = config.FEWSHOT_
     order = check_methods(methods)
     for k in shots:
         fewshot.check_shots(k)
+    try:  # before any run: a K some class cannot fill is refused, not found out half-way
+        fewshot.check_enough(lab.dataset(dataset, "train").samples, max(shots))
+    except InvalidValue as err:
+        raise InvalidValue(f"{results_name(dataset)}: {err}") from None
     given = dict(settings or {})
     trained, reused = [], []
     for m in order:

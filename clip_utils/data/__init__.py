@@ -21,7 +21,6 @@ from typing import Any
 
 from PIL import Image
 
-from clip_utils.errors import InvalidValue
 from clip_utils.data.benchmarks import DTD, EUROSAT, FGVC_AIRCRAFT, FLOWERS102, FOOD101, PETS, STANFORD_CARS
 from clip_utils.data.cub import CUB200
 from clip_utils.data.imagefolder import PREFIX, imagefolder_spec
@@ -33,6 +32,7 @@ from clip_utils.data.images import (
     UnreadableImageError,
     open_rgb,
 )
+from clip_utils.errors import InvalidValue
 
 # The notebooks' two datasets first, then the field's other fine-grained benchmarks.
 # The package's dataset types are importable from here too.

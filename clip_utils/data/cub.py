@@ -15,8 +15,8 @@ import tempfile
 from pathlib import Path
 
 from clip_utils.data.classnames import check_naming, cub_proper_name
-from clip_utils.prompts.templates import DOMAIN_ENSEMBLES
 from clip_utils.data.images import DatasetNotFoundError, DatasetSpec, require_network
+from clip_utils.prompts.templates import DOMAIN_ENSEMBLES
 
 CUB_URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz"
 CUB_MD5 = "97eceeb196236b17998738112f37df78"

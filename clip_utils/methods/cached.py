@@ -41,7 +41,7 @@ from clip_utils.lab import Lab
 from clip_utils.methods.common import RunData, run_data
 from clip_utils.model.clip import Clip
 from clip_utils.model.feature_fit import FeatureData, Fitted
-from clip_utils.model.heads import ClipClassifier, count_parameters
+from clip_utils.model.heads import ClipClassifier, image_encoder_parameters
 from clip_utils.model.training import CURVES_FILE
 from clip_utils.model.vram import VramProbe
 from clip_utils.registry import Method
@@ -184,7 +184,7 @@ def run_cached(lab: Lab, dataset: str, method: str, fit: Callable[[FeatureData],
     logits = _scores(module, test.embeddings, device)
     learned, stored = _parameters(module)
     model = lab.clip().model
-    encoder = count_parameters(model.vision_model)[1] + count_parameters(model.visual_projection)[1]
+    encoder = image_encoder_parameters(model)
     run = {
         "dataset": dataset, "split": "test", "method": method, "model": lab.model, **data.tags(),
         "seconds": time.perf_counter() - start, "train_seconds": fit_seconds,
@@ -239,7 +239,7 @@ def load_cached(lab: Lab, dataset: str, method: str, build: Callable[..., nn.Mod
     module, _ = read_cached(lab, dataset, method, build, shots, seed)
     clip = lab.clip()
     # The module stays float32 beside an fp16 encoder: ClipClassifier casts the embedding up.
-    return ClipClassifier(clip.model.vision_model, clip.model.visual_projection, module.float().to(lab.device)).eval()
+    return ClipClassifier(*clip.backbone.image_parts(clip.model), module.float().to(lab.device)).eval()
 
 
 def has_checkpoint(folder) -> bool:

@@ -28,7 +28,8 @@ from torch import nn
 
 from clip_utils import config
 from clip_utils.config import TrainConfig
-from clip_utils.data import ImageListDataset
+from clip_utils.data import ImageListDataset, results_name
+from clip_utils.errors import InvalidValue
 from clip_utils.lab import Lab
 from clip_utils.model.heads import zeroshot_head
 from clip_utils.model.training import FitResult, TrainingError
@@ -88,7 +89,10 @@ def run_data(lab: Lab, dataset: str, method: str, shots: int | None, seed: int) 
     if shots is None:
         return RunData(folder, None, seed)
     train, val = lab.dataset(dataset, "train"), lab.dataset(dataset, "val")
-    sample = fewshot.draw(train.samples, val.samples, shots, seed)
+    try:
+        sample = fewshot.draw(train.samples, val.samples, shots, seed)
+    except InvalidValue as err:
+        raise InvalidValue(f"{results_name(dataset)}: {err}") from None
     # Every rank draws the same sample (seeded); rank 0 alone writes it.
     distributed.on_main(fewshot.write_samples, folder, sample, train.samples, val.samples)
     return RunData(folder, shots, seed, sample.train, sample.val)
@@ -144,7 +148,7 @@ def zeroshot_init_head(lab: Lab, dataset: str) -> nn.Linear:
         dataset: dataset name (chooses the domain templates).
     """
     text = lab.text_classifier(dataset, HEAD_INIT_SET)
-    return zeroshot_head(text, lab.logit_scale).to(lab.device)
+    return zeroshot_head(text, lab.logit_scale, lab.logit_bias).to(lab.device)
 
 
 def resolved(cfg: TrainConfig, lab: Lab) -> TrainConfig:

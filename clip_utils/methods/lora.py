@@ -152,23 +152,29 @@ def _train(lab: Lab, dataset: str, data: RunData, splits: dict, start: Standardi
     clip = lab.model_copy("cpu")  # its own copy: the adapters go into it
     model = clip.model
     model.requires_grad_(False)
-    model.vision_model.to(device, base_dtype)
-    model.visual_projection.to(device, base_dtype)
+    # The family says which modules hold each side (SigLIP: no projections, its towers
+    # pool and project inside).
+    vision_model, visual_projection = clip.backbone.image_parts(model)
+    for module in (vision_model, visual_projection):
+        if module is not None:
+            module.to(device, base_dtype)
     # peft draws the adapters' initial A from the global generator: seeded, the same command
     # gives the same run in any process (`fit` re-seeds it at every epoch anyway).
     torch.manual_seed(cfg.seed)
-    vision = add_lora(model.vision_model, lora) if lora.adapts_vision else model.vision_model
+    vision = add_lora(vision_model, lora) if lora.adapts_vision else vision_model
     text = None
     if isinstance(start, _Prompts):
-        model.text_model.to(device, base_dtype)
-        model.text_projection.to(device, base_dtype)
-        text = add_lora(model.text_model, lora)
+        text_model, text_projection = clip.backbone.text_parts(model)
+        for module in (text_model, text_projection):
+            if module is not None:
+                module.to(device, base_dtype)
+        text = add_lora(text_model, lora)
         tokens = class_tokens(clip.tokenizer, start.class_names, start.templates,
-                              model.config.text_config.max_position_embeddings)
-        classifier = TextTowerClassifier(vision, model.visual_projection, text, model.text_projection, tokens,
-                                         clip.logit_scale)
+                              model.config.text_config.max_position_embeddings, clip.backbone.text_kwargs(model))
+        classifier = TextTowerClassifier(vision, visual_projection, text, text_projection, tokens,
+                                         clip.logit_scale, clip.logit_bias)
     else:
-        classifier = ClipClassifier(vision, model.visual_projection, start)  # the text tower is left behind
+        classifier = ClipClassifier(vision, visual_projection, start)  # the text tower is left behind
     head_params = [] if text is not None else list(start.parameters())
     expected = lora_trainable_params(model.config.vision_config, lora, len(class_names), clip.embed_dim,
                                      model.config.text_config)
@@ -326,7 +332,7 @@ def run_lora(lab: Lab, dataset: str, cfg: TrainConfig = config.LORA, lora: LoraS
 
     def evaluate() -> dict:  # on rank 0 alone: it reads the checkpoint and writes the results
         best = load_classifier(lab, dataset, shots, cfg.seed)
-        dtype = best.visual_projection.weight.dtype
+        dtype = best.encoder_dtype
         test_batches = iter_labelled_batches([p for p, _ in test.samples], torch.tensor(test.targets), pre, device,
                                              dtype, cfg.batch_size, num_workers=lab.num_workers,
                                              desc=f"testing {dataset} LoRA")
@@ -376,11 +382,11 @@ def load_classifier(lab: Lab, dataset: str, shots: int | None = None, seed: int 
     clip = lab.model_copy(lab.device, inference_dtype(lab.device))
     check_head(info, head_info(dataset=dataset, method=METHOD, model=lab.model, class_names=lab.label_map(dataset),
                                embed_dim=clip.embed_dim), paths["head"])
-    vision = clip.model.vision_model
+    vision, projection = clip.backbone.image_parts(clip.model)
     if adapts_vision:
         vision = attach_adapter(vision, paths["adapter"], info, lab.device)
     # The head stays float32 beside an fp16 encoder: ClipClassifier casts the embedding up.
-    return ClipClassifier(vision, clip.model.visual_projection, head.float().to(lab.device)).eval()
+    return ClipClassifier(vision, projection, head.float().to(lab.device)).eval()
 
 
 # ---------------------------------------------------------------------------- the registered method
@@ -512,7 +518,7 @@ def _export(lab: Lab, dataset: str) -> tuple[Clip, torch.nn.Linear, HeadInfo, st
                                class_names=lab.label_map(dataset), embed_dim=clip.embed_dim), paths["head"])
     for tower, folder in folders.items():
         # peft injects the adapter into the tower in place, and merging puts plain Linear layers
-        # with the merged weights back in place: the CLIPModel holding the tower is adapted.
+        # with the merged weights back in place: the model holding the tower is adapted.
         attach_adapter(getattr(clip.model, tower), folder, info, "cpu").merge_and_unload()
     leftover = [n for n, _ in clip.model.named_parameters() if "lora_" in n]
     if leftover:

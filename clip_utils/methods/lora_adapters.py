@@ -79,7 +79,8 @@ class ClassTokens:
     per_class: int = 1
 
 
-def class_tokens(tokenizer, class_names: Sequence[str], templates: Sequence[str], max_length: int) -> ClassTokens:
+def class_tokens(tokenizer, class_names: Sequence[str], templates: Sequence[str], max_length: int,
+                 text_kwargs: dict | None = None) -> ClassTokens:
     """Tokenised class prompts, every template filled with every name, class by class.
 
     Args:
@@ -87,38 +88,49 @@ def class_tokens(tokenizer, class_names: Sequence[str], templates: Sequence[str]
         class_names: names in label order.
         templates: prompt templates with `{}` (LoRA uses the `domain` set: one template, as
             CLIP-LoRA does).
-        max_length: the text tower's context length.
+        max_length: the text tower's context length (CLIP's padding).
+        text_kwargs: the family's tokenizer arguments (`Backbone.text_kwargs`: SigLIP pads to
+            64 tokens), over CLIP's padding to the longest prompt.
     """
     prompts = [p for per_class in class_prompts(class_names, templates) for p in per_class]
-    tokens = tokenizer(prompts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    return ClassTokens(tokens["input_ids"], tokens["attention_mask"], len(templates))
+    kwargs = text_kwargs or {"padding": True, "truncation": True, "max_length": max_length}
+    tokens = tokenizer(prompts, return_tensors="pt", **kwargs)
+    mask = tokens.get("attention_mask")
+    return ClassTokens(tokens["input_ids"], mask if mask is not None else torch.ones_like(tokens["input_ids"]),
+                       len(templates))
 
 
 class TextTowerClassifier(nn.Module):
-    """Logits = logit scale x cosine(image embedding, class prompt embedding), both towers live.
+    """Logits = logit scale x cosine(image embedding, class prompt embedding) (+ SigLIP's bias), both towers live.
 
     Args:
         vision_model: CLIP's vision transformer (peft-wrapped when adapted).
-        visual_projection: CLIP's image projection.
+        visual_projection: CLIP's image projection (None: SigLIP, whose tower's pooled output
+            is the embedding).
         text_model: CLIP's text transformer (peft-wrapped).
-        text_projection: CLIP's text projection.
-        tokens: the class prompts (`class_tokens`).
+        text_projection: CLIP's text projection (None: SigLIP, whose text tower projects
+            inside, `text_model.head`).
+        tokens: the class prompts (`class_tokens`, padded as the family pads them).
         logit_scale: CLIP's temperature, `exp(model.logit_scale)` (fixed).
+        logit_bias: SigLIP's logit bias (fixed; 0 for CLIP). A constant on every class, it
+            changes no prediction and no cross-entropy, only what a sigmoid would read.
     """
 
-    def __init__(self, vision_model: nn.Module, visual_projection: nn.Module, text_model: nn.Module,
-                 text_projection: nn.Module, tokens: ClassTokens, logit_scale: float) -> None:
+    def __init__(self, vision_model: nn.Module, visual_projection: nn.Module | None, text_model: nn.Module,
+                 text_projection: nn.Module | None, tokens: ClassTokens, logit_scale: float,
+                 logit_bias: float = 0.0) -> None:
         super().__init__()
         self.vision_model = vision_model
         self.visual_projection = visual_projection
         self.text_model = text_model
         self.text_projection = text_projection
-        device = visual_projection.weight.device
+        device = next(vision_model.parameters()).device
         # Buffers, not parameters; not persistent: the prompts are rebuilt from the class names.
         self.register_buffer("input_ids", tokens.input_ids.to(device), persistent=False)
         self.register_buffer("attention_mask", tokens.attention_mask.to(device), persistent=False)
         self.per_class = tokens.per_class
         self.logit_scale = float(logit_scale)
+        self.logit_bias = float(logit_bias)
         self._frozen: torch.Tensor | None = None
 
     def class_embeddings(self) -> torch.Tensor:
@@ -126,7 +138,8 @@ class TextTowerClassifier(nn.Module):
         if not self.training and self._frozen is not None:
             return self._frozen
         pooled = self.text_model(input_ids=self.input_ids, attention_mask=self.attention_mask).pooler_output
-        emb = F.normalize(self.text_projection(pooled).float(), dim=-1)
+        projected = pooled if self.text_projection is None else self.text_projection(pooled)
+        emb = F.normalize(projected.float(), dim=-1)
         emb = F.normalize(emb.view(-1, self.per_class, emb.shape[-1]).mean(dim=1), dim=-1)
         if not self.training:
             self._frozen = emb.detach()
@@ -143,7 +156,7 @@ class TextTowerClassifier(nn.Module):
         # In fp32 outside autocast, as `ClipClassifier` runs its head: bf16 logits would flip
         # close calls between classes.
         with torch.autocast(images.device.type, enabled=False):
-            return self.logit_scale * images.float() @ classes.float().T
+            return self.logit_scale * images.float() @ classes.float().T + self.logit_bias
 
     @torch.no_grad()
     def frozen_head(self) -> nn.Linear:
@@ -152,5 +165,5 @@ class TextTowerClassifier(nn.Module):
         In eval mode, after a validation pass, these are the very class embeddings that pass
         scored (kept since); in training mode they are computed now, with dropout.
         """
-        head = zeroshot_head(self.class_embeddings().T, self.logit_scale)
-        return head.to(self.visual_projection.weight.device)
+        head = zeroshot_head(self.class_embeddings().T, self.logit_scale, self.logit_bias)
+        return head.to(self.input_ids.device)

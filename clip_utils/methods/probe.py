@@ -48,7 +48,7 @@ from clip_utils.model.features import Features
 from clip_utils.model.heads import (
     ClipClassifier,
     FrozenEncoderProbe,
-    count_parameters,
+    image_encoder_parameters,
     head_units,
     standardized_head,
     unstandardized_head,
@@ -229,7 +229,7 @@ def run_probe(lab: Lab, dataset: str, cfg: TrainConfig = config.PROBE, resume: b
         best = best.to(device)
         logits, labels = predict(best, permuted_batches(feats["test"].embeddings.to(device),
                                                         feats["test"].labels.to(device), 4096), device, autocast=False)
-        encoder_params = count_parameters(model.vision_model)[1] + count_parameters(model.visual_projection)[1]
+        encoder_params = image_encoder_parameters(model)
         head_params = embed_dim * len(class_names) + len(class_names)
         run = run_info(lab, dataset, METHOD, cfg, result, trainable=head_params,
                        total=encoder_params + head_params, peak_vram_mb=vram.peak_allocated_mb,
@@ -265,7 +265,7 @@ def load_classifier(lab: Lab, dataset: str, shots: int | None = None, seed: int 
     check_head(info, head_info(dataset=dataset, method=METHOD, model=lab.model, class_names=lab.label_map(dataset),
                                embed_dim=clip.embed_dim), path)
     # The head stays float32 beside an fp16 encoder: ClipClassifier casts the embedding up.
-    return ClipClassifier(clip.model.vision_model, clip.model.visual_projection, head.float().to(lab.device)).eval()
+    return ClipClassifier(*clip.backbone.image_parts(clip.model), head.float().to(lab.device)).eval()
 
 
 # ---------------------------------------------------------------------------- the registered method

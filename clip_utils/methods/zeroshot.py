@@ -78,7 +78,7 @@ def run_zeroshot(
     # text side is a few thousand short prompts. The encoding's peak is the method's memory
     # cost, recorded with the feature cache so a run that reads the cache reports it too.
     encoding = feats.encoding
-    scale = lab.clip().logit_scale
+    scale, bias = lab.clip().logit_scale, lab.logit_bias
     classes = lab.class_names(dataset)
     results = {}
     for name in names:
@@ -88,11 +88,12 @@ def run_zeroshot(
         if name == prompts.AUTO:
             chosen, val_top1 = lab.choose_prompt_set(dataset)
             extra = {"selected_set": chosen, "selected_on": "val", "val_top1": val_top1}
-        logits = prompts.zeroshot_logits(feats.embeddings, lab.text_classifier(dataset, chosen), scale)
+        logits = prompts.zeroshot_logits(feats.embeddings, lab.text_classifier(dataset, chosen), scale, bias)
         info = {
             "dataset": dataset, "split": split, "method": METHOD, "model": str(lab.model),
             "class_names_source": lab.class_naming,
             "prompt_set": name, "templates": sets[chosen], **extra, "logit_scale": scale,
+            "logit_bias": bias, "probabilities": lab.clip().backbone.probabilities,
             "seconds": time.perf_counter() - start, "feature_seconds": encoding.get("seconds"),
             "features_from_cache": encoding.get("from_cache"), "peak_vram_mb": encoding.get("peak_vram_mb"),
             "peak_reserved_mb": encoding.get("peak_reserved_mb"), "world_size": distributed.world_size(),
@@ -123,8 +124,11 @@ def load_classifier(lab: Lab, dataset: str, prompt_set: str = prompts.AUTO) -> C
     elif prompt_set not in sets:
         raise InvalidValue(f"unknown prompt set {prompt_set!r}: choose from {', '.join([*sets, prompts.AUTO])}")
     clip = lab.clip()
-    head = zeroshot_head(lab.text_classifier(dataset, prompt_set), clip.logit_scale).to(lab.device)  # float32
-    return ClipClassifier(clip.model.vision_model, clip.model.visual_projection, head).eval()
+    # The model's own logits (SigLIP's bias included), so its probabilities are the family's:
+    # a softmax over classes for CLIP, a sigmoid per class for SigLIP.
+    head = zeroshot_head(lab.text_classifier(dataset, prompt_set), clip.logit_scale, clip.logit_bias)
+    vision, projection = clip.backbone.image_parts(clip.model)
+    return ClipClassifier(vision, projection, head.to(lab.device), clip.backbone.probabilities).eval()  # head float32
 
 
 # ---------------------------------------------------------------------------- the registered method

@@ -1,12 +1,18 @@
-"""Loading a CLIP checkpoint: the model, its processor and what is read off them once.
+"""Loading a CLIP-style checkpoint: the model, its processor and what is read off them once.
 
     from clip_utils.model.clip import load_clip
     clip = load_clip("openai/clip-vit-large-patch14", device="cuda", dtype=torch.float16)
     clip.model, clip.tokenizer, clip.preprocess, clip.logit_scale, clip.fingerprint
+    clip.backbone.name        # "clip", "siglip" or "metaclip_2" (`backbones`)
 
-Any Hugging Face CLIP id or local folder works. Loading never waits on a network that is
-not there: a model that is neither a folder nor in the local cache is fetched only after a
-quick reachability check, and `HF_HUB_OFFLINE=1` is honoured, so an offline machine gets a
+Any Hugging Face id or local folder of a supported family works: CLIP (also MetaCLIP 1 and
+OpenCLIP checkpoints in HF format), SigLIP (also SigLIP 2 at a fixed resolution) and
+MetaCLIP 2. The family comes from the checkpoint's `config.json` (`model_type`), read before
+any weight: another kind of checkpoint is refused in one line (`backbones.UnsupportedModel`).
+
+Loading never waits on a network that is not there: a model that is neither a folder nor
+in the local cache is fetched only after a quick reachability check, and
+`HF_HUB_OFFLINE=1` is honoured, so an offline machine gets a
 `ModelUnavailableError` naming the model within seconds instead of minutes of retries.
 Each load says so in one line (`loaded NAME (427.6M parameters, float32) in 3.1 s`): on stderr
 from the command line, on stdout in a notebook (`progress.info`).
@@ -32,6 +38,7 @@ from torch import nn
 
 from clip_utils.config import DEFAULT_MODEL
 from clip_utils.errors import UserError
+from clip_utils.model.backbones import Backbone, config_backbone
 from clip_utils.model.heads import logit_scale
 from clip_utils.model.preprocess import Preprocess
 from clip_utils.runtime import distributed
@@ -81,17 +88,20 @@ def model_fingerprint(model) -> str:
 
 @dataclass(frozen=True)
 class Clip:
-    """A loaded CLIP checkpoint.
+    """A loaded CLIP-style checkpoint.
 
     Attributes:
         name: the id or folder it was loaded from.
-        model: the `CLIPModel`, in eval mode.
-        processor: its `CLIPProcessor`.
+        model: the family's model (`CLIPModel`, `SiglipModel`, `MetaClip2Model`), in eval mode.
+        processor: its processor.
+        backbone: its family (`backbones.Backbone`): text padding, logit bias, probabilities,
+            LoRA targets, the class it exports with.
     """
 
     name: str
     model: Any
     processor: Any
+    backbone: Backbone
 
     @property
     def tokenizer(self):
@@ -108,13 +118,18 @@ class Clip:
         return logit_scale(self.model)
 
     @cached_property
+    def logit_bias(self) -> float:
+        """SigLIP's logit bias (`scale * cos + bias`); 0 for families without one."""
+        return self.backbone.logit_bias(self.model)
+
+    @cached_property
     def fingerprint(self) -> str:
         """`model_fingerprint` of the weights as loaded, computed once (the model is frozen)."""
         return model_fingerprint(self.model)
 
     @property
     def embed_dim(self) -> int:
-        return int(self.model.visual_projection.out_features)
+        return self.backbone.embed_dim(self.model)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -142,7 +157,7 @@ class Clip:
             config = model.config
             for part in (config, *(getattr(config, name) for name in getattr(config, "sub_configs", {}))):
                 part.dtype = dtype
-        return Clip(name=self.name, model=model, processor=self.processor)
+        return Clip(name=self.name, model=model, processor=self.processor, backbone=self.backbone)
 
 
 def load_clip(
@@ -150,7 +165,11 @@ def load_clip(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
 ) -> Clip:
-    """Load a CLIP model and its processor, failing fast when it cannot be fetched.
+    """Load a CLIP-style model and its processor, failing fast when it cannot be fetched.
+
+    The family is read from `config.json` first (`checkpoint_backbone`): the weights load
+    with the family's own class, and a checkpoint of no supported family is refused before
+    any weight is read.
 
     Args:
         name_or_path: Hugging Face model id or a local folder saved with `save_pretrained`.
@@ -158,24 +177,25 @@ def load_clip(
         dtype: parameter dtype (None keeps the checkpoint's, float32 for OpenAI CLIP).
 
     Returns:
-        The `Clip`: model in eval mode on `device`, and its processor.
+        The `Clip`: model in eval mode on `device`, its processor and its family.
 
     Raises:
         ModelUnavailableError: not on disk and the hub cannot be reached (or offline mode).
+        UnsupportedModel: a `model_type` of no supported family (SigLIP 2 NaFlex included).
     """
-    from transformers import CLIPModel, CLIPProcessor
+    name = str(name_or_path)
+    start = time.perf_counter()
+    backbone = checkpoint_backbone(name)
 
     def load(name: str, local_only: bool):
         # A `Loading weights` bar per load adds nothing (seconds from disk) and clutters
         # notebooks and logs; quiet_loading keeps the hub's download bars.
         with quiet_loading():
-            model = CLIPModel.from_pretrained(name, dtype=dtype, local_files_only=local_only)
-        return model, CLIPProcessor.from_pretrained(name, local_files_only=local_only)
+            model = backbone.load_model_class().from_pretrained(name, dtype=dtype, local_files_only=local_only)
+        return model, backbone.load_processor_class().from_pretrained(name, local_files_only=local_only)
 
-    name = str(name_or_path)
-    start = time.perf_counter()  # after the imports: the line says what the load itself costs
     model, processor = _from_pretrained(name, load)
-    clip = Clip(name=name, model=model.to(device).eval(), processor=processor)
+    clip = Clip(name=name, model=model.to(device).eval(), processor=processor, backbone=backbone)
     if distributed.is_main():
         # One line per load: on ViT-L/14 a load is 1.7 GB and seconds, worth seeing (and counting).
         n = sum(p.numel() for p in clip.model.parameters())
@@ -191,14 +211,38 @@ def load_preprocess(name_or_path: str | Path = DEFAULT_MODEL) -> Preprocess:
         name_or_path: Hugging Face model id or a local folder.
 
     Raises:
-        ModelUnavailableError: as `load_clip`.
+        ModelUnavailableError, UnsupportedModel: as `load_clip`.
     """
-    from transformers import CLIPImageProcessor
+    image_processor = checkpoint_backbone(str(name_or_path)).load_image_processor_class()
 
     def load(name: str, local_only: bool):
-        return CLIPImageProcessor.from_pretrained(name, local_files_only=local_only)
+        return image_processor.from_pretrained(name, local_files_only=local_only)
 
     return Preprocess.from_processor(_from_pretrained(str(name_or_path), load))
+
+
+def checkpoint_backbone(name_or_path: str | Path) -> Backbone:
+    """The family of a checkpoint, from its `config.json` alone (fetched from the hub, a few
+    hundred bytes, only when it is not on disk).
+
+    Args:
+        name_or_path: Hugging Face model id or a local folder.
+
+    Raises:
+        ModelUnavailableError: as `load_clip`.
+        UnsupportedModel: a `model_type` of no supported family, in one line.
+    """
+    name = str(name_or_path)
+
+    def read(name: str, local_only: bool) -> Backbone:
+        from transformers.utils import cached_file
+
+        path = cached_file(name, "config.json", local_files_only=local_only)
+        if path is None:  # a folder without one: transformers answers None rather than raising
+            raise FileNotFoundError(f"no config.json in {name}")
+        return config_backbone(path, name)
+
+    return _from_pretrained(name, read)
 
 
 def _from_pretrained(name: str, load: Callable[[str, bool], Any]) -> Any:

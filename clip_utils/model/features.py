@@ -6,9 +6,9 @@
 Zero-shot evaluation under any number of prompt sets and the linear probe only need the
 frozen image embeddings, so each (model, dataset, split, preprocessing) is encoded once
 and stored; every prompt set and every later run reuses it. The cache key hashes the
-model's config and a fingerprint of its weights, the dataset's files (path, label, size,
-modification time), the preprocessing and the input path, so a change to any of them
-encodes again instead of reusing stale features. Images reach the model through the input
+model's family (`backbones`), its config and a fingerprint of its weights, the dataset's
+files (path, label, size, modification time), the preprocessing and the input path, so a
+change to any of them encodes again instead of reusing stale features. Images reach the model through the input
 path of `inputs`.
 
 Under torchrun (`distributed`) each rank encodes its contiguous shard of the images and
@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from clip_utils.data import ImageListDataset
+from clip_utils.model.backbones import backbone_of
 from clip_utils.model.clip import model_fingerprint
 from clip_utils.model.heads import image_embeddings
 from clip_utils.model.inputs import iter_pixel_batches
@@ -105,8 +106,7 @@ def encode_paths(
         for pixels in iter_pixel_batches(paths, pre, device, dtype, batch_size, num_workers=num_workers, fast=fast,
                                          desc=desc)
     ]
-    dim = model.visual_projection.out_features
-    return torch.cat(chunks).cpu() if chunks else torch.empty(0, dim)
+    return torch.cat(chunks).cpu() if chunks else torch.empty(0, backbone_of(model).embed_dim(model))
 
 
 # --------------------------------------------------------------------------- cache
@@ -129,6 +129,7 @@ def cache_key(model, dataset: ImageListDataset, pre: Preprocess, fast: bool, fin
         files.update(f"{path}\t{label}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
     return {
         "version": CACHE_VERSION,
+        "backbone": backbone_of(model).name,
         "model": str(model.config.name_or_path or ""),
         "model_fingerprint": fingerprint or model_fingerprint(model),
         "dtype": str(next(model.parameters()).dtype),

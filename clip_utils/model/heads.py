@@ -1,14 +1,18 @@
 """Head algebra and the classifier every method ends in: pure building blocks, no I/O.
 
-    head = zeroshot_head(text_classifier, logit_scale(model))      # zero-shot as a linear layer
-    classifier = ClipClassifier(model.vision_model, model.visual_projection, head)
-    probs = classifier(pixels).softmax(-1)
+    head = zeroshot_head(text_classifier, logit_scale(model), logit_bias(model))  # zero-shot, a linear layer
+    classifier = ClipClassifier(model.vision_model, visual_projection(model), head)
+    probs = probabilities(classifier(pixels), classifier.probabilities)
 
 Zero-shot, the linear probe and LoRA all predict through `ClipClassifier` (vision tower,
 projection, linear head on the normalised embedding), so prediction code never cares which
 method made it. The probe and LoRA train their heads in head units (`head_units`: standard
 units scaled to the embedding size; `standardized_head`, `StandardizedHead`) and save the
 equivalent head on raw embeddings (`unstandardized_head`).
+
+SigLIP has no projection (its vision tower's pooled output is the embedding: the projection
+is None), and its zero-shot logits carry a bias and become probabilities by a sigmoid per
+class (`ClipClassifier.probabilities`).
 """
 
 from __future__ import annotations
@@ -18,20 +22,59 @@ import torch.nn.functional as F
 from torch import nn
 
 
+PROBABILITIES = ("softmax", "sigmoid")
+
+
 def logit_scale(model) -> float:
     """CLIP's learned temperature, `exp(model.logit_scale)` (100 for OpenAI CLIP)."""
     return float(model.logit_scale.detach().float().exp().item())
 
 
+def logit_bias(model) -> float:
+    """SigLIP's learned logit bias (`logits = scale * cos + bias`); 0 for a model without one."""
+    bias = getattr(model, "logit_bias", None)
+    return 0.0 if bias is None else float(bias.detach().float().item())
+
+
+def visual_projection(model) -> nn.Module | None:
+    """The image projection after the vision tower's pooled output, or None (SigLIP has none)."""
+    return getattr(model, "visual_projection", None)
+
+
 def image_embeddings(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    """L2-normalised CLIP image embeddings (vision tower, then projection).
+    """L2-normalised image embeddings (vision tower, then projection where there is one).
 
     Args:
-        model: a `CLIPModel` (or anything with `vision_model` and `visual_projection`).
+        model: a `CLIPModel`, `SiglipModel`, `MetaClip2Model` (or anything with
+            `vision_model` and, unless it is None or absent, `visual_projection`).
         pixel_values: `(B, 3, H, W)` preprocessed images.
     """
     pooled = model.vision_model(pixel_values=pixel_values).pooler_output
-    return F.normalize(model.visual_projection(pooled), dim=-1)
+    projection = visual_projection(model)
+    return F.normalize(pooled if projection is None else projection(pooled), dim=-1)
+
+
+def encoder_dtype(model) -> torch.dtype:
+    """The dtype images go into the encoder in: the projection's, else the vision tower's."""
+    projection = visual_projection(model)
+    if projection is not None:
+        return projection.weight.dtype
+    return next(model.vision_model.parameters()).dtype
+
+
+def probabilities(logits: torch.Tensor, kind: str = "softmax") -> torch.Tensor:
+    """Class probabilities from logits: `softmax` over classes, or `sigmoid` per class (SigLIP's
+    zero-shot: each class scored on its own, so they need not sum to 1).
+
+    Args:
+        logits: `(..., C)` logits.
+        kind: one of `PROBABILITIES`.
+    """
+    if kind == "sigmoid":
+        return logits.float().sigmoid()
+    if kind != "softmax":
+        raise ValueError(f"unknown probability kind {kind!r}: {', '.join(PROBABILITIES)}")
+    return logits.float().softmax(dim=-1)
 
 
 class ClipClassifier(nn.Module):
@@ -43,16 +86,24 @@ class ClipClassifier(nn.Module):
 
     Args:
         vision_model: CLIP vision transformer (possibly wrapped by peft).
-        visual_projection: CLIP's image projection.
+        visual_projection: CLIP's image projection; None where the family has none (SigLIP:
+            the tower's pooled output is the embedding).
         head: a module from the normalised embedding to class logits (a linear layer for most
             methods); float32 even beside an fp16 encoder (the embedding is cast to its dtype).
+        probabilities: how the logits become the probabilities shown to users: `softmax`
+            (heads trained with cross-entropy, CLIP's zero-shot) or `sigmoid` (SigLIP's
+            zero-shot, whose head carries the model's own scale and bias).
     """
 
-    def __init__(self, vision_model: nn.Module, visual_projection: nn.Module, head: nn.Module) -> None:
+    def __init__(self, vision_model: nn.Module, visual_projection: nn.Module | None, head: nn.Module,
+                 probabilities: str = "softmax") -> None:
         super().__init__()
+        if probabilities not in PROBABILITIES:
+            raise ValueError(f"unknown probability kind {probabilities!r}: {', '.join(PROBABILITIES)}")
         self.vision_model = vision_model
         self.visual_projection = visual_projection
         self.head = head
+        self.probabilities = probabilities
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return image_embeddings(self, pixel_values)
@@ -69,8 +120,13 @@ class ClipClassifier(nn.Module):
         """The head's dtype (its first parameter's or buffer's)."""
         return next(iter([*self.head.parameters(), *self.head.buffers()])).dtype
 
+    @property
+    def encoder_dtype(self) -> torch.dtype:
+        """The dtype images go in with (the encoder's: fp16 on CUDA)."""
+        return encoder_dtype(self)
 
-def zeroshot_head(text_classifier: torch.Tensor, logit_scale: float) -> nn.Linear:
+
+def zeroshot_head(text_classifier: torch.Tensor, logit_scale: float, logit_bias: float = 0.0) -> nn.Linear:
     """A linear head initialised to the zero-shot classifier.
 
     Starting from the text embeddings (times CLIP's logit scale) means training begins at
@@ -80,12 +136,14 @@ def zeroshot_head(text_classifier: torch.Tensor, logit_scale: float) -> nn.Linea
     Args:
         text_classifier: `(D, C)` normalised class embeddings.
         logit_scale: CLIP's learned temperature (exp of `model.logit_scale`).
+        logit_bias: SigLIP's logit bias, in every class's bias (0: CLIP), so the head's
+            logits are the model's own (`sigmoid` of them is SigLIP's probability).
     """
     dim, n_classes = text_classifier.shape
     head = nn.Linear(dim, n_classes)
     with torch.no_grad():
         head.weight.copy_(text_classifier.T.float() * logit_scale)
-        head.bias.zero_()
+        head.bias.fill_(float(logit_bias))
     return head
 
 
@@ -94,6 +152,12 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+def image_encoder_parameters(model) -> int:
+    """Parameters of the image side: the vision tower and its projection (where there is one)."""
+    projection = visual_projection(model)
+    return count_parameters(model.vision_model)[1] + (0 if projection is None else count_parameters(projection)[1])
 
 
 def feature_scaling(x: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,7 +240,7 @@ class FrozenEncoderProbe(nn.Module):
     the head is validated and tested on, instead of a bf16 approximation of them.
 
     Args:
-        clip: anything `image_embeddings` accepts (`vision_model`, `visual_projection`).
+        clip: anything `image_embeddings` accepts (`vision_model`, `visual_projection` or none).
         head: the trained linear layer, on embeddings in head units (see `head_units`).
         mean: per-dimension mean of the training embeddings.
         std: their per-dimension scale (`head_units`).
@@ -185,7 +249,7 @@ class FrozenEncoderProbe(nn.Module):
     def __init__(self, clip: nn.Module, head: nn.Linear, mean: torch.Tensor, std: torch.Tensor) -> None:
         super().__init__()
         self.vision_model = clip.vision_model
-        self.visual_projection = clip.visual_projection
+        self.visual_projection = visual_projection(clip)
         self.head = head
         self.register_buffer("mean", mean.float())
         self.register_buffer("std", std.float())
@@ -195,7 +259,8 @@ class FrozenEncoderProbe(nn.Module):
     def train(self, mode: bool = True) -> FrozenEncoderProbe:
         super().train(mode)
         self.vision_model.eval()
-        self.visual_projection.eval()
+        if self.visual_projection is not None:
+            self.visual_projection.eval()
         return self
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ import warnings
 from torch import nn
 
 from clip_utils.config import LoraSettings
+from clip_utils.model.backbones import Backbone
 
 
 @contextlib.contextmanager
@@ -29,10 +30,11 @@ def quiet_peft():
 
 
 def linear_shapes(tower_config) -> dict[str, tuple[int, int]]:
-    """`(d_in, d_out)` of each linear layer name in one CLIP encoder layer (either tower).
+    """`(d_in, d_out)` of each linear layer name in one encoder layer (either tower, any family).
 
     Args:
-        tower_config: a `CLIPVisionConfig` or `CLIPTextConfig` (hidden_size, intermediate_size).
+        tower_config: a `CLIPVisionConfig`, `CLIPTextConfig` (or SigLIP's, MetaCLIP 2's):
+            hidden_size, intermediate_size.
     """
     hidden, mlp = tower_config.hidden_size, tower_config.intermediate_size
     return {"q_proj": (hidden, hidden), "k_proj": (hidden, hidden), "v_proj": (hidden, hidden),
@@ -75,10 +77,17 @@ def lora_trainable_params(vision_config, settings: LoraSettings, n_classes: int,
 
 
 def add_lora(vision: nn.Module, settings: LoraSettings) -> nn.Module:
-    """Wrap a CLIP encoder with peft LoRA adapters (base weights frozen).
+    """Wrap a CLIP encoder with peft LoRA adapters (base weights frozen), in its encoder layers only.
+
+    The targets go to peft as a pattern over `encoder.layers.N` (`Backbone.lora_targets`),
+    never as bare names: SigLIP's vision tower ends in an attention-pooling head whose
+    `nn.MultiheadAttention` holds an `out_proj` that peft would wrap but MHA's forward never
+    calls (an adapter that trains nothing, yet counted), and an MLP with `fc1`/`fc2`. Every
+    family's encoder layers use the same names, so one pattern serves CLIP, SigLIP and MetaCLIP 2.
 
     Args:
-        vision: `CLIPModel.vision_model` or `CLIPModel.text_model` (the same layer names).
+        vision: the model's `vision_model` or `text_model` (every family, either tower: the
+            same layer names).
         settings: rank, alpha, dropout, targets, gradient checkpointing.
     """
     from peft import LoraConfig, get_peft_model
@@ -92,6 +101,6 @@ def add_lora(vision: nn.Module, settings: LoraSettings) -> nn.Module:
         else:
             vision.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                        target_modules=list(settings.targets), bias="none")
+                        target_modules=Backbone.lora_targets(settings.targets), bias="none")
     with quiet_peft():
         return get_peft_model(vision, config)

@@ -37,7 +37,7 @@ The templates themselves are data (`templates`, and each dataset's declaration).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -170,15 +170,24 @@ def prompts_per_class(prompt_set: PromptSet) -> float:
     return len(prompt_set)
 
 
-def text_embeddings(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Projected (not yet normalised) CLIP text embeddings of tokenised prompts.
-
-    transformers 5 returns a `BaseModelOutputWithPooling` from `get_text_features` (the
-    projected embedding in `pooler_output`); transformers 4 returned the tensor itself.
-    Both are accepted.
+def clip_text_kwargs(model) -> dict[str, Any]:
+    """CLIP's tokenizer arguments: padded to the longest prompt, cut at the text context.
 
     Args:
-        model: a `CLIPModel`.
+        model: the model (its text context length).
+    """
+    return {"padding": True, "truncation": True, "max_length": model.config.text_config.max_position_embeddings}
+
+
+def text_embeddings(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Projected (not yet normalised) text embeddings of tokenised prompts.
+
+    transformers 5 returns a `BaseModelOutputWithPooling` from `get_text_features` (the
+    projected embedding in `pooler_output`; SigLIP's text head is its projection);
+    transformers 4 returned the tensor itself. Both are accepted.
+
+    Args:
+        model: a `CLIPModel`, `SiglipModel` or `MetaClip2Model`.
         input_ids: `(B, L)` token ids.
         attention_mask: `(B, L)` mask.
     """
@@ -197,11 +206,12 @@ def build_text_classifier(
     *,
     progress: bool = True,
     desc: str = "encoding prompts",
+    text_kwargs: Mapping[str, Any] | None = None,
 ) -> torch.Tensor:
     """Zero-shot classifier weights: one ensembled, normalised text embedding per class.
 
     Args:
-        model: a `CLIPModel` on `device`.
+        model: a `CLIPModel` (or `SiglipModel`, `MetaClip2Model`) on `device`.
         tokenizer: its tokenizer (`processor.tokenizer`).
         class_names: names in label order.
         templates: prompt templates with `{}` where the name goes, or every class's own
@@ -211,6 +221,9 @@ def build_text_classifier(
             more prompts than that is one pass of its own).
         progress: show a progress bar.
         desc: its label.
+        text_kwargs: the tokenizer's arguments as the family's model card gives them
+            (`Backbone.text_kwargs`: SigLIP pads every prompt to 64 tokens, and its text
+            embedding changes with the padding); None: CLIP's (`clip_text_kwargs`).
 
     Returns:
         `(D, C)` float32 tensor on CPU; column `c` is the unit-norm mean of the unit-norm
@@ -219,7 +232,7 @@ def build_text_classifier(
     per_class = class_prompts(class_names, templates)
     if not class_names:
         raise ValueError("no class names to build a classifier for")
-    max_length = model.config.text_config.max_position_embeddings
+    text_kwargs = dict(clip_text_kwargs(model) if text_kwargs is None else text_kwargs)
     columns = []
     with bar(total=len(class_names), desc=desc, unit="class", enabled=progress) as classes:
         start = 0
@@ -229,8 +242,9 @@ def build_text_classifier(
                 n, end = n + len(per_class[end]), end + 1
             group = per_class[start:end]
             prompts = [p for class_ in group for p in class_]
-            tokens = tokenizer(prompts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-            emb = text_embeddings(model, tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+            tokens = tokenizer(prompts, return_tensors="pt", **text_kwargs)
+            mask = tokens.get("attention_mask")  # passed on exactly when the tokenizer gives one, as the cards do
+            emb = text_embeddings(model, tokens["input_ids"].to(device), None if mask is None else mask.to(device))
             emb = F.normalize(emb.float(), dim=-1).split([len(c) for c in group])
             columns.append(F.normalize(torch.stack([e.mean(dim=0) for e in emb]), dim=-1).cpu())
             classes.update(len(group))
@@ -238,21 +252,24 @@ def build_text_classifier(
     return torch.cat(columns).T.contiguous()
 
 
-def zeroshot_logits(features: torch.Tensor, classifier: torch.Tensor, logit_scale: float) -> torch.Tensor:
-    """Zero-shot logits: scaled cosine similarity of image and class embeddings.
+def zeroshot_logits(features: torch.Tensor, classifier: torch.Tensor, logit_scale: float,
+                    logit_bias: float = 0.0) -> torch.Tensor:
+    """Zero-shot logits: scaled cosine similarity of image and class embeddings (plus SigLIP's bias).
 
     Args:
         features: `(N, D)` L2-normalised image embeddings.
         classifier: `(D, C)` L2-normalised class embeddings (`build_text_classifier`).
         logit_scale: CLIP's temperature, `model.logit_scale.exp()` (100 for OpenAI CLIP).
+        logit_bias: SigLIP's logit bias (0 for CLIP; it moves no prediction).
 
     Returns:
-        `(N, C)` float32 logits; their softmax is CLIP's class probability.
+        `(N, C)` float32 logits; their softmax is CLIP's class probability, their sigmoid
+        SigLIP's (per class).
     """
     if features.shape[1] != classifier.shape[0]:
         raise InvalidValue(f"image embeddings of size {features.shape[1]} do not match text embeddings "
                          f"of size {classifier.shape[0]}: were they made by the same model?")
-    return logit_scale * (features.float() @ classifier.float())
+    return logit_scale * (features.float() @ classifier.float()) + logit_bias
 
 
 def select_prompt_set(

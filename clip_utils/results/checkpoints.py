@@ -34,10 +34,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from clip_utils.errors import InvalidValue, MissingFile
 from clip_utils import registry
-from clip_utils.runtime.files import atomic_folder, atomic_path
+from clip_utils.errors import InvalidValue, MissingFile
 from clip_utils.results.layout import method_dir
+from clip_utils.runtime.files import atomic_folder, atomic_path
 
 HEAD_FILE = "head.safetensors"
 # The L-BFGS probe's head fitted on train alone (head.safetensors is refit on train + val):

@@ -27,14 +27,12 @@ from typing import Any
 
 import torch
 
-from clip_utils.errors import MissingFile
-from clip_utils import metrics
-
-from clip_utils.figures import predictions as plots
+from clip_utils import metrics, registry
 from clip_utils.data import results_name
-from clip_utils import registry
-from clip_utils.runtime.files import write_json, write_predictions, write_text
+from clip_utils.errors import MissingFile
+from clip_utils.figures import predictions as plots
 from clip_utils.results.layout import figures_dir
+from clip_utils.runtime.files import write_json, write_predictions, write_text
 
 REPORT_FILE = "classification_report.txt"
 
@@ -128,7 +126,10 @@ def save_evaluation(
     what = run_label(info)
     plots.plot_confusion(labels, preds, class_names, title=f"{what}: top-1 {scores['top1']:.1%}",
                          path=figures["confusion"])
-    plots.plot_sample_predictions(paths, labels, preds, class_names, probs=logits.softmax(dim=1).numpy(),
+    # SigLIP's zero-shot says `"probabilities": "sigmoid"` (a probability per class); heads
+    # trained with cross-entropy are a softmax over classes.
+    probs = logits.sigmoid() if info.get("probabilities") == "sigmoid" else logits.softmax(dim=1)
+    plots.plot_sample_predictions(paths, labels, preds, class_names, probs=probs.numpy(),
                                   title=what, path=figures["samples"])
     write_json(out_dir / "metrics.json", record)
     return record

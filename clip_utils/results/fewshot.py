@@ -25,19 +25,20 @@ import hashlib
 import math
 import re
 import statistics
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from clip_utils.errors import InvalidValue
+from clip_utils import registry
 from clip_utils.config import FEWSHOT_VAL_SHOTS
 from clip_utils.data import results_name
 from clip_utils.data.images import Samples
-from clip_utils import registry
-from clip_utils.runtime.files import read_json, write_json
+from clip_utils.errors import InvalidValue
 from clip_utils.results.layout import method_dir
+from clip_utils.runtime.files import read_json, write_json
 
 SAMPLES_FILE = "samples.json"
 RUN_FOLDER = re.compile(r"shots_(\d+)/seed_(-?\d+)$")
@@ -99,15 +100,35 @@ class Sample:
     val: list[int]
 
 
+def check_enough(train: Samples, shots: int) -> None:
+    """Refuse a K-shot run that some class cannot fill: K images per class means K, never fewer.
+
+    Raises:
+        InvalidValue: a class has fewer than `shots` training images (the message says how many
+            the smallest class has).
+    """
+    counts = Counter(int(label) for _, label in train)
+    short = sorted((n, label) for label, n in counts.items() if n < shots)
+    if short:
+        n, label = short[0]
+        raise InvalidValue(f"--shots {shots} needs {shots} training images in every class, but {len(short)} of "
+                           f"{len(counts)} classes have fewer (class {label} has {n}): use --shots {n} or less, or "
+                           f"a split with more training images (e.g. --split coop where the dataset has one)")
+
+
 def draw(train: Samples, val: Samples, shots: int, seed: int) -> Sample:
     """The K-shot sample of a seed: `shots` per class from train, min(shots, 4) per class from val.
 
     Args:
-        train: the training split's samples.
-        val: the validation split's samples.
+        train: the training split's samples (every class must have `shots` of them).
+        val: the validation split's samples (a class with fewer than min(shots, 4) gives all it has).
         shots: training images per class.
         seed: the draw's seed.
+
+    Raises:
+        InvalidValue: a class has fewer than `shots` training images.
     """
+    check_enough(train, shots)
     return Sample(shots, seed, sample_per_class(train, shots, seed, "train"),
                   sample_per_class(val, val_shots(shots), seed, "val"))
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clip_utils.errors import Refused
+from clip_utils import registry
 from clip_utils.data import canonical_name, results_name
 from clip_utils.data.imagefolder import PREFIX
-from clip_utils import registry
+from clip_utils.errors import Refused
 from clip_utils.runtime.files import read_json
 
 

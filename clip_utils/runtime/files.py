@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
+import fcntl
 import json
 import math
 import os
@@ -17,7 +19,71 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from clip_utils.errors import InvalidValue, MissingFile
+from clip_utils.errors import InvalidValue, MissingFile, Refused, UserError
+
+
+class WriteFailed(UserError, OSError):
+    """A results file or folder could not be written (read-only, full, or not a folder)."""
+
+
+# The errors that say the place cannot take the write, not that our code is wrong.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST,
+                errno.EISDIR, errno.EFBIG}
+_SIGNS = ("No space left", "Read-only file system", "Disk quota", "Permission denied")
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def write_failed(path: str | Path, err: BaseException, written: int | None = None) -> WriteFailed | None:
+    """The one-line error for a write the file system refused, or None for any other failure.
+
+    Args:
+        path: the file or folder being written.
+        err: what the write raised (an `OSError`, or a library's own error for a full disk).
+        written: bytes of the failed write that reached the disk, when known.
+    """
+    path = Path(path)
+    if isinstance(err, UserError):  # already said (a nested write)
+        return None
+    code = getattr(err, "errno", None)
+    if code not in WRITE_ERRNOS and not any(sign in str(err) for sign in _SIGNS):
+        return None
+    reason = os.strerror(code) if code in WRITE_ERRNOS else str(err).splitlines()[0]
+    where = _existing(path.parent)
+    try:
+        free = f"{shutil.disk_usage(where).free:,} bytes free there"
+    except OSError:
+        free = "free space unknown"
+    size = f"{written:,} bytes written before it failed, " if written is not None else ""
+    return WriteFailed(f"cannot write {path}: {reason} ({size}{free}): free some space, or choose another "
+                       f"--results-dir")
+
+
+def check_writable(folder: str | Path) -> Path:
+    """Make sure results can be written under `folder` before any slow work starts.
+
+    Args:
+        folder: the results folder (created when missing).
+
+    Raises:
+        WriteFailed: it is a file, or on a read-only or full file system, or not ours to write.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        failed = write_failed(folder / ".write-check", err)
+        if failed is None:
+            raise
+        raise WriteFailed(f"the results folder {folder} cannot be written ({str(failed).split(': ', 2)[-1]}") from None
+    return folder
 
 
 def _process_umask() -> int:
@@ -56,8 +122,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         path: the final file path.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise write_failed(path, err) or err from err
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -66,6 +135,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.fsync(f.fileno())
         publish(tmp_path)
         os.replace(tmp_path, path)
+    except Exception as err:  # a full or read-only disk is the user's to fix: one line, not a traceback
+        written = tmp_path.stat().st_size if tmp_path.exists() else None
+        failed = write_failed(path, err, written)
+        if failed is None:
+            raise
+        raise failed from err
     finally:
         tmp_path.unlink(missing_ok=True)
 
@@ -81,8 +156,11 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
         path: the final folder.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as err:
+        raise write_failed(path, err) or err from err
     old = path.with_name(f".{path.name}.old")
     try:
         yield tmp
@@ -91,6 +169,11 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
+    except Exception as err:  # as atomic_path: a refused write is one line
+        failed = write_failed(path, err)
+        if failed is None:
+            raise
+        raise failed from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
@@ -178,3 +261,35 @@ def write_predictions(
         header += ["label_name", "pred_name"]
         rows = [r + [class_names[r[1]], class_names[r[2]]] for r in rows]
     return write_csv(path, header, rows)
+
+
+@contextlib.contextmanager
+def run_lock(folder: str | Path) -> Iterator[None]:
+    """Hold the lock of one run folder for the block: a second run into it is refused.
+
+    `fcntl.flock` on a file beside the folder, so a killed run leaves no stale lock (the
+    kernel drops it with the process); runs into other folders (another dataset or method)
+    go on side by side.
+
+    Args:
+        folder: the run's results folder.
+
+    Raises:
+        Refused: another process holds it.
+    """
+    folder = Path(folder)
+    lock = folder.parent / f".{folder.name}.lock"
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock, "a+")
+    except OSError as err:
+        raise write_failed(lock, err) or err from err
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Refused(f"another run is writing {folder}: wait for it to finish, or use another --results-dir") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

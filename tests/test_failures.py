@@ -1,0 +1,110 @@
+"""Failures a careless user or a shared machine produces: one `error:` line, the right exit
+code, no traceback, and nothing earlier lost."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from clip_utils.app.cli import main
+from clip_utils.runtime import files
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _common(kit, results) -> list[str]:
+    return ["--dataset", "cub200", "--model", str(kit["model"]), "--data-root", str(kit["data"]),
+            "--results-dir", str(results), "--device", "cpu", "--workers", "0", "--no-download"]
+
+
+def _run(argv) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip() and "it/s]" not in line and not line.startswith(
+        ("loaded ", "encoding"))]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_a_results_path_that_is_a_file_is_refused_before_any_work(kit, tmp_path):
+    results = tmp_path / "results"
+    results.write_text("not a folder")
+    code, _, err = _run(["zeroshot", "--prompts", "default", *_common(kit, results)])
+    line = _one_error_line(err)
+    assert code == 1 and f"the results folder {results} cannot be written" in line and "--results-dir" in line
+    assert results.read_text() == "not a folder"
+
+
+def test_a_full_disk_mid_run_is_one_line_and_keeps_the_earlier_result(kit, tmp_path, monkeypatch):
+    args = ["probe", *_common(kit, tmp_path)]
+    assert _run(args)[0] == 0
+    metrics = tmp_path / "cub200" / "linear_probe" / "metrics.json"
+    before = metrics.read_text()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fsync", full)  # the write layer: every atomic write now fails
+    code, _, err = _run(args)
+    line = _one_error_line(err)
+    assert code == 1 and "No space left on device" in line and "bytes free" in line and "--results-dir" in line
+    assert metrics.read_text() == before
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["probe", "--lr", "1e30", "--epochs", "50"], "--lr, --epochs: the lbfgs solver has no training loop"),
+    (["probe", "--solver", "adamw", "--lr", "inf"], "expected a finite number"),
+    (["probe", "--refit", "--shots", "2"], "--refit adds the validation images"),
+    (["tip-adapter", "--alpha", "nan"], "expected a finite number"),
+])
+def test_an_option_that_does_not_apply_is_a_usage_error(argv, fragment, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--dataset", "cub200"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and fragment in err and "Traceback" not in err
+
+
+def test_a_second_run_into_the_same_folder_is_refused(kit, tmp_path):
+    import fcntl
+
+    folder = tmp_path / "cub200" / "linear_probe"
+    folder.parent.mkdir(parents=True)
+    with open(folder.parent / ".linear_probe.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running probe holds it
+        code, _, err = _run(["probe", *_common(kit, tmp_path)])
+        assert code == 1 and "another run is writing" in _one_error_line(err)
+        # another method (or dataset) runs beside it
+        assert _run(["gda", "--prompts", "default", "--shots", "2", *_common(kit, tmp_path)])[0] == 0
+    assert _run(["probe", *_common(kit, tmp_path)])[0] == 0  # the lock goes with its holder
+
+
+def test_sigterm_stops_a_run_like_ctrl_c_and_says_how_to_resume(kit, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CLIP_PROGRESS": "text", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "clip_utils", "probe", "--solver", "adamw", "--epochs", "400",
+                             *_common(kit, tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    curves = tmp_path / "cub200" / "linear_probe" / "curves.json"
+    deadline = time.monotonic() + 240
+    while not curves.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.startswith("terminated")]
+    assert proc.returncode == 143 and len(lines) == 1 and "--resume" in lines[0], err
+    assert "Traceback" not in err and json.loads(curves.read_text())  # what was saved is whole
