@@ -26,11 +26,25 @@ def model_loads(text: str) -> list[str]:
     return [line for line in text.splitlines() if re.match(r"loaded .+ \([\d.]+M parameters, \w+\) in [\d.]+ s$", line)]
 
 
-def progress_widgets(nb) -> list[str]:
-    """The plain-text fallbacks of progress bars saved as widgets (a viewer without widget
-    support shows that stale text); other widgets (the photo explorer) are not progress."""
-    return [out.data["text/plain"] for cell in nb.cells for out in cell.get("outputs", [])
-            if WIDGET in out.get("data", {}) and bar_lines(out.data.get("text/plain", ""))]
+def widget_cells(nb) -> list[int]:
+    """The index of the cell of every widget output: what a reloaded or saved notebook shows
+    as "Error displaying widget: model not found" (JupyterLab saves no widget state)."""
+    return [i for i, cell in enumerate(nb.cells) for out in cell.get("outputs", []) if WIDGET in out.get("data", {})]
+
+
+def stdout_text(nb) -> str:
+    """Every stdout stream output, in cell order (what JupyterLab shows as plain output)."""
+    return "".join(out.text for cell in nb.cells for out in cell.get("outputs", [])
+                   if out.output_type == "stream" and out.name == "stdout")
+
+
+def explorer_outputs(nb) -> tuple[dict, dict]:
+    """The photo explorer cell's two outputs: its controls (a widget) and the static image of its view."""
+    (cell,) = [c for c in nb.cells if c.cell_type == "code" and "photo_explorer" in c.source]
+    (controls,) = [out for out in cell.outputs if WIDGET in out.get("data", {})]
+    (static,) = [out for out in cell.outputs if "image/png" in out.get("data", {})]
+    assert cell.outputs.index(controls) < cell.outputs.index(static)  # the view under its controls
+    return controls, static
 
 
 def bar_lines(text: str) -> list[tuple[str, int, int, str]]:

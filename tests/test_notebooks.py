@@ -100,17 +100,24 @@ def test_unset_paths_are_the_projects_wherever_the_runner_starts(tmp_path, monke
     assert env["CLIP_DATA_ROOT"] == str(PROJECT_ROOT / "data")
 
 
-def test_kernels_draw_text_bars_unless_the_caller_says_otherwise(tmp_path, monkeypatch):
+def test_kernel_bars_end_as_text_and_informational_lines_are_not_warnings(tmp_path, monkeypatch):
+    # As in JupyterLab: the live widget bar, and no widget state saved; what is saved must read
+    # without a kernel: the bar's final line as text, never "Error displaying widget".
     monkeypatch.delenv("CLIP_PROGRESS", raising=False)
-    source = "from clip_utils.runtime.progress import bar\nfor _ in bar(range(3), desc='pass'):\n    pass"
+    source = ("from clip_utils.runtime.progress import bar, info\nfor _ in bar(range(3), desc='pass'):\n    pass\n"
+              "info('loaded a model')")
     path = _notebook(tmp_path / "nb.ipynb", source)
     package = {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # the kernel runs in tmp_path
-    execute_notebook(path, tmp_path / "text.ipynb", env=package)
-    (out,) = nbformat.read(tmp_path / "text.ipynb", as_version=4).cells[0].outputs
-    assert out["name"] == "stderr" and "pass: 100%" in out["text"] and "3/3" in out["text"]
-    execute_notebook(path, tmp_path / "widget.ipynb", env={**package, "CLIP_PROGRESS": "auto"})
-    (out,) = nbformat.read(tmp_path / "widget.ipynb", as_version=4).cells[0].outputs
-    assert "application/vnd.jupyter.widget-view+json" in out["data"]  # a live kernel keeps its widget
+    execute_notebook(path, tmp_path / "widget.ipynb", env=package)
+    saved = nbformat.read(tmp_path / "widget.ipynb", as_version=4)
+    bar_out, info_out = saved.cells[0].outputs
+    assert bar_out["output_type"] == "display_data" and list(bar_out["data"]) == ["text/plain"]
+    assert "pass: 100%" in bar_out["data"]["text/plain"] and "3/3" in bar_out["data"]["text/plain"]
+    assert (info_out["name"], info_out["text"]) == ("stdout", "loaded a model\n")  # not a pink stderr box
+    assert "widgets" not in saved.metadata  # JupyterLab saves no widget state either
+    execute_notebook(path, tmp_path / "text.ipynb", env={**package, "CLIP_PROGRESS": "text"})
+    bar_out, _ = nbformat.read(tmp_path / "text.ipynb", as_version=4).cells[0].outputs
+    assert bar_out["name"] == "stdout" and "pass: 100%" in bar_out["text"] and "3/3" in bar_out["text"]
 
 
 def test_a_demo_ends_saying_where_its_notebooks_are_and_how_to_use_its_kit(tmp_path, monkeypatch, capsys):

@@ -15,17 +15,74 @@ def _log_style(monkeypatch):
     monkeypatch.delenv(progress.PROGRESS_ENV, raising=False)
 
 
-def test_text_style_in_a_kernel_prints_plain_lines_that_end_at_the_total(monkeypatch, capsys):
-    monkeypatch.setattr(progress, "_in_kernel", lambda: True)  # where a widget would be drawn
+class Handle:
+    """What `IPython.display.display(obj, display_id=True)` returns, recording what is shown."""
+
+    def __init__(self, shown: list) -> None:
+        self.shown = shown
+
+    def update(self, obj, raw: bool = False) -> None:
+        self.shown[-1] = obj
+
+
+@pytest.fixture
+def kernel(monkeypatch):
+    """A Jupyter kernel as `bar` sees one: widgets available, displays recorded in order."""
+    shown: list = []
+
+    def display(obj, display_id=None):
+        assert display_id is True  # the bar must be able to replace its own output
+        shown.append(obj)
+        return Handle(shown)
+
+    monkeypatch.setattr(progress, "_in_kernel", lambda: True)
+    monkeypatch.setattr(progress, "in_kernel", lambda: True)
+    monkeypatch.setattr(progress, "_display", display)
+    return shown
+
+
+def test_a_kernel_bar_is_a_widget_that_leaves_its_final_line_as_text(kernel):
+    import ipywidgets
+
+    b = progress.bar(range(3), desc="epochs", unit="epoch")
+    (widget,) = kernel
+    assert isinstance(widget, ipywidgets.HBox)  # while the pass runs: tqdm's widget
+    assert list(b) == [0, 1, 2]  # iterating to the end closes the bar
+    # After: plain text in the widget's place; a saved notebook has no widget to lose.
+    assert kernel == [{"text/plain": kernel[0]["text/plain"]}]
+    assert [(d, n, t) for d, n, t, _ in bar_lines(kernel[0]["text/plain"])] == [("epochs", 3, 3)]
+    assert widget.comm is None and all(child.comm is None for child in widget.children)  # models closed
+
+    with progress.bar(total=16, desc="encoding", unit="batch", leave=False) as manual:  # left as text too
+        manual.update(9)  # stopped short: the line says so
+    assert unfinished_bars(kernel[1]["text/plain"]) == [kernel[1]["text/plain"].strip()]
+    assert "9/16" in kernel[1]["text/plain"]
+
+
+def test_text_style_in_a_kernel_prints_plain_lines_that_end_at_the_total(kernel, monkeypatch, capsys):
     monkeypatch.setenv(progress.PROGRESS_ENV, "text")
     assert list(progress.bar(range(3), desc="epochs", unit="epoch")) == [0, 1, 2]
     with progress.bar(total=16, desc="encoding", unit="batch") as manual:
         for _ in range(16):
             manual.update(1)
-    err = capsys.readouterr().err
-    assert "\r" not in err
+    out, err = capsys.readouterr()
+    assert kernel == [] and err == ""  # no widget, and nothing on stderr (JupyterLab's pink box)
+    assert "\r" not in out
     # one line per bar, and it is the final one: no `0%| | 0/N` start line to read as unfinished
-    assert [(d, n, t) for d, n, t, _ in bar_lines(err)] == [("epochs", 3, 3), ("encoding", 16, 16)]
+    assert [(d, n, t) for d, n, t, _ in bar_lines(out)] == [("epochs", 3, 3), ("encoding", 16, 16)]
+
+
+def test_information_goes_to_stdout_in_a_kernel_and_to_stderr_elsewhere(monkeypatch, capsys):
+    progress.info("loaded a model")
+    assert capsys.readouterr() == ("", "loaded a model\n")  # a command's stdout stays its result
+    monkeypatch.setattr(progress, "in_kernel", lambda: True)
+    progress.info("loaded a model")
+    assert capsys.readouterr() == ("loaded a model\n", "")
+
+
+def test_this_process_is_not_a_kernel():
+    # pytest imports IPython and ipykernel (nbclient does) without being a kernel
+    assert progress.in_kernel() is False
 
 
 def test_nested_bars_in_a_log_print_one_final_line_each_and_no_escape_codes(capsys):
@@ -38,13 +95,6 @@ def test_nested_bars_in_a_log_print_one_final_line_each_and_no_escape_codes(caps
     assert "\x1b" not in err
     assert [(d, n, t) for d, n, t, _ in bar_lines(err)] == [("epoch 0", 16, 16), ("epoch 1", 16, 16), ("run", 2, 2)]
     assert "loss=0.0625" in err  # the postfix is in the final line
-
-
-def test_a_widget_is_what_a_kernel_gets_without_the_text_style(monkeypatch):
-    monkeypatch.setattr(progress, "_in_kernel", lambda: True)
-    b = progress.bar(range(2), desc="x")
-    assert not isinstance(b, progress._LogBar)
-    b.close()
 
 
 def test_a_bar_that_stops_short_says_so_in_its_last_line(capsys):
@@ -87,13 +137,19 @@ def test_unfinished_bars_reads_saved_text_as_a_reader_would():
     assert unfinished_bars(widget_text) == [widget_text]
 
 
-def test_loading_a_model_draws_no_transformers_bar(kit, capfd):
+def test_loading_a_model_draws_no_transformers_bar_and_says_so_where_it_reads_as_information(
+        kit, capfd, monkeypatch):
     from clip_utils.model.clip import load_clip
 
     capfd.readouterr()
     load_clip(kit["model"])
     out, err = capfd.readouterr()
     assert "Loading weights" not in out + err
+    assert out == "" and err.startswith(f"loaded {kit['model']} (")  # the command line: stderr
+    monkeypatch.setattr(progress, "in_kernel", lambda: True)
+    load_clip(kit["model"])
+    out, err = capfd.readouterr()
+    assert err == "" and out.startswith(f"loaded {kit['model']} (")  # a notebook: stdout, no warning box
 
 
 def test_quiet_loading_hides_only_transformers_bars_and_only_inside(capfd):

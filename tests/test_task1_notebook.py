@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
+import base64
 import csv
+import io
 import json
 import shutil
 from pathlib import Path
 
 import nbformat
 import pytest
-from notebook_outputs import bar_lines, model_loads, progress_widgets, saved_text, unfinished_bars
+from notebook_outputs import (
+    bar_lines,
+    explorer_outputs,
+    model_loads,
+    saved_text,
+    stdout_text,
+    unfinished_bars,
+    widget_cells,
+)
+from PIL import Image
 
 from clip_utils import prompts
 from clip_utils.app.notebooks import execute_notebook
 from clip_utils.data import canonical_name, class_names, dataset_spec, load_dataset
+from clip_utils.figures import predictions as plots
 
 ROOT = Path(__file__).resolve().parents[1]
+WIDGET = "application/vnd.jupyter.widget-view+json"
 NOTEBOOK = ROOT / "Task1.ipynb"
 DATASETS = ("flowers102", "cub200")
 
@@ -110,21 +123,24 @@ def test_an_image_folder_runs_through_the_notebook(executed, image_folders):
     assert table["auto"]["selected_set"] in prompts.prompt_sets(dataset_spec(name))
 
 
-def test_the_explorer_cell_shows_its_widget_with_a_first_result(executed):
+def test_the_explorer_cell_shows_its_controls_and_a_static_image_of_its_view(executed):
     _, nb, _ = executed
-    (cell,) = [c for c in nb.cells if c.cell_type == "code" and "photo_explorer" in c.source]
-    (view,) = [o for o in cell.outputs if o.output_type == "execute_result"]  # progress bars are widgets too
-    # nbclient saved the widgets' state: the explorer's Output holds its first photo's charts.
-    state = nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
-    assert view.data["application/vnd.jupyter.widget-view+json"]["model_id"] in state
-    shown = [o for w in state.values() if w["model_name"] == "OutputModel" for o in w["state"].get("outputs", [])]
-    assert any("image/png" in o.get("data", {}) for o in shown)
+    controls, static = explorer_outputs(nb)
+    assert WIDGET in controls["data"]  # the controls: they need a live kernel
+    # What a saved notebook shows without one: the first photo once, its charts beside it (zero-shot).
+    assert static["data"]["text/plain"] == f"bird.jpg ({DATASETS[0]})"
+    image = Image.open(io.BytesIO(base64.b64decode(static["data"]["image/png"])))
+    assert image.width == round((2 * plots.MARGIN_IN + plots.PHOTO_IN + 1 * (plots.GAP_IN + plots.CHART_IN))
+                                * plots.EXPLORER_DPI)
 
 
 def test_saved_progress_is_plain_text_that_ends_at_each_total(executed):
     _, nb, _ = executed
     text = saved_text(nb)
-    assert progress_widgets(nb) == []  # a viewer without widget support would show `0%| | 0/N`
+    # Run as in JupyterLab (live widget bars, no widget state saved): every bar ended as its text
+    # line, so the only widget left is the explorer's controls.
+    assert "widgets" not in nb.metadata
+    assert widget_cells(nb) == [i for i, c in enumerate(nb.cells) if "photo_explorer" in c.source]
     assert bar_lines(text), "no progress saved at all"
     assert unfinished_bars(text) == []
     assert "\x1b" not in text  # no terminal escape codes in a saved notebook
@@ -145,3 +161,4 @@ def test_the_model_is_loaded_once(executed):
     _, nb, _ = executed
     loads = model_loads(saved_text(nb))
     assert len(loads) == 1, loads
+    assert model_loads(stdout_text(nb)) == loads  # information, not a warning box (stderr)

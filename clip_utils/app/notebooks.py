@@ -7,8 +7,10 @@ Each notebook reads its parameters from `CLIP_*` environment variables (see DESI
 the very same notebooks run on ViT-L/14 and real data or on the offline test kit. The
 executed copy is saved even when a cell fails, so the output up to the failure is never
 lost, and the failure is reported as one readable line instead of a kernel traceback.
-Kernels draw plain-text progress bars (`CLIP_PROGRESS=text`): a saved notebook then shows
-each pass's final count, where a widget would keep a stale state. A demo run sets
+A notebook runs here as it runs in JupyterLab: the same progress bars (a widget while a pass
+runs, its final line as text after) and no widget state saved in the file, which JupyterLab
+does not save either; what the executed copy shows is what a person's saved notebook shows
+(the photo explorer leaves a static image of its view beside its controls). A demo run sets
 `CLIP_DEMO=1`, so every figure it draws carries a demo mark, and ends by saying where its
 notebooks are and how to point the CLI at the demo kit.
 """
@@ -25,7 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from clip_utils.runtime.files import atomic_path
-from clip_utils.runtime.progress import PROGRESS_ENV, quiet_loading
+from clip_utils.runtime.progress import quiet_loading
 from clip_utils.testkit import make_kit
 
 # The repository checkout this runner belongs to: where the notebooks, data/ and results/ live.
@@ -33,8 +35,6 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 NOTEBOOKS = ("Task1.ipynb", "Task2.ipynb")
 DEMO_NOTICE = "DEMO: tiny random-weight CLIP on synthetic images; the numbers mean nothing."
-# What a kernel gets unless the caller's environment says otherwise (see the module docstring).
-KERNEL_DEFAULTS = {PROGRESS_ENV: "text"}
 
 
 class NotebookFailed(RuntimeError):
@@ -53,8 +53,7 @@ def execute_notebook(
     Args:
         path: the notebook to run (it runs with its own folder as working directory).
         out_path: where the executed notebook is written, also on failure.
-        env: environment variables added to this process's for the kernel (over
-            `KERNEL_DEFAULTS`: plain-text progress bars unless `CLIP_PROGRESS` is set).
+        env: environment variables added to this process's for the kernel.
         timeout: per-cell timeout in seconds (None: no limit).
         banner: markdown put above the first cell of the executed copy (e.g. a demo warning).
 
@@ -74,9 +73,12 @@ def execute_notebook(
         # Unix sockets in a private folder: local-only, and no warning about unencrypted TCP.
         ipc = {"transport": "ipc", "ip": str(Path(sockets) / "kernel")} if os.name == "posix" else {}
         km = KernelManager(kernel_name="python3", **ipc)
-        client = NotebookClient(nb, km=km, timeout=timeout, resources={"metadata": {"path": str(path.parent)}})
+        # No widget state in the file, as JupyterLab saves it: a widget output then reads as it
+        # will for a person (the tests check that only the explorer's controls are widgets).
+        client = NotebookClient(nb, km=km, timeout=timeout, store_widget_state=False,
+                                resources={"metadata": {"path": str(path.parent)}})
         try:
-            client.execute(env={**KERNEL_DEFAULTS, **os.environ, **(env or {})})
+            client.execute(env={**os.environ, **(env or {})})
         except CellExecutionError as err:
             raise NotebookFailed(
                 f"{path.name} stopped with {err.ename}: {err.evalue}\n"

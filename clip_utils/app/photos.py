@@ -37,8 +37,10 @@ a method without a checkpoint gets an error entry saying which command trains it
 
 from __future__ import annotations
 
+import io
 import os
 import re
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -126,9 +128,11 @@ def open_photo(source: str | Path | BinaryIO, name: str | Path) -> Image.Image:
         name: how messages name the photo (its path, or the uploaded file's name).
 
     Raises:
-        PhotoError: not an image, truncated or corrupt data, unreadable file, or an image
-            over Pillow's decompression-bomb limit.
+        PhotoError: an empty file, not an image, truncated or corrupt data, unreadable file,
+            or an image over Pillow's decompression-bomb limit.
     """
+    if _is_empty(source):  # Pillow would call it "not an image"; it is nothing at all
+        raise PhotoError(f"{name} is empty (0 bytes): nothing to read; copy or upload the photo again")
     try:
         with Image.open(source) as img:
             if img.format == "JPEG":
@@ -151,6 +155,19 @@ def open_photo(source: str | Path | BinaryIO, name: str | Path) -> Image.Image:
         raise PhotoError(
             f"cannot read {name}: the file is truncated or corrupt ({err}); re-export or re-copy it"
         ) from err
+
+
+def _is_empty(source: str | Path | BinaryIO) -> bool:
+    """Whether a file or a seekable file object holds no bytes at all (False when it cannot tell)."""
+    try:
+        if isinstance(source, (str, Path)):
+            return os.stat(source).st_size == 0
+        here = source.tell()
+        end = source.seek(0, io.SEEK_END)
+        source.seek(here)
+        return end == 0
+    except (OSError, AttributeError, ValueError):
+        return False
 
 
 def list_photos(folder: str | Path) -> list[Path]:
@@ -180,7 +197,24 @@ def classifier_for(lab: Lab, dataset: str, method: str | None = None,
     return m.load_classifier(lab, dataset, prompt_set=prompt_set)
 
 
-def checkpoint_missing(lab: Lab, dataset: str, method: str) -> str | None:
+def train_command(lab: Lab, dataset: str, method: str, paths: bool = True) -> str:
+    """The command that trains `method` on `dataset`, ready to paste into a terminal.
+
+    Args:
+        lab: the run context.
+        dataset: dataset name.
+        method: a registered method.
+        paths: carry the lab's model, data root and results folder (a notebook's, which the
+            CLI's defaults need not match); False: the bare command (the CLI, whose user
+            typed those options and is told to keep them).
+    """
+    words = ["python", "-m", "clip_utils", registry.get(method).command, "--dataset", dataset]
+    if paths:
+        words += ["--model", str(lab.model), "--data-root", str(lab.data_root), "--results-dir", str(lab.results_dir)]
+    return shlex.join(words)
+
+
+def checkpoint_missing(lab: Lab, dataset: str, method: str, paths: bool = False) -> str | None:
     """Why `method` cannot predict on `dataset` yet (no finished checkpoint), or None when it can.
 
     Only looks for the files (no model is loaded): a checkpoint that is there but damaged or
@@ -190,11 +224,12 @@ def checkpoint_missing(lab: Lab, dataset: str, method: str) -> str | None:
         lab: the run context (its results folder).
         dataset: dataset name.
         method: a registered method (one that fits nothing always can).
+        paths: the command that trains it carries the lab's paths (`train_command`).
     """
     m = registry.get(method)
     if not m.trained or m.has_checkpoint(fewshot.run_dir(lab.results_dir, dataset, m.name)):
         return None
-    return f"no {m.label} checkpoint for {dataset}: train it with python -m clip_utils {m.command} --dataset {dataset}"
+    return f"no {m.label} checkpoint for {dataset}: train it with {train_command(lab, dataset, method, paths)}"
 
 
 def open_photos(photos: Sequence[str | Path]) -> tuple[dict[int, Image.Image], list[dict]]:

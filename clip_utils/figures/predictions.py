@@ -12,18 +12,30 @@ displays the returned figure (once) as the cell's value. Every figure of the pac
 made by `new_figure`, so one place marks them all as a demo when `CLIP_DEMO=1` (set by
 `make demo`): numbers from the tiny random model must never pass for results. The
 training and comparison charts are in `charts`.
+
+Class names come in any script (an image folder of Japanese birds, Cyrillic mushrooms):
+every figure draws its text with a fallback stack of the fonts this machine has (`font_stack`:
+the default sans-serif, then any installed Noto/CJK/script font), and a character none of
+them has makes one warning per figure naming it, where matplotlib would warn once per glyph
+drawn (dozens of lines for one Japanese class name).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
+import re
 import textwrap
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.text import Text
 
 from clip_utils import metrics
 from clip_utils.data import UnreadableImageError, open_rgb
@@ -43,25 +55,116 @@ MAX_LABEL_STEP = 8
 CONFUSION_BASE_CLASSES, CONFUSION_MAX_SCALE = 72, 1.45
 
 
+# Families that cover scripts DejaVu Sans lacks, most useful first (CJK, then the rest of
+# Noto, then the large fonts of other systems); only the installed ones join `font_stack`.
+FALLBACK_FONTS = (
+    "Noto Sans CJK JP", "Noto Sans CJK SC", "Noto Sans CJK TC", "Noto Sans CJK KR", "Noto Sans JP", "Noto Sans SC",
+    "Noto Sans TC", "Noto Sans KR", "Source Han Sans", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei",
+    "Droid Sans Fallback", "IPAexGothic", "IPAGothic", "TakaoGothic", "Noto Sans", "Noto Sans Arabic",
+    "Noto Sans Hebrew", "Noto Sans Devanagari", "Noto Sans Bengali", "Noto Sans Tamil", "Noto Sans Thai",
+    "Noto Sans Georgian", "Noto Sans Armenian", "Noto Sans Ethiopic", "Noto Sans Symbols", "Noto Sans Symbols2",
+    "Arial Unicode MS", "Microsoft YaHei", "Yu Gothic", "Meiryo", "Malgun Gothic", "Hiragino Sans",
+    "PingFang SC", "Apple SD Gothic Neo", "Nirmala UI", "Segoe UI", "Segoe UI Symbol", "Unifont",
+)
+MAX_FALLBACK_FONTS = 8  # each one a font file matplotlib may open; CJK fonts are 10-20 MB
+_GLYPH_WARNING = re.compile(r"Glyph (\d+) .*missing from")
+
+
 def is_demo() -> bool:
     """Whether `CLIP_DEMO` says the figures come from the demo kit."""
     return os.environ.get(DEMO_ENV, "").strip().lower() in TRUE
 
 
-def new_figure(constrained: bool = True, **kwargs) -> Figure:
+def fallback_fonts(installed: Sequence[str]) -> list[str]:
+    """The families of `FALLBACK_FONTS` among `installed` (font family names), in that order.
+
+    Args:
+        installed: the family names matplotlib's font manager knows.
+    """
+    have = set(installed)
+    return [name for name in FALLBACK_FONTS if name in have][:MAX_FALLBACK_FONTS]
+
+
+@functools.cache
+def _installed_fallbacks() -> tuple[str, ...]:
+    from matplotlib import font_manager
+
+    return tuple(fallback_fonts([f.name for f in font_manager.fontManager.ttflist]))
+
+
+def font_stack() -> list[str]:
+    """matplotlib's `font.family` with every installed fallback font after it.
+
+    `['sans-serif']` (DejaVu Sans, matplotlib's own) alone where no other font is installed,
+    `['sans-serif', 'Noto Sans CJK JP', ...]` where one is: matplotlib draws each character
+    with the first family of the list that has it.
+    """
+    families = list(matplotlib.rcParams["font.family"])
+    return families + [name for name in _installed_fallbacks() if name not in families]
+
+
+def _missing_glyphs_warning(chars: Sequence[str]) -> str:
+    shown = "".join(sorted(set(chars)))
+    return (f"{len(set(chars))} character(s) of this figure's text are in no installed font and show as "
+            f"boxes: {shown[:20]}{'...' if len(shown) > 20 else ''}. Install a font that has them (Noto Sans CJK "
+            f"for Chinese, Japanese, Korean: `apt install fonts-noto-cjk`) and restart Python.")
+
+
+class _Figure(Figure):
+    """A figure that draws its text with `font_stack` and warns once about characters no
+    installed font has, instead of matplotlib's warning per glyph drawn."""
+
+    _warned_glyphs = False
+
+    @contextlib.contextmanager
+    def _text_fonts(self) -> Iterator[None]:
+        default, stack = list(matplotlib.rcParams["font.family"]), font_stack()
+        if stack != default:  # texts made with the default family get the fallbacks too
+            for text in self.findobj(Text):
+                if list(text.get_fontfamily()) == default:
+                    text.set_fontfamily(stack)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with matplotlib.rc_context({"font.family": stack}):  # tick labels made while drawing
+                yield
+        missing = []
+        for w in caught:
+            match = _GLYPH_WARNING.match(str(w.message))
+            if match:
+                missing.append(chr(int(match[1])))
+            else:  # anything else is not ours to hide
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+        if missing and not self._warned_glyphs:
+            self._warned_glyphs = True
+            warnings.warn(_missing_glyphs_warning(missing), UserWarning, stacklevel=4)
+
+    def draw(self, renderer) -> None:
+        with self._text_fonts():
+            super().draw(renderer)
+
+    def get_tightbbox(self, renderer=None, *args, **kwargs):
+        with self._text_fonts():
+            return super().get_tightbbox(renderer, *args, **kwargs)
+
+
+def new_figure(constrained: bool = True, demo_mark: bool = True, **kwargs) -> Figure:
     """A pyplot-free figure with an Agg canvas attached (shared by every chart of the package).
+
+    Its text is drawn with `font_stack`, and characters no font has make one warning per figure.
 
     Args:
         constrained: use matplotlib's constrained layout.
+        demo_mark: mark it as a demo when `CLIP_DEMO` is set (False: a figure shown under
+            another that carries the mark, as the explorer's second photo).
         **kwargs: passed to `Figure` (e.g. `figsize`).
     """
     # An Agg canvas from the start: without one every text-size query (seaborn checks tick
     # label overlap) builds a fresh full-size renderer, seconds and gigabytes at 200 classes.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    fig = Figure(layout="constrained" if constrained else None, **kwargs)
+    fig = _Figure(layout="constrained" if constrained else None, **kwargs)
     FigureCanvasAgg(fig)
-    if is_demo():
+    if demo_mark and is_demo():
         from matplotlib.transforms import ScaledTranslation
 
         # Above the top edge (and its box's padding 10 points clear of it): no layout moves
@@ -336,8 +439,132 @@ def plot_prompt_comparison(table: Mapping[str, Mapping[str, float]], path: str |
     return save_figure(fig, path)
 
 
+# The photo charts, in inches: a row per class at a fixed height whatever top-k is (one bar
+# as tall as the chart reads as a bug): the class name and, under it, its bar and
+# probability (no tick labels to make room for); the photo beside the charts, at most
+# CHARTS_PER_LINE methods side by side.
+PHOTO_IN, CHART_IN, ROW_IN, BAR_IN = 2.6, 2.8, 0.34, 0.14
+HEAD_IN, TITLE_IN, GAP_IN, MARGIN_IN, BANNER_IN = 0.3, 0.4, 0.25, 0.12, 0.5
+CHARTS_PER_LINE = 3
+NAME_CHARS = 40  # a longer class name is cut at a word with an ellipsis (a chart is 2.8 inches wide)
+TOP_COLOUR, OTHER_COLOUR, AXIS_COLOUR = "#3182bd", "#bdbdbd", "#636363"
+# The explorer's images: inches above are whole pixels at this resolution, so a chart drawn
+# with 20 rows cropped to k rows is exactly the chart of k rows.
+EXPLORER_DPI = 100
+
+
+def _short(name: str, width: int = NAME_CHARS) -> str:
+    return name if len(name) <= width else textwrap.shorten(name, width, placeholder="...")
+
+
+def thumbnail(image, inches: float = PHOTO_IN, dpi: float = 200):
+    """The photo scaled down to what a chart shows (`inches` wide at `dpi`), as a PIL image.
+
+    Drawing a 1024-pixel photo into a 3-inch box costs more than the rest of the figure.
+    """
+    from PIL import Image
+
+    image = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    side = int(inches * dpi)
+    if max(image.size) <= side:
+        return image
+    small = image.copy()
+    small.thumbnail((side, side))
+    return small
+
+
+def chart_height(rows: int) -> float:
+    """The height in inches of a top-k chart of `rows` classes, its heading included."""
+    return HEAD_IN + rows * ROW_IN
+
+
+def _photo_height(photo) -> float:
+    width, height = photo.size
+    return float(np.clip(PHOTO_IN * height / max(width, 1), 1.2, 3.6))
+
+
+def _rect(fig: Figure, left: float, top: float, width: float, height: float, **kwargs):
+    """A rectangle placed in inches from the figure's top-left corner."""
+    from matplotlib.patches import Rectangle
+
+    w, h = fig.get_size_inches()
+    fig.add_artist(Rectangle((left / w, 1 - (top + height) / h), width / w, height / h, transform=fig.transFigure,
+                             linewidth=0, **kwargs))
+
+
+def _text(fig: Figure, left: float, top: float, text: str, **kwargs) -> None:
+    """A text placed in inches from the figure's top-left corner."""
+    w, h = fig.get_size_inches()
+    fig.text(left / w, 1 - top / h, text, **kwargs)
+
+
+def _draw_chart(fig: Figure, left: float, top: float, label: str, top_k: Sequence[Mapping]) -> None:
+    """One method's top-k at (`left`, `top`) inches: its heading, then a fixed-height row per class.
+
+    Drawn on the figure itself, without axes: no ticks to lay out, so a chart costs its text.
+    """
+    if label:
+        _text(fig, left, top + HEAD_IN - 0.09, label, ha="left", va="baseline", fontsize=10, weight="bold")
+    top += HEAD_IN
+    _rect(fig, left, top, 0.8 / 72, len(top_k) * ROW_IN, color=AXIS_COLOUR)
+    full = CHART_IN - 0.6  # a bar at 100%: room for its percentage after it
+    for rank, t in enumerate(top_k):
+        p, row = float(t["prob"]), top + rank * ROW_IN
+        _text(fig, left + 0.05, row + 0.15, _short(str(t["name"])), ha="left", va="baseline", fontsize=8.5)
+        _rect(fig, left, row + 0.18, full * p, BAR_IN, color=TOP_COLOUR if rank == 0 else OTHER_COLOUR)
+        _text(fig, left + full * p + 0.05, row + 0.18 + BAR_IN / 2, f"{100 * p:.1f}%", ha="left", va="center_baseline",
+              fontsize=8, color="#404040")
+
+
+def plot_photo_methods(image, tops: Mapping[str, Sequence[Mapping]], title: str, path: str | Path | None = None,
+                       demo_mark: bool = True) -> Figure:
+    """A photo beside one compact top-k chart per method, as one figure.
+
+    Every class is a row of fixed height (`ROW_IN`): its name, then its bar and probability,
+    the most likely in colour; so a top-1 chart is one short bar, a top-20 chart a tall one.
+    Charts sit side by side, `CHARTS_PER_LINE` to a line. The explorer shows the same rows,
+    assembled from cached pieces (`chart_image`, `photo_panel`, `photo_row`).
+
+    Args:
+        image: the photo (RGB PIL image or array).
+        tops: `{method label: [{"name": str, "prob": float}, ...]}`, most likely first; an
+            empty label draws a chart without a heading.
+        title: figure title (the photo's name, the dataset, the method when there is one).
+        path: PNG to write (None: do not save).
+        demo_mark: carry the demo mark when `CLIP_DEMO` is set.
+    """
+    photo = thumbnail(image)
+    rows = max([len(top) for top in tops.values()] or [1])
+    cols = max(1, min(len(tops), CHARTS_PER_LINE))
+    lines = max(1, math.ceil(len(tops) / CHARTS_PER_LINE))
+    charts_h = lines * chart_height(rows) + (lines - 1) * GAP_IN
+    photo_h = _photo_height(photo)
+    fig_w = _row_width(cols)
+    fig_h = TITLE_IN + max(photo_h, charts_h) + MARGIN_IN
+    fig = new_figure(constrained=False, demo_mark=demo_mark, figsize=(fig_w, fig_h))
+    _draw_panel(fig, photo, title, photo_h)
+    for i, (label, top) in enumerate(tops.items()):
+        line, col = divmod(i, CHARTS_PER_LINE)
+        _draw_chart(fig, MARGIN_IN + PHOTO_IN + GAP_IN + col * (CHART_IN + GAP_IN),
+                    TITLE_IN + line * (chart_height(rows) + GAP_IN), label, top)
+    return save_figure(fig, path)
+
+
+def _row_width(cols: int) -> float:
+    return 2 * MARGIN_IN + PHOTO_IN + cols * (GAP_IN + CHART_IN)
+
+
+def _draw_panel(fig: Figure, photo, title: str, photo_h: float) -> None:
+    """The title along the top and the photo under it, at the figure's left."""
+    w, h = fig.get_size_inches()
+    fig.suptitle(title, x=MARGIN_IN / w, y=1 - 0.1 / h, ha="left", va="top", fontsize=11, weight="bold")
+    pic = fig.add_axes((MARGIN_IN / w, 1 - (TITLE_IN + photo_h) / h, PHOTO_IN / w, photo_h / h))
+    pic.imshow(photo)
+    pic.axis("off")
+
+
 def plot_photo_predictions(image, top_k: Sequence[Mapping], title: str, path: str | Path | None = None) -> Figure:
-    """A photo beside a horizontal bar chart of its top-k class probabilities.
+    """A photo beside a bar chart of its top-k class probabilities (a bar's height is fixed).
 
     Args:
         image: the photo (RGB PIL image or array).
@@ -345,16 +572,79 @@ def plot_photo_predictions(image, top_k: Sequence[Mapping], title: str, path: st
         title: figure title (the photo's name, the dataset, the method).
         path: PNG to write (None: do not save).
     """
-    fig = new_figure(figsize=(11, 4.2))
-    left, right = fig.subplots(1, 2, width_ratios=[1, 1.3])
-    left.imshow(image)
-    left.axis("off")
-    names = [_wrap(t["name"], 30) for t in top_k][::-1]
-    probs = [100 * float(t["prob"]) for t in top_k][::-1]
-    bars = right.barh(names, probs, color=["#bdbdbd"] * (len(probs) - 1) + ["#3182bd"])
-    right.bar_label(bars, fmt="%.1f%%", padding=3, fontsize=9)
-    right.set_xlim(0, 115)
-    right.set_xlabel("probability (%)")
-    right.spines[["top", "right"]].set_visible(False)
-    fig.suptitle(title)
-    return save_figure(fig, path)
+    return plot_photo_methods(image, {"": top_k}, title, path)
+
+
+# --------------------------------------------------------------------------- the explorer's pieces
+
+
+def _image(fig: Figure):
+    """The figure drawn at its own size (`EXPLORER_DPI`), as an RGB PIL image."""
+    from PIL import Image
+
+    fig.canvas.draw()
+    return Image.fromarray(np.asarray(fig.canvas.buffer_rgba())).convert("RGB")
+
+
+def chart_image(label: str, top_k: Sequence[Mapping]):
+    """One method's chart (`plot_photo_methods`'s) as a PIL image at `EXPLORER_DPI`.
+
+    Its rows are whole pixels, so `photo_row` cuts it to any smaller top-k without drawing again.
+    """
+    fig = new_figure(constrained=False, demo_mark=False, figsize=(CHART_IN, chart_height(len(top_k))),
+                     dpi=EXPLORER_DPI)
+    _draw_chart(fig, 0.01, 0, label, top_k)
+    return _image(fig)
+
+
+def photo_panel(image, title: str):
+    """The title and the photo of an explorer row, as a PIL image at `EXPLORER_DPI`, as wide
+    as a full row of charts (`photo_row` cuts it to the row it heads, so one panel serves any
+    number of methods)."""
+    photo = thumbnail(image)
+    photo_h = _photo_height(photo)
+    fig = new_figure(constrained=False, demo_mark=False, dpi=EXPLORER_DPI,
+                     figsize=(_row_width(CHARTS_PER_LINE), TITLE_IN + photo_h))
+    _draw_panel(fig, photo, title, photo_h)
+    return _image(fig)
+
+
+@functools.lru_cache(maxsize=8)
+def demo_banner(width_px: int):
+    """The demo mark as a strip `width_px` wide (`photo_row` puts it above a view's first row;
+    drawn once per width)."""
+    fig = new_figure(constrained=False, demo_mark=False, dpi=EXPLORER_DPI,
+                     figsize=(width_px / EXPLORER_DPI, BANNER_IN))
+    fig.text(0.5, 0.5, DEMO_MARK, ha="center", va="center", fontsize=13, weight="bold", color="white",
+             bbox={"boxstyle": "round,pad=0.4", "facecolor": "#b2182b", "edgecolor": "none"})
+    return _image(fig)
+
+
+def photo_row(panel, charts: Sequence, rows: int, banner: bool = False):
+    """A photo's row of the explorer: its panel, and each chart cut to its first `rows` classes.
+
+    Args:
+        panel: `photo_panel`'s image.
+        charts: `chart_image`s, drawn with at least `rows` classes each.
+        rows: top-k to show.
+        banner: put the demo mark above it (the first row of a view, with `CLIP_DEMO` set).
+    """
+    from PIL import Image
+
+    px = EXPLORER_DPI
+    chart_px = round(chart_height(rows) * px)
+    lines = max(1, math.ceil(len(charts) / CHARTS_PER_LINE))
+    charts_px = lines * chart_px + (lines - 1) * round(GAP_IN * px)
+    top = round(BANNER_IN * px) if banner else 0
+    width = round(_row_width(max(1, min(len(charts), CHARTS_PER_LINE))) * px)
+    height = top + max(panel.height, round(TITLE_IN * px) + charts_px) + round(MARGIN_IN * px)
+    row = Image.new("RGB", (width, height), "white")
+    if banner:
+        row.paste(demo_banner(width), (0, 0))
+    row.paste(panel.crop((0, 0, width, panel.height)), (0, top))
+    for i, chart in enumerate(charts):
+        line, col = divmod(i, CHARTS_PER_LINE)
+        x = round((MARGIN_IN + PHOTO_IN + GAP_IN + col * (CHART_IN + GAP_IN)) * px)
+        y = top + round(TITLE_IN * px) + line * (chart_px + round(GAP_IN * px))
+        row.paste(chart.crop((0, 0, chart.width, min(chart_px, chart.height))), (x, y))
+    return row

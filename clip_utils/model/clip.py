@@ -14,7 +14,8 @@ Loading never waits on a network that is not there: a model that is neither a fo
 in the local cache is fetched only after a quick reachability check, and
 `HF_HUB_OFFLINE=1` is honoured, so an offline machine gets a
 `ModelUnavailableError` naming the model within seconds instead of minutes of retries.
-Each load says so in one line on stderr (`loaded NAME (427.6M parameters, float32) in 3.1 s`).
+Each load says so in one line (`loaded NAME (427.6M parameters, float32) in 3.1 s`): on stderr
+from the command line, on stdout in a notebook (`progress.info`).
 
 Preprocessing always comes from the model's own processor configuration (resize, crop,
 mean, std), never from constants: the tiny test model and ViT-L/14 differ in all four.
@@ -25,7 +26,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,7 +44,7 @@ from clip_utils.model.preprocess import Preprocess
 from clip_utils.runtime import distributed
 from clip_utils.runtime.env import TRUE
 from clip_utils.runtime.network import reachable
-from clip_utils.runtime.progress import quiet_loading
+from clip_utils.runtime.progress import info, quiet_loading
 
 
 class ModelUnavailableError(UserError, RuntimeError):
@@ -199,8 +199,8 @@ def load_clip(
     if distributed.is_main():
         # One line per load: on ViT-L/14 a load is 1.7 GB and seconds, worth seeing (and counting).
         n = sum(p.numel() for p in clip.model.parameters())
-        print(f"loaded {name} ({n / 1e6:.1f}M parameters, {str(clip.dtype).removeprefix('torch.')}) "
-              f"in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        info(f"loaded {name} ({n / 1e6:.1f}M parameters, {str(clip.dtype).removeprefix('torch.')}) "
+             f"in {time.perf_counter() - start:.1f} s")
     return clip
 
 

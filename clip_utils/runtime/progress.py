@@ -6,14 +6,22 @@
 Every long pass of the package goes through `bar`, so one place decides how progress is shown:
 
 - `TQDM_DISABLE=1` (tqdm's own variable) hides every bar, as does `enabled=False`;
-- `CLIP_PROGRESS=text` asks for the log style below everywhere; the headless notebook runner
-  sets it for its kernels, because a saved widget keeps whatever state it was last drawn in
-  (`33% 1/3` on a full bar) and viewers without widget support show `0%| | 0/N`;
-- otherwise a terminal gets tqdm's live bar, a Jupyter kernel its widget (`tqdm.auto`);
+- a Jupyter kernel gets tqdm's widget while the pass runs, and at its end the widget is
+  replaced, in place, by the bar's final line as plain text (`encoding images: 100%|...| 49/49`).
+  A widget left in a notebook is a dead one once the kernel is gone: JupyterLab does not save
+  widget state, so after a reload, in the saved file and in any viewer it reads "Error
+  displaying widget: model not found". The text line is what stays;
+- `CLIP_PROGRESS=text` asks for the log style below everywhere (in a kernel on stdout, which
+  JupyterLab shows as plain output; stderr there is a pink warning box);
+- otherwise a terminal gets tqdm's live bar;
 - anywhere else (CI, `nohup`, a batch job, a pipe) stderr is a log: a bar prints no line
   when it starts, a plain line at most every `LOG_INTERVAL_S` seconds while it runs, and
   always a last line with its final count (`49/49`), instead of a line of thousands of
   carriage returns.
+
+`info` prints the package's informational lines (`loaded MODEL ...`): on stdout in a kernel,
+where stderr is drawn as a warning, and on stderr elsewhere, so that a command's stdout stays
+its result (`predict --json` prints pure JSON).
 
 `quiet_loading()` silences the bars transformers draws while it reads weights from disk
 (`Loading weights: 78/78`, once per model load), which would otherwise fill notebooks and
@@ -23,6 +31,7 @@ logs with a bar per load; downloads from the hub keep theirs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 from collections.abc import Iterable, Iterator
@@ -63,6 +72,67 @@ def _in_kernel() -> bool:
     imports it without being a kernel, and its bars then lost their log style.
     """
     return notebook_tqdm is not text_tqdm
+
+
+def in_kernel() -> bool:
+    """Whether this process is a Jupyter kernel (an IPython shell with a kernel behind it).
+
+    A terminal IPython or a process that merely imports ipykernel (nbclient, the tests) is not.
+    """
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return getattr(shell, "kernel", None) is not None
+
+
+def _display(obj, **kwargs):
+    """`IPython.display.display` (one name for tests to replace)."""
+    from IPython.display import display
+
+    return display(obj, **kwargs)
+
+
+def final_line(pbar: text_tqdm) -> str:
+    """A bar's state as one plain line (`desc: 100%|##########| 49/49 [00:05<00:00, 9.1batch/s]`).
+
+    The overall rate rather than the last moments' average, as tqdm prints when a bar closes.
+    """
+    state = {**pbar.format_dict, "ncols": None, "colour": None, "rate": None}
+    return pbar.format_meter(**state)
+
+
+@functools.cache
+def _widget_bar_class() -> type:
+    """tqdm's notebook bar that leaves its final line as plain text, built on first use
+    (importing tqdm.notebook imports ipywidgets, which a command line does not need)."""
+    from tqdm.notebook import tqdm_notebook
+
+    class WidgetBar(tqdm_notebook):
+        """The notebook widget while the pass runs; its final line, as text, in its place after.
+
+        The widget is shown through a display handle, and `close()` updates that output to the
+        text (the saved notebook keeps the text, not a widget whose model dies with the kernel)
+        and then closes the widget's models.
+        """
+
+        def __init__(self, *args, **kwargs) -> None:
+            self._handle = None
+            super().__init__(*args, **{**kwargs, "display": False})
+            if not self.disable:
+                self._handle = _display(self.container, display_id=True)
+                self.displayed = True
+
+        def close(self) -> None:
+            if self.disable:
+                return
+            line = final_line(self)
+            super().close()
+            if self._handle is not None:
+                self._handle.update({"text/plain": line}, raw=True)
+                self._handle = None
+            for widget in (*self.container.children, self.container):
+                widget.close()
+
+    return WidgetBar
 
 
 class _Lines:
@@ -121,13 +191,17 @@ def bar(iterable: Iterable | None = None, *, desc: str | None = None, total: int
     """
     disable = disabled() or not enabled
     text = style() == "text"
-    if disable or (_in_kernel() and not text):
-        return auto_tqdm(iterable, desc=desc, total=total, unit=unit, leave=leave, disable=disable, **kwargs)
+    if disable:
+        return auto_tqdm(iterable, desc=desc, total=total, unit=unit, leave=leave, disable=True, **kwargs)
+    if _in_kernel() and not text:
+        # Always left (as its text line): a notebook keeps the record a log keeps.
+        return _widget_bar_class()(iterable, desc=desc, total=total, unit=unit, leave=True, **kwargs)
     if sys.stderr.isatty() and not text:
         return text_tqdm(iterable, desc=desc, total=total, unit=unit, leave=leave, **kwargs)
     # position 0: a log has no screen rows, and a nested bar (an epoch's steps) would write
-    # cursor-up escape codes into it to reach its own row.
-    return _LogBar(iterable, desc=desc, total=total, unit=unit, leave=True, file=_Lines(sys.stderr),
+    # cursor-up escape codes into it to reach its own row. In a kernel the log goes to stdout.
+    stream = sys.stdout if in_kernel() else sys.stderr
+    return _LogBar(iterable, desc=desc, total=total, unit=unit, leave=True, file=_Lines(stream),
                    mininterval=LOG_INTERVAL_S, maxinterval=LOG_INTERVAL_S, delay=LOG_INTERVAL_S,
                    dynamic_ncols=False, ncols=100, **{"position": 0, **kwargs})
 
@@ -135,6 +209,15 @@ def bar(iterable: Iterable | None = None, *, desc: str | None = None, total: int
 def write(message: str) -> None:
     """Print a line on stdout without breaking a bar in progress (`tqdm.write`)."""
     text_tqdm.write(message)
+
+
+def info(message: str) -> None:
+    """Print an informational line (`loaded MODEL ...`) where it reads as one.
+
+    In a Jupyter kernel on stdout: JupyterLab draws stderr as a pink warning box, which is
+    for warnings and errors. Elsewhere on stderr, so that a command's stdout stays its result.
+    """
+    text_tqdm.write(message, file=sys.stdout if in_kernel() else sys.stderr)
 
 
 @contextlib.contextmanager
