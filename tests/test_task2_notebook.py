@@ -21,6 +21,7 @@ from notebook_outputs import (
 )
 from PIL import Image
 
+from clip_utils import config
 from clip_utils.app.notebooks import execute_notebook
 from clip_utils.data import class_names, load_dataset
 from clip_utils.figures import predictions as plots
@@ -104,7 +105,8 @@ def test_comparison_figures_and_summary(executed):
                  f"{DATASET}_linear_probe_samples.png"):
         assert (figures / name).is_file(), name
     summary = json.loads((results / "task2_summary.json").read_text())
-    assert {r["method"] for r in summary["comparison"]} == {"zeroshot", "linear_probe", "lora"}
+    # the full-data rows, and the few-shot section's methods (config.NOTEBOOK_FEWSHOT_METHODS)
+    assert {r["method"] for r in summary["comparison"]} == {"zeroshot", *config.NOTEBOOK_FEWSHOT_METHODS}
     assert set(summary["photos"][DATASET]) == {"zero-shot", "linear probe", "LoRA"}
     assert all(v["peak_allocated_mb"] is None for v in summary["vram"].values())
     images = sum(1 for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {}))
@@ -116,10 +118,11 @@ def test_the_few_shot_section_runs_the_protocol_and_shows_it(executed):
     with open(results / DATASET / "fewshot.csv", newline="") as f:
         runs = {(r["method"], r["shots"], r["seed"]) for r in csv.DictReader(f)}
     # shots 1 (the test's CLIP_FEWSHOT_SHOTS), the notebook's default seeds 1 and 2
-    assert runs == {(m, "1", s) for m in ("linear_probe", "lora") for s in ("1", "2")}
+    assert runs == {(m, "1", s) for m in config.NOTEBOOK_FEWSHOT_METHODS for s in ("1", "2")}
     with open(results / "summary.csv", newline="") as f:
         spread = [r for r in csv.DictReader(f) if r["dataset"] == DATASET and r["shots"]]
-    assert len(spread) == 2 and all(r["seeds"] == "2" and r["top1_std"] != "" for r in spread)
+    assert len(spread) == len(config.NOTEBOOK_FEWSHOT_METHODS)
+    assert all(r["seeds"] == "2" and r["top1_std"] != "" for r in spread)
     assert (results / "figures" / f"{DATASET}_fewshot.png").is_file()
     (cell,) = [c for c in nb.cells if c.cell_type == "code" and "run_fewshot" in c.source]
     assert sum("image/png" in o.get("data", {}) for o in cell.outputs) == 2  # one figure per dataset

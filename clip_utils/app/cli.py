@@ -222,7 +222,7 @@ def _print_run(metrics: dict, lab: Lab, args) -> None:
     else:
         how = ", ".join(f"{k}={v:.3g}" for k, v in (metrics.get("selected") or {}).items()) or "no training"
     data = f"{metrics['shots']}-shot, seed {metrics['seed']}, " if metrics.get("shots") else ""
-    print(f"{metrics['dataset']} {m.label}: test top-1 {metrics['top1']:.2%}, top-5 {metrics['top5']:.2%}, "
+    print(f"{metrics['dataset']} {m.name}: test top-1 {metrics['top1']:.2%}, top-5 {metrics['top5']:.2%}, "
           f"mean per class {metrics['mean_per_class']:.2%} ({data}{how}, "
           f"{metrics['trainable_params']:,} trainable parameters) -> {folder}")
 

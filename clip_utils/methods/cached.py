@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import functools
 import time
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +55,7 @@ from clip_utils.results.checkpoints import (
     save_module,
 )
 from clip_utils.results.evaluation import save_evaluation
+from clip_utils.runtime import progress
 from clip_utils.runtime.files import write_json
 from clip_utils.runtime.options import add_prompt_option, add_sample_options
 
@@ -173,7 +173,7 @@ def run_cached(lab: Lab, dataset: str, method: str, fit: Callable[[FeatureData],
         fit_seconds = time.perf_counter() - fit_start
     module = fitted.module.eval()
     if fitted.info.get("note"):  # e.g. GDA at one shot without augmented views: exactly zero-shot
-        warnings.warn(f"{method}: {fitted.info['note']}", stacklevel=2)
+        progress.info(f"note: {method}: {fitted.info['note']}")
     info = head_info(dataset=dataset, method=method, model=lab.model, class_names=lab.label_map(dataset),
                      embed_dim=fd.dim, epoch=int(fitted.info.get("best_epoch", 0) or 0))
     save_module(data.folder / MODULE_FILE, module, fitted.config, info)
