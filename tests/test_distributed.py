@@ -36,6 +36,7 @@ from clip_utils.runtime import distributed
 from clip_utils.runtime.distributed import PAD_LABEL, rank_order, shard, shard_sizes
 
 ROOT = Path(__file__).resolve().parents[1]
+HOOKS = Path(__file__).resolve().parent / "hooks"  # sitecustomize: the crash hook, for the processes started here
 LORA_ARGS = ["--dataset", "cub200", "--device", "cpu", "--batch-size", "9", "--epochs", "2", "--dropout", "0",
              "--no-augment", "--lr", "0.02", "--no-download", "--workers", "0"]
 LAUNCH_TIMEOUT_S = 300
@@ -99,7 +100,8 @@ def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLIP_")}
     # One thread per rank on 2 cores; the checkout's package first; no progress bars.
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TQDM_DISABLE="1", MPLBACKEND="Agg", CUDA_VISIBLE_DEVICES="",
-               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p), **extra)
+               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p))
+    env.update(extra)
     return env
 
 
@@ -166,7 +168,7 @@ def runs(kit, tmp_path_factory):
     lora = ["lora", *LORA_ARGS, "--model", str(kit["model"]), "--data-root", str(kit["data"])]
     launches = {
         "crashed": Launch([*lora, "--results-dir", str(root / "crashed")], root / "crashed.log",
-                          **{distributed.CRASH_AFTER_EPOCH: "1"}),
+                          CLIP_TEST_CRASH_AFTER_EPOCH="1", PYTHONPATH=os.pathsep.join([str(HOOKS), str(ROOT)])),
         "zeroshot": Launch([*zeroshot, "--results-dir", str(root / "zeroshot")], root / "zeroshot.log"),
         "lora": Launch([*lora, "--results-dir", str(root / "lora")], root / "lora.log"),
     }

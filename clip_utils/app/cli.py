@@ -240,7 +240,7 @@ def cmd_method(method: Method, args) -> None:
         guard.enter_context(kept_on_failure(folder))
     with guard:
         result = method.run(lab, args.dataset, method.settings(args), shots=shots, seed=args.seed,
-                            resume=getattr(args, "resume", False), callbacks=distributed.crash_hooks())
+                            resume=getattr(args, "resume", False))
     if distributed.is_main():  # under torchrun: printed once
         (method.print_result or _print_run)(result, lab, args)
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import signal
 from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -54,8 +53,6 @@ PAD_LABEL = -100
 # keep the others waiting in a collective; NCCL's default 10 minutes could end a run whose
 # test split is large, so a wait may last an hour before it counts as a hang.
 TIMEOUT = timedelta(minutes=60)
-# Test hook (`crash_hooks`, tests/test_distributed.py): rank 0 kills itself once this epoch is saved.
-CRASH_AFTER_EPOCH = "CLIP_TEST_CRASH_AFTER_EPOCH"
 
 
 class RankZeroFailed(RuntimeError):
@@ -335,18 +332,3 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     device = torch.device(device)
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
-
-
-def crash_hooks() -> list[Callable[[int, dict], None]]:
-    """Epoch callbacks for the tests only: with `$CLIP_TEST_CRASH_AFTER_EPOCH=N`, rank 0
-    kills itself with SIGKILL once epoch N is saved, as a crashed machine would (the CLI
-    passes these to `run_probe` and `run_lora`; empty when the variable is unset)."""
-    after = os.environ.get(CRASH_AFTER_EPOCH)
-    if not after:
-        return []
-
-    def crash(epoch: int, entry: dict) -> None:
-        if epoch == int(after) and is_main():
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return [crash]
