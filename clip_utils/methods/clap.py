@@ -52,7 +52,6 @@ Departures from the published code:
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
@@ -61,7 +60,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from clip_utils.methods.cached import Option, cached_method
-from clip_utils.model.feature_fit import FeatureData, Fitted
+from clip_utils.model.feature_fit import FeatureData, Fitted, dassl_lr, epoch_entry
 from clip_utils.registry import register
 from clip_utils.runtime.options import positive_float, positive_int
 
@@ -75,13 +74,6 @@ WEIGHT_DECAY = 0.0
 BATCH_SIZE = 256
 WARMUP_EPOCHS = 1  # constant warm-up (Dassl WARMUP_TYPE "constant")
 WARMUP_LR = 1e-5
-
-
-def epoch_lr(epoch: int, base_lr: float, epochs: int, warmup_epochs: int, warmup_lr: float) -> float:
-    """Learning rate of (0-based) `epoch` under Dassl's constant warm-up + cosine schedule."""
-    if epoch < warmup_epochs:
-        return warmup_lr
-    return 0.5 * base_lr * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / epochs))
 
 
 class CLAPProbe(nn.Module):
@@ -199,7 +191,7 @@ def fit(
     curves: list[dict[str, float]] = []
     for epoch in range(epochs):
         for group in optim.param_groups:
-            group["lr"] = epoch_lr(epoch, lr, epochs, warmup_epochs, warmup_lr)
+            group["lr"] = dassl_lr(epoch, lr, epochs, warmup_epochs, warmup_lr)
         perm = torch.randperm(n_pool, generator=gen)
         loss_sum = torch.zeros(())
         seen = 0
@@ -216,24 +208,7 @@ def fit(
             optim.step()
             loss_sum += loss.detach()
             seen += 1
-        with torch.no_grad():
-            val_logits = module(val_x)
-            stats = torch.stack(
-                [
-                    loss_sum / max(seen, 1),
-                    F.cross_entropy(val_logits, val_y),
-                    (val_logits.argmax(-1) == val_y).float().mean(),
-                ]
-            ).tolist()
-        curves.append(
-            {
-                "epoch": epoch + 1,
-                "train_loss": stats[0],
-                "val_loss": stats[1],
-                "val_acc": stats[2],
-                "seconds": time.perf_counter() - start,
-            }
-        )
+        curves.append(epoch_entry(module, val_x, val_y, loss_sum, seen, epoch, start))
 
     module.eval()
     mult = module.multipliers

@@ -69,7 +69,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from clip_utils.methods.cached import Option, cached_method
-from clip_utils.model.feature_fit import FeatureData, Fitted
+from clip_utils.model.feature_fit import FeatureData, Fitted, dassl_lr, epoch_entry
 from clip_utils.registry import register
 from clip_utils.runtime.options import positive_float, positive_int
 
@@ -87,13 +87,6 @@ WARMUP_EPOCHS = 1
 WARMUP_LR = 1e-5
 RATIO = 0.2  # residual ratio hard-coded in the published forward
 REDUCTION = 4  # bottleneck D -> D / 4
-
-
-def epoch_lr(epoch: int, base_lr: float, epochs: int, warmup_epochs: int, warmup_lr: float) -> float:
-    """Learning rate of (0-based) `epoch` under Dassl's constant warm-up + cosine schedule."""
-    if epoch < warmup_epochs:
-        return warmup_lr
-    return 0.5 * base_lr * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / epochs))
 
 
 class CLIPAdapterHead(nn.Module):
@@ -237,7 +230,7 @@ def fit(
     curves: list[dict[str, float]] = []
     rows = torch.arange(n)
     for epoch in range(epochs):
-        lr_e = epoch_lr(epoch, lr, epochs, warmup_epochs, warmup_lr)
+        lr_e = dassl_lr(epoch, lr, epochs, warmup_epochs, warmup_lr)
         if views is not None:
             x_epoch = views[torch.randint(views.shape[0], (n,), generator=gen), rows]
         else:
@@ -257,26 +250,10 @@ def fit(
                     buf.mul_(momentum).add_(grad)
                     w.sub_(buf, alpha=lr_e)
                 loss_sum += loss
-        with torch.no_grad():
-            val_logits = module(val_x)
-            stats = torch.stack(
-                [
-                    loss_sum / n_batches,
-                    F.cross_entropy(val_logits, val_y),
-                    (val_logits.argmax(-1) == val_y).float().mean(),
-                ]
-            ).tolist()
-        curves.append(
-            {
-                "epoch": epoch + 1,
-                "train_loss": stats[0],
-                "val_loss": stats[1],
-                "val_acc": stats[2],
-                "seconds": time.perf_counter() - start,
-            }
-        )
-        if select == "val" and stats[2] > best_acc:
-            best_acc, best_epoch = stats[2], epoch + 1
+        entry = epoch_entry(module, val_x, val_y, loss_sum, n_batches, epoch, start)
+        curves.append(entry)
+        if select == "val" and entry["val_acc"] > best_acc:
+            best_acc, best_epoch = entry["val_acc"], epoch + 1
             best_state = {k: v.clone() for k, v in module.state_dict().items()}
 
     if select == "val":

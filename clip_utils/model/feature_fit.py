@@ -11,6 +11,8 @@ and validation images only: the test split is not in it, so nothing can be selec
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -100,3 +102,25 @@ def grid_search(score: Callable[..., float], grid: dict[str, Sequence[float]]) -
         if s > best_score:
             best, best_score = point, s
     return best, best_score
+
+
+def dassl_lr(epoch: int, base_lr: float, epochs: int, warmup_epochs: int, warmup_lr: float) -> float:
+    """Learning rate of (0-based) `epoch` under Dassl's schedule (CoOp, CLIP-Adapter, TaskRes,
+    CLAP): a constant warm-up rate for `warmup_epochs`, then cosine from `base_lr` over `epochs`."""
+    if epoch < warmup_epochs:
+        return warmup_lr
+    return 0.5 * base_lr * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / epochs))
+
+
+@torch.no_grad()
+def epoch_entry(module: nn.Module, val: torch.Tensor, val_labels: torch.Tensor, loss_sum: torch.Tensor,
+                n_batches: int, epoch: int, start: float) -> dict[str, float]:
+    """One curves.json entry after (0-based) `epoch`: mean train loss, validation loss and top-1.
+
+    note: one CPU-GPU sync per epoch (`.tolist()`), none per batch.
+    """
+    logits = module(val)
+    stats = torch.stack([loss_sum / max(n_batches, 1), torch.nn.functional.cross_entropy(logits, val_labels),
+                         (logits.argmax(-1) == val_labels).float().mean()]).tolist()
+    return {"epoch": epoch + 1, "train_loss": stats[0], "val_loss": stats[1], "val_acc": stats[2],
+            "seconds": time.perf_counter() - start}
