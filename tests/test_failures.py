@@ -108,3 +108,36 @@ def test_sigterm_stops_a_run_like_ctrl_c_and_says_how_to_resume(kit, tmp_path):
     lines = [line for line in err.splitlines() if line.startswith("terminated")]
     assert proc.returncode == 143 and len(lines) == 1 and "--resume" in lines[0], err
     assert "Traceback" not in err and json.loads(curves.read_text())  # what was saved is whole
+
+
+def _imagefolder_args(kit, results, folder) -> list[str]:
+    return ["--dataset", f"imagefolder:{folder}", "--model", str(kit["model"]), "--results-dir", str(results),
+            "--device", "cpu", "--workers", "0", "--no-download"]
+
+
+def test_an_oversized_dataset_image_is_one_line_naming_it(kit, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from clip_utils import testkit
+
+    folder = testkit.make_imagefolder(tmp_path / "shrooms", layout="splits", n_classes=3, per_class=8)
+    args = ["zeroshot", "--prompts", "default", *_imagefolder_args(kit, tmp_path / "results", folder)]
+    assert _run(args)[0] == 0
+    metrics = next((tmp_path / "results").rglob("metrics.json"))
+    before = metrics.read_text()
+    big = folder / "test" / "class_00" / "big.png"
+    Image.new("RGB", (200, 200), (90, 20, 20)).save(big)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # the kit's images are 40x36; big.png is 20x over
+    code, _, err = _run(args)
+    line = _one_error_line(err)
+    assert code == 1 and str(big) in line and "too large to decode safely" in line
+    assert metrics.read_text() == before
+
+
+def test_predict_on_a_named_pipe_answers_instead_of_blocking(kit, tmp_path):
+    pipe = tmp_path / "photo.jpg"
+    os.mkfifo(pipe)
+    code, out, err = _run(["predict", str(pipe), "--dataset", "cub200", "--model", str(kit["model"]),
+                           "--data-root", str(kit["data"]), "--results-dir", str(tmp_path / "results"),
+                           "--device", "cpu", "--no-download"])
+    assert f"{pipe} is not a regular file (a named pipe)" in out + err and "Traceback" not in err
