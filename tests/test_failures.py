@@ -141,3 +141,57 @@ def test_predict_on_a_named_pipe_answers_instead_of_blocking(kit, tmp_path):
                            "--data-root", str(kit["data"]), "--results-dir", str(tmp_path / "results"),
                            "--device", "cpu", "--no-download"])
     assert f"{pipe} is not a regular file (a named pipe)" in out + err and "Traceback" not in err
+
+
+def test_a_cut_short_model_file_is_one_line_naming_it(kit, tmp_path):
+    import shutil
+
+    assert _run(["zeroshot", "--prompts", "default", *_common(kit, tmp_path)])[0] == 0
+    metrics = next(tmp_path.rglob("metrics.json"))
+    before = metrics.read_text()
+    model = shutil.copytree(kit["model"], tmp_path / "model")
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted copy
+    code, _, err = _run(["zeroshot", "--prompts", "default", *_common(kit, tmp_path), "--model", str(model)])
+    line = _one_error_line(err)
+    assert code == 1 and str(weights) in line and "cut short or damaged" in line and "download" in line
+    weights.unlink()
+    __import__("torch").save({"weight": 1}, model / "pytorch_model.bin")  # weights as a pickle: never loaded
+    code, _, err = _run(["zeroshot", "--prompts", "default", *_common(kit, tmp_path), "--model", str(model)])
+    line = _one_error_line(err)
+    assert code == 1 and "pytorch_model.bin" in line and "never loaded" in line
+    assert metrics.read_text() == before
+
+
+def test_an_exported_classifier_whose_head_is_a_pickle_says_re_export(kit, tmp_path):
+    import argparse
+
+    import torch
+
+    folder = tmp_path / "exported"
+    folder.mkdir()
+    (folder / "classes.json").write_text(json.dumps({"classes": ["a", "b"]}))
+    torch.save(argparse.Namespace(weight=1), folder / "head.safetensors")
+    photo = tmp_path / "photo.png"
+    __import__("PIL.Image").Image.new("RGB", (20, 20)).save(photo)
+    code, _, err = _run(["predict", str(photo), "--classifier", str(folder), "--device", "cpu"])
+    line = _one_error_line(err)
+    assert code == 1 and str(folder / "head.safetensors") in line and "re-export" in line
+    assert "weights_only" not in err and photo.is_file()
+
+
+def test_a_resume_file_that_is_a_pickle_is_one_line_without_torch_advice(kit, tmp_path):
+    import argparse
+
+    import torch
+
+    args = ["probe", "--solver", "adamw", "--epochs", "2", *_common(kit, tmp_path)]
+    assert _run(args)[0] == 0
+    folder = tmp_path / "cub200" / "linear_probe"
+    before = (folder / "metrics.json").read_text()
+    torch.save(argparse.Namespace(epoch=1), folder / "resume.pt")
+    code, _, err = _run([*args, "--resume"])
+    line = _one_error_line(err)
+    assert code == 1 and str(folder / "resume.pt") in line and "--resume" in line
+    assert "weights_only" not in err and "pickled objects" in line
+    assert (folder / "metrics.json").read_text() == before
