@@ -195,3 +195,23 @@ def test_a_resume_file_that_is_a_pickle_is_one_line_without_torch_advice(kit, tm
     assert code == 1 and str(folder / "resume.pt") in line and "--resume" in line
     assert "weights_only" not in err and "pickled objects" in line
     assert (folder / "metrics.json").read_text() == before
+
+
+def test_very_long_class_names_give_bounded_figures_and_full_names_in_the_files(kit, tmp_path):
+    from PIL import Image
+
+    from clip_utils import testkit
+
+    folder = testkit.make_imagefolder(tmp_path / "long", layout="splits", n_classes=3, per_class=8)
+    names = {d.name: f"{d.name} " + "very long descriptive name " * 11 for d in (folder / "train").iterdir()}
+    assert all(len(n) >= 300 for n in names.values())
+    (folder / "classes.json").write_text(json.dumps({"classes": names}))
+    code, _, err = _run(["zeroshot", "--prompts", "default", *_imagefolder_args(kit, tmp_path / "results", folder)])
+    assert code == 0 and "Traceback" not in err, err
+    figures = list((tmp_path / "results").rglob("*.png"))
+    assert figures and next((tmp_path / "results").rglob("metrics.json"))
+    for png in figures:
+        with Image.open(png) as img:
+            assert max(img.size) <= 4000, (png, img.size)
+    predictions = next((tmp_path / "results").rglob("predictions.csv")).read_text()
+    assert max(names.values(), key=len) in predictions or any(n in predictions for n in names.values())
