@@ -108,3 +108,110 @@ def test_sigterm_stops_a_run_like_ctrl_c_and_says_how_to_resume(kit, tmp_path):
     lines = [line for line in err.splitlines() if line.startswith("terminated")]
     assert proc.returncode == 143 and len(lines) == 1 and "--resume" in lines[0], err
     assert "Traceback" not in err and json.loads(curves.read_text())  # what was saved is whole
+
+
+def _imagefolder_args(kit, results, folder) -> list[str]:
+    return ["--dataset", f"imagefolder:{folder}", "--model", str(kit["model"]), "--results-dir", str(results),
+            "--device", "cpu", "--workers", "0", "--no-download"]
+
+
+def test_an_oversized_dataset_image_is_one_line_naming_it(kit, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from clip_utils import testkit
+
+    folder = testkit.make_imagefolder(tmp_path / "shrooms", layout="splits", n_classes=3, per_class=8)
+    args = ["zeroshot", "--prompts", "default", *_imagefolder_args(kit, tmp_path / "results", folder)]
+    assert _run(args)[0] == 0
+    metrics = next((tmp_path / "results").rglob("metrics.json"))
+    before = metrics.read_text()
+    big = folder / "test" / "class_00" / "big.png"
+    Image.new("RGB", (200, 200), (90, 20, 20)).save(big)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # the kit's images are 40x36; big.png is 20x over
+    code, _, err = _run(args)
+    line = _one_error_line(err)
+    assert code == 1 and str(big) in line and "too large to decode safely" in line
+    assert metrics.read_text() == before
+
+
+def test_predict_on_a_named_pipe_answers_instead_of_blocking(kit, tmp_path):
+    pipe = tmp_path / "photo.jpg"
+    os.mkfifo(pipe)
+    code, out, err = _run(["predict", str(pipe), "--dataset", "cub200", "--model", str(kit["model"]),
+                           "--data-root", str(kit["data"]), "--results-dir", str(tmp_path / "results"),
+                           "--device", "cpu", "--no-download"])
+    assert f"{pipe} is not a regular file (a named pipe)" in out + err and "Traceback" not in err
+
+
+def test_a_cut_short_model_file_is_one_line_naming_it(kit, tmp_path):
+    import shutil
+
+    assert _run(["zeroshot", "--prompts", "default", *_common(kit, tmp_path)])[0] == 0
+    metrics = next(tmp_path.rglob("metrics.json"))
+    before = metrics.read_text()
+    model = shutil.copytree(kit["model"], tmp_path / "model")
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted copy
+    code, _, err = _run(["zeroshot", "--prompts", "default", *_common(kit, tmp_path), "--model", str(model)])
+    line = _one_error_line(err)
+    assert code == 1 and str(weights) in line and "cut short or damaged" in line and "download" in line
+    weights.unlink()
+    __import__("torch").save({"weight": 1}, model / "pytorch_model.bin")  # weights as a pickle: never loaded
+    code, _, err = _run(["zeroshot", "--prompts", "default", *_common(kit, tmp_path), "--model", str(model)])
+    line = _one_error_line(err)
+    assert code == 1 and "pytorch_model.bin" in line and "never loaded" in line
+    assert metrics.read_text() == before
+
+
+def test_an_exported_classifier_whose_head_is_a_pickle_says_re_export(kit, tmp_path):
+    import argparse
+
+    import torch
+
+    folder = tmp_path / "exported"
+    folder.mkdir()
+    (folder / "classes.json").write_text(json.dumps({"classes": ["a", "b"]}))
+    torch.save(argparse.Namespace(weight=1), folder / "head.safetensors")
+    photo = tmp_path / "photo.png"
+    __import__("PIL.Image").Image.new("RGB", (20, 20)).save(photo)
+    code, _, err = _run(["predict", str(photo), "--classifier", str(folder), "--device", "cpu"])
+    line = _one_error_line(err)
+    assert code == 1 and str(folder / "head.safetensors") in line and "re-export" in line
+    assert "weights_only" not in err and photo.is_file()
+
+
+def test_a_resume_file_that_is_a_pickle_is_one_line_without_torch_advice(kit, tmp_path):
+    import argparse
+
+    import torch
+
+    args = ["probe", "--solver", "adamw", "--epochs", "2", *_common(kit, tmp_path)]
+    assert _run(args)[0] == 0
+    folder = tmp_path / "cub200" / "linear_probe"
+    before = (folder / "metrics.json").read_text()
+    torch.save(argparse.Namespace(epoch=1), folder / "resume.pt")
+    code, _, err = _run([*args, "--resume"])
+    line = _one_error_line(err)
+    assert code == 1 and str(folder / "resume.pt") in line and "--resume" in line
+    assert "weights_only" not in err and "pickled objects" in line
+    assert (folder / "metrics.json").read_text() == before
+
+
+def test_very_long_class_names_give_bounded_figures_and_full_names_in_the_files(kit, tmp_path):
+    from PIL import Image
+
+    from clip_utils import testkit
+
+    folder = testkit.make_imagefolder(tmp_path / "long", layout="splits", n_classes=3, per_class=8)
+    names = {d.name: f"{d.name} " + "very long descriptive name " * 11 for d in (folder / "train").iterdir()}
+    assert all(len(n) >= 300 for n in names.values())
+    (folder / "classes.json").write_text(json.dumps({"classes": names}))
+    code, _, err = _run(["zeroshot", "--prompts", "default", *_imagefolder_args(kit, tmp_path / "results", folder)])
+    assert code == 0 and "Traceback" not in err, err
+    figures = list((tmp_path / "results").rglob("*.png"))
+    assert figures and next((tmp_path / "results").rglob("metrics.json"))
+    for png in figures:
+        with Image.open(png) as img:
+            assert max(img.size) <= 4000, (png, img.size)
+    predictions = next((tmp_path / "results").rglob("predictions.csv")).read_text()
+    assert max(names.values(), key=len) in predictions or any(n in predictions for n in names.values())

@@ -315,11 +315,13 @@ def test_unreadable_file(tmp_path, monkeypatch):
 
 
 def test_damaged_exif_keeps_the_picture(tmp_path, monkeypatch):
+    from clip_utils.data import images
+
     path = tmp_path / "odd_exif.jpg"
     Image.new("RGB", (30, 20), (0, 128, 0)).save(path)
 
     def broken(img):
         raise SyntaxError("not a TIFF file")
 
-    monkeypatch.setattr(photos.ImageOps, "exif_transpose", broken)
+    monkeypatch.setattr(images.ImageOps, "exif_transpose", broken)  # the data layer decodes photos too
     assert load_photo(path).size == (30, 20)

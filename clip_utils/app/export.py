@@ -42,15 +42,15 @@ from clip_utils import __version__, registry
 from clip_utils.app.photos import open_photos, top_classes
 from clip_utils.config import TOP_K
 from clip_utils.data import canonical_name
-from clip_utils.errors import InvalidValue, MissingFile, Refused
+from clip_utils.errors import InvalidValue, MissingFile, Refused, UserError
 from clip_utils.lab import Lab
 from clip_utils.model.backbones import Backbone
-from clip_utils.model.clip import load_clip
+from clip_utils.model.clip import check_weights, load_clip
 from clip_utils.model.heads import ClipClassifier, visual_projection
 from clip_utils.registry import Method
 from clip_utils.results.checkpoints import read_head, save_head
 from clip_utils.results.layout import method_dir
-from clip_utils.runtime.files import atomic_folder, read_json
+from clip_utils.runtime.files import atomic_folder, read_json, regular_file
 from clip_utils.runtime.progress import quiet_loading
 
 INFO_FILE = "classes.json"
@@ -196,12 +196,20 @@ def load_exported(folder: str | Path, device: str | torch.device = "cpu",
         FileNotFoundError: not an exported classifier (no classes.json or head).
     """
     folder = Path(folder).expanduser()
-    if not (folder / INFO_FILE).is_file() or not (folder / HEAD_FILE).is_file():
+    if not (folder / INFO_FILE).exists() or not (folder / HEAD_FILE).exists():
         raise MissingFile(f"{folder} is not an exported classifier (no {INFO_FILE} and {HEAD_FILE}): make "
                                 f"one with `python -m clip_utils export --dataset DATASET --method probe|lora "
                                 f"--out {folder}`")
-    info = read_json(folder / INFO_FILE)
-    head, _ = read_head(folder / HEAD_FILE)
+    reexport = (f"re-export it with `python -m clip_utils export --dataset DATASET --method probe|lora "
+                f"--out {folder}`")
+    try:
+        info = read_json(regular_file(folder / INFO_FILE, "exported classes file"))
+        if not isinstance(info, dict):
+            raise InvalidValue(f"{folder / INFO_FILE} holds a JSON {type(info).__name__}, not the classes object")
+        head, _ = read_head(regular_file(folder / HEAD_FILE, "exported head file"))
+        check_weights(folder)  # a model cut short, or saved as a pickle, is refused before any weight is read
+    except UserError as err:  # each names the file; the way out of a damaged export is to export again
+        raise InvalidValue(f"{str(err).partition(': delete')[0].partition('; delete')[0]}: {reexport}") from None
     if head.out_features != len(info.get("classes", ())):
         raise InvalidValue(f"{folder}: the head has {head.out_features} outputs but {INFO_FILE} names "
                          f"{len(info.get('classes', ()))} classes")

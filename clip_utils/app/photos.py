@@ -45,12 +45,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from clip_utils import config, registry
 from clip_utils.data import results_name
+from clip_utils.data.images import decode_image, to_rgb  # noqa: F401  (to_rgb: kept importable here)
 from clip_utils.errors import InvalidValue, UserError
 from clip_utils.figures.predictions import plot_photo_predictions
 from clip_utils.lab import Lab
@@ -63,43 +63,6 @@ DECODE_SIZE = 1024
 
 class PhotoError(InvalidValue):
     """A photo that cannot be used; the message names the file and what to do."""
-
-
-def _to_8bit(img: Image.Image) -> Image.Image:
-    # 16-bit PNG/TIFF greyscale opens as I;16* or I (32-bit int), float TIFF as F. Scale by
-    # the range the mode implies: 0..65535 for 16-bit, 0..1 for float images stored so.
-    pixels = np.asarray(img, dtype=np.float64)
-    if img.mode.startswith("I;16"):
-        scale = 255 / 65535
-    elif img.mode == "F" and pixels.size and pixels.max() <= 1.0:
-        scale = 255.0
-    else:  # I or F holding 8- or 16-bit values
-        scale = 255 / 65535 if pixels.size and pixels.max() > 255 else 1.0
-    return Image.fromarray(np.clip(pixels * scale + 0.5, 0, 255).astype(np.uint8), mode="L")
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to RGB as a viewer would show it (transparency on white).
-
-    Args:
-        img: a loaded Pillow image.
-    """
-    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
-        img = _to_8bit(img)
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def _upright(img: Image.Image) -> Image.Image:
-    try:
-        return ImageOps.exif_transpose(img)
-    except Exception:  # a damaged EXIF block (many exception types) must not cost the picture itself
-        return img
 
 
 def load_photo(path: str | Path) -> Image.Image:
@@ -134,27 +97,9 @@ def open_photo(source: str | Path | BinaryIO, name: str | Path) -> Image.Image:
     if _is_empty(source):  # Pillow would call it "not an image"; it is nothing at all
         raise PhotoError(f"{name} is empty (0 bytes): nothing to read; copy or upload the photo again")
     try:
-        with Image.open(source) as img:
-            if img.format == "JPEG":
-                img.draft(None, (DECODE_SIZE, DECODE_SIZE))  # decode at 1/2..1/8 scale when that is enough
-            img.load()
-            return to_rgb(_upright(img))
-    except PermissionError as err:
-        raise PhotoError(f"cannot read {name}: permission denied (check the file's permissions)") from err
-    except Image.DecompressionBombError as err:
-        raise PhotoError(
-            f"{name} is too large to decode safely ({err}). Downscale it first, or raise "
-            f"PIL.Image.MAX_IMAGE_PIXELS if you trust the file."
-        ) from err
-    except UnidentifiedImageError as err:
-        raise PhotoError(
-            f"cannot read {name}: not an image file Pillow can open (HEIC/AVIF/RAW need converting "
-            f"to JPEG or PNG first)"
-        ) from err
-    except (OSError, SyntaxError, ValueError) as err:  # truncated data, bad chunks, unreadable file
-        raise PhotoError(
-            f"cannot read {name}: the file is truncated or corrupt ({err}); re-export or re-copy it"
-        ) from err
+        return decode_image(source, name, photo=True, draft=DECODE_SIZE)
+    except UserError as err:  # the data layer's decoder: one reason per failure, naming the photo
+        raise PhotoError(str(err)) from err
 
 
 def _is_empty(source: str | Path | BinaryIO) -> bool:

@@ -19,12 +19,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from clip_utils.errors import MissingFile, UserError
+from clip_utils.runtime.files import regular_file
 from clip_utils.runtime.network import reachable
 
 SPLITS = ("train", "val", "test")
@@ -40,16 +42,55 @@ class UnreadableImageError(UserError, OSError):
 
 
 def open_rgb(path: str | Path) -> Image.Image:
-    """Open an image file as RGB, naming the file in any decoding error.
+    """Open a dataset image as RGB with `decode_image`, naming the file in any decoding error.
 
     Args:
         path: image file.
     """
+    return decode_image(path, path)
+
+
+def decode_image(source: str | Path | BinaryIO, name: str | Path, *, photo: bool = False,
+                 draft: int | None = None) -> Image.Image:
+    """Decode an image file or binary file object as an upright RGB picture: the one decoder.
+
+    Datasets (`open_rgb`) and your photos (`app.photos.open_photo`) both decode here, so an
+    image either works or is refused with the same one-line reasons: not a regular file,
+    permission denied, over Pillow's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`),
+    not an image, truncated or corrupt. EXIF orientation is applied and any mode becomes RGB
+    as a viewer shows it (`to_rgb`).
+
+    Args:
+        source: an image file, or a binary file-like object (`io.BytesIO(data)`).
+        name: how messages name the image (its path, or an uploaded file's name).
+        photo: the messages' way out is for a photo (re-export it) rather than a dataset
+            image (re-download the dataset or remove the file).
+        draft: decode a JPEG at a reduced scale that still leaves this many pixels a side.
+
+    Raises:
+        UnreadableImageError: any of the reasons above, naming the image.
+    """
+    fix = "re-export or re-copy it" if photo else "re-download the dataset or remove the file"
+    if isinstance(source, (str, Path)):
+        regular_file(source, "image" if not photo else "photo")  # a FIFO or device would block Image.open
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise unreadable(path, err) from err
+        with Image.open(source) as img:
+            if draft is not None and img.format == "JPEG":
+                img.draft(None, (draft, draft))  # decode at 1/2..1/8 scale when that is enough
+            img.load()
+            return to_rgb(_upright(img))
+    except PermissionError as err:
+        raise UnreadableImageError(f"cannot read {name}: permission denied (check the file's permissions)") from err
+    except Image.DecompressionBombError as err:
+        raise UnreadableImageError(
+            f"{name} is too large to decode safely ({err}). Downscale it first, or raise "
+            f"PIL.Image.MAX_IMAGE_PIXELS if you trust the file."
+        ) from err
+    except UnidentifiedImageError as err:
+        hint = "HEIC/AVIF/RAW need converting to JPEG or PNG first" if photo else fix
+        raise UnreadableImageError(f"cannot read {name}: not an image file Pillow can open ({hint})") from err
+    except (OSError, SyntaxError, ValueError) as err:  # truncated data, bad chunks, unreadable file
+        raise UnreadableImageError(f"cannot read {name}: the file is truncated or corrupt ({err}); {fix}") from err
 
 
 def unreadable(path: str | Path, err: Exception) -> UnreadableImageError:
@@ -59,9 +100,48 @@ def unreadable(path: str | Path, err: Exception) -> UnreadableImageError:
         path: the image file.
         err: what the decoder raised.
     """
+    if isinstance(err, UnreadableImageError):
+        return err
     # PIL names what it read (`<_io.BytesIO object at 0x...>` when given bytes), not the file.
     why = "not an image file Pillow can identify" if isinstance(err, UnidentifiedImageError) else str(err)
     return UnreadableImageError(f"cannot read image {path} ({why}): re-download the dataset or remove the file")
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    # 16-bit PNG/TIFF greyscale opens as I;16* or I (32-bit int), float TIFF as F. Scale by
+    # the range the mode implies: 0..65535 for 16-bit, 0..1 for float images stored so.
+    pixels = np.asarray(img, dtype=np.float64)
+    if img.mode.startswith("I;16"):
+        scale = 255 / 65535
+    elif img.mode == "F" and pixels.size and pixels.max() <= 1.0:
+        scale = 255.0
+    else:  # I or F holding 8- or 16-bit values
+        scale = 255 / 65535 if pixels.size and pixels.max() > 255 else 1.0
+    return Image.fromarray(np.clip(pixels * scale + 0.5, 0, 255).astype(np.uint8), mode="L")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to RGB as a viewer would show it (transparency on white).
+
+    Args:
+        img: a loaded Pillow image.
+    """
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        img = _to_8bit(img)
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # a damaged EXIF block (many exception types) must not cost the picture itself
+        return img
 
 
 class ImageListDataset(Dataset):

@@ -50,6 +50,8 @@ DEMO_MARK = "DEMO: tiny random model, numbers mean nothing"
 MIN_LABEL_PT, LINE_HEIGHT = 5.5, 1.2
 # Every k-th class named at most this sparsely; beyond, names would only be noise: none.
 MAX_LABEL_STEP = 8
+# Tick labels and bar names are cut to this many characters (an ellipsis marks the cut).
+MAX_LABEL = 40
 # The confusion figure's base size names up to about this many classes; it grows with the
 # class count, up to CONFUSION_MAX_SCALE, so that Flowers102's 102 names all fit.
 CONFUSION_BASE_CLASSES, CONFUSION_MAX_SCALE = 72, 1.45
@@ -191,8 +193,23 @@ def save_figure(fig: Figure, path: str | Path | None, dpi: int = 150) -> Figure:
     return fig
 
 
+def short(text: str, width: int = MAX_LABEL) -> str:
+    """`text` cut to `width` characters with an ellipsis: every label drawn has a bounded size.
+
+    Full names stay in the CSV and JSON files; a figure of 300-character class names would
+    otherwise be thousands of pixels wide, and laying it out can take hours.
+
+    Args:
+        text: a class name (or any label).
+        width: the most characters kept, the ellipsis included.
+    """
+    text = str(text)
+    return text if len(text) <= width else text[: width - 1].rstrip() + "\u2026"
+
+
 def _wrap(text: str, width: int) -> str:
-    return "\n".join(textwrap.wrap(text, width)) or text
+    # At most two lines of `width`: a long name is cut with an ellipsis, never wrapped without end.
+    return "\n".join(textwrap.wrap(short(text, 2 * width), width)) or short(text, width)
 
 
 def cluster_order(matrix: np.ndarray) -> np.ndarray:
@@ -244,7 +261,7 @@ def _label_axes(ax, names: Sequence[str], fig: Figure) -> str:
     cell = ax.get_position().height * fig.get_figheight() * 72 / max(n, 1)
     k, size = tick_layout(n, cell)
     ticks = np.arange(0, n, k) + 0.5 if k else []
-    shown = [names[i] for i in range(0, n, k)] if k else []
+    shown = [short(names[i]) for i in range(0, n, k)] if k else []
     ax.set_xticks(ticks, shown, rotation=90)
     ax.set_yticks(ticks, shown, rotation=0)
     ax.tick_params(labelsize=size or 1, length=0)

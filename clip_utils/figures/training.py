@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from clip_utils import registry
-from clip_utils.figures.predictions import new_figure, save_figure
+from clip_utils.figures.predictions import new_figure, save_figure, short
 from clip_utils.model.training import best_epoch
 
 NOT_RECORDED = "not recorded (no CUDA run)"
@@ -137,7 +137,7 @@ def _bars(ax, rows: Sequence[Mapping], value: Callable[[Mapping], float | None],
                       capsize=2)
         ax.bar_label(bars, labels=[label(y) for y in ys], fontsize="x-small", padding=1)
         drawn += ys
-    ax.set_xticks(range(len(datasets)), datasets)
+    ax.set_xticks(range(len(datasets)), [short(d) for d in datasets])  # imagefolder:PATH can be long
     ax.set(ylabel=ylabel, title=title)
     if log and drawn:  # nothing above zero (training-free methods alone): a linear axis
         ax.set_yscale("log")

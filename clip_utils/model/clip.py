@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from clip_utils.config import DEFAULT_MODEL
@@ -43,6 +44,7 @@ from clip_utils.model.heads import logit_scale
 from clip_utils.model.preprocess import Preprocess
 from clip_utils.runtime import distributed
 from clip_utils.runtime.env import TRUE
+from clip_utils.runtime.files import regular_file
 from clip_utils.runtime.network import reachable
 from clip_utils.runtime.progress import info, quiet_loading
 
@@ -245,6 +247,40 @@ def checkpoint_backbone(name_or_path: str | Path) -> Backbone:
     return _from_pretrained(name, read)
 
 
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def check_weights(folder: Path) -> None:
+    """Refuse a model folder whose weights are cut short, damaged or a pickle, naming the file.
+
+    Every `*.safetensors` file's header is read (`safe_open` checks it covers the whole file,
+    so a copy cut short is caught before any tensor is built); weights saved only as a pickle
+    (`pytorch_model.bin`) are never unpickled: without this, the library loads the model with
+    random weights and a table of missing keys.
+
+    Args:
+        folder: a model folder (`--model FOLDER`, an exported classifier).
+
+    Raises:
+        ModelUnavailableError: one line naming the file and the way out.
+    """
+    from safetensors import safe_open
+
+    weights = sorted(folder.glob("*.safetensors"))
+    for path in weights:
+        try:
+            with safe_open(str(regular_file(path, "model weights file")), "pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise ModelUnavailableError(f"{path} is cut short or damaged ({str(err).splitlines()[0]}): delete it "
+                                        f"and download or save the model again") from None
+    pickled = sorted(p.name for pattern in PICKLED_WEIGHTS for p in folder.glob(pattern))
+    if not weights and pickled:
+        raise ModelUnavailableError(f"{folder} holds its weights as a pickle ({', '.join(pickled)}), which is "
+                                    f"never loaded (unpickling runs code); delete it and save the model again "
+                                    f"with save_pretrained (safetensors), or download it again")
+
+
 def _from_pretrained(name: str, load: Callable[[str, bool], Any]) -> Any:
     """`load(name, local_only)` from disk first, then from the hub only when it can answer."""
     is_folder = Path(name).is_dir()
@@ -255,8 +291,13 @@ def _from_pretrained(name: str, load: Callable[[str, bool], Any]) -> Any:
             f"model folder {name!r} does not exist (from {os.getcwd()}): check the path, or give a "
             f"Hugging Face id such as {DEFAULT_MODEL}"
         )
+    if is_folder:
+        check_weights(Path(name))
     try:
         return load(name, True)
+    except SafetensorError as err:  # a hub cache's copy cut short: the folder check above covers --model FOLDER
+        raise ModelUnavailableError(f"the weights of {name} are cut short or damaged ({err}): delete the model's "
+                                    f"folder in the Hugging Face cache and download it again") from None
     except OSError as err:
         if is_folder:
             raise ModelUnavailableError(f"folder {name!r} does not hold a CLIP model: {err}") from err

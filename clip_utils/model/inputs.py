@@ -27,10 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from clip_utils.data.images import open_rgb, unreadable
+from clip_utils.data.images import decode_image, open_rgb
 from clip_utils.model.preprocess import Preprocess, preprocess_tensors
 from clip_utils.runtime import distributed
 from clip_utils.runtime.progress import bar
@@ -85,11 +84,7 @@ def iter_file_bytes(paths: Sequence[str], batch_size: int, threads: int, prefetc
 
 def _decode_one_fallback(data: bytes, path: str) -> torch.Tensor:
     # PNG, CMYK JPEG, or anything nvJPEG refuses: decode with PIL, as the portable path does.
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            array = np.asarray(img.convert("RGB"))
-    except OSError as err:
-        raise unreadable(path, err) from err
+    array = np.asarray(decode_image(io.BytesIO(data), path))  # the one decoder: every failure is one line
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 

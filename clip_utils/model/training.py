@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import pickle
 import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -52,7 +53,7 @@ from torch import nn
 from clip_utils.config import TrainConfig
 from clip_utils.errors import UserError
 from clip_utils.runtime import distributed
-from clip_utils.runtime.files import atomic_path, read_json, write_json
+from clip_utils.runtime.files import atomic_path, read_json, regular_file, write_json
 from clip_utils.runtime.progress import bar, write
 
 CURVES_FILE = "curves.json"
@@ -313,10 +314,19 @@ def _read_state(job: TrainJob, cfg: TrainConfig) -> dict | None:
     if not file.is_file():
         write(f"{job.name}: nothing to resume in {job.out_dir}, starting from epoch 1")
         return None
+    way_out = "delete it and rerun, or run without --resume to start over"
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated or foreign file: say which, never unpickle it
-        raise TrainingError(f"cannot read the resume state {file} ({err}); delete it or run without --resume") from err
+        state = torch.load(regular_file(file, "resume state"), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's text advises weights_only=False: never passed on, never done
+        raise TrainingError(f"{file} is not a resume state this program wrote (it holds pickled objects, which "
+                            f"are never loaded); {way_out}") from None
+    except UserError:
+        raise
+    except Exception as err:  # truncated or damaged: say which file, in one line
+        why = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise TrainingError(f"the resume state {file} is cut short or damaged ({why}); {way_out}") from None
+    if not isinstance(state, dict) or not {"fingerprint", "weights", "epoch"} <= state.keys():
+        raise TrainingError(f"{file} is not a resume state this program wrote; {way_out}")
     saved, now = state["fingerprint"], _state_fingerprint(job, cfg)
     changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
     if changed:

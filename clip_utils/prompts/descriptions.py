@@ -43,7 +43,8 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from clip_utils.errors import InvalidValue, MissingFile
+from clip_utils.errors import InvalidValue
+from clip_utils.runtime.files import regular_file
 
 # DCLIP's `make_descriptor_sentence`, on whole first words.
 _WHICH_IS = ("a", "an", "used")
@@ -65,9 +66,7 @@ def read_descriptions(path: str | Path) -> dict[str, list[str]]:
         FileNotFoundError: no such file.
         DescriptionsError: not JSON, or not an object of lists of strings.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFile(f"descriptions file not found: {path}")
+    path = regular_file(path, "descriptions file")  # missing, a folder or a pipe: one line, never a blocked read
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -225,6 +226,34 @@ def read_json(path: str | Path) -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise InvalidValue(f"{path} is not valid JSON ({err}); delete it and rerun") from err
+
+
+def regular_file(path: str | Path, what: str = "file") -> Path:
+    """`path` if it is a regular file (or a link to one): every file the program reads is checked so.
+
+    A named pipe or a device would block a reader forever (or stream without end), and a
+    folder is a mistake in the path: each is refused in one line naming the path.
+
+    Args:
+        path: the file to read.
+        what: what the file is, for the message (`photo`, `descriptions file`, ...).
+
+    Raises:
+        MissingFile: nothing is there.
+        InvalidValue: something other than a regular file is there.
+    """
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise MissingFile(f"{what} not found: {path}") from None
+    except OSError as err:
+        raise InvalidValue(f"cannot read {what} {path}: {os.strerror(err.errno) if err.errno else err}") from None
+    if stat.S_ISREG(mode):
+        return path
+    kind = ("a folder" if stat.S_ISDIR(mode) else "a named pipe" if stat.S_ISFIFO(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "a device")
+    raise InvalidValue(f"{path} is not a regular file ({kind}): pass the {what} file itself")
 
 
 def write_csv(path: str | Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
