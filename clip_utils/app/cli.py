@@ -231,6 +231,7 @@ def cmd_method(method: Method, args) -> None:
     """A method's own command: read its settings, run it (one run per folder at a time), say what it did."""
     lab = _lab(args)
     shots = getattr(args, "shots", None)
+    dataset_spec(args.dataset)  # a missing image folder is said before its results folder is made
     folder = fewshot.run_dir(lab.results_dir, args.dataset, method.name, shots, args.seed)
     # one run per folder at a time; a run that fails gives the folder back as it was (rank 0
     # alone: under torchrun only it writes the folder)

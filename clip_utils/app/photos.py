@@ -40,6 +40,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import stat
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
@@ -106,7 +107,8 @@ def _is_empty(source: str | Path | BinaryIO) -> bool:
     """Whether a file or a seekable file object holds no bytes at all (False when it cannot tell)."""
     try:
         if isinstance(source, (str, Path)):
-            return os.stat(source).st_size == 0
+            info = os.stat(source)  # a pipe or device reports 0 bytes too: not "empty" (decode_image says what it is)
+            return stat.S_ISREG(info.st_mode) and info.st_size == 0
         here = source.tell()
         end = source.seek(0, io.SEEK_END)
         source.seek(here)

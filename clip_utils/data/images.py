@@ -87,8 +87,10 @@ def decode_image(source: str | Path | BinaryIO, name: str | Path, *, photo: bool
             f"PIL.Image.MAX_IMAGE_PIXELS if you trust the file."
         ) from err
     except UnidentifiedImageError as err:
-        hint = "HEIC/AVIF/RAW need converting to JPEG or PNG first" if photo else fix
-        raise UnreadableImageError(f"cannot read {name}: not an image file Pillow can open ({hint})") from err
+        if photo:
+            raise UnreadableImageError(f"cannot read {name}: not an image file Pillow can open (HEIC/AVIF/RAW need "
+                                       f"converting to JPEG or PNG first)") from err
+        raise UnreadableImageError(f"cannot read {name}: not an image file Pillow can open; {fix}") from err
     except (OSError, SyntaxError, ValueError) as err:  # truncated data, bad chunks, unreadable file
         raise UnreadableImageError(f"cannot read {name}: the file is truncated or corrupt ({err}); {fix}") from err
 
