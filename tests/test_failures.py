@@ -215,3 +215,22 @@ def test_very_long_class_names_give_bounded_figures_and_full_names_in_the_files(
             assert max(img.size) <= 4000, (png, img.size)
     predictions = next((tmp_path / "results").rglob("predictions.csv")).read_text()
     assert max(names.values(), key=len) in predictions or any(n in predictions for n in names.values())
+
+
+def test_saved_results_of_the_wrong_shape_are_skipped_with_a_line_each(tmp_path):
+    def write(folder: Path, content) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "metrics.json").write_text(json.dumps(content))
+        return folder / "metrics.json"
+
+    good = {"dataset": "cub200", "split": "test", "method": "zeroshot", "model": "m", "n": 10, "top1": 0.5,
+            "top5": 0.9, "mean_per_class": 0.5, "seconds": 1.0, "prompt_set": "auto", "class_names": ["a"]}
+    write(tmp_path / "cub200" / "zeroshot" / "auto", good)
+    listed = write(tmp_path / "cub200" / "linear_probe", ["not", "an", "object"])
+    stringy = write(tmp_path / "cub200" / "lora" / "shots_1" / "seed_1", good | {"method": "lora", "top1": "high"})
+    code, out, err = _run(["report", "--results-dir", str(tmp_path)])
+    warned = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert code == 0 and "Traceback" not in err, err
+    assert any(str(listed) in w and "a JSON list" in w for w in warned)
+    assert any(str(stringy) in w and "top1 of the wrong type" in w for w in warned)
+    assert "zeroshot" in (tmp_path / "summary.csv").read_text()

@@ -40,8 +40,8 @@ from __future__ import annotations
 import io
 import os
 import re
-import stat
 import shlex
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO

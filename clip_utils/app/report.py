@@ -38,7 +38,7 @@ from clip_utils.figures.predictions import plot_confusion, plot_prompt_compariso
 from clip_utils.figures.training import plot_comparison, plot_curves, plot_dynamics
 from clip_utils.results import fewshot, prompt_sets
 from clip_utils.results.evaluation import method_figures, run_label
-from clip_utils.results.layout import dataset_folders, figures_dir, method_dir
+from clip_utils.results.layout import dataset_folders, figures_dir, method_dir, readable_metrics
 from clip_utils.runtime.files import read_json, write_csv
 
 COLUMNS = ("dataset", "method", "prompt_set", "shots", "seeds", "fitted_on", "n", "top1", "top1_std", "top5",
@@ -144,8 +144,8 @@ def collect(results_dir: str | Path) -> tuple[list[dict], list[str]]:
         trained = {}
         for m in registry.trained():
             file = Path(results_dir) / dataset / m.folder / "metrics.json"
-            if file.is_file():
-                trained[m.name] = read_json(file)
+            if file.is_file() and (metrics := readable_metrics(file)) is not None:
+                trained[m.name] = metrics
         model = next((m["model"] for m in trained.values()), None)
         found = {registry.reference().name: zeroshot_baseline(results_dir, dataset, model), **trained}
         # What --dataset said (an image folder's path), for the commands that fill the gaps.

@@ -37,7 +37,7 @@ from clip_utils.config import FEWSHOT_VAL_SHOTS
 from clip_utils.data import results_name
 from clip_utils.data.images import Samples
 from clip_utils.errors import InvalidValue
-from clip_utils.results.layout import method_dir
+from clip_utils.results.layout import method_dir, readable_metrics
 from clip_utils.runtime.files import read_json, write_json
 
 SAMPLES_FILE = "samples.json"
@@ -201,7 +201,9 @@ def saved_metrics(results_dir: str | Path, dataset: str, methods: Sequence[str] 
         for file in base.glob("shots_*/seed_*/metrics.json"):
             match = RUN_FOLDER.search(file.parent.relative_to(base).as_posix())
             if match is not None:
-                out.append(read_json(file) | {"method": name, "shots": int(match[1]), "seed": int(match[2])})
+                metrics = readable_metrics(file)
+                if metrics is not None:
+                    out.append(metrics | {"method": name, "shots": int(match[1]), "seed": int(match[2])})
     order = {m.name: i for i, m in enumerate(registry.methods())}
     return sorted(out, key=lambda m: (order[m["method"]], m["shots"], m["seed"]))
 

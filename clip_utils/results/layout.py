@@ -9,12 +9,13 @@ Writing is `runtime.files` (atomic); this module only says where.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from clip_utils import registry
 from clip_utils.data import canonical_name, results_name
 from clip_utils.data.imagefolder import PREFIX
-from clip_utils.errors import Refused
+from clip_utils.errors import InvalidValue, Refused
 from clip_utils.runtime.files import read_json
 
 
@@ -82,3 +83,46 @@ def check_results_folder(results_dir: str | Path, name: str) -> None:
     if isinstance(owner, str) and owner.startswith(PREFIX) and owner != canonical_name(name):
         raise Refused(f"{folder} holds the results of {owner}, another folder with the same name as "
                          f"{canonical_name(name)}: use another --results-dir, or rename one of the folders")
+
+
+# What every metrics.json holds (DESIGN.md, Results), and the type each must have.
+METRICS_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "dataset": str, "method": str, "model": str, "n": int, "top1": (int, float), "top5": (int, float),
+    "mean_per_class": (int, float), "seconds": (int, float),
+}
+
+
+def read_metrics(path: str | Path) -> dict:
+    """A run's metrics.json, checked for the fields and types every reader relies on.
+
+    Args:
+        path: the file.
+
+    Raises:
+        InvalidValue: not JSON, or JSON of another shape (a list, a string `top1`, a
+            missing field); the message names the file and the way out.
+    """
+    metrics = read_json(path)
+    problem = None
+    if not isinstance(metrics, dict):
+        problem = f"a JSON {type(metrics).__name__}, not an object"
+    else:
+        missing = [k for k in METRICS_FIELDS if k not in metrics]
+        wrong = [k for k, t in METRICS_FIELDS.items() if k in metrics and
+                 (not isinstance(metrics[k], t) or isinstance(metrics[k], bool))]
+        if missing or wrong:
+            problem = "; ".join(filter(None, (f"no {', '.join(missing)}" if missing else "",
+                                              f"{', '.join(wrong)} of the wrong type" if wrong else "")))
+    if problem:
+        raise InvalidValue(f"{path} is not a clip-lab metrics file ({problem}): delete it, or rerun that run")
+    return metrics
+
+
+def readable_metrics(path: str | Path) -> dict | None:
+    """`read_metrics`, or None with one `warning:` line naming the file when it cannot be used:
+    readers of many runs (report, tables) skip a damaged one and go on with the rest."""
+    try:
+        return read_metrics(path)
+    except InvalidValue as err:
+        warnings.warn(str(err), stacklevel=2)
+        return None

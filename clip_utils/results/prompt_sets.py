@@ -18,8 +18,7 @@ from pathlib import Path
 from clip_utils import prompts, registry
 from clip_utils.data import results_name
 from clip_utils.results.evaluation import figure_paths
-from clip_utils.results.layout import dataset_folders, method_dir
-from clip_utils.runtime.files import read_json
+from clip_utils.results.layout import dataset_folders, method_dir, readable_metrics
 
 # How tables list the prompt sets of any dataset (each dataset has some of them).
 SET_ORDER = ("default", "domain", "diverse", "domain_ensemble", "clip", prompts.WAFFLE, prompts.DESCRIPTIONS)
@@ -73,7 +72,7 @@ def saved_results(results_dir: str | Path, model: str | None = None) -> dict[str
         known = [*SET_ORDER, prompts.AUTO]
         found = sorted(folder.glob("*/metrics.json"), key=lambda p: (
             known.index(p.parent.name) if p.parent.name in known else len(known), p.parent.name))
-        runs = {p.parent.name: read_json(p) for p in found}
+        runs = {p.parent.name: m for p in found if (m := readable_metrics(p)) is not None}
         runs = {name: m for name, m in runs.items() if model is None or m.get("model") == model}
         if runs:
             out[dataset] = runs
