@@ -73,8 +73,11 @@ def test_the_draw_takes_k_per_class_the_same_for_a_seed_and_another_for_another(
     assert fewshot.sample_per_class(samples, 4, seed=1) == four
     assert fewshot.sample_per_class(samples, 4, seed=2) != four
     assert set(fewshot.sample_per_class(samples, 2, seed=1)) <= set(four)  # a seed's 2 shots are in its 4
-    drawn = fewshot.draw(samples, samples, 8, seed=3)
-    assert Counter(samples[i][1] for i in drawn.val)[0] == config.FEWSHOT_VAL_SHOTS  # min(K, 4)
+    full = samples[:-1]  # the draw of a run: every class can give K
+    drawn = fewshot.draw(full, full, 8, seed=3)
+    assert Counter(full[i][1] for i in drawn.val)[0] == config.FEWSHOT_VAL_SHOTS  # min(K, 4)
+    with pytest.raises(ValueError, match="--shots 4 needs 4 training images in every class.*class 5 has 1"):
+        fewshot.draw(samples, samples, 4, seed=1)  # a run never records 4 shots over one image
     with pytest.raises(ValueError, match="positive whole number"):
         fewshot.sample_per_class(samples, 0, seed=1)
 
