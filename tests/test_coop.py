@@ -183,11 +183,12 @@ def test_it_beats_an_informative_zero_shot(tmp_path):
     dataset = f"imagefolder:{paths['dataset']}"
     lab = Lab(model=str(paths["model"]), data_root=paths["dataset"].parent, results_dir=tmp_path / "r",
               device="cpu", num_workers=0, download=False)
-    settings = CachedSettings(coop.REFERENCE_PROMPTS, {"ctx_init": "a photo of a", "epochs": 20, "lr": 0.05})
+    # From the zero-shot phrase, at a rate this tiny text tower tolerates (100 epochs: 600 steps, seconds).
+    # From a random context (the published default) the tiny tower stays near chance here.
+    settings = CachedSettings(coop.REFERENCE_PROMPTS, {"ctx_init": "a photo of a", "epochs": 100, "lr": 0.0005})
     metrics = METHOD.run(lab, dataset, settings, shots=16, seed=1)
     test = lab.features(dataset, "test")
     zeroshot = ((test.embeddings.float() @ lab.text_classifier(dataset, coop.REFERENCE_PROMPTS)).argmax(1)
                 == test.labels).float().mean().item()
     margin = 2 * (0.25 / len(test.labels)) ** 0.5
-    print(metrics["top1"], zeroshot, metrics["fit_info"])
     assert metrics["top1"] > zeroshot + margin, (metrics["top1"], zeroshot)
