@@ -192,3 +192,27 @@ def test_it_beats_an_informative_zero_shot(tmp_path):
                 == test.labels).float().mean().item()
     margin = 2 * (0.25 / len(test.labels)) ** 0.5
     assert metrics["top1"] > zeroshot + margin, (metrics["top1"], zeroshot)
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip", "metaclip_2"])
+def test_every_family_takes_the_context_and_starts_at_zero_shot(family, tmp_path):
+    from clip_utils import testkit
+    from clip_utils.model.clip import load_clip
+    from clip_utils.prompts import build_text_classifier
+
+    make = {"clip": testkit.make_tiny_clip, "siglip": testkit.make_tiny_siglip,
+            "metaclip_2": testkit.make_tiny_metaclip2}[family]
+    clip = load_clip(make(tmp_path / family))
+    names = ["Black footed Albatross", "Laysan Albatross", "Rusty Blackbird"]
+    text = coop.PromptText(clip.model, clip.tokenizer, clip.backbone, names, ctx_init="a photo of a")
+    with torch.no_grad():
+        features = text.features(text.initial_context())
+    zeroshot = build_text_classifier(clip.model, clip.tokenizer, names, ["a photo of a {}."], "cpu", progress=False,
+                                     text_kwargs=clip.backbone.text_kwargs(clip.model))
+    if family == "clip":  # the kit's SigLIP and XLM-R tokenizers merge across the phrase's end: assembled prompts
+        assert torch.allclose(features, zeroshot.t(), atol=1e-5)
+    assert features.shape == zeroshot.t().shape and text.init.shape == (text.n_ctx, text.width)
+    random = coop.PromptText(clip.model, clip.tokenizer, clip.backbone, names, n_ctx=3)
+    context = torch.nn.Parameter(random.initial_context(torch.Generator().manual_seed(0)))
+    (grad,) = torch.autograd.grad(random.features(context).sum(), [context])
+    assert grad.shape == (3, random.width) and grad.abs().sum() > 0

@@ -46,7 +46,10 @@ Departures from the published code:
   runs keep CLIP in fp16 (`TRAINER.COOP.PREC = "fp16"`).
 - The class prompt is tokenised as the family's zero-shot prompts are (`Backbone.text_kwargs`:
   CLIP padded to the longest prompt, SigLIP to 64), with "X" placeholders for the context as
-  the published `PromptLearner` does; class names are the lab's (curated) names, not the
+  the published `PromptLearner` does; where a tokenizer merges tokens across the context's end
+  or splits "X" (the kit's tiny SigLIP and XLM-R tokenizers), the prompt is assembled from its
+  parts instead ([start], M slots, the name's tokens, [end]), so it is then not token-for-token
+  the zero-shot prompt; class names are the lab's (curated) names, not the
   published `classname.replace("_", " ")` of the dataset's folder names.
 - Unified context only: no class-specific context (`CSC`) and no middle/front class token
   position (`CLASS_TOKEN_POSITION`), which the paper reports as variants.
@@ -117,6 +120,28 @@ def epoch_lr(epoch: int, base_lr: float, epochs: int, warmup_epochs: int = WARMU
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / epochs))
 
 
+def _assembled(tokenizer, class_names: Sequence[str], n_ctx: int, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`{"input_ids", "attention_mask", "lead"}` of `[start] <n_ctx slots> name. [end]`, padded as
+    `kwargs` (the family's `text_kwargs`) pads, the name cut where the prompt would be too long."""
+    probe = tokenizer("a", return_special_tokens_mask=True)
+    first = probe["special_tokens_mask"].index(0)
+    last = len(probe["special_tokens_mask"]) - probe["special_tokens_mask"][::-1].index(0)
+    start, end, slot = probe["input_ids"][:first], probe["input_ids"][last:], probe["input_ids"][first]
+    limit = int(kwargs["max_length"])
+    rows = []
+    for name in class_names:
+        body = tokenizer(f"{name}.", add_special_tokens=False)["input_ids"]
+        body = body[:max(0, limit - len(start) - n_ctx - len(end))]
+        rows.append([*start, *([slot] * n_ctx), *body, *end])
+    if len(start) + n_ctx + len(end) > limit:
+        raise InvalidValue(f"coop: {n_ctx} context tokens do not fit the text tower's {limit} positions")
+    length = limit if kwargs.get("padding") == "max_length" else max(map(len, rows))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([r + [pad] * (length - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows])
+    return {"input_ids": ids, "attention_mask": mask, "lead": len(start)}
+
+
 class PromptText:
     """The frozen text tower fed class prompts with a learned context in front of the name.
 
@@ -151,17 +176,23 @@ class PromptText:
                 raise InvalidValue(f"coop: --n-ctx must be at least 1, not {n_ctx}")
             phrase = " ".join([PLACEHOLDER] * n_ctx)
             prefix_ids = tokenizer(phrase, add_special_tokens=False)["input_ids"]
-            if len(prefix_ids) != n_ctx:
-                raise InvalidValue(f"coop: the tokenizer splits {PLACEHOLDER!r} into several tokens")
-        self.n_ctx = len(prefix_ids)
+        phrase_ids = list(prefix_ids)
+        kwargs = backbone.text_kwargs(model)
         tokens = tokenizer([f"{phrase} {name}." for name in class_names], return_tensors="pt",
-                           return_special_tokens_mask=True, **backbone.text_kwargs(model))
+                           return_special_tokens_mask=True, **kwargs)
         special = tokens["special_tokens_mask"][0].tolist()
         self.lead = next((i for i, s in enumerate(special) if not s), 0)  # the start token(s) before the context
         ids = tokens["input_ids"]
-        want = torch.tensor(prefix_ids)
-        if ids.shape[1] < self.lead + self.n_ctx or not (ids[:, self.lead:self.lead + self.n_ctx] == want).all():
-            raise InvalidValue("coop: the context's tokens do not come first in the tokenised prompts")
+        if ((ctx_init is None and len(prefix_ids) != n_ctx) or ids.shape[1] < self.lead + len(prefix_ids)
+                or not (ids[:, self.lead:self.lead + len(prefix_ids)] == torch.tensor(prefix_ids)).all()):
+            # A tokenizer that merges across the phrase's end (or splits "X"): the prompt is put
+            # together from its parts, [start] context name. [end], as the published code means it.
+            n = len(prefix_ids) if ctx_init is not None else n_ctx
+            tokens = _assembled(tokenizer, class_names, n, kwargs)
+            ids = tokens["input_ids"]
+            self.lead = tokens["lead"]
+            prefix_ids = ids[0, self.lead:self.lead + n].tolist()
+        self.n_ctx = len(prefix_ids)
         mask = tokens.get("attention_mask")  # passed on exactly when the tokenizer gives one, as zero-shot does
         self.attention_mask = None if mask is None else mask.to(self.device)
         self.positions = backbone.pool_positions(model, ids).to(self.device)
@@ -171,7 +202,11 @@ class PromptText:
         self.prefix = words[:, :self.lead]
         self.suffix = words[:, self.lead + self.n_ctx:]
         self.width = int(words.shape[-1])
-        self.init = words[0, self.lead:self.lead + self.n_ctx].clone() if ctx_init is not None else None
+        self.init = None
+        if ctx_init is not None:
+            with torch.no_grad():
+                phrase_words = embedding(torch.tensor(phrase_ids, device=embedding.weight.device))
+            self.init = phrase_words.float().to(self.device)
         self.n_classes = len(class_names)
 
     @classmethod
