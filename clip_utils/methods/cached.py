@@ -136,8 +136,9 @@ def _scores(module: nn.Module, features: torch.Tensor, device: torch.device) -> 
     return torch.cat([module(chunk.float().to(device)) for chunk in features.split(EVAL_BATCH)])
 
 
-def run_cached(lab: Lab, dataset: str, method: str, fit: Callable[[FeatureData], Fitted],
-               settings: CachedSettings, *, shots: int | None = None, seed: int | None = None) -> dict:
+def run_cached(lab: Lab, dataset: str, method: str, fit: Callable[..., Fitted],
+               settings: CachedSettings, *, shots: int | None = None, seed: int | None = None,
+               prepare: Callable[[Lab, str, RunData], Mapping[str, Any]] | None = None) -> dict:
     """Fit a method on cached features, save it, then evaluate it on test once.
 
     Writes `results/<dataset>/<method folder>/` (a few-shot run: `.../shots_<K>/seed_<S>/`,
@@ -152,6 +153,9 @@ def run_cached(lab: Lab, dataset: str, method: str, fit: Callable[[FeatureData],
         settings: prompt set and options, recorded in metrics.json.
         shots: K images per class (None: every image of train and val).
         seed: the seed of the sample and of the fit (None: the lab's).
+        prepare: for a fit that needs more than the features (a prompt learner needs the
+            lab's text tower): `prepare(lab, dataset, run data)` gives extra keyword arguments
+            of `fit`, made after the sample is drawn and before the fit (never the test split).
 
     Returns:
         The metrics.json content.
@@ -164,10 +168,11 @@ def run_cached(lab: Lab, dataset: str, method: str, fit: Callable[[FeatureData],
     data = run_data(lab, dataset, method, shots, seed)
     fd, chosen, scores = feature_data(lab, dataset, data, settings.prompts)
     class_names = lab.class_names(dataset)
+    extra = dict(prepare(lab, dataset, data)) if prepare is not None else {}
     torch.manual_seed(seed)
     with VramProbe(device, label=f"{dataset} {method}") as vram:
         fit_start = time.perf_counter()
-        fitted = fit(fd)
+        fitted = fit(fd, **extra)
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # note: a CPU-GPU sync point, once, for an honest fit time
         fit_seconds = time.perf_counter() - fit_start
