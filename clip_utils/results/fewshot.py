@@ -112,8 +112,8 @@ def check_enough(train: Samples, shots: int) -> None:
     if short:
         n, label = short[0]
         raise InvalidValue(f"--shots {shots} needs {shots} training images in every class, but {len(short)} of "
-                           f"{len(counts)} classes have fewer (class {label} has {n}): use --shots {n} or less, or "
-                           f"a split with more training images (e.g. --split coop where the dataset has one)")
+                           f"{len(counts)} classes have fewer (class {label} has {n}): use --shots {n} or less, or a "
+                           f"split with more training images per class")
 
 
 def draw(train: Samples, val: Samples, shots: int, seed: int) -> Sample:
