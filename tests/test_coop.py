@@ -19,6 +19,7 @@ from clip_utils.lab import Lab
 from clip_utils.methods import coop
 from clip_utils.methods.cached import CachedSettings, feature_data
 from clip_utils.methods.common import run_data
+from clip_utils.model.feature_fit import dassl_lr
 from clip_utils.results import fewshot
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +58,8 @@ def trained(lab):
 def test_the_published_schedule():
     assert [coop.epochs_for(k) for k in (1, 2, 4, 8, 16, None)] == [50, 100, 100, 200, 200, 200]
     assert (coop.LR, coop.MOMENTUM, coop.WEIGHT_DECAY, coop.BATCH_SIZE, coop.N_CTX) == (0.002, 0.9, 5e-4, 32, 16)
-    assert coop.epoch_lr(0, 0.002, 50) == 1e-5 and coop.epoch_lr(1, 0.002, 50) == pytest.approx(0.002)
+    assert dassl_lr(0, 0.002, 50, coop.WARMUP_EPOCHS, coop.WARMUP_LR) == 1e-5
+    assert dassl_lr(1, 0.002, 50, coop.WARMUP_EPOCHS, coop.WARMUP_LR) == pytest.approx(0.002)
     assert METHOD.new_classes == "text" and METHOD.epochs and METHOD.export is not None and METHOD.fit is None
 
 

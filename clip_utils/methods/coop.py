@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -82,7 +81,7 @@ from clip_utils.methods.cached import (
     run_cached,
 )
 from clip_utils.methods.common import RunData
-from clip_utils.model.feature_fit import FeatureData, Fitted
+from clip_utils.model.feature_fit import FeatureData, Fitted, dassl_lr
 from clip_utils.registry import Method, register
 from clip_utils.runtime.options import add_sample_options, positive_float, positive_int
 
@@ -110,14 +109,6 @@ def epochs_for(shots: int | None) -> int:
     if shots is None:
         return FULL_EPOCHS
     return next((e for k, e in EPOCHS_BY_SHOTS if shots <= k), FULL_EPOCHS)
-
-
-def epoch_lr(epoch: int, base_lr: float, epochs: int, warmup_epochs: int = WARMUP_EPOCHS,
-             warmup_lr: float = WARMUP_LR) -> float:
-    """Learning rate of (0-based) `epoch` under Dassl's constant warm-up + cosine schedule."""
-    if epoch < warmup_epochs:
-        return warmup_lr
-    return 0.5 * base_lr * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / epochs))
 
 
 def _assembled(tokenizer, class_names: Sequence[str], n_ctx: int, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -347,7 +338,7 @@ def fit(data: FeatureData, *, text: PromptText, shots: int | None = None, epochs
     best_acc, best_epoch, best_state = init_val_acc, 0, context.detach().clone()
     curves: list[dict[str, float]] = []
     for epoch in range(epochs):
-        rate = epoch_lr(epoch, lr, epochs, warmup_epochs, warmup_lr)
+        rate = dassl_lr(epoch, lr, epochs, warmup_epochs, warmup_lr)
         for group in optim.param_groups:
             group["lr"] = rate
         perm = torch.randperm(n, generator=gen).to(text.device)
