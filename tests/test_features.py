@@ -52,7 +52,7 @@ def test_decode_batch_handles_png_gray_and_cmyk(tmp_path):
 
 
 def test_decode_batch_names_an_unreadable_file():
-    with pytest.raises(UnreadableImageError, match=r"broken\.jpg: not an image file Pillow can open \(re-download"):
+    with pytest.raises(UnreadableImageError, match=r"broken\.jpg: not an image file Pillow can open; re-download"):
         decode_batch([b"\xff\xd8\xff garbage"], ["broken.jpg"], torch.device("cpu"))
 
 

@@ -220,7 +220,7 @@ def load_preprocess(name_or_path: str | Path = DEFAULT_MODEL) -> Preprocess:
     def load(name: str, local_only: bool):
         return image_processor.from_pretrained(name, local_files_only=local_only)
 
-    return Preprocess.from_processor(_from_pretrained(str(name_or_path), load))
+    return Preprocess.from_processor(_from_pretrained(str(name_or_path), load, weights=False))
 
 
 def checkpoint_backbone(name_or_path: str | Path) -> Backbone:
@@ -244,7 +244,7 @@ def checkpoint_backbone(name_or_path: str | Path) -> Backbone:
             raise FileNotFoundError(f"no config.json in {name}")
         return config_backbone(path, name)
 
-    return _from_pretrained(name, read)
+    return _from_pretrained(name, read, weights=False)
 
 
 PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
@@ -281,8 +281,13 @@ def check_weights(folder: Path) -> None:
                                     f"with save_pretrained (safetensors), or download it again")
 
 
-def _from_pretrained(name: str, load: Callable[[str, bool], Any]) -> Any:
-    """`load(name, local_only)` from disk first, then from the hub only when it can answer."""
+def _from_pretrained(name: str, load: Callable[[str, bool], Any], weights: bool = True) -> Any:
+    """`load(name, local_only)` from disk first, then from the hub only when it can answer.
+
+    `weights`: the load reads the model's weights, so a folder's are checked first
+    (`check_weights`); reading its config or processor alone (the family, the
+    preprocessing) does not touch them, so that an unsupported model is said first.
+    """
     is_folder = Path(name).is_dir()
     if not is_folder and Path(name).exists():
         raise ModelUnavailableError(f"model path {name!r} exists but is not a folder")
@@ -291,7 +296,7 @@ def _from_pretrained(name: str, load: Callable[[str, bool], Any]) -> Any:
             f"model folder {name!r} does not exist (from {os.getcwd()}): check the path, or give a "
             f"Hugging Face id such as {DEFAULT_MODEL}"
         )
-    if is_folder:
+    if is_folder and weights:
         check_weights(Path(name))
     try:
         return load(name, True)
