@@ -11,7 +11,7 @@ predictions), and a change of model, data root or device means a new lab, so no 
 ever serve something it was not computed for.
 
 The checkpoint is read from disk once per lab (`checkpoint()`, on the CPU in float32;
-`models.load_clip` says each load in a line on stderr) and its weights are never changed:
+`model.clip.load_clip` says each load in a line on stderr) and its weights are never changed:
 the inference model (`clip()`, fp16 on CUDA) and the models a method changes (LoRA's
 adapters: `model_copy()`) are copies of it, so zero-shot, the probe, LoRA's training and
 test, photos and the explorer cost one read between them, and `unload()` frees the GPU

@@ -64,7 +64,8 @@ class Method:
         trained: it fits on labelled images: a checkpoint per run, `--shots/--seed`, sweeps.
         epochs: it trains over epochs (curves.json, `--resume`); training-free fits do not.
         uses_text_classifier: it builds on the zero-shot text classifier (and takes `--prompts`).
-        new_classes: how it scores classes it did not train on (`NewClasses`).
+        new_classes: how it scores classes it did not train on (`NewClasses`); declared for the
+            base-to-new protocol, which is not implemented yet (README's methods table shows it).
         reference: the reference row of tables and figures (zero-shot).
         distributed: it runs under torchrun.
         requires: methods whose finished run of the same sample it starts from when present;
@@ -162,8 +163,8 @@ def _discover() -> None:
     """Import the `methods` package once: each of its modules registers itself."""
     global _discovered
     if not _discovered:
-        _discovered = True
         importlib.import_module(f"{__package__}.methods")
+        _discovered = True  # after: a failed import is tried again, and says why, next time
 
 
 def methods() -> tuple[Method, ...]:

@@ -230,7 +230,7 @@ def lora_steps(classifier, batches, device: torch.device, steps: int, bf16: bool
         batches: `(pixels, labels)` pairs on the device.
         device: where training runs.
         steps: at most this many batches.
-        bf16: bf16 autocast on CUDA, as `train.fit` runs (False: plain fp32, the textbook).
+        bf16: bf16 autocast on CUDA, as `model.training.fit` runs (False: plain fp32, the textbook).
     """
     params = [p for p in classifier.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
@@ -270,7 +270,7 @@ def _lora_rows(classifier, processor, paths: list[str], device: torch.device, ba
                                          order=order, augment=augment, num_workers=workers)
 
         def ours() -> None:
-            # The real loop (`train.fit`), as `run_lora` drives it: shuffled, augmented batches
+            # The real loop (`model.training.fit`), as `run_lora` drives it: shuffled, augmented batches
             # decoded on the fly, schedule, loss checks, a validation pass and the epoch's files.
             with tempfile.TemporaryDirectory() as out:
                 job = TrainJob(

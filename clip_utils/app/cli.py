@@ -174,7 +174,7 @@ def build_parser(defaults: Mapping[str, Mapping] | None = None) -> argparse.Argu
                    help="a folder written by `export`: predict with it, no --dataset (or --method) needed")
     p.add_argument("--top-k", type=positive_int, default=config.TOP_K, help="classes to show (default: %(default)s)")
     p.add_argument("--prompts", default=config.PHOTO_PROMPT_SET,
-                   help=f"prompt set of {reference.label}: default, domain, diverse, domain_ensemble, waffle, "
+                   help=f"prompt set of {reference.label}: default, domain, diverse, domain_ensemble, clip, waffle, "
                         "descriptions (with --descriptions) or auto (default: %(default)s)")
     p.add_argument("--descriptions", default=None, metavar="FILE", help=DESCRIPTIONS_HELP)
     p.add_argument("--json", action="store_true",
@@ -220,7 +220,7 @@ def _print_run(metrics: dict, lab: Lab, args) -> None:
     elif metrics.get("best_epoch") is not None and metrics.get("epochs"):
         how = f"best epoch {metrics['best_epoch']}/{metrics['epochs']}"
     else:
-        how = ", ".join(f"{k}={v:.3g}" for k, v in (metrics.get("selected") or {}).items()) or "no training"
+        how = ", ".join(f"{k}={v:.3g}" for k, v in (metrics.get("hyperparameters") or {}).items()) or "no training"
     data = f"{metrics['shots']}-shot, seed {metrics['seed']}, " if metrics.get("shots") else ""
     print(f"{metrics['dataset']} {m.name}: test top-1 {metrics['top1']:.2%}, top-5 {metrics['top5']:.2%}, "
           f"mean per class {metrics['mean_per_class']:.2%} ({data}{how}, "
@@ -359,7 +359,7 @@ def _check_arguments(parser: argparse.ArgumentParser, args) -> None:
             uses_prompts = True
         if uses_prompts and args.dataset in DATASETS and isinstance(getattr(args, "prompts", None), (str, list)):
             prompts.resolve(args.prompts, dataset_spec(args.dataset), descriptions=bool(args.descriptions))
-    except (ValueError, UserError) as err:
+    except UserError as err:
         parser.error(str(err))
 
 
@@ -389,8 +389,9 @@ def _parse(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Na
     return parser, args
 
 
-class Terminated(Exception):
-    """SIGTERM arrived (what a batch scheduler sends before it kills a job)."""
+class Terminated(BaseException):
+    """SIGTERM arrived (what a batch scheduler sends before it kills a job); like KeyboardInterrupt,
+    not an `Exception`, so no handler for failures takes it for one (nor restores an earlier run)."""
 
 
 def _terminate(signum, frame) -> None:

@@ -52,7 +52,7 @@ from clip_utils.app.photos import (
     top_classes,
 )
 from clip_utils.errors import InvalidValue, UserError
-from clip_utils.figures import predictions as plots
+from clip_utils.figures import predictions
 from clip_utils.lab import Lab
 from clip_utils.model.heads import ClipClassifier
 
@@ -303,18 +303,18 @@ class PhotoExplorer(widgets.VBox):
 
     def _chart(self, key: tuple, dataset: str, method: str, ranking: list[dict]) -> Image.Image:
         """The method's chart for this photo, drawn once with the slider's most classes (kept):
-        any top-k is its first rows, cut out by `plots.photo_row`."""
+        any top-k is its first rows, cut out by `predictions.photo_row`."""
         cache = (key, dataset, method, self.prompt_set)
         if cache not in self._charts:
             with self._busy("drawing ..."):
-                self._charts[cache] = plots.chart_image(registry.get(method).label, ranking[:MAX_TOP_K])
+                self._charts[cache] = predictions.chart_image(registry.get(method).label, ranking[:MAX_TOP_K])
         return self._charts[cache]
 
     def _row(self, key: tuple, name: str, image: Image.Image, dataset: str, charts: list[Image.Image], rows: int,
              first: bool) -> Image.Image:
         if (key, dataset) not in self._panels:
-            self._panels[key, dataset] = plots.photo_panel(image, f"{name} ({dataset})")
-        return plots.photo_row(self._panels[key, dataset], charts, rows, banner=first and plots.is_demo())
+            self._panels[key, dataset] = predictions.photo_panel(image, f"{name} ({dataset})")
+        return predictions.photo_row(self._panels[key, dataset], charts, rows, banner=first and predictions.is_demo())
 
     def refresh(self) -> None:
         """Show the selected photos under the chosen methods (or why not), from what is kept."""

@@ -113,7 +113,7 @@ def demo_env(folder: str | Path) -> dict[str, str]:
         # and needs a far higher learning rate than ViT-L/14 to show learning in 3 epochs.
         "CLIP_LORA_LR": os.environ.get("CLIP_LORA_LR", "2e-2"),
         "HF_HUB_OFFLINE": "1",
-        "CLIP_DEMO": "1",  # plots.new_figure marks every figure as a demo
+        "CLIP_DEMO": "1",  # figures.predictions.new_figure marks every figure as a demo
     }
 
 

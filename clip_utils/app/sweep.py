@@ -38,11 +38,12 @@ from clip_utils import config, prompts, registry
 from clip_utils.data import canonical_name, results_name
 from clip_utils.errors import InvalidValue
 from clip_utils.figures.predictions import new_figure, save_figure
+from clip_utils.figures.training import method_colour
 from clip_utils.lab import Lab
 from clip_utils.registry import Method
 from clip_utils.results import fewshot, prompt_sets
 from clip_utils.results.layout import figures_dir
-from clip_utils.runtime.files import read_json, write_csv
+from clip_utils.runtime.files import kept_on_failure, read_json, run_lock, write_csv
 from clip_utils.runtime.progress import write
 
 CSV_FILE = "fewshot.csv"
@@ -82,7 +83,7 @@ def cost_figure_path(results_dir: str | Path, dataset: str) -> Path:
     return Path(results_dir) / "figures" / f"{results_name(dataset)}_fewshot_cost.png"
 
 
-def _finished(folder: Path, lab: Lab, shots: int, seed: int, expected: Mapping) -> bool:
+def _finished(folder: Path, lab: Lab, dataset: str, shots: int, seed: int, expected: Mapping) -> bool:
     file = folder / "metrics.json"
     if not file.is_file():
         return False
@@ -91,6 +92,9 @@ def _finished(folder: Path, lab: Lab, shots: int, seed: int, expected: Mapping) 
     except ValueError:
         return False
     if (m.get("model"), m.get("shots"), m.get("seed")) != (lab.model, shots, seed):
+        return False
+    # the same class names (naming and label map) as this lab would use: the text classifier differs otherwise
+    if m.get("class_names") != lab.class_names(dataset) or m.get("class_names_source", lab.class_naming) != lab.class_naming:
         return False
     for key, value in expected.items():
         saved = m.get(key)
@@ -178,11 +182,13 @@ def run_fewshot(lab: Lab, dataset: str, methods: Sequence[str] = config.FEWSHOT_
             for seed in dict.fromkeys(seeds):
                 folder = fewshot.run_dir(lab.results_dir, dataset, m.name, k, seed)
                 what = f"{results_name(dataset)} {m.label} {k}-shot seed {seed}"
-                if _finished(folder, lab, k, seed, m.recorded(lab, chosen, seed)):
+                if _finished(folder, lab, dataset, k, seed, m.recorded(lab, chosen, seed)):
                     reused.append((m.name, k, seed))
                     write(f"fewshot: {what}: finished earlier, reused")
                     continue
-                result = m.run(lab, dataset, chosen, shots=k, seed=seed)
+                # one run per folder at a time, and a failed rerun gives the folder back as it was
+                with run_lock(folder), kept_on_failure(folder):
+                    result = m.run(lab, dataset, chosen, shots=k, seed=seed)
                 trained.append((m.name, k, seed))
                 write(f"fewshot: {what}: top-1 {result['top1']:.2%}")
     line = zeroshot_line(lab, dataset)
@@ -247,10 +253,10 @@ def plot_fewshot(summary: Sequence[Mapping], zeroshot_run: Mapping | None, title
         std = [100 * (r["top1_std"] or 0.0) for r in runs]
         seeds = sorted({r["seeds"] for r in runs})
         label = f"{m.label} ({'/'.join(map(str, seeds))} seed{'s' if seeds != [1] else ''})"
-        ax.plot(xs, mean, "o-", color=f"C{k}", label=label)
+        ax.plot(xs, mean, "o-", color=method_colour(k), label=label)
         if any(r["seeds"] > 1 for r in runs):
             ax.fill_between(xs, [a - b for a, b in zip(mean, std, strict=True)],
-                            [a + b for a, b in zip(mean, std, strict=True)], color=f"C{k}", alpha=0.2, lw=0)
+                            [a + b for a, b in zip(mean, std, strict=True)], color=method_colour(k), alpha=0.2, lw=0)
     if zeroshot_run is not None:
         chosen = f": {zeroshot_run['selected_set']}" if zeroshot_run.get("selected_set") else ""
         ax.axhline(100 * zeroshot_run["top1"], color="C0", ls="--", lw=1.2,
@@ -283,7 +289,7 @@ def plot_fewshot_cost(summary: Sequence[Mapping], zeroshot_run: Mapping | None, 
             continue
         top = max(runs, key=lambda r: r["shots"])
         seconds = max(float(top.get("train_seconds") or 0.0), 1e-3)  # a log axis: training-free fits take ~0 s
-        ax.errorbar([seconds], [100 * top["top1"]], yerr=[100 * (top["top1_std"] or 0.0)], fmt="o", color=f"C{k}",
+        ax.errorbar([seconds], [100 * top["top1"]], yerr=[100 * (top["top1_std"] or 0.0)], fmt="o", color=method_colour(k),
                     capsize=3, label=f"{m.label} ({top['shots']}-shot)")
     if zeroshot_run is not None:
         ax.axhline(100 * zeroshot_run["top1"], color="C0", ls="--", lw=1.2, label=registry.reference().label)

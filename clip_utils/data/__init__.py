@@ -5,7 +5,7 @@
     ds = load_dataset("imagefolder:~/mushrooms", "data", "train")    # your own images
     image, label = ds[0]; print(ds.classes[label])
 
-`DATASETS` is the registry: one `imagelist.DatasetSpec` per dataset (how to load its splits,
+`DATASETS` is the registry: one `data.images.DatasetSpec` per dataset (how to load its splits,
 its class names in label order, its domain phrase and prompt templates). Every stage (the
 CLI's `--dataset`, `CLIP_DATASETS` in the notebooks, the feature cache, the probe, LoRA,
 report, photos) takes a name from it or `imagefolder:PATH`, with nothing else to edit: a new

@@ -8,7 +8,7 @@ A `Source` says where torchvision finds a dataset under the data root, what must
 how to read one of torchvision's splits (`read`: the only code that touches torchvision's
 private attributes) and how our train/val/test come from torchvision's splits: the official
 ones where the dataset has them, else a stratified, seeded part (`carve`). `declare` turns
-it into the `imagelist.DatasetSpec` the registry holds, with the same messages for every
+it into the `data.images.DatasetSpec` the registry holds, with the same messages for every
 dataset: a missing dataset names its folder and how to get it, a partial one says what is
 missing, and a download first probes the server so an offline machine fails in seconds.
 """

@@ -11,7 +11,7 @@ saves a picture never leaks an open figure or pops up a window, while a notebook
 displays the returned figure (once) as the cell's value. Every figure of the package is
 made by `new_figure`, so one place marks them all as a demo when `CLIP_DEMO=1` (set by
 `make demo`): numbers from the tiny random model must never pass for results. The
-training and comparison charts are in `charts`.
+training and comparison charts are in `figures.training`.
 
 Class names come in any script (an image folder of Japanese birds, Cyrillic mushrooms):
 every figure draws its text with a fallback stack of the fonts this machine has (`font_stack`:

@@ -4,7 +4,7 @@
     fig = plot_dynamics({"linear_probe": [...], "lora": [...]}, "cub200: training dynamics")
     fig = plot_comparison(report.collect("results")[0], path="comparison.png")
 
-Drawn from saved files alone (`report` redraws them), on `plots.new_figure`, so they share
+Drawn from saved files alone (`report` redraws them), on `figures.predictions.new_figure`, so they share
 its demo mark. Epoch axes tick whole epochs; each comparison panel labels its bars in its
 own unit (`29.6` %, `3.8k` parameters, `2.5 s`, `1,234 MB`).
 """
@@ -110,6 +110,17 @@ def plot_dynamics(curves: Mapping[str, Sequence[Mapping]], title: str, path: str
     return save_figure(fig, path)
 
 
+def method_colour(index: int):
+    """The colour of the method at `index` in `registry.methods()`, the same in every figure:
+    matplotlib's ten-colour cycle, then tab20's lighter shades (the cycle would repeat C0,
+    the reference's colour, at the eleventh method)."""
+    if index < 10:
+        return f"C{index}"
+    import matplotlib
+
+    return matplotlib.colormaps["tab20"]((2 * (index - 10) + 1) % 20)
+
+
 def _bars(ax, rows: Sequence[Mapping], value: Callable[[Mapping], float | None], label: Callable[[float], str],
           ylabel: str, title: str, log: bool = False,
           error: Callable[[Mapping], float | None] | None = None) -> list[float]:
@@ -133,7 +144,7 @@ def _bars(ax, rows: Sequence[Mapping], value: Callable[[Mapping], float | None],
                 spread = error(row) if error else None
                 errors.append(math.nan if spread is None else spread)  # NaN: no error bar drawn
         with_errors = any(e > 0 for e in errors)  # NaN compares False
-        bars = ax.bar(xs, ys, width, label=entry.label, color=f"C{k}", yerr=errors if with_errors else None,
+        bars = ax.bar(xs, ys, width, label=entry.label, color=method_colour(k), yerr=errors if with_errors else None,
                       capsize=2)
         ax.bar_label(bars, labels=[label(y) for y in ys], fontsize="x-small", padding=1)
         drawn += ys

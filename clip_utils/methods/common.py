@@ -1,13 +1,14 @@
-"""What the trained methods (linear probe, LoRA) share around `train.fit`.
+"""What the probe and LoRA share around the training loop (`model.training.fit`).
 
     data = run_data(lab, "flowers102", "lora", shots=4, seed=1)   # the run's folder and images
     head = zeroshot_init_head(lab, "flowers102")          # the zero-shot start of both heads
     start = probe_head(lab, "flowers102", data)           # LoRA's start: the matching probe, if any
     info = run_info(lab, "flowers102", "lora", cfg, result, trainable=..., total=..., ...)
 
-The probe's head starts as the zero-shot classifier (the `domain` prompt set times CLIP's
-logit scale), so epoch 0 is zero-shot accuracy rather than chance; on the few images per
-class these datasets have, that converges faster and generalises better than a zero init.
+The training loop's probe (`--solver adamw`) starts its head as the zero-shot classifier (the
+`domain` prompt set times the model's logit scale), so epoch 0 is zero-shot accuracy rather
+than chance; on the few images per class these datasets have, that converges faster and
+generalises better than a zero init (the default L-BFGS probe has no starting head).
 LoRA's head starts from the linear probe trained on the same images when there is one
 (LP-FT: the adapters then start from a trained head instead of tearing the encoder up to
 fix a zero-shot one), else from zero-shot too. Both runs describe themselves in

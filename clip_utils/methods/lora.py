@@ -21,14 +21,14 @@ Which towers (`LoraSettings.encoders`, `lora --encoders`):
   trained with it (LP-FT, below); the text tower stays on the CPU.
 - `text`, `both`: peft wraps `model.text_model` too (the same target names: both towers call
   their layers q/k/v/out_proj, fc1, fc2), and the classifier is CLIP's own
-  (`clip_lora.TextTowerClassifier`): the `domain` prompts re-encoded at every step, times the
+  (`methods.lora_adapters.TextTowerClassifier`): the `domain` prompts re-encoded at every step, times the
   fixed logit scale, as CLIP-LoRA trains. No head is trained; the best epoch's class
   embeddings are saved as the head (`frozen_head`), so test and predict run the same
   `ClipClassifier` as for vision LoRA. With no linear head, LP-FT's start from the probe does
   not apply: metrics.json says `head_init: "text"`, and the adapters are the one parameter group.
 
 The head of vision LoRA (LP-FT). It starts from the linear probe trained on the same images
-(same dataset, model, class list, shots and seed: `runs.probe_head`) when that run has
+(same dataset, model, class list, shots and seed: `methods.common.probe_head`) when that run has
 finished, else from the lab's `domain` text classifier; metrics.json says which (`head_init`).
 It trains in the probe's units (`heads.StandardizedHead` with the mean and scale of the frozen
 encoder's cached training embeddings, `heads.head_units`), in its own parameter group at

@@ -1,29 +1,29 @@
-"""The linear probe: a linear head trained on the frozen vision encoder's embeddings.
+"""The linear probe: a linear head on the frozen vision encoder's cached embeddings.
 
-    metrics = run_probe(lab, "flowers102")                    # config.PROBE; results/flowers102/linear_probe/
-    metrics = run_probe(lab, "flowers102", resume=True)       # after Ctrl-C: continue
-    metrics = run_probe(lab, "flowers102", solver="lbfgs")    # the CLIP paper's probe
+    metrics = run_probe(lab, "flowers102")                    # L-BFGS (config.PROBE_SOLVER); linear_probe/
+    metrics = run_probe(lab, "flowers102", refit=True)        # the CLIP paper's refit on train + val
+    metrics = run_probe(lab, "flowers102", config.PROBE, solver="adamw", resume=True)   # the loop, resumed
     metrics = run_probe(lab, "flowers102", replace(cfg, seed=1), shots=4)   # linear_probe/shots_4/seed_1/
-    classifier = load_classifier(lab, "flowers102")           # the best epoch, for predictions
+    classifier = load_classifier(lab, "flowers102")           # the saved head, for predictions
 
-The probe trains on cached features (`lab.features`), held on the device and sliced by a
-seeded permutation: no DataLoader and no forward passes through the encoder, so a
-Flowers102 probe takes seconds once the features exist. With `augment=True` it trains
-through the frozen encoder on augmented images instead. Either way validation and test use
-the cached (non-augmented) features: the encoder is frozen, so they are exact. A few-shot
-run (`shots=K`) takes its K images per class (and min(K, 4) for validation) from the same
-cached features, by index (`fewshot`): nothing is encoded again.
+Two solvers. `lbfgs` (the default, `config.PROBE_SOLVER`) is the CLIP paper's probe
+(`model.logreg`): scikit-learn's L-BFGS logistic regression on the L2-normalised cached
+embeddings, C chosen on validation; fitted on the training images alone, as every other
+method is, so methods compared side by side saw the same labelled images (`refit=True`,
+`probe --refit`, refits on train + val as the paper does; a few-shot run never is, to stay
+K-shot; `fitted_on` says which). Its curves.json holds one entry per C tried (`epoch` ranks
+them), metrics.json the chosen `C` and `head_init: none` (no starting head). `adamw` is the
+shared training loop: the head starts as the zero-shot classifier
+(`methods.common.zeroshot_init_head`, `head_init: zeroshot`) and trains in head units of the
+training embeddings (`heads.head_units`): CLIP embeddings share a large common component,
+and in raw units a few epochs of gradient steps barely move the head's decisions.
 
-Two solvers. `adamw` (the default) is the shared loop: the head starts as the zero-shot
-classifier (`runs.zeroshot_init_head`) and trains in head units of the training embeddings
-(`heads.head_units`): CLIP embeddings share a large common component, and in raw units a
-few epochs of gradient steps barely move the head's decisions. `lbfgs` is the CLIP paper's
-probe (`logreg`): scikit-learn's L-BFGS logistic regression on the L2-normalised
-embeddings, C chosen on validation; by default fitted on the training images alone, as every
-other method is, so methods compared side by side saw the same labelled images (`refit=True`,
-`probe --refit`, refits on train + val as the CLIP paper does; a few-shot run never is, to stay
-K-shot; `fitted_on` says which); its curves.json holds one entry per C tried (`epoch`
-ranks them) and metrics.json the chosen `C`. The checkpoint always holds
+The loop trains on cached features held on the device and sliced by a seeded permutation: no
+DataLoader and no forward passes through the encoder. With `augment=True` it trains through
+the frozen encoder on augmented images instead. Either way validation and test use the
+cached (non-augmented) features: the encoder is frozen, so they are exact. A few-shot run
+(`shots=K`) takes its K images per class (and min(K, 4) for validation) from the same cached
+features, by index (`results.fewshot`): nothing is encoded again. The checkpoint always holds
 the equivalent head on raw embeddings, so predicting needs nothing but the head.
 """
 
@@ -306,10 +306,10 @@ def _add_sweep_arguments(parser) -> None:
 
 def _check_arguments(args) -> None:
     if getattr(args, "refit", False) and getattr(args, "shots", None):
-        raise ValueError("--refit adds the validation images to the fit: a K-shot run (--shots) stays K-shot")
+        raise InvalidValue("--refit adds the validation images to the fit: a K-shot run (--shots) stays K-shot")
     if getattr(args, "solver", config.PROBE_SOLVER) != "lbfgs":
         if getattr(args, "refit", False):
-            raise ValueError("--refit is the lbfgs solver's: the training loop keeps its best epoch on validation")
+            raise InvalidValue("--refit is the lbfgs solver's: the training loop keeps its best epoch on validation")
         return
     if getattr(args, "augment", False):
         raise InvalidValue("--augment trains through the encoder with the training loop: add --solver adamw")

@@ -1,8 +1,7 @@
 """TaskRes: Task Residual tuning of the zero-shot text classifier, on cached CLIP features.
 
 Paper: T. Yu, Z. Lu, X. Jin, Z. Chen, X. Wang, "Task Residual for Tuning Vision-Language
-Models", CVPR 2023 (arXiv:2211.10277). (The brief lists "Yu, Lu, Jin, Zhou, Tian"; the paper's
-author list is Tao Yu, Zhihe Lu, Xin Jin, Zhibo Chen, Xinchao Wang.)
+Models", CVPR 2023 (arXiv:2211.10277).
 Published code: https://github.com/geekyutao/TaskRes (`trainers/taskres.py`, configs
 `configs/trainers/TaskRes/adam_lr2e-3_B256_ep200.yaml`, runs `train_regular.sh`).
 

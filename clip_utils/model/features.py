@@ -120,7 +120,7 @@ def cache_key(model, dataset: ImageListDataset, pre: Preprocess, fast: bool, fin
         dataset: the dataset split.
         pre: the preprocessing.
         fast: whether the device decode path is used.
-        fingerprint: `models.model_fingerprint(model)` when already known (a pass over every
+        fingerprint: `model.clip.model_fingerprint(model)` when already known (a pass over every
             weight otherwise).
     """
     files = hashlib.sha256()
@@ -168,7 +168,7 @@ def encode_dataset(
         batch_size: images per forward pass.
         num_workers: reader threads, or worker processes on the PIL path (None: `default_workers()`).
         fast: decode raw bytes with torchvision on `device` (nvJPEG on CUDA); False: PIL in the workers.
-        fingerprint: `models.model_fingerprint(model)` when already known.
+        fingerprint: `model.clip.model_fingerprint(model)` when already known.
     """
     paths = [p for p, _ in dataset.samples]
     labels = torch.tensor(dataset.targets, dtype=torch.long)

@@ -3,7 +3,7 @@
     from clip_utils.prompts.templates import DEFAULT, DIVERSE, domain_template, generic_domain_ensemble
     domain_template("a type of mushroom")        # "a photo of a {}, a type of mushroom."
 
-Datasets declare their own (`imagelist.DatasetSpec`); `prompts.prompt_sets` assembles a
+Datasets declare their own (`data.images.DatasetSpec`); `prompts.prompt_sets` assembles a
 dataset's sets from these.
 """
 

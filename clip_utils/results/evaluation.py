@@ -1,4 +1,4 @@
-"""Score a test set once, write every result file and figure: shared by all three methods.
+"""Score a test set once, write every result file and figure: shared by every method.
 
     metrics = save_evaluation(
         method_dir(results_dir, "flowers102", "zeroshot", "domain"),
@@ -30,7 +30,7 @@ import torch
 from clip_utils import metrics, registry
 from clip_utils.data import results_name
 from clip_utils.errors import MissingFile
-from clip_utils.figures import predictions as plots
+from clip_utils.figures import predictions
 from clip_utils.results.layout import figures_dir
 from clip_utils.runtime.files import write_json, write_predictions, write_text
 
@@ -124,12 +124,12 @@ def save_evaluation(
     figures_dir(results_dir)
     figures = figure_paths(results_dir, figure_prefix)
     what = run_label(info)
-    plots.plot_confusion(labels, preds, class_names, title=f"{what}: top-1 {scores['top1']:.1%}",
+    predictions.plot_confusion(labels, preds, class_names, title=f"{what}: top-1 {scores['top1']:.1%}",
                          path=figures["confusion"])
     # SigLIP's zero-shot says `"probabilities": "sigmoid"` (a probability per class); heads
     # trained with cross-entropy are a softmax over classes.
     probs = logits.sigmoid() if info.get("probabilities") == "sigmoid" else logits.softmax(dim=1)
-    plots.plot_sample_predictions(paths, labels, preds, class_names, probs=probs.numpy(),
+    predictions.plot_sample_predictions(paths, labels, preds, class_names, probs=probs.numpy(),
                                   title=what, path=figures["samples"])
     write_json(out_dir / "metrics.json", record)
     return record

@@ -12,7 +12,8 @@ averaged over seeds (1, 2, 3). Each class draws from its own generator, seeded b
 seed and the class, as a random permutation of its images of which the run takes the first
 K: the same seed always draws the same sample, another seed another one, and a seed's
 2-shot sample holds its 1-shot sample (shots differ by the images added, not by a new
-draw). A class with fewer than K images gives all it has (CoOp does the same).
+draw). A K that some class cannot fill is refused (`check_enough`): a K-shot run has K images
+in every class.
 
 A run without shots trains on every image, in the method's own folder
 (`results/<dataset>/<method>/`); a few-shot run in `<method>/shots_<K>/seed_<S>/`, so it never

@@ -18,7 +18,7 @@ The rules the stages follow under a group (see README, "Several GPUs or machines
   state, figures, the feature cache) and prints; `on_main` runs such a step on rank 0 and
   sends its result to the others, who wait for it. Machines therefore need not share a
   filesystem for results (each needs the datasets and the model).
-- Training (`train.fit`) is data parallel (DDP): every rank takes its share of each global
+- Training (`model.training.fit`) is data parallel (DDP): every rank takes its share of each global
   batch (`rank_order`), gradients are averaged, and the loss is weighted so that a step
   equals the single-process step on the same global batch.
 - Feature encoding shards the images (`shard`) and gathers the embeddings in dataset

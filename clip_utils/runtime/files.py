@@ -1,7 +1,10 @@
-"""Files written atomically: JSON, CSV and text, single files and whole folders.
+"""Files and folders as the results need them: atomic writes, and what guards a run folder.
 
 Every file is written to a temporary sibling and renamed into place, so a run killed
-mid-write leaves the previous complete file (or none), never half a JSON.
+mid-write leaves the previous complete file (or none), never half a JSON. A write the file
+system refuses (read-only, full, not a folder) is one line (`write_failed`); a user's file is
+read only when it is a regular one (`regular_file`); a run folder is held by one run at a
+time (`run_lock`) and given back as it was when a rerun fails (`kept_on_failure`).
 """
 
 from __future__ import annotations
@@ -169,7 +172,12 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
         if path.exists():
             os.replace(path, old)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if old.exists() and not path.exists():  # the swap failed half-way: the previous folder goes back
+                os.replace(old, path)
+            raise
     except Exception as err:  # as atomic_path: a refused write is one line
         failed = write_failed(path, err)
         if failed is None:
