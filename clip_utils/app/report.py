@@ -95,8 +95,8 @@ def summary_row(metrics: Mapping) -> dict:
         "mean_per_class": metrics["mean_per_class"],
         "trainable_params": 0 if zeroshot else metrics["trainable_params"],
         "trainable_pct": 0.0 if zeroshot else metrics.get("trainable_pct"),
-        "train_seconds": 0.0 if zeroshot else metrics.get("train_seconds", metrics["seconds"]),
-        "seconds": metrics["seconds"], "peak_vram_mb": metrics.get("peak_vram_mb"),
+        "train_seconds": 0.0 if zeroshot else metrics.get("train_seconds", metrics.get("seconds")),
+        "seconds": metrics.get("seconds"), "peak_vram_mb": metrics.get("peak_vram_mb"),
         "epochs": metrics.get("epochs", ""), "best_epoch": metrics.get("best_epoch", ""), "model": metrics["model"],
         "shots": "", "seeds": 1, "top1_std": "",
         # which labelled images it fitted on: methods side by side should have seen the same

@@ -88,7 +88,7 @@ def check_results_folder(results_dir: str | Path, name: str) -> None:
 # What every metrics.json holds (DESIGN.md, Results), and the type each must have.
 METRICS_FIELDS: dict[str, type | tuple[type, ...]] = {
     "dataset": str, "method": str, "model": str, "n": int, "top1": (int, float), "top5": (int, float),
-    "mean_per_class": (int, float), "seconds": (int, float),
+    "mean_per_class": (int, float),
 }
 
 
