@@ -292,13 +292,14 @@ def _method_name_uses(package: Path) -> list[str]:
     from clip_utils import registry
 
     allowed = {"registry", "config"}
+    graph = import_graph(package)
     found = []
     for file in sorted(package.rglob("*.py")):
         name = module_name(file, package)
         if name in allowed or name.split(".")[0] == "testkit":
             continue
         tree = ast.parse(file.read_text())
-        imported = set(import_graph(package).get(name, ()))
+        imported = set(graph.get(name, ()))
         for m in registry.methods():
             own = m.module == f"{package.name}.{name}"
             if own:
