@@ -338,3 +338,11 @@ def test_more_shots_than_a_class_has_is_refused_in_one_line(kit, tmp_path, capsy
                  *_common(kit, tmp_path)])
     assert code == 1 and "--shots 16 needs 16" in capsys.readouterr().err
     assert not list((tmp_path / "flowers102").rglob("*.json"))  # refused before any run
+
+
+def test_the_default_grid_keeps_the_shots_every_class_can_fill(kit, tmp_path, capsys):
+    code = main(["fewshot", "--dataset", "flowers102", "--methods", "gda", "--seeds", "1", *_common(kit, tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 0 and "note: flowers102's smallest class has 10 training images: shots 1,2,4,8 of the default" in err
+    with open(tmp_path / "flowers102" / "fewshot.csv", newline="") as f:
+        assert sorted(int(r["shots"]) for r in csv.DictReader(f)) == [1, 2, 4, 8]

@@ -2,11 +2,13 @@
 
     python -m clip_utils zeroshot --dataset flowers102 --prompts all
     python -m clip_utils zeroshot --dataset cub200 --descriptions cub.json --prompts descriptions,waffle,auto
-    python -m clip_utils probe    --dataset cub200 --epochs 20
+    python -m clip_utils probe    --dataset cub200 --solver adamw --epochs 20
     python -m clip_utils lora     --dataset flowers102 --rank 8 --alpha 16
     python -m clip_utils lora     --dataset flowers102 --preset clip-lora     # both encoders, CLIP-LoRA
     python -m clip_utils probe    --dataset flowers102 --shots 4 --seed 1      # few-shot: 4 images per class
-    python -m clip_utils fewshot  --dataset flowers102 --methods probe,lora --shots 1,2,4,8,16 --seeds 1,2,3
+    python -m clip_utils tip-adapter --dataset cub200 --shots 16 --seed 1       # any registered method
+    python -m clip_utils coop     --dataset cub200 --shots 16 --seed 1          # prompt learning
+    python -m clip_utils fewshot  --dataset cub200 --methods all --shots 1,2,4,8,16 --seeds 1,2,3
     python -m clip_utils predict  my_photo/flower.png --dataset flowers102 --method lora
     python -m clip_utils predict  my_photo/*.jpg --dataset cub200 --method all   # side by side
     python -m clip_utils export   --dataset cub200 --method lora --out cub-lora
@@ -14,9 +16,11 @@
     python -m clip_utils report
     torchrun --standalone --nproc_per_node 4 -m clip_utils lora --dataset flowers102   # 4 GPUs, one job
 
-Every command has `--help`. Bad arguments end in a usage error (exit code 2), and the
-errors users can fix (missing model or dataset, unreadable photo, mismatched checkpoint)
-end in one line naming the problem (exit code 1), not a traceback.
+Every command has `--help`; each registered method is a command (`clip_utils.registry`).
+Bad arguments end in a usage error (exit code 2), and the errors users can fix
+(`errors.UserError`: missing model or dataset, unreadable photo, mismatched checkpoint, a
+results folder that cannot be written) end in one line naming the problem (exit code 1);
+anything else keeps its traceback. SIGTERM stops a run like Ctrl-C (exit 143).
 """
 
 from __future__ import annotations
@@ -54,9 +58,9 @@ from clip_utils.lab import Lab, check_device, default_device
 from clip_utils.model.training import RESUME_FILE
 from clip_utils.registry import Method
 from clip_utils.results import fewshot
-from clip_utils.runtime import distributed
+from clip_utils.runtime import distributed, progress
 from clip_utils.runtime.files import check_writable, kept_on_failure, run_lock
-from clip_utils.runtime.options import ints, name_list, non_negative_int, positive_int, positive_ints
+from clip_utils.runtime.options import Given, given, ints, name_list, non_negative_int, positive_int, positive_ints
 
 EPILOG = "Results layout and options: README.md and DESIGN.md."
 ALL_METHODS = "all"  # `predict --method all`, `fewshot --methods all`: every method
@@ -151,8 +155,9 @@ def build_parser(defaults: Mapping[str, Mapping] | None = None) -> argparse.Argu
     p.add_argument("--methods", type=name_list,
                    default=",".join(registry.get(m).command for m in config.FEWSHOT_METHODS),
                    help=f"comma list of {_methods_help(trained)}, or {ALL_METHODS} (default: %(default)s)")
-    p.add_argument("--shots", type=positive_ints, default=",".join(map(str, config.FEWSHOT_SHOTS)),
-                   help="comma list of images per class (default: %(default)s)")
+    p.add_argument("--shots", type=positive_ints, default=",".join(map(str, config.FEWSHOT_SHOTS)), action=Given,
+                   help="comma list of images per class; a K some class cannot fill is an error (default: "
+                        "%(default)s, without the K the dataset's smallest class cannot fill)")
     p.add_argument("--seeds", type=ints, default=",".join(map(str, config.FEWSHOT_SEEDS)),
                    help="comma list of seeds, one sample each (default: %(default)s)")
     p.add_argument("--epochs", type=positive_int, default=os.environ.get("CLIP_EPOCHS") or None,
@@ -247,7 +252,14 @@ def cmd_method(method: Method, args) -> None:
 
 
 def cmd_fewshot(args) -> None:
-    result = sweep.run_fewshot(_lab(args), args.dataset, args.methods, args.shots, args.seeds, args=args)
+    lab, shots = _lab(args), args.shots
+    if "shots" not in given(args):  # the default grid: the K this dataset's classes can all fill
+        most = fewshot.smallest_class(lab.dataset(args.dataset, "train").samples)
+        shots = [k for k in shots if k <= most] or [most]
+        if shots != args.shots:
+            progress.info(f"note: {args.dataset}'s smallest class has {most} training images: shots "
+                          f"{','.join(map(str, shots))} of the default {','.join(map(str, args.shots))}")
+    result = sweep.run_fewshot(lab, args.dataset, args.methods, shots, args.seeds, args=args)
     print(sweep.summary_table(result.summary).to_string(index=False))
     print(f"{len(result.trained)} runs fitted, {len(result.reused)} reused")
     for path in result.files:

@@ -101,6 +101,11 @@ class Sample:
     val: list[int]
 
 
+def smallest_class(train: Samples) -> int:
+    """How many training images the smallest class has: the largest K a K-shot run can take."""
+    return min(Counter(int(label) for _, label in train).values())
+
+
 def check_enough(train: Samples, shots: int) -> None:
     """Refuse a K-shot run that some class cannot fill: K images per class means K, never fewer.
 
