@@ -224,11 +224,14 @@ def cluster_order(matrix: np.ndarray) -> np.ndarray:
         same columns, so their rows are close).
     """
     from scipy.cluster.hierarchy import leaves_list, linkage
+    from scipy.spatial.distance import pdist
 
     if len(matrix) < 3:
         return np.arange(len(matrix))
     sym = (matrix + matrix.T) / 2
-    return leaves_list(linkage(sym, method="average", metric="euclidean"))
+    # The rows are observations: their distances passed condensed, so a square matrix is never
+    # taken for a distance matrix (scipy warns when one looks like it).
+    return leaves_list(linkage(pdist(sym, metric="euclidean"), method="average"))
 
 
 def tick_layout(n: int, cell_pt: float) -> tuple[int, float]:
