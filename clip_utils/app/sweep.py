@@ -258,7 +258,10 @@ def plot_fewshot(summary: Sequence[Mapping], zeroshot_run: Mapping | None, title
             ax.fill_between(xs, [a - b for a, b in zip(mean, std, strict=True)],
                             [a + b for a, b in zip(mean, std, strict=True)], color=method_colour(k), alpha=0.2, lw=0)
     if zeroshot_run is not None:
-        chosen = f": {zeroshot_run['selected_set']}" if zeroshot_run.get("selected_set") else ""
+        # `auto` picks its prompt set on the whole validation split, more labelled images than a
+        # K-shot run's min(K, 4) per class: the legend says so
+        chosen = (f": {zeroshot_run['selected_set']} on the full val split" if zeroshot_run.get("selected_set")
+                  else "")
         ax.axhline(100 * zeroshot_run["top1"], color="C0", ls="--", lw=1.2,
                    label=f"{registry.reference().label} ({zeroshot_run.get('prompt_set', '')}{chosen})")
     ax.set_xscale("log", base=2)
