@@ -108,6 +108,13 @@ def hiding_style(marker: str) -> str:
     return f"<style>{', '.join(imgs + outputs)} {{ display: none !important; }}</style>"
 
 
+def _offered(lab: Lab, datasets: Sequence[str]) -> list[str]:
+    """The methods worth a box: the reference, and every method with a finished run for one of
+    the datasets (one never trained here would only add a greyed-out box)."""
+    return [m.name for m in registry.methods()
+            if m.reference or any(checkpoint_missing(lab, dataset, m.name) is None for dataset in datasets)]
+
+
 class PhotoExplorer(widgets.VBox):
     """The photo explorer widget (see the module docstring); build it with `photo_explorer`.
 
@@ -125,7 +132,7 @@ class PhotoExplorer(widgets.VBox):
                  prompt_set: str = config.PHOTO_PROMPT_SET) -> None:
         if not datasets:
             raise InvalidValue("photo_explorer needs at least one dataset")
-        names = list(dict.fromkeys(registry.get(m).name for m in (methods or [m.name for m in registry.methods()])))
+        names = list(dict.fromkeys(registry.get(m).name for m in (methods or _offered(lab, datasets))))
         try:
             files = list_photos(photo_dir)
         except PhotoError:  # no folder: uploads still work
@@ -370,8 +377,9 @@ def photo_explorer(lab: Lab, datasets: Sequence[str], methods: Sequence[str] | N
     Args:
         lab: the run context; its model and text classifiers are shared, not reloaded.
         datasets: the datasets to offer (the first is shown first).
-        methods: the methods to offer (None: every registered method); those with
-            no checkpoint for the chosen dataset are disabled, with the reason.
+        methods: the methods to offer (None: zero-shot and every method with a finished run for
+            one of the datasets); those with no checkpoint for the chosen dataset are disabled,
+            with the reason.
         photo_dir: the folder whose photos the menu offers (the first is shown first).
         top_k: the slider's starting value.
         prompt_set: zero-shot prompt set.
