@@ -189,8 +189,8 @@ def run_cached(lab: Lab, dataset: str, method: str, fit: Callable[..., Fitted],
     test = lab.features(dataset, "test")
     logits = _scores(module, test.embeddings, device)
     learned, stored = _parameters(module, trains)
-    model = lab.clip().model
-    encoder = image_encoder_parameters(model)
+    # counted on the checkpoint the lab holds anyway: no inference model is rebuilt for a number
+    encoder = image_encoder_parameters(lab.checkpoint().model)
     run = {
         "dataset": dataset, "split": "test", "method": method, "model": lab.model, **data.tags(),
         "seconds": time.perf_counter() - start, "train_seconds": fit_seconds,
@@ -223,7 +223,7 @@ def read_cached(lab: Lab, dataset: str, method: str, build: Callable[..., nn.Mod
     if not path.is_file():
         raise missing_checkpoint(path, dataset, method, shots, seed)
     module, info = read_module(path, build)
-    clip = lab.clip()
+    clip = lab.checkpoint()  # its embedding size only: no inference model built for it (export needs none)
     check_head(info, head_info(dataset=dataset, method=method, model=lab.model, class_names=lab.label_map(dataset),
                                embed_dim=clip.embed_dim), path)
     return module, info
