@@ -1,12 +1,13 @@
 """The shared context of a run: which model, data, device and results folder, loaded once.
 
     lab = Lab(model="openai/clip-vit-large-patch14", data_root="data", results_dir="results")
-    feats = lab.features("flowers102", "test")      # encoded once, cached on disk
+    flowers = lab.resolve("flowers102")               # the typed dataset every stage takes
+    feats = lab.features(flowers, "test")             # encoded once, cached on disk
     other = lab.replace(model="openai/clip-vit-base-patch16")   # a new lab, nothing shared
 
 Notebook cells and CLI commands receive a `Lab` instead of a dozen loose arguments. A lab is
-immutable: its model, processor, encoded features and text classifiers are loaded lazily
-and shared by everything that runs with it (every prompt set, the probe, the photo
+immutable: its model, processor, resolved datasets, encoded features and text classifiers
+are loaded lazily and shared by everything that runs with it (every prompt set, the probe, the photo
 predictions), and a change of model, data root or device means a new lab, so no cache can
 ever serve something it was not computed for.
 
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 
 from clip_utils.config import CLASS_NAMING, DEFAULT_MODEL, INFERENCE_BATCH_SIZE
-from clip_utils.data import ImageListDataset, class_names, dataset_spec, load_dataset
+from clip_utils.data import OFFICIAL, SPLIT_SOURCES, Dataset, ImageListDataset, resolve
 from clip_utils.data.classnames import check_naming
 from clip_utils.errors import InvalidValue, MissingFile
 from clip_utils.model.clip import Clip, load_clip, load_preprocess
@@ -69,11 +70,12 @@ class _Loaded:
     """What a lab has loaded so far; private to one lab, never copied to another."""
 
     checkpoint: Clip | None = None
+    datasets: dict[str, Dataset] = field(default_factory=dict)
     clip: Clip | None = None
     preprocess: Preprocess | None = None
-    features: dict[tuple[str, str], Features] = field(default_factory=dict)
-    text: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
-    prompt_sets: dict[str, dict[str, PromptSet]] = field(default_factory=dict)
+    features: dict[tuple[Dataset, str], Features] = field(default_factory=dict)
+    text: dict[tuple[Dataset, str], torch.Tensor] = field(default_factory=dict)
+    prompt_sets: dict[Dataset, dict[str, PromptSet]] = field(default_factory=dict)
     logit_scale: float | None = None
     logit_bias: float | None = None
 
@@ -102,6 +104,9 @@ class Lab:
         descriptions: a CuPL/DCLIP descriptions file (`{"class name": ["description", ...]}`)
             for the `descriptions` prompt set (see `descriptions`); None: no such set. Read
             once, when the lab first needs a dataset's prompt sets; another file is another lab.
+        split: the split source of the datasets it resolves: `official`, or `coop` for Zhou et
+            al.'s split (`data.splits`).
+        split_file: the `split_zhou_*.json` file of `coop` (None: the published one).
     """
 
     model: str = DEFAULT_MODEL
@@ -116,6 +121,8 @@ class Lab:
     class_naming: str = CLASS_NAMING
     domain: str | None = None
     descriptions: Path | None = None
+    split: str = OFFICIAL
+    split_file: Path | None = None
     _loaded: _Loaded = field(default_factory=_Loaded, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -131,6 +138,10 @@ class Lab:
         set_(self, "device", self.device or default_device())
         check_device(self.device)
         check_naming(self.class_naming)
+        if self.split_file is not None:
+            set_(self, "split_file", Path(self.split_file).expanduser())
+        if self.split not in SPLIT_SOURCES:
+            raise InvalidValue(f"unknown split source {self.split!r}: choose one of {', '.join(SPLIT_SOURCES)}")
         if self.descriptions is not None:
             set_(self, "descriptions", Path(self.descriptions))
             if not self.descriptions.is_file():  # said now, before any model or dataset loads
@@ -204,52 +215,67 @@ class Lab:
             self._loaded.preprocess = clip.preprocess if clip is not None else load_preprocess(self.model)
         return self._loaded.preprocess
 
-    def class_names(self, dataset: str) -> list[str]:
-        """Class names of `dataset` in label order as `class_naming` says (metadata only, no images)."""
-        return class_names(dataset, self.data_root, self.class_naming)
+    def resolve(self, dataset: str | Dataset) -> Dataset:
+        """The `Dataset` of a name, under this lab's data root, class naming and split source:
+        resolved once per lab and name (a `Dataset` is returned as it is).
 
-    def label_map(self, dataset: str) -> list[str]:
+        Args:
+            dataset: a registered name, `imagefolder:PATH` or a `Dataset`.
+        """
+        if isinstance(dataset, Dataset):
+            return dataset
+        if dataset not in self._loaded.datasets:
+            self._loaded.datasets[dataset] = resolve(dataset, self.data_root, self.class_naming, self.split,
+                                                     self.split_file)
+        return self._loaded.datasets[dataset]
+
+    def class_names(self, dataset: str | Dataset) -> list[str]:
+        """Class names of `dataset` in label order as its naming says (metadata only, no images)."""
+        return list(self.resolve(dataset).class_names)
+
+    def label_map(self, dataset: str | Dataset) -> list[str]:
         """The dataset's own class names in label order: what checkpoints are checked against,
         so a head trained under one naming still loads under the other."""
-        return class_names(dataset, self.data_root, "original")
+        return list(self.resolve(dataset).original_names)
 
-    def prompt_sets(self, dataset: str) -> dict[str, PromptSet]:
+    def prompt_sets(self, dataset: str | Dataset) -> dict[str, PromptSet]:
         """The prompt sets of `dataset`: `prompts.prompt_sets` with this lab's domain phrase and
         seed (`waffle`), plus `descriptions` (`{class name: prompts}`) when the lab has a file.
 
         Built once per lab and dataset, so the prompts a text classifier encodes are the ones
         metrics.json records, even if the file changes meanwhile. Returns a copy.
         """
-        if dataset not in self._loaded.prompt_sets:
-            sets: dict[str, PromptSet] = dict(prompt_sets(dataset_spec(dataset), self.domain, self.seed))
+        ds = self.resolve(dataset)
+        if ds not in self._loaded.prompt_sets:
+            sets: dict[str, PromptSet] = dict(prompt_sets(ds.spec, self.domain, self.seed))
             if self.descriptions is not None:
-                sets[DESCRIPTIONS] = description_set(self.descriptions, self.class_names(dataset),
-                                                     self.label_map(dataset))
-            self._loaded.prompt_sets[dataset] = sets
-        sets = self._loaded.prompt_sets[dataset]
+                sets[DESCRIPTIONS] = description_set(self.descriptions, list(ds.class_names), list(ds.original_names))
+            self._loaded.prompt_sets[ds] = sets
+        sets = self._loaded.prompt_sets[ds]
         return {name: dict(s) if isinstance(s, dict) else list(s) for name, s in sets.items()}
 
-    def text_classifier(self, dataset: str, prompt_set: str) -> torch.Tensor:
+    def text_classifier(self, dataset: str | Dataset, prompt_set: str) -> torch.Tensor:
         """`(D, C)` zero-shot class weights of a prompt set, built once per lab and shared by
         every user (zero-shot evaluation, `auto`'s selection, photos, the heads' initialisation).
 
         Args:
-            dataset: `flowers102` or `cub200`.
+            dataset: the dataset (its class names, under its naming and class subset).
             prompt_set: a set of `self.prompt_sets(dataset)`.
         """
-        key = (dataset, prompt_set)
+        ds = self.resolve(dataset)
+        key = (ds, prompt_set)
         if key not in self._loaded.text:
-            sets = self.prompt_sets(dataset)
+            sets = self.prompt_sets(ds)
             if prompt_set not in sets:
-                raise InvalidValue(f"unknown prompt set {prompt_set!r} for {dataset}: choose from {', '.join(sets)}")
+                raise InvalidValue(f"unknown prompt set {prompt_set!r} for {ds.folder}: choose from {', '.join(sets)}")
             clip = self.clip()
             self._loaded.text[key] = build_text_classifier(
-                clip.model, clip.tokenizer, self.class_names(dataset), sets[prompt_set], self.device,
-                self.batch_size, desc=f"encoding {dataset} prompts ({prompt_set})",
+                clip.model, clip.tokenizer, list(ds.class_names), sets[prompt_set], self.device,
+                self.batch_size, desc=f"encoding {ds.folder} prompts ({prompt_set})",
                 text_kwargs=clip.backbone.text_kwargs(clip.model))
         return self._loaded.text[key]
 
-    def choose_prompt_set(self, dataset: str, val: Features | None = None) -> tuple[str, dict[str, float]]:
+    def choose_prompt_set(self, dataset: str | Dataset, val: Features | None = None) -> tuple[str, dict[str, float]]:
         """`auto`: the prompt set whose zero-shot classifier scores best on validation images.
 
         Every set of `self.prompt_sets(dataset)` is scored (ties: the first in their order);
@@ -263,26 +289,32 @@ class Lab:
         Returns:
             `(chosen set, {set: validation top-1})`.
         """
-        val = self.features(dataset, "val") if val is None else val
-        classifiers = {name: self.text_classifier(dataset, name) for name in self.prompt_sets(dataset)}
+        ds = self.resolve(dataset)
+        val = self.features(ds, "val") if val is None else val
+        classifiers = {name: self.text_classifier(ds, name) for name in self.prompt_sets(ds)}
         return select_prompt_set(val.embeddings, val.labels, classifiers, self.logit_scale)
 
-    def dataset(self, name: str, split: str, transform=None) -> ImageListDataset:
+    def dataset(self, dataset: str | Dataset, split: str, transform=None) -> ImageListDataset:
         """A dataset split (downloaded when missing and `download` is set)."""
+        ds = self.resolve(dataset)
         if not self.download:
-            return load_dataset(name, self.data_root, split, transform=transform, download=False)
+            return ds.load(split, transform=transform, download=False)
         # Under torchrun one process per machine downloads; the others then find the files.
         with distributed.local_main_first():
-            return load_dataset(name, self.data_root, split, transform=transform, download=True)
+            return ds.load(split, transform=transform, download=True)
 
-    def features(self, name: str, split: str) -> Features:
-        """Frozen-encoder embeddings of a split: from memory, the disk cache, or encoded now."""
-        key = (name, split)
+    def features(self, dataset: str | Dataset, split: str) -> Features:
+        """Frozen-encoder embeddings of a split: from memory, the disk cache, or encoded now
+        (a class subset's are its classes' rows of the whole dataset's)."""
+        ds = self.resolve(dataset)
+        if ds.classes is not None:
+            return self.features(ds.full, split).of_classes(ds.classes)
+        key = (ds, split)
         if key not in self._loaded.features:
-            dataset = self.dataset(name, split)  # first: a missing dataset is said before a model loads
+            images = self.dataset(ds, split)  # first: a missing dataset is said before a model loads
             clip = self.clip()
             self._loaded.features[key] = encode_dataset(
-                clip.model, dataset, clip.preprocess, self.device,
+                clip.model, images, clip.preprocess, self.device,
                 cache_dir=self.cache_dir, batch_size=self.encode_batch_size, num_workers=self.num_workers,
                 fingerprint=clip.fingerprint,
             )

@@ -9,7 +9,7 @@ import pytest
 
 from clip_utils import prompts, testkit
 from clip_utils.app.cli import main
-from clip_utils.data import canonical_name, class_names, dataset_spec, load_dataset, results_name
+from clip_utils.data import class_names, dataset_spec, load_dataset, results_name
 from clip_utils.data.imagefolder import PREFIX
 
 
@@ -56,7 +56,7 @@ def test_classes_json_names_the_classes_and_the_domain(tmp_path):
     assert prompts.prompt_sets(dataset_spec(name), "a kind of fungus")["domain"] == ["a photo of a {}, a kind of fungus."]
     (folder / "classes.json").unlink()
     assert prompts.prompt_sets(dataset_spec(name))["domain"] == prompts.prompt_sets(dataset_spec(name))["default"]  # no phrase: the default
-    assert canonical_name(f"{PREFIX}{tmp_path}/./fungi") == name  # one dataset, however it is spelt
+    assert dataset_spec(f"{PREFIX}{tmp_path}/./fungi").name == name  # one dataset, however it is spelt
 
 
 def _common(kit, results, *extra):
@@ -79,7 +79,7 @@ def test_the_whole_pipeline_runs_on_an_image_folder(kit, image_folders, tmp_path
     out = capsys.readouterr().out
     folder = results / f"mushrooms_{layout}"
     probe = json.loads((folder / "linear_probe" / "metrics.json").read_text())
-    assert probe["dataset"] == canonical_name(dataset) and probe["class_names"] == class_names(dataset)
+    assert probe["dataset"] == dataset_spec(dataset).name and probe["class_names"] == class_names(dataset)
     assert probe["top1"] > 2 / 5  # learns: chance is 1/5
     domain = json.loads((folder / "zeroshot" / "domain" / "metrics.json").read_text())
     assert domain["templates"] == ["a photo of a {}, a type of mushroom."]

@@ -24,7 +24,7 @@ from PIL import Image
 
 from clip_utils import prompts
 from clip_utils.app.notebooks import execute_notebook
-from clip_utils.data import canonical_name, class_names, dataset_spec, load_dataset
+from clip_utils.data import class_names, dataset_spec, load_dataset
 from clip_utils.figures import predictions as plots
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +118,7 @@ def test_an_image_folder_runs_through_the_notebook(executed, image_folders):
     name = f"imagefolder:{image_folders['flat']}"
     for prompt_set in [*prompts.prompt_sets(dataset_spec(name)), "auto"]:
         m = json.loads((results / "mushrooms_flat" / "zeroshot" / prompt_set / "metrics.json").read_text())
-        assert m["dataset"] == canonical_name(name) and m["class_names"] == class_names(name)
+        assert m["dataset"] == dataset_spec(name).name and m["class_names"] == class_names(name)
     table = json.loads((results / "task1_summary.json").read_text())["zeroshot"][name]
     assert table["auto"]["selected_set"] in prompts.prompt_sets(dataset_spec(name))
 

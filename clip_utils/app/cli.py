@@ -9,6 +9,8 @@
     python -m clip_utils tip-adapter --dataset cub200 --shots 16 --seed 1       # any registered method
     python -m clip_utils coop     --dataset cub200 --shots 16 --seed 1          # prompt learning
     python -m clip_utils fewshot  --dataset cub200 --methods all --shots 1,2,4,8,16 --seeds 1,2,3
+    python -m clip_utils fewshot  --dataset flowers102 --split coop --shots 16   # Zhou et al.'s split
+    python -m clip_utils base2new --dataset flowers102 --split coop --methods coop,clip_adapter --shots 16
     python -m clip_utils predict  my_photo/flower.png --dataset flowers102 --method lora
     python -m clip_utils predict  my_photo/*.jpg --dataset cub200 --method all   # side by side
     python -m clip_utils export   --dataset cub200 --method lora --out cub-lora
@@ -50,7 +52,7 @@ from clip_utils.app.photos import (
     predict_photos,
 )
 from clip_utils.app.report import make_report
-from clip_utils.data import DATASETS, dataset_spec
+from clip_utils.data import DATASETS, SPLIT_SOURCES, dataset_spec
 from clip_utils.data.classnames import NAMINGS
 from clip_utils.data.imagefolder import PREFIX
 from clip_utils.errors import UserError
@@ -109,6 +111,12 @@ def _common(parser: argparse.ArgumentParser, batch_size: int, dataset_required: 
                    help="file reader threads (default: cores - 1)")
     g.add_argument("--no-download", dest="download", action="store_false",
                    help="never download: fail when a dataset is missing")
+    g.add_argument("--split", choices=SPLIT_SOURCES, default=os.environ.get("CLIP_SPLIT") or SPLIT_SOURCES[0],
+                   help="where train/val/test come from: official (the dataset's own) or coop (Zhou et al.'s "
+                        "split_zhou_*.json, CoOp's and Tip-Adapter's; fetched on first use; results in "
+                        "<dataset>-coop/) (default: $CLIP_SPLIT or %(default)s)")
+    g.add_argument("--split-file", type=Path, default=None, metavar="PATH",
+                   help="a split_zhou_*.json file for --split coop, instead of the published one")
     g.add_argument("--class-names", choices=NAMINGS, default=os.environ.get("CLIP_CLASS_NAMES") or config.CLASS_NAMING,
                    help="class names in prompts and results: curated (CLIP's class lists, CUB's proper bird "
                         "names) or original (the datasets' own) (default: %(default)s)")
@@ -213,13 +221,13 @@ def _lab(args) -> Lab:
     return Lab(model=args.model, data_root=args.data_root, results_dir=args.results_dir, device=args.device,
                batch_size=args.batch_size, encode_batch_size=encode, seed=args.seed, download=args.download,
                num_workers=args.workers, class_naming=args.class_names, domain=args.domain,
-               descriptions=getattr(args, "descriptions", None))
+               descriptions=getattr(args, "descriptions", None), split=args.split, split_file=args.split_file)
 
 
 def _print_run(metrics: dict, lab: Lab, args) -> None:
     """One line for a fitted run: its test accuracy, how it was selected, and where it went."""
     m = registry.get(metrics["method"])
-    folder = fewshot.run_dir(lab.results_dir, metrics["dataset"], m.name, metrics.get("shots"), metrics["seed"])
+    folder = fewshot.run_dir(lab.results_dir, metrics["dataset_folder"], m.name, metrics.get("shots"), metrics["seed"])
     if metrics.get("C") is not None:
         how = f"C={metrics['C']:.3g} chosen on validation"
     elif metrics.get("best_epoch") is not None and metrics.get("epochs"):
@@ -227,7 +235,7 @@ def _print_run(metrics: dict, lab: Lab, args) -> None:
     else:
         how = ", ".join(f"{k}={v:.3g}" for k, v in (metrics.get("hyperparameters") or {}).items()) or "no training"
     data = f"{metrics['shots']}-shot, seed {metrics['seed']}, " if metrics.get("shots") else ""
-    print(f"{metrics['dataset']} {m.name}: test top-1 {metrics['top1']:.2%}, top-5 {metrics['top5']:.2%}, "
+    print(f"{metrics['dataset_folder']} {m.name}: test top-1 {metrics['top1']:.2%}, top-5 {metrics['top5']:.2%}, "
           f"mean per class {metrics['mean_per_class']:.2%} ({data}{how}, "
           f"{metrics['trainable_params']:,} trainable parameters) -> {folder}")
 
@@ -236,8 +244,8 @@ def cmd_method(method: Method, args) -> None:
     """A method's own command: read its settings, run it (one run per folder at a time), say what it did."""
     lab = _lab(args)
     shots = getattr(args, "shots", None)
-    dataset_spec(args.dataset)  # a missing image folder is said before its results folder is made
-    folder = fewshot.run_dir(lab.results_dir, args.dataset, method.name, shots, args.seed)
+    dataset = lab.resolve(args.dataset)  # a missing image folder is said before its results folder is made
+    folder = args.run_folder = fewshot.run_dir(lab.results_dir, dataset, method.name, shots, args.seed)
     # one run per folder at a time; a run that fails gives the folder back as it was (rank 0
     # alone: under torchrun only it writes the folder)
     guard = contextlib.ExitStack()
@@ -245,7 +253,7 @@ def cmd_method(method: Method, args) -> None:
         guard.enter_context(run_lock(folder))
         guard.enter_context(kept_on_failure(folder))
     with guard:
-        result = method.run(lab, args.dataset, method.settings(args), shots=shots, seed=args.seed,
+        result = method.run(lab, dataset, method.settings(args), shots=shots, seed=args.seed,
                             resume=getattr(args, "resume", False))
     if distributed.is_main():  # under torchrun: printed once
         (method.print_result or _print_run)(result, lab, args)
@@ -253,13 +261,14 @@ def cmd_method(method: Method, args) -> None:
 
 def cmd_fewshot(args) -> None:
     lab, shots = _lab(args), args.shots
+    dataset = lab.resolve(args.dataset)
     if "shots" not in given(args):  # the default grid: the K this dataset's classes can all fill
-        most = fewshot.smallest_class(lab.dataset(args.dataset, "train").samples)
+        most = fewshot.smallest_class(lab.dataset(dataset, "train").samples)
         shots = [k for k in shots if k <= most] or [most]
         if shots != args.shots:
-            progress.info(f"note: {args.dataset}'s smallest class has {most} training images: shots "
+            progress.info(f"note: {dataset.folder}'s smallest class has {most} training images: shots "
                           f"{','.join(map(str, shots))} of the default {','.join(map(str, args.shots))}")
-    result = sweep.run_fewshot(lab, args.dataset, args.methods, shots, args.seeds, args=args)
+    result = sweep.run_fewshot(lab, dataset, args.methods, shots, args.seeds, args=args)
     print(sweep.summary_table(result.summary).to_string(index=False))
     print(f"{len(result.trained)} runs fitted, {len(result.reused)} reused")
     for path in result.files:
@@ -273,7 +282,8 @@ def cmd_predict(args) -> int:
         return 1 if any("error" in r for r in results) else 0
     if args.method == ALL_METHODS:
         return _predict_all(args)
-    results = predict_photos(_lab(args), args.photos, args.dataset, method=args.method, top_k=args.top_k,
+    lab = _lab(args)
+    results = predict_photos(lab, args.photos, lab.resolve(args.dataset), method=args.method, top_k=args.top_k,
                              prompt_set=args.prompts)
     print(json.dumps(results, indent=1) if args.json else format_predictions(results))
     return 1 if any("error" in r for r in results) else 0
@@ -281,7 +291,8 @@ def cmd_predict(args) -> int:
 
 def _predict_all(args) -> int:
     lab = _lab(args)
-    results = compare_photos(lab, args.photos, args.dataset, top_k=args.top_k, prompt_set=args.prompts)
+    dataset = lab.resolve(args.dataset)
+    results = compare_photos(lab, args.photos, dataset, top_k=args.top_k, prompt_set=args.prompts)
     print(json.dumps(results, indent=1) if args.json else format_comparison(results))
     read = next((r["methods"] for r in results if "methods" in r), None)
     if read is None:  # no photo could be read: no model was loaded, each photo's error is above
@@ -289,14 +300,14 @@ def _predict_all(args) -> int:
     # A method's error is the same for every photo: say it once, after the tables.
     errors = {name: entry["error"] for name, entry in read.items() if "error" in entry}
     if len(errors) == len(read):
-        print(f"error: no method can predict for {args.dataset}: {'; '.join(errors.values())}", file=sys.stderr)
+        print(f"error: no method can predict for {dataset.folder}: {'; '.join(errors.values())}", file=sys.stderr)
         return 1
     # Not trained yet is a skip; a checkpoint that is there but cannot be used is a failure.
-    untrained = {name: why for name, why in errors.items() if checkpoint_missing(lab, args.dataset, name)}
+    untrained = {name: why for name, why in errors.items() if checkpoint_missing(lab, dataset, name)}
     if untrained:
         labels = ", ".join(registry.get(name).label for name in untrained)
-        print(f"warning: skipped, not trained for {args.dataset}: {labels} (train one with python -m clip_utils "
-              f"METHOD --dataset {args.dataset} and the same --model, --data-root and --results-dir as here)",
+        print(f"warning: skipped, not trained for {dataset.folder}: {labels} (train one with python -m clip_utils "
+              f"METHOD {dataset.command_args} and the same --model, --data-root and --results-dir as here)",
               file=sys.stderr)
     for name in errors.keys() - untrained.keys():
         print(f"error: {registry.get(name).label}: {errors[name]}", file=sys.stderr)
@@ -304,8 +315,10 @@ def _predict_all(args) -> int:
 
 
 def cmd_export(args) -> None:
-    folder = export_classifier(_lab(args), args.dataset, args.method, args.out)
-    print(f"{args.dataset} {registry.get(args.method).label} classifier -> {folder} "
+    lab = _lab(args)
+    dataset = lab.resolve(args.dataset)
+    folder = export_classifier(lab, dataset, args.method, args.out)
+    print(f"{dataset.folder} {registry.get(args.method).label} classifier -> {folder} "
           f"(the model's own from_pretrained, head.safetensors, classes.json; usage in {folder / 'README.md'})")
 
 
@@ -384,8 +397,8 @@ def _kept_after_interrupt(args) -> str:
         return "completed results files are kept"
     if not method.epochs:
         return "nothing of this run was kept: rerun the same command"
-    folder = fewshot.run_dir(args.results_dir, args.dataset, method.name, args.shots, args.seed)
-    if (folder / RESUME_FILE).is_file():
+    folder = getattr(args, "run_folder", None)
+    if folder is not None and (folder / RESUME_FILE).is_file():
         return "the last completed epoch's checkpoint and curves are kept (rerun with --resume)"
     return "no epoch had finished, so there is nothing to resume: rerun the same command to start again"
 

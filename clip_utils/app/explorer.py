@@ -112,7 +112,7 @@ def _offered(lab: Lab, datasets: Sequence[str]) -> list[str]:
     """The methods worth a box: the reference, and every method with a finished run for one of
     the datasets (one never trained here would only add a greyed-out box)."""
     return [m.name for m in registry.methods()
-            if m.reference or any(checkpoint_missing(lab, dataset, m.name) is None for dataset in datasets)]
+            if m.reference or any(checkpoint_missing(lab, lab.resolve(dataset), m.name) is None for dataset in datasets)]
 
 
 class PhotoExplorer(widgets.VBox):
@@ -278,7 +278,7 @@ class PhotoExplorer(widgets.VBox):
         self.reasons = {}
         with self._holding():
             for name, box in self.method_boxes.items():
-                reason = self._failed.get((dataset, name)) or checkpoint_missing(self.lab, dataset, name, paths=True)
+                reason = self._failed.get((dataset, name)) or checkpoint_missing(self.lab, self.lab.resolve(dataset), name, paths=True)
                 if reason is not None:
                     self.reasons[name] = reason
                     box.value = False

@@ -41,7 +41,7 @@ import torch
 from clip_utils import __version__, registry
 from clip_utils.app.photos import open_photos, top_classes
 from clip_utils.config import TOP_K
-from clip_utils.data import canonical_name
+from clip_utils.data import Dataset
 from clip_utils.errors import InvalidValue, MissingFile, Refused, UserError
 from clip_utils.lab import Lab
 from clip_utils.model.backbones import Backbone
@@ -120,12 +120,12 @@ def _check_target(out: Path) -> None:
         raise Refused(f"{out} exists and is not an exported classifier: choose another --out, or remove it")
 
 
-def export_classifier(lab: Lab, dataset: str, method: str, out: str | Path) -> Path:
+def export_classifier(lab: Lab, dataset: Dataset | str, method: str, out: str | Path) -> Path:
     """Write a trained classifier (model, processor, head, class names, README) to one folder.
 
     Args:
         lab: the run context (base model, results folder with the trained run).
-        dataset: the dataset the classifier was trained on.
+        dataset: the dataset the classifier was trained on (a name is resolved by the lab).
         method: `probe` (`linear_probe`) or `lora`.
         out: the folder to write (replaced when it is an earlier export).
 
@@ -138,7 +138,7 @@ def export_classifier(lab: Lab, dataset: str, method: str, out: str | Path) -> P
         FileExistsError: `out` is something other than an earlier export.
     """
     m = exportable(method)
-    dataset, out = canonical_name(dataset), Path(out).expanduser()
+    dataset, out = lab.resolve(dataset), Path(out).expanduser()
     _check_target(out)
     clip, head, meta, adapted = m.export(lab, dataset)
     metrics_file = method_dir(lab.results_dir, dataset, m.name) / "metrics.json"
@@ -147,8 +147,9 @@ def export_classifier(lab: Lab, dataset: str, method: str, out: str | Path) -> P
     embedding = "visual_projection(vision_model(pixel_values).pooler_output)" if projected else \
         "vision_model(pixel_values).pooler_output"
     info = {
-        "exported_by": f"{MARK} {__version__}", "classes": lab.class_names(dataset),
-        "original_names": lab.label_map(dataset), "dataset": dataset, "method": m.name,
+        "exported_by": f"{MARK} {__version__}", "classes": list(dataset.class_names),
+        "original_names": list(dataset.original_names), "dataset": dataset.name, **dataset.record(),
+        "method": m.name,
         "base_model": lab.model, "encoders": adapted,
         "backbone": clip.backbone.name, "model_class": clip.backbone.model_class,
         "processor_class": clip.backbone.processor_class,

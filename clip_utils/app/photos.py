@@ -50,7 +50,7 @@ import torch
 from PIL import Image
 
 from clip_utils import config, registry
-from clip_utils.data import results_name
+from clip_utils.data import Dataset, results_name
 from clip_utils.data.images import decode_image, to_rgb  # noqa: F401  (to_rgb: kept importable here)
 from clip_utils.errors import InvalidValue, UserError
 from clip_utils.figures.predictions import plot_photo_predictions
@@ -129,39 +129,39 @@ def list_photos(folder: str | Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
-def classifier_for(lab: Lab, dataset: str, method: str | None = None,
+def classifier_for(lab: Lab, dataset: Dataset | str, method: str | None = None,
                    prompt_set: str = config.PHOTO_PROMPT_SET) -> ClipClassifier:
     """The `ClipClassifier` (vision tower + head, eval mode, on `lab.device`) of a method.
 
     Args:
         lab: the run context.
-        dataset: a registered dataset or `imagefolder:PATH`.
+        dataset: the dataset (a name is resolved by the lab).
         method: a registered method (None: the reference, zero-shot, with `prompt_set`); a
             method that fits loads its finished run from the results folder.
         prompt_set: the zero-shot prompt set, `auto` included.
     """
     m = registry.reference() if method is None else registry.get(method)
-    return m.load_classifier(lab, dataset, prompt_set=prompt_set)
+    return m.load_classifier(lab, lab.resolve(dataset), prompt_set=prompt_set)
 
 
-def train_command(lab: Lab, dataset: str, method: str, paths: bool = True) -> str:
+def train_command(lab: Lab, dataset: Dataset, method: str, paths: bool = True) -> str:
     """The command that trains `method` on `dataset`, ready to paste into a terminal.
 
     Args:
         lab: the run context.
-        dataset: dataset name.
+        dataset: the resolved dataset.
         method: a registered method.
         paths: carry the lab's model, data root and results folder (a notebook's, which the
             CLI's defaults need not match); False: the bare command (the CLI, whose user
             typed those options and is told to keep them).
     """
-    words = ["python", "-m", "clip_utils", registry.get(method).command, "--dataset", dataset]
+    words = ["python", "-m", "clip_utils", registry.get(method).command, *shlex.split(dataset.command_args)]
     if paths:
         words += ["--model", str(lab.model), "--data-root", str(lab.data_root), "--results-dir", str(lab.results_dir)]
     return shlex.join(words)
 
 
-def checkpoint_missing(lab: Lab, dataset: str, method: str, paths: bool = False) -> str | None:
+def checkpoint_missing(lab: Lab, dataset: Dataset, method: str, paths: bool = False) -> str | None:
     """Why `method` cannot predict on `dataset` yet (no finished checkpoint), or None when it can.
 
     Only looks for the files (no model is loaded): a checkpoint that is there but damaged or
@@ -169,14 +169,14 @@ def checkpoint_missing(lab: Lab, dataset: str, method: str, paths: bool = False)
 
     Args:
         lab: the run context (its results folder).
-        dataset: dataset name.
+        dataset: the resolved dataset.
         method: a registered method (one that fits nothing always can).
         paths: the command that trains it carries the lab's paths (`train_command`).
     """
     m = registry.get(method)
     if not m.trained or m.has_checkpoint(fewshot.run_dir(lab.results_dir, dataset, m.name)):
         return None
-    return f"no {m.label} checkpoint for {dataset}: train it with {train_command(lab, dataset, method, paths)}"
+    return f"no {m.label} checkpoint for {dataset.folder}: train it with {train_command(lab, dataset, method, paths)}"
 
 
 def open_photos(photos: Sequence[str | Path]) -> tuple[dict[int, Image.Image], list[dict]]:
@@ -231,7 +231,7 @@ def top_classes(lab: Lab, classifier: ClipClassifier, image: Image.Image, names:
 def predict_photos(
     lab: Lab,
     photos: Sequence[str | Path],
-    dataset: str,
+    dataset: Dataset | str,
     method: str | None = None,
     top_k: int = config.TOP_K,
     prompt_set: str = config.PHOTO_PROMPT_SET,
@@ -244,7 +244,7 @@ def predict_photos(
     Args:
         lab: the run context.
         photos: image files.
-        dataset: whose classes to predict (`flowers102` or `cub200`).
+        dataset: whose classes to predict (a name is resolved by the lab).
         method: a registered method (None: the reference, zero-shot).
         top_k: classes per photo (clamped to the number of classes).
         prompt_set: zero-shot prompt set (`default`, `domain`, `diverse`, `domain_ensemble`, `auto`).
@@ -257,7 +257,8 @@ def predict_photos(
     """
     if top_k < 1:
         raise InvalidValue(f"top_k must be at least 1, got {top_k}")
-    names = lab.class_names(dataset)
+    dataset = lab.resolve(dataset)
+    names = list(dataset.class_names)
     images, results = open_photos(photos)
     if not images:
         return results
@@ -271,7 +272,7 @@ def predict_photos(
 def compare_photos(
     lab: Lab,
     photos: Sequence[str | Path],
-    dataset: str,
+    dataset: Dataset | str,
     methods: Sequence[str] | None = None,
     top_k: int = config.TOP_K,
     prompt_set: str = config.PHOTO_PROMPT_SET,
@@ -284,7 +285,7 @@ def compare_photos(
     Args:
         lab: the run context.
         photos: image files.
-        dataset: whose classes to predict.
+        dataset: whose classes to predict (a name is resolved by the lab).
         methods: method names (default: every registered method).
         top_k: classes per photo and method.
         prompt_set: zero-shot prompt set.
@@ -298,7 +299,8 @@ def compare_photos(
     """
     if top_k < 1:
         raise InvalidValue(f"top_k must be at least 1, got {top_k}")
-    names = lab.class_names(dataset)
+    dataset = lab.resolve(dataset)
+    names = list(dataset.class_names)
     images, results = open_photos(photos)
     for i in images:
         results[i]["methods"] = {}
@@ -363,13 +365,13 @@ def format_comparison(results: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def photo_figures(results: Sequence[dict], dataset: str, method: str | None = None,
+def photo_figures(results: Sequence[dict], dataset: Dataset | str, method: str | None = None,
                   folder: str | Path | None = None) -> list:
     """Each readable photo beside its top-k bar chart (the notebooks' custom-photo sections).
 
     Args:
         results: what `predict_photos` returned (error entries are skipped).
-        dataset: whose classes were predicted (a registered name or `imagefolder:PATH`).
+        dataset: whose classes were predicted (a `Dataset`, or a registered name or `imagefolder:PATH`).
         method: the method that predicted them (a registered name; None: the reference, zero-shot).
         folder: save the figures there as `photo_<file name>_<dataset>_<method>.png`: the dataset
             by its results folder's name, the method by its canonical name, as every other
@@ -379,7 +381,8 @@ def photo_figures(results: Sequence[dict], dataset: str, method: str | None = No
     Returns:
         The matplotlib Figures, in order.
     """
-    entry, where = registry.reference() if method is None else registry.get(method), results_name(dataset)
+    entry = registry.reference() if method is None else registry.get(method)
+    where = dataset.folder if isinstance(dataset, Dataset) else results_name(dataset)
     figures = []
     for r in results:
         if "error" in r:

@@ -32,13 +32,13 @@ from pathlib import Path
 
 from clip_utils import registry
 from clip_utils.app import sweep
-from clip_utils.data import results_name
+from clip_utils.data import OFFICIAL
 from clip_utils.errors import InvalidValue, MissingFile
 from clip_utils.figures.predictions import plot_confusion, plot_prompt_comparison, plot_sample_predictions
 from clip_utils.figures.training import plot_comparison, plot_curves, plot_dynamics
 from clip_utils.results import fewshot, prompt_sets
 from clip_utils.results.evaluation import method_figures, run_label
-from clip_utils.results.layout import dataset_folders, figures_dir, method_dir, readable_metrics
+from clip_utils.results.layout import dataset_folders, figures_dir, method_dir, readable_metrics, recorded_folder
 from clip_utils.runtime.files import read_json, write_csv
 
 COLUMNS = ("dataset", "method", "prompt_set", "shots", "seeds", "fitted_on", "n", "top1", "top1_std", "top5",
@@ -89,7 +89,7 @@ def summary_row(metrics: Mapping) -> dict:
     if zeroshot and metrics.get("selected_set"):
         prompt_set = f"{prompt_set} ({metrics['selected_set']})"
     return {
-        "dataset": results_name(metrics["dataset"]), "method": metrics["method"],
+        "dataset": recorded_folder(metrics), "method": metrics["method"],
         "prompt_set": prompt_set if zeroshot else "",
         "n": metrics["n"], "top1": metrics["top1"], "top5": metrics["top5"],
         "mean_per_class": metrics["mean_per_class"],
@@ -148,13 +148,18 @@ def collect(results_dir: str | Path) -> tuple[list[dict], list[str]]:
                 trained[m.name] = metrics
         model = next((m["model"] for m in trained.values()), None)
         found = {registry.reference().name: zeroshot_baseline(results_dir, dataset, model), **trained}
-        # What --dataset said (an image folder's path), for the commands that fill the gaps.
-        given = next((m["dataset"] for m in found.values() if m), dataset)
+        # What --dataset and --split said (an image folder's path), for the commands that fill the gaps.
+        saved = next((m for m in found.values() if m), {})
+        given = f"--dataset {saved.get('dataset', dataset)}"
+        if saved.get("split_source", OFFICIAL) != OFFICIAL:
+            given += f" --split {saved['split_source']}"
         absent = []
         for m in registry.methods():
             if found.get(m.name) is None:
+                if saved.get("class_subset"):  # a base-to-new half: `base2new` runs what it needs
+                    continue
                 absent.append(f"{m.label} (python -m clip_utils {m.command}"
-                              f"{' --prompts all' if m.reference else ''} --dataset {given})")
+                              f"{' --prompts all' if m.reference else ''} {given})")
             else:
                 rows.append(summary_row(found[m.name]))
         if absent:  # one line per dataset, however many methods are registered

@@ -1,6 +1,6 @@
 """The few-shot sweep: each method at each shots and seed, run where missing, then tabled and drawn.
 
-    result = run_fewshot(lab, "flowers102")                   # config.FEWSHOT_*: 1-16 shots, seeds 1-3
+    result = run_fewshot(lab, lab.resolve("flowers102"))      # config.FEWSHOT_*: 1-16 shots, seeds 1-3
     result = run_fewshot(lab, "cub200", ["probe", "tip-adapter"], shots=(1, 2), seeds=(1, 2))
     result.summary, result.figure                             # mean/std per method and shots, the png
     python -m clip_utils fewshot --dataset flowers102 --methods all --shots 1,2,4,8,16 --seeds 1,2,3
@@ -14,11 +14,11 @@ metrics.json exists with the same model and settings (`Method.recorded`) is reus
 second call only fills in what is missing (an interrupted run starts over: few-shot runs are
 short). Then, from the saved runs alone:
 
-    results/<dataset>/fewshot.csv             one row per method, shots and seed
-    results/<dataset>/fewshot_summary.csv     mean and standard deviation over the seeds
-    results/figures/<dataset>_fewshot.png     top-1 against shots (log scale), mean and a
+    results/<dataset folder>/fewshot.csv          one row per method, shots and seed
+    results/<dataset folder>/fewshot_summary.csv  mean and standard deviation over the seeds
+    results/figures/<dataset folder>_fewshot.png  top-1 against shots (log scale), mean and a
                                               band of one standard deviation, zero-shot as a line
-    results/figures/<dataset>_fewshot_cost.png   top-1 at the largest shots against fit time
+    results/figures/<dataset folder>_fewshot_cost.png   top-1 at the largest shots against fit time
 
 The zero-shot line is the saved `auto` run of the same model when there is one, else
 `auto` is run (`report` redraws the figures from files alone, with whatever zero-shot run
@@ -35,14 +35,14 @@ from pathlib import Path
 from typing import Any
 
 from clip_utils import config, prompts, registry
-from clip_utils.data import canonical_name, results_name
+from clip_utils.data import Dataset
 from clip_utils.errors import InvalidValue
 from clip_utils.figures.predictions import new_figure, save_figure
 from clip_utils.figures.training import method_colour
 from clip_utils.lab import Lab
 from clip_utils.registry import Method
 from clip_utils.results import fewshot, prompt_sets
-from clip_utils.results.layout import figures_dir
+from clip_utils.results.layout import figures_dir, folder_name
 from clip_utils.runtime.files import kept_on_failure, read_json, run_lock, write_csv
 from clip_utils.runtime.progress import write
 
@@ -73,17 +73,17 @@ class FewshotResult:
         return self.files[-1]
 
 
-def figure_path(results_dir: str | Path, dataset: str) -> Path:
-    """`results/figures/<dataset>_fewshot.png`."""
-    return Path(results_dir) / "figures" / f"{results_name(dataset)}_fewshot.png"
+def figure_path(results_dir: str | Path, dataset: Dataset | str) -> Path:
+    """`results/figures/<dataset folder>_fewshot.png`."""
+    return Path(results_dir) / "figures" / f"{folder_name(dataset)}_fewshot.png"
 
 
-def cost_figure_path(results_dir: str | Path, dataset: str) -> Path:
-    """`results/figures/<dataset>_fewshot_cost.png`."""
-    return Path(results_dir) / "figures" / f"{results_name(dataset)}_fewshot_cost.png"
+def cost_figure_path(results_dir: str | Path, dataset: Dataset | str) -> Path:
+    """`results/figures/<dataset folder>_fewshot_cost.png`."""
+    return Path(results_dir) / "figures" / f"{folder_name(dataset)}_fewshot_cost.png"
 
 
-def _finished(folder: Path, lab: Lab, dataset: str, shots: int, seed: int, expected: Mapping) -> bool:
+def _finished(folder: Path, lab: Lab, dataset: Dataset, shots: int, seed: int, expected: Mapping) -> bool:
     file = folder / "metrics.json"
     if not file.is_file():
         return False
@@ -94,7 +94,9 @@ def _finished(folder: Path, lab: Lab, dataset: str, shots: int, seed: int, expec
     if (m.get("model"), m.get("shots"), m.get("seed")) != (lab.model, shots, seed):
         return False
     # the same class names (naming and label map) as this lab would use: the text classifier differs otherwise
-    if m.get("class_names") != lab.class_names(dataset) or m.get("class_names_source", lab.class_naming) != lab.class_naming:
+    if m.get("class_names") != list(dataset.class_names) or m.get("class_names_source", lab.class_naming) != dataset.naming:
+        return False
+    if m.get("split_sha256") != dataset.source.sha256:  # another version of the split file: other images
         return False
     for key, value in expected.items():
         saved = m.get(key)
@@ -106,13 +108,13 @@ def _finished(folder: Path, lab: Lab, dataset: str, shots: int, seed: int, expec
     return True
 
 
-def zeroshot_line(lab: Lab, dataset: str) -> dict:
+def zeroshot_line(lab: Lab, dataset: Dataset) -> dict:
     """The zero-shot run the figure's line shows: the saved `auto` run of this model, else run now."""
-    saved = prompt_sets.saved_results(lab.results_dir, model=lab.model).get(results_name(dataset), {})
+    saved = prompt_sets.saved_results(lab.results_dir, model=lab.model).get(dataset.folder, {})
     if prompts.AUTO in saved:
         return saved[prompts.AUTO] | {"prompt_set": prompts.AUTO}
     reference = registry.reference()
-    settings = reference.settings(argparse.Namespace(prompts=[prompts.AUTO], split="test"))
+    settings = reference.settings(argparse.Namespace(prompts=[prompts.AUTO], eval_split="test"))
     return reference.run(lab, dataset, settings)[prompts.AUTO] | {"prompt_set": prompts.AUTO}
 
 
@@ -145,14 +147,14 @@ def _defaults(lab: Lab) -> argparse.Namespace:
     return argparse.Namespace(batch_size=None, seed=None)
 
 
-def run_fewshot(lab: Lab, dataset: str, methods: Sequence[str] = config.FEWSHOT_METHODS,
+def run_fewshot(lab: Lab, dataset: Dataset | str, methods: Sequence[str] = config.FEWSHOT_METHODS,
                 shots: Sequence[int] = config.FEWSHOT_SHOTS, seeds: Sequence[int] = config.FEWSHOT_SEEDS, *,
                 settings: Mapping[str, Any] | None = None, args: argparse.Namespace | None = None) -> FewshotResult:
     """Run the missing few-shot runs of a dataset, then write its table, summary and figures.
 
     Args:
         lab: the run context (model, data, results folder, device).
-        dataset: a registered dataset or `imagefolder:PATH`.
+        dataset: the dataset (a name is resolved by the lab: this is an entry point).
         methods: registered methods that fit (names, commands or aliases).
         shots: images per class, e.g. `(1, 2, 4, 8, 16)`.
         seeds: the seeds each shots value runs with (each draws its own sample, shared by
@@ -166,14 +168,14 @@ def run_fewshot(lab: Lab, dataset: str, methods: Sequence[str] = config.FEWSHOT_
         A `FewshotResult`; its `rows` and `summary` cover every saved few-shot run of the
         dataset, this call's and earlier ones'.
     """
-    dataset = canonical_name(dataset)
+    dataset = lab.resolve(dataset)
     order = check_methods(methods)
     for k in shots:
         fewshot.check_shots(k)
     try:  # before any run: a K some class cannot fill is refused, not found out half-way
         fewshot.check_enough(lab.dataset(dataset, "train").samples, max(shots))
     except InvalidValue as err:
-        raise InvalidValue(f"{results_name(dataset)}: {err}") from None
+        raise InvalidValue(f"{dataset.folder}: {err}") from None
     given = dict(settings or {})
     trained, reused = [], []
     for m in order:
@@ -181,7 +183,7 @@ def run_fewshot(lab: Lab, dataset: str, methods: Sequence[str] = config.FEWSHOT_
         for k in sorted(set(shots)):
             for seed in dict.fromkeys(seeds):
                 folder = fewshot.run_dir(lab.results_dir, dataset, m.name, k, seed)
-                what = f"{results_name(dataset)} {m.label} {k}-shot seed {seed}"
+                what = f"{dataset.folder} {m.label} {k}-shot seed {seed}"
                 if _finished(folder, lab, dataset, k, seed, m.recorded(lab, chosen, seed)):
                     reused.append((m.name, k, seed))
                     write(f"fewshot: {what}: finished earlier, reused")
@@ -196,38 +198,38 @@ def run_fewshot(lab: Lab, dataset: str, methods: Sequence[str] = config.FEWSHOT_
     return FewshotResult(rows, summary, trained, reused, files)
 
 
-def write_fewshot_report(results_dir: str | Path, dataset: str, zeroshot_run: Mapping | None = None,
+def write_fewshot_report(results_dir: str | Path, dataset: Dataset | str, zeroshot_run: Mapping | None = None,
                          ) -> tuple[list[dict], list[dict], list[Path]]:
     """fewshot.csv, fewshot_summary.csv and the figure of a dataset, from its saved few-shot runs.
 
     Args:
         results_dir: the results root.
-        dataset: a dataset name or its results folder's name.
+        dataset: the resolved dataset, or its results folder's name.
         zeroshot_run: the zero-shot metrics for the figure's line (None: the saved `auto` run,
             else the baseline `report` uses, else no line).
 
     Returns:
         `(rows, summary, written files)`; no files when no few-shot run is saved.
     """
-    rows = fewshot.saved_runs(results_dir, dataset)
+    rows, name = fewshot.saved_runs(results_dir, dataset), folder_name(dataset)
     if not rows:
         return [], [], []
     for message in fewshot.mixed_settings(fewshot.saved_metrics(results_dir, dataset)):
-        warnings.warn(f"{results_name(dataset)}: {message}", stacklevel=2)
+        warnings.warn(f"{name}: {message}", stacklevel=2)
     summary = fewshot.aggregate(rows)
-    folder = Path(results_dir) / results_name(dataset)
+    folder = Path(results_dir) / name
     files = [write_csv(folder / CSV_FILE, fewshot.ROW_COLUMNS, [[r.get(c) for c in fewshot.ROW_COLUMNS] for r in rows]),
              write_csv(folder / SUMMARY_FILE, fewshot.SUMMARY_COLUMNS,
                        [[r.get(c) for c in fewshot.SUMMARY_COLUMNS] for r in summary])]
     if zeroshot_run is None:
-        saved = prompt_sets.saved_results(results_dir, model=rows[0].get("model")).get(results_name(dataset), {})
-        name = prompt_sets.headline(saved) if saved else None
-        zeroshot_run = saved[name] | {"prompt_set": name} if name else None
+        saved = prompt_sets.saved_results(results_dir, model=rows[0].get("model")).get(name, {})
+        headline = prompt_sets.headline(saved) if saved else None
+        zeroshot_run = saved[headline] | {"prompt_set": headline} if headline else None
     figures_dir(results_dir)
     path = figure_path(results_dir, dataset)
-    plot_fewshot(summary, zeroshot_run, f"{results_name(dataset)}: few-shot test top-1 (mean ± std over seeds)", path)
+    plot_fewshot(summary, zeroshot_run, f"{name}: few-shot test top-1 (mean ± std over seeds)", path)
     cost = cost_figure_path(results_dir, dataset)
-    plot_fewshot_cost(summary, zeroshot_run, f"{results_name(dataset)}: accuracy against fit time", cost)
+    plot_fewshot_cost(summary, zeroshot_run, f"{name}: accuracy against fit time", cost)
     return rows, summary, [*files, cost, path]
 
 

@@ -1,7 +1,8 @@
 """What the methods fitted on cached image features share: their data, checkpoint and classifier.
 
-    metrics = run_cached(lab, "flowers102", METHOD, fit, settings, shots=16, seed=1)
-    classifier = load_cached(lab, "flowers102", METHOD, TipAdapter, shots=16, seed=1)
+    flowers = lab.resolve("flowers102")
+    metrics = run_cached(lab, flowers, METHOD, fit, settings, shots=16, seed=1)
+    classifier = load_cached(lab, flowers, METHOD, TipAdapter, shots=16, seed=1)
 
 Tip-Adapter, GDA, CLAP, LP++, TaskRes and CLIP-Adapter (and any method of that kind) learn
 on the lab's cached, L2-normalised image embeddings and the zero-shot text classifier: no
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 
 from clip_utils import config, prompts
-from clip_utils.data import canonical_name, results_name
+from clip_utils.data import Dataset
 from clip_utils.lab import Lab
 from clip_utils.methods.common import RunData, run_data
 from clip_utils.model.clip import Clip
@@ -102,12 +103,12 @@ def recorded(lab: Lab, settings: CachedSettings, seed: int) -> dict:
     return {"prompts": settings.prompts, "config": {"seed": seed, **settings.options}}
 
 
-def feature_data(lab: Lab, dataset: str, data: RunData, prompt_set: str) -> tuple[FeatureData, str, dict[str, float]]:
+def feature_data(lab: Lab, dataset: Dataset, data: RunData, prompt_set: str) -> tuple[FeatureData, str, dict[str, float]]:
     """The run's support and validation features and the zero-shot classifier it builds on.
 
     Args:
         lab: the run context (cached features, text classifiers, device).
-        dataset: dataset name.
+        dataset: the resolved dataset.
         data: the run's images.
         prompt_set: a prompt set, or `auto` (chosen on the run's validation images).
 
@@ -137,18 +138,19 @@ def _scores(module: nn.Module, features: torch.Tensor, device: torch.device) -> 
     return torch.cat([module(chunk.float().to(device)) for chunk in features.split(EVAL_BATCH)])
 
 
-def run_cached(lab: Lab, dataset: str, method: str, fit: Callable[..., Fitted],
+def run_cached(lab: Lab, dataset: Dataset | str, method: str, fit: Callable[..., Fitted],
                settings: CachedSettings, *, shots: int | None = None, seed: int | None = None,
-               prepare: Callable[[Lab, str, RunData], Mapping[str, Any]] | None = None, trains: bool = True) -> dict:
+               prepare: Callable[[Lab, Dataset, RunData], Mapping[str, Any]] | None = None,
+               trains: bool = True) -> dict:
     """Fit a method on cached features, save it, then evaluate it on test once.
 
-    Writes `results/<dataset>/<method folder>/` (a few-shot run: `.../shots_<K>/seed_<S>/`,
+    Writes `results/<dataset folder>/<method folder>/` (a few-shot run: `.../shots_<K>/seed_<S>/`,
     with samples.json): metrics.json, predictions.csv, adapter.safetensors, curves.json
     (when it trains), classification_report.txt and the test figures.
 
     Args:
         lab: the run context.
-        dataset: a registered dataset or `imagefolder:PATH`.
+        dataset: the dataset (a name is resolved by the lab: this is an entry point).
         method: the registered method's name.
         fit: its fit, the settings' options already bound.
         settings: prompt set and options, recorded in metrics.json.
@@ -162,16 +164,15 @@ def run_cached(lab: Lab, dataset: str, method: str, fit: Callable[..., Fitted],
         The metrics.json content.
     """
     start = time.perf_counter()
-    dataset = canonical_name(dataset)
+    dataset = lab.resolve(dataset)
     fewshot.check_shots(shots)
     seed = lab.seed if seed is None else seed
     device = torch.device(lab.device)
     data = run_data(lab, dataset, method, shots, seed)
     fd, chosen, scores = feature_data(lab, dataset, data, settings.prompts)
-    class_names = lab.class_names(dataset)
     extra = dict(prepare(lab, dataset, data)) if prepare is not None else {}
     torch.manual_seed(seed)
-    with VramProbe(device, label=f"{dataset} {method}") as vram:
+    with VramProbe(device, label=f"{dataset.folder} {method}") as vram:
         fit_start = time.perf_counter()
         fitted = fit(fd, **extra)
         if device.type == "cuda":
@@ -180,7 +181,7 @@ def run_cached(lab: Lab, dataset: str, method: str, fit: Callable[..., Fitted],
     module = fitted.module.eval()
     if fitted.info.get("note"):  # e.g. GDA at one shot without augmented views: exactly zero-shot
         progress.info(f"note: {method}: {fitted.info['note']}")
-    info = head_info(dataset=dataset, method=method, model=lab.model, class_names=lab.label_map(dataset),
+    info = head_info(dataset=dataset.name, method=method, model=lab.model, class_names=dataset.original_names,
                      embed_dim=fd.dim, epoch=int(fitted.info.get("best_epoch", 0) or 0))
     save_module(data.folder / MODULE_FILE, module, fitted.config, info)
     if fitted.curves:
@@ -192,7 +193,8 @@ def run_cached(lab: Lab, dataset: str, method: str, fit: Callable[..., Fitted],
     # counted on the checkpoint the lab holds anyway: no inference model is rebuilt for a number
     encoder = image_encoder_parameters(lab.checkpoint().model)
     run = {
-        "dataset": dataset, "split": "test", "method": method, "model": lab.model, **data.tags(),
+        "dataset": dataset.name, **dataset.record(), "split": "test", "method": method, "model": lab.model,
+        **data.tags(),
         "seconds": time.perf_counter() - start, "train_seconds": fit_seconds,
         "trainable_params": learned, "stored_params": stored, "total_params": encoder + stored,
         "trainable_pct": 100.0 * learned / (encoder + stored),
@@ -205,11 +207,12 @@ def run_cached(lab: Lab, dataset: str, method: str, fit: Callable[..., Fitted],
         "config": {"seed": seed, **settings.options},
     }
     figures_root = lab.results_dir if shots is None else data.folder
-    return save_evaluation(data.folder, logits=logits, labels=test.labels, paths=test.paths, class_names=class_names,
-                           info=run, figure_prefix=f"{results_name(dataset)}_{method}", results_dir=figures_root)
+    return save_evaluation(data.folder, logits=logits, labels=test.labels, paths=test.paths,
+                           class_names=list(dataset.class_names), info=run, figure_prefix=f"{dataset.folder}_{method}",
+                           results_dir=figures_root)
 
 
-def read_cached(lab: Lab, dataset: str, method: str, build: Callable[..., nn.Module], shots: int | None = None,
+def read_cached(lab: Lab, dataset: Dataset, method: str, build: Callable[..., nn.Module], shots: int | None = None,
                 seed: int | None = None) -> tuple[nn.Module, HeadInfo]:
     """A saved module of a run, checked against the lab's model and the dataset's classes.
 
@@ -217,32 +220,31 @@ def read_cached(lab: Lab, dataset: str, method: str, build: Callable[..., nn.Mod
         FileNotFoundError: not fitted yet (the message names the command to run).
         CheckpointError: damaged, or fitted for another dataset, class list or model.
     """
-    dataset = canonical_name(dataset)
     seed = lab.seed if seed is None else seed
     path = fewshot.run_dir(lab.results_dir, dataset, method, shots, seed) / MODULE_FILE
     if not path.is_file():
         raise missing_checkpoint(path, dataset, method, shots, seed)
     module, info = read_module(path, build)
     clip = lab.checkpoint()  # its embedding size only: no inference model built for it (export needs none)
-    check_head(info, head_info(dataset=dataset, method=method, model=lab.model, class_names=lab.label_map(dataset),
-                               embed_dim=clip.embed_dim), path)
+    check_head(info, head_info(dataset=dataset.name, method=method, model=lab.model,
+                               class_names=dataset.original_names, embed_dim=clip.embed_dim), path)
     return module, info
 
 
-def load_cached(lab: Lab, dataset: str, method: str, build: Callable[..., nn.Module], *, shots: int | None = None,
+def load_cached(lab: Lab, dataset: Dataset | str, method: str, build: Callable[..., nn.Module], *, shots: int | None = None,
                 seed: int | None = None, prompt_set: str | None = None) -> ClipClassifier:
     """A saved module behind the lab's frozen vision tower, ready for prediction (eval mode).
 
     Args:
         lab: the run context (model, results folder, device).
-        dataset: dataset name.
+        dataset: the dataset (a name is resolved by the lab).
         method: the registered method's name.
         build: the module's class.
         shots: the few-shot run's images per class (None: the full-data run).
         seed: the few-shot run's seed (None: the lab's).
         prompt_set: unused (the module holds the text classifier it was fitted with).
     """
-    module, _ = read_cached(lab, dataset, method, build, shots, seed)
+    module, _ = read_cached(lab, lab.resolve(dataset), method, build, shots, seed)
     clip = lab.clip()
     # The module stays float32 beside an fp16 encoder: ClipClassifier casts the embedding up.
     return ClipClassifier(*clip.backbone.image_parts(clip.model), module.float().to(lab.device)).eval()
@@ -253,7 +255,7 @@ def has_checkpoint(folder) -> bool:
     return (folder / MODULE_FILE).is_file()
 
 
-def export_linear(lab: Lab, dataset: str, *, method: str, build: Callable[..., nn.Module]
+def export_linear(lab: Lab, dataset: Dataset, *, method: str, build: Callable[..., nn.Module]
                   ) -> tuple[Clip, nn.Linear, HeadInfo, None]:
     """The base model (float32, its own copy) and the saved module as the linear head it is.
 
@@ -305,13 +307,13 @@ def cached_method(*, name: str, label: str, command: str, description: str, orde
         for o in options:
             group.add_argument(f"--{o.name.replace('_', '-')}", dest=o.name, type=o.type, default=None, help=o.help)
 
-    def run(lab: Lab, dataset: str, settings: CachedSettings, *, shots: int | None = None, seed: int | None = None,
+    def run(lab: Lab, dataset: Dataset | str, settings: CachedSettings, *, shots: int | None = None, seed: int | None = None,
             resume: bool = False, callbacks: tuple = ()) -> dict:
         seed = lab.seed if seed is None else seed
         bound = functools.partial(fit, seed=seed, **settings.options)
         return run_cached(lab, dataset, name, bound, settings, shots=shots, seed=seed, trains=epochs)
 
-    def load_classifier(lab: Lab, dataset: str, **kwargs: Any) -> ClipClassifier:
+    def load_classifier(lab: Lab, dataset: Dataset | str, **kwargs: Any) -> ClipClassifier:
         return load_cached(lab, dataset, name, build, **kwargs)
 
     return Method(

@@ -1,9 +1,10 @@
 """What the probe and LoRA share around the training loop (`model.training.fit`).
 
-    data = run_data(lab, "flowers102", "lora", shots=4, seed=1)   # the run's folder and images
-    head = zeroshot_init_head(lab, "flowers102")          # the zero-shot start of both heads
-    start = probe_head(lab, "flowers102", data)           # LoRA's start: the matching probe, if any
-    info = run_info(lab, "flowers102", "lora", cfg, result, trainable=..., total=..., ...)
+    flowers = lab.resolve("flowers102")
+    data = run_data(lab, flowers, "lora", shots=4, seed=1)   # the run's folder and images
+    head = zeroshot_init_head(lab, flowers)          # the zero-shot start of both heads
+    start = probe_head(lab, flowers, data)           # LoRA's start: the matching probe, if any
+    info = run_info(lab, flowers, "lora", cfg, result, trainable=..., total=..., ...)
 
 The training loop's probe (`--solver adamw`) starts its head as the zero-shot classifier (the
 `domain` prompt set times the model's logit scale), so epoch 0 is zero-shot accuracy rather
@@ -29,7 +30,7 @@ from torch import nn
 
 from clip_utils import config
 from clip_utils.config import TrainConfig
-from clip_utils.data import ImageListDataset, results_name
+from clip_utils.data import Dataset, ImageListDataset
 from clip_utils.errors import InvalidValue
 from clip_utils.lab import Lab
 from clip_utils.model.heads import zeroshot_head
@@ -75,13 +76,13 @@ class RunData:
         return {"shots": self.shots, "seed": self.seed}
 
 
-def run_data(lab: Lab, dataset: str, method: str, shots: int | None, seed: int) -> RunData:
+def run_data(lab: Lab, dataset: Dataset, method: str, shots: int | None, seed: int) -> RunData:
     """The folder and images of a run; a few-shot run's sample is drawn and saved to samples.json.
 
     Args:
         lab: the run context.
-        dataset: dataset name.
-        method: `linear_probe` or `lora`.
+        dataset: the resolved dataset.
+        method: the registered method's name.
         shots: images per class (None: all).
         seed: the run's (resolved) seed.
     """
@@ -93,13 +94,13 @@ def run_data(lab: Lab, dataset: str, method: str, shots: int | None, seed: int) 
     try:
         sample = fewshot.draw(train.samples, val.samples, shots, seed)
     except InvalidValue as err:
-        raise InvalidValue(f"{results_name(dataset)}: {err}") from None
+        raise InvalidValue(f"{dataset.folder}: {err}") from None
     # Every rank draws the same sample (seeded); rank 0 alone writes it.
     distributed.on_main(fewshot.write_samples, folder, sample, train.samples, val.samples)
     return RunData(folder, shots, seed, sample.train, sample.val)
 
 
-def probe_head(lab: Lab, dataset: str, data: RunData) -> nn.Linear | None:
+def probe_head(lab: Lab, dataset: Dataset, data: RunData) -> nn.Linear | None:
     """The finished linear probe of the same dataset, model, class names, shots and seed, or None.
 
     LoRA's head starts from it: from the head fitted on train alone where the probe has one
@@ -109,8 +110,8 @@ def probe_head(lab: Lab, dataset: str, data: RunData) -> nn.Linear | None:
     why when its head is there but does not fit).
 
     Args:
-        lab: the run context (results folder, model, class names).
-        dataset: dataset name.
+        lab: the run context (results folder, model).
+        dataset: the resolved dataset.
         data: the LoRA run's `RunData`.
     """
     folder = fewshot.run_dir(lab.results_dir, dataset, config.LORA_HEAD_FROM, data.shots, data.seed)
@@ -121,7 +122,8 @@ def probe_head(lab: Lab, dataset: str, data: RunData) -> nn.Linear | None:
         return None
     try:
         head, info = read_head(file)
-        check_head(info, head_info(dataset=dataset, method=config.LORA_HEAD_FROM, model=lab.model, class_names=lab.label_map(dataset),
+        check_head(info, head_info(dataset=dataset.name, method=config.LORA_HEAD_FROM, model=lab.model,
+                                   class_names=dataset.original_names,
                                    embed_dim=head.in_features), file)
         metrics = read_json(metrics_file)
     except (CheckpointError, ValueError) as err:
@@ -141,12 +143,12 @@ def probe_head(lab: Lab, dataset: str, data: RunData) -> nn.Linear | None:
     return head.to(lab.device)
 
 
-def zeroshot_init_head(lab: Lab, dataset: str) -> nn.Linear:
+def zeroshot_init_head(lab: Lab, dataset: Dataset | str) -> nn.Linear:
     """A float32 head on `lab.device` holding the `domain` prompt set's zero-shot classifier.
 
     Args:
         lab: the run context (its shared text classifiers and CLIP's logit scale).
-        dataset: dataset name (chooses the domain templates).
+        dataset: the dataset (its domain templates and class names).
     """
     text = lab.text_classifier(dataset, HEAD_INIT_SET)
     return zeroshot_head(text, lab.logit_scale, lab.logit_bias).to(lab.device)
@@ -157,15 +159,15 @@ def resolved(cfg: TrainConfig, lab: Lab) -> TrainConfig:
     return cfg.resolved(lab.batch_size, lab.seed)
 
 
-def run_info(lab: Lab, dataset: str, method: str, cfg: TrainConfig, fit_result: FitResult, *, trainable: int,
+def run_info(lab: Lab, dataset: Dataset, method: str, cfg: TrainConfig, fit_result: FitResult, *, trainable: int,
              total: int, peak_vram_mb: float | None, peak_reserved_mb: float | None, seconds: float,
              extra_config: dict | None = None, data: RunData | None = None) -> dict:
     """The run description that goes into a trained method's metrics.json (DESIGN.md fields).
 
     Args:
         lab: the run context.
-        dataset: dataset name.
-        method: `linear_probe` or `lora`.
+        dataset: the resolved dataset.
+        method: the registered method's name.
         cfg: the training configuration (resolved: batch size and seed set).
         fit_result: what `fit` returned.
         trainable: trainable parameter count.
@@ -179,7 +181,7 @@ def run_info(lab: Lab, dataset: str, method: str, cfg: TrainConfig, fit_result: 
     cfg = resolved(cfg, lab)
     tags = data.tags() if data is not None else {"shots": None, "seed": cfg.seed}
     return {
-        "dataset": dataset, "split": "test", "method": method, "model": lab.model, **tags, "fitted_on": "train",
+        "dataset": dataset.name, **dataset.record(), "split": "test", "method": method, "model": lab.model, **tags, "fitted_on": "train",
         "seconds": seconds, "train_seconds": fit_result.train_seconds,
         "trainable_params": trainable, "total_params": total, "trainable_pct": 100.0 * trainable / total,
         "epochs": cfg.epochs, "best_epoch": fit_result.best_epoch,

@@ -70,6 +70,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from clip_utils.errors import InvalidValue
+from clip_utils.data import Dataset
 from clip_utils.lab import Lab
 from clip_utils.methods.cached import (
     CachedSettings,
@@ -396,14 +397,14 @@ def _settings(args: argparse.Namespace) -> CachedSettings:
     return CachedSettings(REFERENCE_PROMPTS, fixed)
 
 
-def _run(lab: Lab, dataset: str, settings: CachedSettings, *, shots: int | None = None, seed: int | None = None,
+def _run(lab: Lab, dataset: Dataset | str, settings: CachedSettings, *, shots: int | None = None, seed: int | None = None,
          resume: bool = False, callbacks: tuple = ()) -> dict:
     seed = lab.seed if seed is None else seed
     options = dict(settings.options)
     prompt = {k: options.pop(k) for k in PROMPT_OPTIONS if k in options}
 
-    def prepare(lab: Lab, dataset: str, data: RunData) -> dict[str, Any]:
-        text = PromptText.from_lab(lab, lab.class_names(dataset), train=True, **prompt)
+    def prepare(lab: Lab, dataset: Dataset, data: RunData) -> dict[str, Any]:
+        text = PromptText.from_lab(lab, list(dataset.class_names), train=True, **prompt)
         return {"text": text, "shots": data.shots}
 
     def bound(data: FeatureData, **extra: Any) -> Fitted:
@@ -412,11 +413,11 @@ def _run(lab: Lab, dataset: str, settings: CachedSettings, *, shots: int | None 
     return run_cached(lab, dataset, METHOD, bound, settings, shots=shots, seed=seed, prepare=prepare)
 
 
-def _load_classifier(lab: Lab, dataset: str, **kwargs: Any):
+def _load_classifier(lab: Lab, dataset: Dataset | str, **kwargs: Any):
     return load_cached(lab, dataset, METHOD, CoOpHead, **kwargs)
 
 
-def _export(lab: Lab, dataset: str):
+def _export(lab: Lab, dataset: Dataset):
     return export_linear(lab, dataset, method=METHOD, build=CoOpHead)
 
 

@@ -39,7 +39,7 @@ holds the equivalent raw-unit head, like the probe's.
 Few-shot runs (`shots=K`) work with every `encoders` setting: the K-shot sample decides
 which images train and validate, in `lora/shots_K/seed_S/`.
 
-The best epoch's adapters are saved with `save_pretrained` into `results/<dataset>/lora/adapter/`
+The best epoch's adapters are saved with `save_pretrained` into `results/<dataset folder>/lora/adapter/`
 (vision) and `text_adapter/` (text) beside `head.safetensors`, and test evaluation reads them
 back onto another copy of the checkpoint through `load_classifier`, exactly as `predict --method lora` does.
 
@@ -65,7 +65,7 @@ from torch import nn
 
 from clip_utils import config
 from clip_utils.config import LoraSettings, TrainConfig
-from clip_utils.data import canonical_name, results_name
+from clip_utils.data import Dataset
 from clip_utils.errors import InvalidValue
 from clip_utils.lab import Lab, inference_dtype
 from clip_utils.methods.common import (
@@ -134,14 +134,14 @@ class _Prompts:
     templates: list[str]
 
 
-def _train(lab: Lab, dataset: str, data: RunData, splits: dict, start: StandardizedHead | _Prompts,
+def _train(lab: Lab, dataset: Dataset, data: RunData, splits: dict, start: StandardizedHead | _Prompts,
            cfg: TrainConfig, lora: LoraSettings, resume: bool, callbacks: Sequence[EpochCallback],
            head_init: str) -> _Trained:
     """Build the LoRA classifier (on the head `start`, or CLIP's own from the prompts `start`)
     and run the shared loop; the training copy is freed on return."""
     device = torch.device(lab.device)
     out = data.folder
-    class_names = lab.label_map(dataset)
+    class_names = dataset.original_names
     # Copied on the CPU in the checkpoint's fp32 (the logit scale is read before any cast),
     # and only the towers training uses move to the GPU: with the vision tower alone adapted,
     # the text tower (a quarter of ViT-L/14's CLIP) has no part in training. peft's mixed-
@@ -182,7 +182,7 @@ def _train(lab: Lab, dataset: str, data: RunData, splits: dict, start: Standardi
     if trainable != expected:  # the count in metrics.json must be exact
         raise RuntimeError(f"LoRA trainable parameters: model has {trainable}, config gives {expected}")
     pre = clip.preprocess
-    info = dict(dataset=dataset, method=METHOD, model=lab.model, class_names=class_names, embed_dim=clip.embed_dim,
+    info = dict(dataset=dataset.name, method=METHOD, model=lab.model, class_names=class_names, embed_dim=clip.embed_dim,
                 encoders=lora.encoders)
 
     def batches(split: str, order: torch.Tensor | None = None, augment: bool = False,
@@ -217,13 +217,13 @@ def _train(lab: Lab, dataset: str, data: RunData, splits: dict, start: Standardi
                                      augment=cfg.augment, num_workers=lab.num_workers)
 
     job = TrainJob(
-        name=f"{dataset} LoRA", model=classifier,
+        name=f"{dataset.folder} LoRA", model=classifier,
         train_batches=train_batches,
-        val_batches=lambda: batches("val", desc=f"validating {dataset} LoRA"),
+        val_batches=lambda: batches("val", desc=f"validating {dataset.folder} LoRA"),
         steps_per_epoch=math.ceil(n_train / cfg.batch_size), save_best=save_best,
         checkpoints=(HEAD_FILE, ADAPTER_DIR, TEXT_ADAPTER_DIR), out_dir=out, device=device, batch_size=cfg.batch_size,
         oom_hint=" or add --grad-checkpointing (LoraSettings(grad_checkpointing=True))",
-        fingerprint={"dataset": dataset, "model": lab.model, "method": METHOD, "class_naming": lab.class_naming,
+        fingerprint={"dataset": dataset.name, **dataset.record(), "model": lab.model, "method": METHOD, "class_naming": lab.class_naming,
                      "domain": lab.domain, "n_train": n_train, "shots": data.shots, "head_init": head_init,
                      "head_units": None if text is not None else "standard x 768/D",
                      "sample": fewshot.sample_digest([p for s in ("train", "val") for p, _ in splits[s].samples]),
@@ -236,12 +236,12 @@ def _train(lab: Lab, dataset: str, data: RunData, splits: dict, start: Standardi
     return _Trained(fit(job, cfg, resume=resume, callbacks=callbacks), trainable, total, pre)
 
 
-def _probe_head_on_cpu(lab: Lab, dataset: str, data: RunData) -> nn.Linear | None:
+def _probe_head_on_cpu(lab: Lab, dataset: Dataset, data: RunData) -> nn.Linear | None:
     head = probe_head(lab, dataset, data)
     return None if head is None else head.cpu()
 
 
-def clip_lora_preset(lab: Lab, dataset: str, shots: int | None = None,
+def clip_lora_preset(lab: Lab, dataset: Dataset | str, shots: int | None = None,
                      seed: int | None = None) -> tuple[TrainConfig, LoraSettings]:
     """CLIP-LoRA's settings (`config.CLIP_LORA`, `config.CLIP_LORA_SETTINGS`) with its iteration
     count for this dataset's training split in epochs (`config.clip_lora_epochs`).
@@ -254,7 +254,8 @@ def clip_lora_preset(lab: Lab, dataset: str, shots: int | None = None,
             where a class has fewer than `shots` images.
     """
     fewshot.check_shots(shots)
-    train, n_classes = lab.dataset(dataset, "train"), len(lab.label_map(dataset))
+    dataset = lab.resolve(dataset)
+    train, n_classes = lab.dataset(dataset, "train"), len(dataset.class_names)
     n_train = len(train)
     if shots is not None:
         sample = fewshot.draw(train.samples, lab.dataset(dataset, "val").samples, shots,
@@ -264,18 +265,18 @@ def clip_lora_preset(lab: Lab, dataset: str, shots: int | None = None,
     return replace(cfg, epochs=config.clip_lora_epochs(n_train, n_classes, cfg.batch_size)), config.CLIP_LORA_SETTINGS
 
 
-def run_lora(lab: Lab, dataset: str, cfg: TrainConfig = config.LORA, lora: LoraSettings = config.LORA_SETTINGS,
+def run_lora(lab: Lab, dataset: Dataset | str, cfg: TrainConfig = config.LORA, lora: LoraSettings = config.LORA_SETTINGS,
              resume: bool = False, callbacks: Sequence[EpochCallback] = (), *, shots: int | None = None) -> dict:
     """Fine-tune CLIP with LoRA, evaluate the best epoch on test, save everything.
 
-    Writes `results/<dataset>/lora/` (a few-shot run: `.../shots_<K>/seed_<S>/`, with
+    Writes `results/<dataset folder>/lora/` (a few-shot run: `.../shots_<K>/seed_<S>/`, with
     samples.json): metrics.json, predictions.csv, curves.json, head.safetensors, adapter/
     and/or text_adapter/ (peft), classification_report.txt, resume.pt, and the test figures
     (a few-shot run's in its own `figures/`).
 
     Args:
         lab: the run context (model, data, results folder, device, seed).
-        dataset: `flowers102` or `cub200`.
+        dataset: the dataset (a name is resolved by the lab: this is an entry point).
         cfg: hyper-parameters (default: `config.LORA`, as the CLI and Task2.ipynb;
             `augment=False` trains on centre crops; `head_lr` is the head's rate with the
             vision tower alone adapted). `cfg.seed` (else the lab's) also draws a few-shot sample.
@@ -290,7 +291,7 @@ def run_lora(lab: Lab, dataset: str, cfg: TrainConfig = config.LORA, lora: LoraS
         The metrics.json content (with `shots`, `seed`, `head_init`, `n_train`, `n_val`).
     """
     start = time.perf_counter()
-    dataset = canonical_name(dataset)
+    dataset = lab.resolve(dataset)
     fewshot.check_shots(shots)
     cfg = resolved(cfg, lab)
     device = torch.device(lab.device)
@@ -298,7 +299,7 @@ def run_lora(lab: Lab, dataset: str, cfg: TrainConfig = config.LORA, lora: LoraS
     out = data.folder
     # The test split is listed in `evaluate`, after the best epoch is saved: nothing before can select on it.
     splits = {s: data.split(lab.dataset(dataset, s), s) for s in ("train", "val")}
-    class_names = lab.class_names(dataset)
+    class_names = list(dataset.class_names)
     begin: StandardizedHead | _Prompts
     if lora.adapts_text:
         # CLIP's own classifier, from the prompts the zero-shot head would use: no linear head,
@@ -320,7 +321,7 @@ def run_lora(lab: Lab, dataset: str, cfg: TrainConfig = config.LORA, lora: LoraS
     # Then the lab's inference model (fp16 ViT-L/14 on CUDA) is not needed: free it, so LoRA
     # has that memory and its peak is its own.
     lab.unload()
-    with VramProbe(device, label=f"{dataset} LoRA") as vram:
+    with VramProbe(device, label=f"{dataset.folder} LoRA") as vram:
         trained = freeing_memory_on_failure(_train, lab, dataset, data, splits, begin, cfg, lora, resume, callbacks,
                                             head_init)
     result, trainable, total, pre = trained.result, trained.trainable, trained.total, trained.pre
@@ -335,7 +336,7 @@ def run_lora(lab: Lab, dataset: str, cfg: TrainConfig = config.LORA, lora: LoraS
         dtype = best.encoder_dtype
         test_batches = iter_labelled_batches([p for p, _ in test.samples], torch.tensor(test.targets), pre, device,
                                              dtype, cfg.batch_size, num_workers=lab.num_workers,
-                                             desc=f"testing {dataset} LoRA")
+                                             desc=f"testing {dataset.folder} LoRA")
         # The reloaded classifier is already in the inference dtype (fp16 on CUDA): no autocast,
         # which would recast its fp16 weights to bf16 and lose precision.
         logits, labels = predict(best, test_batches, device, autocast=False)
@@ -345,13 +346,13 @@ def run_lora(lab: Lab, dataset: str, cfg: TrainConfig = config.LORA, lora: LoraS
         # A few-shot run keeps its figures in its own folder: results/figures stays one set per method.
         return save_evaluation(out, logits=logits, labels=labels, paths=[p for p, _ in test.samples],
                                class_names=class_names, info=run | extra,
-                               figure_prefix=f"{results_name(dataset)}_{METHOD}",
+                               figure_prefix=f"{dataset.folder}_{METHOD}",
                                results_dir=lab.results_dir if shots is None else out)
 
     return distributed.on_main(evaluate)
 
 
-def load_classifier(lab: Lab, dataset: str, shots: int | None = None, seed: int | None = None) -> ClipClassifier:
+def load_classifier(lab: Lab, dataset: Dataset | str, shots: int | None = None, seed: int | None = None) -> ClipClassifier:
     """The trained LoRA classifier of a dataset, ready for prediction: a `ClipClassifier` in eval mode.
 
     A copy of the lab's checkpoint (in the lab's inference dtype) gets the saved adapter:
@@ -361,7 +362,7 @@ def load_classifier(lab: Lab, dataset: str, shots: int | None = None, seed: int 
 
     Args:
         lab: the run context (model, results folder, device).
-        dataset: dataset name.
+        dataset: the dataset (a name is resolved by the lab).
         shots: the few-shot run's images per class (None: the full-data run).
         seed: the few-shot run's seed (None: the lab's).
 
@@ -369,7 +370,7 @@ def load_classifier(lab: Lab, dataset: str, shots: int | None = None, seed: int 
         FileNotFoundError: not trained yet (the message names the command to run).
         CheckpointError: damaged, or trained for another dataset, class list or model.
     """
-    dataset = canonical_name(dataset)
+    dataset = lab.resolve(dataset)
     seed = lab.seed if seed is None else seed
     folder = fewshot.run_dir(lab.results_dir, dataset, METHOD, shots, seed)
     paths = {"head": folder / HEAD_FILE, "adapter": folder / ADAPTER_DIR}
@@ -380,7 +381,7 @@ def load_classifier(lab: Lab, dataset: str, shots: int | None = None, seed: int 
     if adapts_vision and not (paths["adapter"] / "adapter_config.json").is_file():
         raise missing_checkpoint(paths["adapter"], dataset, METHOD, shots, seed)
     clip = lab.model_copy(lab.device, inference_dtype(lab.device))
-    check_head(info, head_info(dataset=dataset, method=METHOD, model=lab.model, class_names=lab.label_map(dataset),
+    check_head(info, head_info(dataset=dataset.name, method=METHOD, model=lab.model, class_names=dataset.original_names,
                                embed_dim=clip.embed_dim), paths["head"])
     vision, projection = clip.backbone.image_parts(clip.model)
     if adapts_vision:
@@ -468,7 +469,7 @@ def _settings(args) -> LoraRunSettings:
     return LoraRunSettings(train, _lora_settings(args), preset)
 
 
-def _run(lab: Lab, dataset: str, settings: LoraRunSettings, *, shots: int | None = None, seed: int | None = None,
+def _run(lab: Lab, dataset: Dataset | str, settings: LoraRunSettings, *, shots: int | None = None, seed: int | None = None,
          resume: bool = False, callbacks: Sequence[EpochCallback] = ()) -> dict:
     cfg = settings.train if seed is None else replace(settings.train, seed=seed)
     if cfg.epochs is None:  # a preset without --epochs: its iteration count for this dataset
@@ -488,7 +489,7 @@ def _recorded(lab: Lab, settings: LoraRunSettings, seed: int) -> dict:
     return {"config": asdict(cfg) | adapter_config(settings.lora)}
 
 
-def _load_classifier(lab: Lab, dataset: str, *, shots: int | None = None, seed: int | None = None,
+def _load_classifier(lab: Lab, dataset: Dataset | str, *, shots: int | None = None, seed: int | None = None,
                      prompt_set: str | None = None) -> ClipClassifier:
     return load_classifier(lab, dataset, shots, seed)
 
@@ -499,7 +500,7 @@ def _has_checkpoint(folder) -> bool:
     return (folder / HEAD_FILE).is_file() and any(p.is_file() for p in adapters)
 
 
-def _export(lab: Lab, dataset: str) -> tuple[Clip, torch.nn.Linear, HeadInfo, str]:
+def _export(lab: Lab, dataset: Dataset) -> tuple[Clip, torch.nn.Linear, HeadInfo, str]:
     """The base CLIP in float32 with the run's adapters merged into it, its head and metadata, and
     the towers it adapted."""
     paths = checkpoint_paths(lab.results_dir, dataset, METHOD)
@@ -514,8 +515,8 @@ def _export(lab: Lab, dataset: str) -> tuple[Clip, torch.nn.Linear, HeadInfo, st
         if not (folder / "adapter_config.json").is_file():
             raise missing_checkpoint(folder, dataset, METHOD)
     clip = lab.model_copy("cpu")  # its own: merging changes it
-    check_head(info, head_info(dataset=dataset, method=METHOD, model=lab.model,
-                               class_names=lab.label_map(dataset), embed_dim=clip.embed_dim), paths["head"])
+    check_head(info, head_info(dataset=dataset.name, method=METHOD, model=lab.model,
+                               class_names=dataset.original_names, embed_dim=clip.embed_dim), paths["head"])
     for tower, folder in folders.items():
         # peft injects the adapter into the tower in place, and merging puts plain Linear layers
         # with the merged weights back in place: the model holding the tower is adapted.

@@ -39,7 +39,7 @@ from torch import nn
 
 from clip_utils import config
 from clip_utils.config import TrainConfig
-from clip_utils.data import canonical_name, results_name
+from clip_utils.data import Dataset
 from clip_utils.errors import InvalidValue
 from clip_utils.lab import Lab
 from clip_utils.methods.common import RunData, resolved, run_data, run_info, zeroshot_init_head
@@ -89,7 +89,7 @@ from clip_utils.runtime.options import add_sample_options, add_training_options,
 METHOD = "linear_probe"
 
 
-def _train_adamw(lab: Lab, dataset: str, data: RunData, feats: dict[str, Features], cfg: TrainConfig, info: dict,
+def _train_adamw(lab: Lab, dataset: Dataset, data: RunData, feats: dict[str, Features], cfg: TrainConfig, info: dict,
                  resume: bool, callbacks: Sequence[EpochCallback]) -> FitResult:
     """The gradient probe on the shared loop: zero-shot start, head units, best epoch on validation."""
     device, out = torch.device(lab.device), data.folder
@@ -124,7 +124,7 @@ def _train_adamw(lab: Lab, dataset: str, data: RunData, feats: dict[str, Feature
             return permuted_batches(train_x, train_y, cfg.batch_size, generator, shard=True)
 
     job = TrainJob(
-        name=f"{dataset} linear probe", model=trained, train_batches=train_batches,
+        name=f"{dataset.folder} linear probe", model=trained, train_batches=train_batches,
         # The encoder is frozen: the cached validation features are exactly what it computes.
         val_batches=lambda: permuted_batches(val_x, val_y, max(cfg.batch_size, 1024)),
         steps_per_epoch=math.ceil(len(train_y) / cfg.batch_size),
@@ -134,7 +134,7 @@ def _train_adamw(lab: Lab, dataset: str, data: RunData, feats: dict[str, Feature
         out_dir=out, device=device, batch_size=cfg.batch_size,
         # head_units: resume.pt holds the head in these units (older runs trained in raw or
         # plain standard units: same names and shapes, so only this tells them apart).
-        fingerprint={"dataset": dataset, "model": lab.model, "method": METHOD, "class_naming": lab.class_naming,
+        fingerprint={"dataset": dataset.name, **dataset.record(), "model": lab.model, "method": METHOD, "class_naming": lab.class_naming,
                      "domain": lab.domain, "n_train": len(train_y), "augment": cfg.augment,
                      "head_units": "standard x 768/D", "shots": data.shots,
                      "sample": fewshot.sample_digest(feats["train"].paths + feats["val"].paths)},
@@ -161,19 +161,19 @@ def _fit_lbfgs(data: RunData, feats: dict[str, Features], n_classes: int, info: 
     return FitResult(curves=fitted.curves, best_epoch=fitted.best, train_seconds=seconds), fitted.c
 
 
-def run_probe(lab: Lab, dataset: str, cfg: TrainConfig = config.PROBE, resume: bool = False,
+def run_probe(lab: Lab, dataset: Dataset | str, cfg: TrainConfig = config.PROBE, resume: bool = False,
               callbacks: Sequence[EpochCallback] = (), *, shots: int | None = None,
               solver: str = config.PROBE_SOLVER, refit: bool = config.PROBE_REFIT) -> dict:
     """Train a linear probe on the frozen encoder, evaluate it on test, save everything.
 
-    Writes `results/<dataset>/linear_probe/` (a few-shot run: `.../shots_<K>/seed_<S>/`, with
+    Writes `results/<dataset folder>/linear_probe/` (a few-shot run: `.../shots_<K>/seed_<S>/`, with
     samples.json): metrics.json, predictions.csv, curves.json, head.safetensors,
     classification_report.txt, resume.pt (adamw), and the test figures (a few-shot run's in
     its own `figures/`).
 
     Args:
         lab: the run context (model, data, results folder, device, seed).
-        dataset: a registered dataset or `imagefolder:PATH`.
+        dataset: the dataset (a name is resolved by the lab: this is an entry point).
         cfg: hyper-parameters (default: `config.PROBE`, as the CLI and Task2.ipynb); `cfg.seed`
             (else the lab's) also draws a few-shot sample. The lbfgs solver uses none of them.
         resume: continue an interrupted adamw run from its last completed epoch.
@@ -189,7 +189,7 @@ def run_probe(lab: Lab, dataset: str, cfg: TrainConfig = config.PROBE, resume: b
         `n_val`, and `C` for lbfgs).
     """
     start = time.perf_counter()
-    dataset = canonical_name(dataset)
+    dataset = lab.resolve(dataset)
     fewshot.check_shots(shots)
     if solver not in config.SOLVERS:
         raise InvalidValue(f"unknown probe solver {solver!r}: choose one of {', '.join(config.SOLVERS)}")
@@ -205,12 +205,12 @@ def run_probe(lab: Lab, dataset: str, cfg: TrainConfig = config.PROBE, resume: b
              "val": lab.features(dataset, "val").subset(data.val)}
     model = lab.clip().model
     model.requires_grad_(False)  # frozen encoder; only the head learns
-    class_names = lab.class_names(dataset)
+    class_names = list(dataset.class_names)
     embed_dim = feats["train"].embeddings.shape[1]
-    info = dict(dataset=dataset, method=METHOD, model=lab.model, class_names=lab.label_map(dataset),
+    info = dict(dataset=dataset.name, method=METHOD, model=lab.model, class_names=dataset.original_names,
                 embed_dim=embed_dim)
     extra = {"solver": solver, "n_train": len(feats["train"]), "n_val": len(feats["val"])}
-    with VramProbe(device, label=f"{dataset} linear probe") as vram:
+    with VramProbe(device, label=f"{dataset.folder} linear probe") as vram:
         if solver == "lbfgs":
             # CPU scikit-learn on cached features, writing the heads and curves: rank 0 alone
             # fits it and sends the result to the others (nothing there is collective).
@@ -238,17 +238,17 @@ def run_probe(lab: Lab, dataset: str, cfg: TrainConfig = config.PROBE, resume: b
         figures_root = lab.results_dir if shots is None else data.folder
         return save_evaluation(data.folder, logits=logits, labels=labels, paths=feats["test"].paths,
                                class_names=class_names, info=run | extra,
-                               figure_prefix=f"{results_name(dataset)}_{METHOD}", results_dir=figures_root)
+                               figure_prefix=f"{dataset.folder}_{METHOD}", results_dir=figures_root)
 
     return distributed.on_main(evaluate)
 
 
-def load_classifier(lab: Lab, dataset: str, shots: int | None = None, seed: int | None = None) -> ClipClassifier:
+def load_classifier(lab: Lab, dataset: Dataset | str, shots: int | None = None, seed: int | None = None) -> ClipClassifier:
     """The trained probe of a dataset on the lab's frozen CLIP, ready for prediction (eval mode).
 
     Args:
         lab: the run context (model, results folder, device).
-        dataset: dataset name.
+        dataset: the dataset (a name is resolved by the lab).
         shots: the few-shot run's images per class (None: the full-data run).
         seed: the few-shot run's seed (None: the lab's).
 
@@ -256,13 +256,13 @@ def load_classifier(lab: Lab, dataset: str, shots: int | None = None, seed: int 
         FileNotFoundError: not trained yet (the message names the command to run).
         CheckpointError: damaged, or trained for another dataset, class list or model.
     """
-    dataset = canonical_name(dataset)
+    dataset = lab.resolve(dataset)
     path = fewshot.run_dir(lab.results_dir, dataset, METHOD, shots, lab.seed if seed is None else seed) / HEAD_FILE
     if not path.is_file():
         raise missing_checkpoint(path, dataset, METHOD, shots, lab.seed if seed is None else seed)
     head, info = read_head(path)
     clip = lab.clip()
-    check_head(info, head_info(dataset=dataset, method=METHOD, model=lab.model, class_names=lab.label_map(dataset),
+    check_head(info, head_info(dataset=dataset.name, method=METHOD, model=lab.model, class_names=dataset.original_names,
                                embed_dim=clip.embed_dim), path)
     # The head stays float32 beside an fp16 encoder: ClipClassifier casts the embedding up.
     return ClipClassifier(*clip.backbone.image_parts(clip.model), head.float().to(lab.device)).eval()
@@ -327,7 +327,7 @@ def _settings(args) -> ProbeSettings:
     return ProbeSettings(train, getattr(args, "solver", config.PROBE_SOLVER), getattr(args, "refit", config.PROBE_REFIT))
 
 
-def _run(lab: Lab, dataset: str, settings: ProbeSettings, *, shots: int | None = None, seed: int | None = None,
+def _run(lab: Lab, dataset: Dataset | str, settings: ProbeSettings, *, shots: int | None = None, seed: int | None = None,
          resume: bool = False, callbacks: Sequence[EpochCallback] = ()) -> dict:
     cfg = settings.train if seed is None else replace(settings.train, seed=seed)
     return run_probe(lab, dataset, cfg, resume=resume, callbacks=callbacks, shots=shots, solver=settings.solver,
@@ -341,17 +341,17 @@ def _recorded(lab: Lab, settings: ProbeSettings, seed: int) -> dict:
             "solver": settings.solver}
 
 
-def _load_classifier(lab: Lab, dataset: str, *, shots: int | None = None, seed: int | None = None,
+def _load_classifier(lab: Lab, dataset: Dataset | str, *, shots: int | None = None, seed: int | None = None,
                      prompt_set: str | None = None) -> ClipClassifier:
     return load_classifier(lab, dataset, shots, seed)
 
 
-def _export(lab: Lab, dataset: str) -> tuple[Clip, nn.Linear, HeadInfo, None]:
+def _export(lab: Lab, dataset: Dataset) -> tuple[Clip, nn.Linear, HeadInfo, None]:
     """The base model in float32 (its own copy: saving rewrites its config), unchanged, and the probe's head."""
     clip = lab.model_copy("cpu")
     path = checkpoint_paths(lab.results_dir, dataset, METHOD)["head"]
-    head, info = load_head(path, head_info(dataset=dataset, method=METHOD, model=lab.model,
-                                           class_names=lab.label_map(dataset), embed_dim=clip.embed_dim))
+    head, info = load_head(path, head_info(dataset=dataset.name, method=METHOD, model=lab.model,
+                                           class_names=dataset.original_names, embed_dim=clip.embed_dim))
     return clip, head, info, None
 
 

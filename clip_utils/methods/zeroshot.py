@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from clip_utils import config, prompts
-from clip_utils.data import canonical_name, dataset_spec
+from clip_utils.data import Dataset
 from clip_utils.errors import InvalidValue
 from clip_utils.figures.predictions import plot_prompt_comparison
 from clip_utils.lab import Lab
@@ -52,13 +52,13 @@ from clip_utils.runtime.options import name_list
 
 METHOD = "zeroshot"
 def run_zeroshot(
-    lab: Lab, dataset: str, prompt_sets: list[str] | str = prompts.ALL, split: str = "test"
+    lab: Lab, dataset: Dataset | str, prompt_sets: list[str] | str = prompts.ALL, split: str = "test"
 ) -> dict[str, dict]:
     """Evaluate zero-shot CLIP on a split under prompt sets and write their results.
 
     Args:
         lab: the run context (`clip_utils.lab.Lab`): model, data and results folders, device.
-        dataset: `flowers102` or `cub200`.
+        dataset: the dataset (a name is resolved by the lab: this is an entry point).
         prompt_sets: set names, `all` or `auto` among them (see `prompts.resolve`).
         split: `test`, or `val` (written to `output_dir(..., split="val")`; `auto` then
             selects on the split it is scored on).
@@ -69,9 +69,9 @@ def run_zeroshot(
         encoding, also when this run read it from the cache (`features_from_cache`);
         `auto` adds `selected_set` and `val_top1` (every set's validation top-1).
     """
-    dataset = canonical_name(dataset)
+    dataset = lab.resolve(dataset)
     check_results_folder(lab.results_dir, dataset)
-    names = prompts.resolve(prompt_sets, dataset_spec(dataset), lab.domain, descriptions=lab.descriptions is not None)
+    names = prompts.resolve(prompt_sets, dataset.spec, lab.domain, descriptions=lab.descriptions is not None)
     sets = lab.prompt_sets(dataset)  # before any image is encoded: a bad descriptions file stops here
     feats = lab.features(dataset, split)
     # The image side is zero-shot's GPU work (weights plus a batch of activations); the
@@ -79,7 +79,7 @@ def run_zeroshot(
     # cost, recorded with the feature cache so a run that reads the cache reports it too.
     encoding = feats.encoding
     scale, bias = lab.clip().logit_scale, lab.logit_bias
-    classes = lab.class_names(dataset)
+    classes = list(dataset.class_names)
     results = {}
     for name in names:
         start = time.perf_counter()
@@ -90,7 +90,7 @@ def run_zeroshot(
             extra = {"selected_set": chosen, "selected_on": "val", "val_top1": val_top1}
         logits = prompts.zeroshot_logits(feats.embeddings, lab.text_classifier(dataset, chosen), scale, bias)
         info = {
-            "dataset": dataset, "split": split, "method": METHOD, "model": str(lab.model),
+            "dataset": dataset.name, **dataset.record(), "split": split, "method": METHOD, "model": str(lab.model),
             "class_names_source": lab.class_naming,
             "prompt_set": name, "templates": sets[chosen], **extra, "logit_scale": scale,
             "logit_bias": bias, "probabilities": lab.clip().backbone.probabilities,
@@ -109,15 +109,15 @@ def run_zeroshot(
     return results
 
 
-def load_classifier(lab: Lab, dataset: str, prompt_set: str = prompts.AUTO) -> ClipClassifier:
+def load_classifier(lab: Lab, dataset: Dataset | str, prompt_set: str = prompts.AUTO) -> ClipClassifier:
     """Zero-shot CLIP as a `ClipClassifier` (the lab's model, a prompt set's text classifier as head).
 
     Args:
         lab: the run context; its text classifiers are built once and shared with `run_zeroshot`.
-        dataset: whose classes.
+        dataset: whose classes (a name is resolved by the lab).
         prompt_set: a set of `prompts.prompt_sets(dataset)`, or `auto` (chosen on validation).
     """
-    dataset = canonical_name(dataset)
+    dataset = lab.resolve(dataset)
     sets = lab.prompt_sets(dataset)
     if prompt_set == prompts.AUTO:
         prompt_set = lab.choose_prompt_set(dataset)[0]
@@ -147,14 +147,15 @@ def _add_arguments(parser) -> None:
                              "own where published, waffle = WaffleCLIP's random descriptors, descriptions = the "
                              "--descriptions file, auto = best of them on the validation split) or 'all' "
                              "(default: all)")
-    parser.add_argument("--split", default="test", choices=("val", "test"), help="split to evaluate (default: test)")
+    parser.add_argument("--eval-split", dest="eval_split", default="test", choices=("val", "test"),
+                        help="the split to evaluate (default: test)")
 
 
 def _settings(args) -> ZeroshotSettings:
-    return ZeroshotSettings(tuple(getattr(args, "prompts", None) or (prompts.ALL,)), getattr(args, "split", "test"))
+    return ZeroshotSettings(tuple(getattr(args, "prompts", None) or (prompts.ALL,)), getattr(args, "eval_split", "test"))
 
 
-def _run(lab: Lab, dataset: str, settings: ZeroshotSettings, *, shots: int | None = None, seed: int | None = None,
+def _run(lab: Lab, dataset: Dataset | str, settings: ZeroshotSettings, *, shots: int | None = None, seed: int | None = None,
          resume: bool = False, callbacks: Sequence = ()) -> dict[str, dict]:
     return run_zeroshot(lab, dataset, list(settings.prompt_sets), split=settings.split)
 
@@ -164,10 +165,10 @@ def _print_result(results: Mapping[str, Mapping], lab: Lab, args) -> None:
     for name, m in results.items():
         chosen = f" (chose {m['selected_set']} on val)" if "selected_set" in m else ""
         print(f"{name:<16} {m['top1']:7.2%} {m['top5']:7.2%} {m['mean_per_class']:9.2%}  "
-              f"{output_dir(lab.results_dir, m['dataset'], name, m['split'])}{chosen}")
+              f"{output_dir(lab.results_dir, m['dataset_folder'], name, m['split'])}{chosen}")
 
 
-def _load_classifier(lab: Lab, dataset: str, *, shots: int | None = None, seed: int | None = None,
+def _load_classifier(lab: Lab, dataset: Dataset | str, *, shots: int | None = None, seed: int | None = None,
                      prompt_set: str = prompts.AUTO) -> ClipClassifier:
     return load_classifier(lab, dataset, prompt_set)
 

@@ -73,6 +73,18 @@ class Features:
         idx = torch.as_tensor(list(indices), dtype=torch.long)
         return Features(self.embeddings[idx], self.labels[idx], [self.paths[i] for i in indices], self.encoding)
 
+    def of_classes(self, classes: Sequence[int]) -> Features:
+        """The images of some classes only, relabelled from 0 in `classes` order (a class
+        subset such as the base-to-new protocol's halves).
+
+        Args:
+            classes: labels of this split's classes.
+        """
+        relabel = {int(c): i for i, c in enumerate(classes)}
+        new = torch.tensor([relabel.get(y, -1) for y in self.labels.tolist()], dtype=torch.long)
+        rows = (new >= 0).nonzero().flatten()
+        return Features(self.embeddings[rows], new[rows], [self.paths[i] for i in rows.tolist()], self.encoding)
+
 
 @torch.inference_mode()
 def encode_paths(

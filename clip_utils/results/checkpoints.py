@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from clip_utils import registry
+from clip_utils.data import Dataset
 from clip_utils.errors import InvalidValue, MissingFile
 from clip_utils.results.layout import method_dir
 from clip_utils.runtime.files import atomic_folder, atomic_path
@@ -297,26 +298,27 @@ def load_head(path: str | Path, expected: HeadInfo) -> tuple[nn.Linear, HeadInfo
     return head, info
 
 
-def missing_checkpoint(path: Path, dataset: str, method: str, shots: int | None = None,
+def missing_checkpoint(path: Path, dataset: Dataset, method: str, shots: int | None = None,
                        seed: int | None = None) -> MissingFile:
     """The error for a checkpoint that is not there, naming the command that creates it.
 
     Args:
         path: the missing file or folder.
-        dataset: dataset name.
-        method: `linear_probe` or `lora`.
+        dataset: the resolved dataset.
+        method: a registered method.
         shots: a few-shot run's images per class (None: the full-data run).
         seed: that run's seed.
     """
+    args, name = dataset.command_args, dataset.folder
     if shots is not None:
-        command = (f"`python -m clip_utils {registry.get(method).command} --dataset {dataset} --shots {shots} "
-                   f"--seed {seed}`")
-        return MissingFile(f"no {shots}-shot {registry.get(method).label} checkpoint for {dataset} with seed "
+        command = f"`python -m clip_utils {registry.get(method).command} {args} --shots {shots} --seed {seed}`"
+        return MissingFile(f"no {shots}-shot {registry.get(method).label} checkpoint for {name} with seed "
                                  f"{seed}: expected {path}. Train one with {command} (or the fewshot command) with "
                                  f"the same --results-dir.")
     return MissingFile(
-        f"no {registry.get(method).label} checkpoint for {dataset}: expected {path}. "
-        f"Train one with {_retrain(dataset, method)} (or run Task2.ipynb) with the same --results-dir."
+        f"no {registry.get(method).label} checkpoint for {name}: expected {path}. "
+        f"Train one with `python -m clip_utils {registry.get(method).command} {args}` (or run Task2.ipynb) with "
+        f"the same --results-dir."
     )
 
 
@@ -344,12 +346,12 @@ def save_adapter(folder: str | Path, peft_model, info: HeadInfo) -> Path:
 # --------------------------------------------------------------------------- classifiers
 
 
-def checkpoint_paths(results_dir: str | Path, dataset: str, method: str) -> dict[str, Path]:
+def checkpoint_paths(results_dir: str | Path, dataset: Dataset | str, method: str) -> dict[str, Path]:
     """`{"head": ..., "adapter": ..., "text_adapter": ...}` of a method's run (adapters: LoRA's).
 
     Args:
         results_dir: the results root.
-        dataset: dataset name.
+        dataset: the resolved dataset, or its results folder's name.
         method: `probe`, `linear_probe` or `lora`.
     """
     m = registry.get(method)

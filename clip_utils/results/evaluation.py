@@ -28,10 +28,10 @@ from typing import Any
 import torch
 
 from clip_utils import metrics, registry
-from clip_utils.data import results_name
+from clip_utils.data import Dataset
 from clip_utils.errors import MissingFile
 from clip_utils.figures import predictions
-from clip_utils.results.layout import figures_dir
+from clip_utils.results.layout import figures_dir, folder_name, recorded_folder
 from clip_utils.runtime.files import write_json, write_predictions, write_text
 
 REPORT_FILE = "classification_report.txt"
@@ -48,15 +48,15 @@ def figure_paths(results_dir: str | Path, figure_prefix: str) -> dict[str, Path]
     return {kind: folder / f"{figure_prefix}_{kind}.png" for kind in ("confusion", "samples")}
 
 
-def method_figures(results_dir: str | Path, dataset: str, method: str) -> dict[str, Path]:
+def method_figures(results_dir: str | Path, dataset: Dataset | str, method: str) -> dict[str, Path]:
     """The confusion and sample figures of a trained method's test run: `{"confusion", "samples"}`.
 
     Args:
         results_dir: the results root.
-        dataset: a registered dataset or `imagefolder:PATH`.
-        method: `linear_probe` (or `probe`) or `lora`.
+        dataset: the resolved dataset, or its results folder's name.
+        method: a registered method.
     """
-    return figure_paths(results_dir, f"{results_name(dataset)}_{registry.get(method).name}")
+    return figure_paths(results_dir, f"{folder_name(dataset)}_{registry.get(method).name}")
 
 
 def run_label(info: Mapping[str, Any]) -> str:
@@ -69,7 +69,7 @@ def run_label(info: Mapping[str, Any]) -> str:
     """
     parts = dict(info)
     if parts.get("dataset"):
-        parts["dataset"] = results_name(str(parts["dataset"]))
+        parts["dataset"] = recorded_folder(parts)
     if parts.get("method"):
         parts["method"] = registry.get(str(parts["method"])).label
     return " ".join(str(parts[k]) for k in ("dataset", "method", "prompt_set") if parts.get(k))

@@ -35,10 +35,10 @@ import numpy as np
 
 from clip_utils import registry
 from clip_utils.config import FEWSHOT_VAL_SHOTS
-from clip_utils.data import results_name
+from clip_utils.data import Dataset
 from clip_utils.data.images import Samples
 from clip_utils.errors import InvalidValue
-from clip_utils.results.layout import method_dir, readable_metrics
+from clip_utils.results.layout import method_dir, readable_metrics, recorded_folder
 from clip_utils.runtime.files import read_json, write_json
 
 SAMPLES_FILE = "samples.json"
@@ -139,13 +139,13 @@ def draw(train: Samples, val: Samples, shots: int, seed: int) -> Sample:
                   sample_per_class(val, val_shots(shots), seed, "val"))
 
 
-def run_dir(results_dir: str | Path, dataset: str, method: str, shots: int | None = None,
+def run_dir(results_dir: str | Path, dataset: Dataset | str, method: str, shots: int | None = None,
             seed: int | None = None) -> Path:
     """The results folder of one run: the method's folder, or `shots_<K>/seed_<S>/` inside it.
 
     Args:
         results_dir: the results root.
-        dataset: a registered dataset or `imagefolder:PATH`.
+        dataset: the resolved dataset, or its results folder's name.
         method: `linear_probe` (or `probe`) or `lora`.
         shots: images per class (None: all, the method's own folder).
         seed: the run's seed (needed with `shots`).
@@ -189,12 +189,12 @@ def sample_digest(paths: Sequence[str]) -> str:
 # --------------------------------------------------------------------------- saved runs
 
 
-def saved_metrics(results_dir: str | Path, dataset: str, methods: Sequence[str] | None = None) -> list[dict]:
+def saved_metrics(results_dir: str | Path, dataset: Dataset | str, methods: Sequence[str] | None = None) -> list[dict]:
     """The metrics.json of every finished few-shot run of a dataset, by method, shots and seed.
 
     Args:
         results_dir: the results root.
-        dataset: a dataset name or its results folder's name.
+        dataset: the resolved dataset, or its results folder's name.
         methods: only these methods (None: every trained one).
 
     Returns:
@@ -214,15 +214,15 @@ def saved_metrics(results_dir: str | Path, dataset: str, methods: Sequence[str] 
     return sorted(out, key=lambda m: (order[m["method"]], m["shots"], m["seed"]))
 
 
-def saved_runs(results_dir: str | Path, dataset: str, methods: Sequence[str] | None = None) -> list[dict]:
+def saved_runs(results_dir: str | Path, dataset: Dataset | str, methods: Sequence[str] | None = None) -> list[dict]:
     """One row per finished few-shot run of a dataset (`ROW_COLUMNS`), by method, shots and seed.
 
     Args:
         results_dir: the results root.
-        dataset: a dataset name or its results folder's name.
+        dataset: the resolved dataset, or its results folder's name.
         methods: only these methods (None: every trained one).
     """
-    return [{k: m.get(k) for k in ROW_COLUMNS} | {"dataset": results_name(m.get("dataset", dataset))}
+    return [{k: m.get(k) for k in ROW_COLUMNS} | {"dataset": recorded_folder(m, dataset)}
             for m in saved_metrics(results_dir, dataset, methods)]
 
 

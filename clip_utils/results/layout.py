@@ -1,10 +1,12 @@
 """The results folder's layout: where each dataset's and method's results live.
 
-    results/<dataset>/zeroshot/<prompt_set>/metrics.json, predictions.csv
-    results/<dataset>/linear_probe/...      results/<dataset>/lora/...
+    results/<dataset folder>/zeroshot/<prompt_set>/metrics.json, predictions.csv
+    results/<dataset folder>/linear_probe/...      results/<dataset folder>/lora/...
     results/summary.csv, results/figures/*.png
 
-Writing is `runtime.files` (atomic); this module only says where.
+A dataset's folder is `data.Dataset.folder` (`flowers102`, `flowers102-coop`, an image
+folder's own name); functions here take the resolved `Dataset`, or a folder's name as read
+back from disk by the reports. Writing is `runtime.files` (atomic); this module only says where.
 """
 
 from __future__ import annotations
@@ -13,23 +15,38 @@ import warnings
 from pathlib import Path
 
 from clip_utils import registry
-from clip_utils.data import canonical_name, results_name
+from clip_utils.data import Dataset, results_name
 from clip_utils.data.imagefolder import PREFIX
 from clip_utils.errors import InvalidValue, Refused
 from clip_utils.runtime.files import read_json
 
 
-def method_dir(results_dir: str | Path, dataset: str, method: str, prompt_set: str | None = None) -> Path:
+def folder_name(dataset: Dataset | str) -> str:
+    """A dataset's results folder name: a resolved dataset's `folder`, or a folder's name as is."""
+    return dataset.folder if isinstance(dataset, Dataset) else dataset
+
+
+def recorded_folder(metrics: dict, dataset: Dataset | str = "") -> str:
+    """The results folder a run's metrics.json names (`dataset_folder`; for files that predate
+    it, the recorded dataset name's folder), else `dataset`'s."""
+    if isinstance(metrics.get("dataset_folder"), str):
+        return metrics["dataset_folder"]
+    if isinstance(metrics.get("dataset"), str):
+        return results_name(metrics["dataset"])
+    return folder_name(dataset)
+
+
+def method_dir(results_dir: str | Path, dataset: Dataset | str, method: str, prompt_set: str | None = None) -> Path:
     """The folder of one method's results for one dataset.
 
     Args:
         results_dir: the results root.
-        dataset: a registered dataset or `imagefolder:PATH` (its folder is `data.results_name`).
+        dataset: the resolved dataset, or its results folder's name.
         method: a registered method (name, command or alias).
         prompt_set: the prompt set (zero-shot only).
     """
     m = registry.get(method)
-    folder = Path(results_dir) / results_name(dataset) / m.folder
+    folder = Path(results_dir) / folder_name(dataset) / m.folder
     return folder / prompt_set if m.reference and prompt_set else folder
 
 
@@ -56,23 +73,23 @@ def figures_dir(results_dir: str | Path) -> Path:
     return folder
 
 
-def check_results_folder(results_dir: str | Path, name: str) -> None:
+def check_results_folder(results_dir: str | Path, dataset: Dataset) -> None:
     """Refuse an image folder whose results folder holds another image folder's results.
 
-    Image folders are filed under their own folder name (`data.results_name`), so `v1/mushrooms`
+    Image folders are filed under their own folder name (`Dataset.folder`), so `v1/mushrooms`
     and `v2/mushrooms` would share `results/mushrooms/` and overwrite or mix each other's
     runs; registered datasets have names of their own.
 
     Args:
         results_dir: the results root.
-        name: a registered name or `imagefolder:PATH`.
+        dataset: the resolved dataset.
 
     Raises:
-        ValueError: the folder's saved results are another image folder's (the message says what to do).
+        Refused: the folder's saved results are another image folder's (the message says what to do).
     """
-    if not name.startswith(PREFIX):
+    if not dataset.name.startswith(PREFIX):
         return
-    folder = Path(results_dir) / results_name(name)
+    folder = Path(results_dir) / dataset.folder
     saved = next(folder.rglob("metrics.json"), None) if folder.is_dir() else None
     if saved is None:
         return
@@ -80,9 +97,9 @@ def check_results_folder(results_dir: str | Path, name: str) -> None:
         owner = read_json(saved).get("dataset")
     except (OSError, ValueError, AttributeError):
         return  # an unreadable file is reported where it is read
-    if isinstance(owner, str) and owner.startswith(PREFIX) and owner != canonical_name(name):
+    if isinstance(owner, str) and owner.startswith(PREFIX) and owner != dataset.name:
         raise Refused(f"{folder} holds the results of {owner}, another folder with the same name as "
-                         f"{canonical_name(name)}: use another --results-dir, or rename one of the folders")
+                      f"{dataset.name}: use another --results-dir, or rename one of the folders")
 
 
 # What every metrics.json holds (DESIGN.md, Results), and the type each must have.

@@ -16,9 +16,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from clip_utils import prompts, registry
-from clip_utils.data import results_name
+from clip_utils.data import Dataset
 from clip_utils.results.evaluation import figure_paths
-from clip_utils.results.layout import dataset_folders, method_dir, readable_metrics
+from clip_utils.results.layout import dataset_folders, folder_name, method_dir, readable_metrics
 
 # How tables list the prompt sets of any dataset (each dataset has some of them).
 SET_ORDER = ("default", "domain", "diverse", "domain_ensemble", "clip", prompts.WAFFLE, prompts.DESCRIPTIONS)
@@ -26,7 +26,7 @@ SET_ORDER = ("default", "domain", "diverse", "domain_ensemble", "clip", prompts.
 COMPARISON_FIGURE = "zeroshot_prompt_sets.png"
 
 
-def output_dir(results_dir: str | Path, dataset: str, prompt_set: str, split: str = "test") -> Path:
+def output_dir(results_dir: str | Path, dataset: Dataset | str, prompt_set: str, split: str = "test") -> Path:
     """Where one prompt set's results go: `<results>/<dataset>/zeroshot/<set>/`.
 
     A validation-split run goes one level deeper (`.../<set>/val/`) so that it never
@@ -42,7 +42,7 @@ def output_dir(results_dir: str | Path, dataset: str, prompt_set: str, split: st
     return folder if split == "test" else folder / split
 
 
-def figures(results_dir: str | Path, dataset: str, prompt_set: str, split: str = "test") -> dict[str, Path]:
+def figures(results_dir: str | Path, dataset: Dataset | str, prompt_set: str, split: str = "test") -> dict[str, Path]:
     """The confusion and sample figures of one dataset and prompt set: `{"confusion", "samples"}`.
 
     Args:
@@ -54,9 +54,9 @@ def figures(results_dir: str | Path, dataset: str, prompt_set: str, split: str =
     return figure_paths(results_dir, figure_prefix(dataset, prompt_set, split))
 
 
-def figure_prefix(dataset: str, prompt_set: str, split: str = "test") -> str:
+def figure_prefix(dataset: Dataset | str, prompt_set: str, split: str = "test") -> str:
     """How one prompt set's figure files start: `<dataset>_zeroshot_<set>[_val]`."""
-    return f"{results_name(dataset)}_{registry.reference().name}_{prompt_set}" + ("" if split == "test" else f"_{split}")
+    return f"{folder_name(dataset)}_{registry.reference().name}_{prompt_set}" + ("" if split == "test" else f"_{split}")
 
 
 def saved_results(results_dir: str | Path, model: str | None = None) -> dict[str, dict[str, dict]]:
