@@ -228,3 +228,8 @@ TOP_K = 5
 # Class names in prompts, tables and figures (`classnames`): CLIP's own Flowers102 list and
 # CUB's proper bird names, the names the published zero-shot anchors were measured with.
 CLASS_NAMING = "curated"
+
+# Where train/val/test come from (`--split`, `CLIP_SPLIT`): the dataset's own split, or Zhou
+# et al.'s re-split that CoOp, Tip-Adapter and CLIP-LoRA draw their shots from (`data.splits`).
+OFFICIAL_SPLIT, ZHOU_SPLIT = "official", "coop"
+SPLIT_SOURCES = (OFFICIAL_SPLIT, ZHOU_SPLIT)

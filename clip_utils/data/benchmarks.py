@@ -28,9 +28,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from clip_utils.data.classnames import camel_words, check_naming, curated_eurosat, curated_flowers102, curated_pets
+from clip_utils.data.classnames import (
+    camel_words,
+    check_naming,
+    curated_eurosat,
+    curated_flowers102,
+    curated_pets,
+)
 from clip_utils.data.images import Samples
-from clip_utils.data.torchvision_sets import FULL_CARVE, UNSPLIT, Source, carved_val, declare
+from clip_utils.data.torchvision_sets import (
+    FULL_CARVE,
+    UNSPLIT,
+    Source,
+    carved_val,
+    declare,
+)
 from clip_utils.errors import InvalidValue
 from clip_utils.prompts.templates import DOMAIN_ENSEMBLES
 

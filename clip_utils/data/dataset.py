@@ -20,7 +20,7 @@ order, relabelled from 0, and has a results folder of its own.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -28,19 +28,33 @@ from typing import Any
 
 from PIL import Image
 
-from clip_utils.config import CLASS_NAMING
-from clip_utils.data.benchmarks import DTD, EUROSAT, FGVC_AIRCRAFT, FLOWERS102, FOOD101, PETS, STANFORD_CARS
+from clip_utils.config import CLASS_NAMING, OFFICIAL_SPLIT, SPLIT_SOURCES, ZHOU_SPLIT
+from clip_utils.data.benchmarks import (
+    DTD,
+    EUROSAT,
+    FGVC_AIRCRAFT,
+    FLOWERS102,
+    FOOD101,
+    PETS,
+    STANFORD_CARS,
+)
 from clip_utils.data.classnames import check_naming
 from clip_utils.data.cub import CUB200
 from clip_utils.data.imagefolder import PREFIX, imagefolder_spec
-from clip_utils.data.images import SPLITS, DatasetNotFoundError, DatasetSpec, ImageListDataset, Samples
+from clip_utils.data.images import (
+    SPLITS,
+    DatasetNotFoundError,
+    DatasetSpec,
+    ImageListDataset,
+    Samples,
+)
+from clip_utils.data.splits import ZHOU_SPLITS, fetch_split_file, read_split_file
 from clip_utils.errors import InvalidValue
 
 DATASETS: dict[str, DatasetSpec] = {
     spec.name: spec for spec in (FLOWERS102, CUB200, PETS, FGVC_AIRCRAFT, DTD, FOOD101, EUROSAT, STANFORD_CARS)
 }
-OFFICIAL, COOP = "official", "coop"
-SPLIT_SOURCES = (OFFICIAL, COOP)
+OFFICIAL, COOP = OFFICIAL_SPLIT, ZHOU_SPLIT
 # Where Zhou et al.'s split is the dataset's official one, the two sources are one dataset.
 COOP_IS_OFFICIAL = frozenset({"fgvc_aircraft"})
 
@@ -261,14 +275,37 @@ def coop_source(spec: DatasetSpec, root: Path, split_file: str | Path | None) ->
     Raises:
         InvalidValue: the dataset has no Zhou split.
     """
-    from clip_utils.data import splits
-
-    zhou = splits.ZHOU_SPLITS.get(spec.name)
+    zhou = ZHOU_SPLITS.get(spec.name)
     if zhou is None:
-        have = ", ".join(sorted(splits.ZHOU_SPLITS))
+        have = ", ".join(sorted(ZHOU_SPLITS))
         raise InvalidValue(f"{spec.name} has no Zhou et al. split (CoOp's split_zhou_*.json): use its official split "
                       f"(leave out --split coop / CLIP_SPLIT); the datasets that have one: {have}")
-    path = Path(split_file).expanduser() if split_file is not None else splits.fetch_split_file(zhou, root)
+    # the published file is kept in the dataset's own folder (`flowers-102/`), beside its images;
+    # its published sizes are checked, a file of your own only by its structure
+    folder = root / Path(zhou.image_dir).parts[0]
+    path = Path(split_file).expanduser() if split_file is not None else fetch_split_file(zhou, folder)
     names = spec.names(root, "original")
-    read = splits.read_split_file(path, root / zhou.image_dir, len(names), sizes=zhou.sizes)
+    read = read_split_file(path, root / zhou.image_dir, len(names), sizes=None if split_file else zhou.sizes)
+    check_class_order(path, read.names, names)
     return SplitSource(COOP, path.resolve(), read.sha256, read.samples)
+
+
+def _words(name: str) -> set[str]:
+    return set(name.lower().replace("_", " ").replace("-", " ").split())
+
+
+def check_class_order(path: Path, file_names: Sequence[str], names: Sequence[str]) -> None:
+    """Refuse a split file whose labels do not follow the dataset's class order.
+
+    Zhou et al.'s files spell some classes their own way (`Annual Crop Land` for EuroSAT's
+    `AnnualCrop`), so a label agrees when its two names share a word.
+
+    Raises:
+        InvalidValue: a label whose name shares no word with the dataset's name for it.
+    """
+    wrong = [(k, a, b) for k, (a, b) in enumerate(zip(file_names, names, strict=False)) if not _words(a) & _words(b)]
+    if wrong:
+        k, a, b = wrong[0]
+        raise InvalidValue(f"split file {path}: its labels do not follow the dataset's class order ({len(wrong)} "
+                           f"differ; label {k} is {a!r} there, {b!r} here): give the split file made for this "
+                           f"dataset with --split-file")

@@ -22,7 +22,13 @@ from functools import partial
 from pathlib import Path
 
 from clip_utils.data.classnames import check_naming
-from clip_utils.data.images import SPLITS, DatasetNotFoundError, DatasetSpec, Samples, stratified_split
+from clip_utils.data.images import (
+    SPLITS,
+    DatasetNotFoundError,
+    DatasetSpec,
+    Samples,
+    stratified_split,
+)
 
 PREFIX = "imagefolder:"
 CLASSES_FILE = "classes.json"

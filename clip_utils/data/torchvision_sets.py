@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from clip_utils.data.classnames import check_naming
-from clip_utils.data.images import SPLITS, DatasetNotFoundError, DatasetSpec, Samples, require_network, stratified_split
+from clip_utils.data.images import (
+    SPLITS,
+    DatasetNotFoundError,
+    DatasetSpec,
+    Samples,
+    require_network,
+    stratified_split,
+)
 
 # The seed of every carved split: the same split on every call, machine and run.
 CARVE_SEED = 0
