@@ -208,6 +208,10 @@ FEWSHOT_SHOTS = (1, 2, 4, 8, 16)
 FEWSHOT_SEEDS = (1, 2, 3)
 FEWSHOT_VAL_SHOTS = 4
 FEWSHOT_METHODS = ("linear_probe", "lora")
+# The base-to-new protocol's default methods: one of each way of scoring new classes (their
+# own classifier, the zero-shot fallback, none), all on cached features.
+BASE2NEW_METHODS = ("coop", "clip_adapter", "tip_adapter", "linear_probe")
+BASE2NEW_SHOTS = 16
 # LoRA's head starts from the linear probe of the same sample when one is saved (LP-FT).
 LORA_HEAD_FROM = "linear_probe"
 # `head_init` of a head that starts as the zero-shot classifier (metrics.json).

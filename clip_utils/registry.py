@@ -64,8 +64,9 @@ class Method:
         trained: it fits on labelled images: a checkpoint per run, `--shots/--seed`, sweeps.
         epochs: it trains over epochs (curves.json, `--resume`); training-free fits do not.
         uses_text_classifier: it builds on the zero-shot text classifier (and takes `--prompts`).
-        new_classes: how it scores classes it did not train on (`NewClasses`); declared for the
-            base-to-new protocol, which is not implemented yet (README's methods table shows it).
+        new_classes: how it scores classes it did not train on (`NewClasses`): the base-to-new
+            protocol (`app.base2new`) scores new classes by `score_new` ("text"), by the
+            zero-shot classifier ("fallback"), or not at all ("closed").
         reference: the reference row of tables and figures (zero-shot).
         distributed: it runs under torchrun.
         requires: methods whose finished run of the same sample it starts from when present;
@@ -94,6 +95,11 @@ class Method:
             None: the method cannot be exported.
         print_result: `print_result(result, lab, args)` prints what its command ran (None: the
             CLI's one-line summary of a trained run).
+        score_new: `score_new(lab, trained_on, new, *, shots, seed, run) -> (N, C) logits`: a
+            finished run on `trained_on` (its metrics.json content: `run`) scoring the test
+            images of another class set `new` among `new`'s classes; declared by the "text"
+            methods that can name classes they never trained on (None: the protocol says the
+            method's new-class scoring is not implemented).
         fit: `fit(FeatureData, *, seed, **options) -> Fitted` for a method fitted on cached
             features (`model.feature_fit`); the benchmark times it. None: not such a method.
         module: the module that registered it (set by `register`).
@@ -125,6 +131,7 @@ class Method:
     has_checkpoint: Callable[[Path], bool] = lambda folder: (folder / "metrics.json").is_file()
     export: Callable[..., Any] | None = None
     print_result: Callable[..., None] | None = None
+    score_new: Callable[..., Any] | None = None
     fit: Callable[..., Any] | None = None
     module: str = ""
 

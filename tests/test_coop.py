@@ -77,8 +77,8 @@ def test_the_context_is_learned_and_saved(trained):
 
 
 def test_gradients_reach_the_context_only(lab):
-    data = run_data(lab, "cub200", coop.METHOD, 2, 3)
-    fd, _, _ = feature_data(lab, "cub200", data, coop.REFERENCE_PROMPTS)
+    data = run_data(lab, lab.resolve("cub200"), coop.METHOD, 2, 3)
+    fd, _, _ = feature_data(lab, lab.resolve("cub200"), data, coop.REFERENCE_PROMPTS)
     text = coop.PromptText.from_lab(lab, lab.class_names("cub200"), n_ctx=4)
     model = lab.clip().model
     for p in model.parameters():

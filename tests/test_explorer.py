@@ -70,7 +70,8 @@ def loads(monkeypatch):
         original = module.load_classifier
 
         def counted(lab, dataset, *args, _original=original, _method=module.METHOD, **kwargs):
-            counts[_method, dataset] = counts.get((_method, dataset), 0) + 1
+            key = (_method, getattr(dataset, "name", dataset))
+            counts[key] = counts.get(key, 0) + 1
             return _original(lab, dataset, *args, **kwargs)
 
         monkeypatch.setattr(module, "load_classifier", counted)

@@ -43,6 +43,7 @@ import torch
 
 from clip_utils import config, prompts, registry
 from clip_utils.app import sweep
+from clip_utils.app.base2new import check_can_score, run_base2new
 from clip_utils.app.export import export_classifier, predict_exported
 from clip_utils.app.photos import (
     checkpoint_missing,
@@ -176,6 +177,30 @@ def build_parser(defaults: Mapping[str, Mapping] | None = None) -> argparse.Argu
     _common(p, config.LORA.batch_size)
     p.set_defaults(handler=cmd_fewshot)
 
+    p = sub.add_parser("base2new", help="base-to-new protocol: fit on half the classes, test on both halves",
+                       epilog=EPILOG,
+                       description="CoCoOp's protocol: base = the first half of the classes (ceil(n/2)), new = the "
+                                   "rest. Each method fits K shots per base class per seed (reusing finished runs in "
+                                   "results/<dataset>-base/), is tested on base test images among base classes and on "
+                                   "new test images among new classes (by its own classifier, or the zero-shot "
+                                   "fallback, or n/a), then writes results/<dataset>/base2new.csv (mean, std and "
+                                   "harmonic mean), base2new_runs.csv and results/figures/<dataset>_base2new.png.")
+    p.add_argument("--methods", type=name_list,
+                   default=",".join(registry.get(m).command for m in config.BASE2NEW_METHODS),
+                   help=f"comma list of {_methods_help(trained)}, or {ALL_METHODS}; zero-shot is always the "
+                        f"reference row (default: %(default)s)")
+    p.add_argument("--shots", type=positive_int, default=config.BASE2NEW_SHOTS,
+                   help="training images per base class (default: %(default)s)")
+    p.add_argument("--seeds", type=ints, default=",".join(map(str, config.FEWSHOT_SEEDS)),
+                   help="comma list of seeds, one sample each (default: %(default)s)")
+    p.add_argument("--epochs", type=positive_int, default=os.environ.get("CLIP_EPOCHS") or None,
+                   help="epochs of every method that trains over epochs (default: $CLIP_EPOCHS, else each "
+                        "method's own)")
+    for m in trained:
+        m.add_sweep_arguments(p)
+    _common(p, config.LORA.batch_size)
+    p.set_defaults(handler=cmd_base2new)
+
     p = sub.add_parser("predict", help="top-k classes for your own photos", epilog=EPILOG)
     p.add_argument("photos", nargs="+", metavar="PHOTO", help="image files")
     reference = registry.reference()
@@ -271,6 +296,25 @@ def cmd_fewshot(args) -> None:
     result = sweep.run_fewshot(lab, dataset, args.methods, shots, args.seeds, args=args)
     print(sweep.summary_table(result.summary).to_string(index=False))
     print(f"{len(result.trained)} runs fitted, {len(result.reused)} reused")
+    for path in result.files:
+        print(path)
+
+
+def cmd_base2new(args) -> None:
+    lab = _lab(args)
+    result = run_base2new(lab, lab.resolve(args.dataset), args.methods, args.shots, args.seeds, args=args)
+    print(f"zero-shot prompt set (chosen on base validation images): {result.prompt_set}")
+    print(f"{'method':<16} {'base':>12} {'new':>20} {'HM':>6}")
+    for r in result.summary:
+        spread = f" ± {r['base_std']:.1f}" if r["base_std"] is not None else ""
+        base = f"{r['base']:.1f}{spread}"
+        if r["new"] is None:
+            new, hm = "n/a", "n/a"
+        else:
+            spread = f" ± {r['new_std']:.1f}" if r["new_std"] is not None else ""
+            fallback = " (zero-shot)" if r["new_source"] == "zero-shot" else ""
+            new, hm = f"{r['new']:.1f}{spread}{fallback}", f"{r['hm']:.1f}"
+        print(f"{r['label']:<16} {base:>12} {new:>20} {hm:>6}")
     for path in result.files:
         print(path)
 
@@ -371,11 +415,14 @@ def _check_arguments(parser: argparse.ArgumentParser, args) -> None:
         if device is not None and device.type == "cuda" and device.index is not None:
             parser.error(f"--device {args.device}: under torchrun each process takes cuda:LOCAL_RANK; pass --device cuda")
     try:
-        if args.command == "fewshot":
+        if args.command in ("fewshot", "base2new"):
             if args.methods == [ALL_METHODS]:
-                args.methods = [m.name for m in registry.trained()]
+                args.methods = [m.name for m in registry.trained()
+                                if args.command == "fewshot" or not (m.new_classes == "text" and m.score_new is None)]
             for m in sweep.check_methods(args.methods):
                 m.check_arguments(args)
+            if args.command == "base2new":
+                check_can_score(sweep.check_methods(args.methods))
         if method is not None:
             method.check_arguments(args)
         # An image folder's sets depend on its classes.json: they are checked when it loads.
@@ -390,7 +437,7 @@ def _check_arguments(parser: argparse.ArgumentParser, args) -> None:
 
 def _kept_after_interrupt(args) -> str:
     """What an interrupted command leaves behind, and how to go on."""
-    if args.command == "fewshot":
+    if args.command in ("fewshot", "base2new"):
         return "completed results files are kept (rerun to reuse the finished runs)"
     method = _method_of(args)
     if method is None or not method.trained:

@@ -142,9 +142,32 @@ def check_methods(methods: Sequence[str]) -> list[Method]:
     return ordered
 
 
-def _defaults(lab: Lab) -> argparse.Namespace:
+def default_args() -> argparse.Namespace:
     """A command line that sets nothing: each method's settings at its defaults."""
     return argparse.Namespace(batch_size=None, seed=None)
+
+
+def fit_run(lab: Lab, dataset: Dataset, method: Method, settings: Any, shots: int, seed: int) -> tuple[dict, bool]:
+    """One K-shot run of a method: the finished one reused when it has the same model, settings,
+    class names and split, else run now (one run per folder at a time, and a failed rerun gives
+    the folder back as it was).
+
+    Args:
+        lab: the run context.
+        dataset: the resolved dataset (or class subset).
+        method: a method that fits.
+        settings: its settings (`method.settings(args)`).
+        shots: images per class.
+        seed: the run's seed.
+
+    Returns:
+        `(metrics.json content, whether it was reused)`.
+    """
+    folder = fewshot.run_dir(lab.results_dir, dataset, method.name, shots, seed)
+    if _finished(folder, lab, dataset, shots, seed, method.recorded(lab, settings, seed)):
+        return read_json(folder / "metrics.json"), True
+    with run_lock(folder), kept_on_failure(folder):
+        return method.run(lab, dataset, settings, shots=shots, seed=seed), False
 
 
 def run_fewshot(lab: Lab, dataset: Dataset | str, methods: Sequence[str] = config.FEWSHOT_METHODS,
@@ -179,20 +202,13 @@ def run_fewshot(lab: Lab, dataset: Dataset | str, methods: Sequence[str] = confi
     given = dict(settings or {})
     trained, reused = [], []
     for m in order:
-        chosen = given.get(m.name) or m.settings(args or _defaults(lab))
+        chosen = given.get(m.name) or m.settings(args or default_args())
         for k in sorted(set(shots)):
             for seed in dict.fromkeys(seeds):
-                folder = fewshot.run_dir(lab.results_dir, dataset, m.name, k, seed)
+                result, was_reused = fit_run(lab, dataset, m, chosen, k, seed)
+                (reused if was_reused else trained).append((m.name, k, seed))
                 what = f"{dataset.folder} {m.label} {k}-shot seed {seed}"
-                if _finished(folder, lab, dataset, k, seed, m.recorded(lab, chosen, seed)):
-                    reused.append((m.name, k, seed))
-                    write(f"fewshot: {what}: finished earlier, reused")
-                    continue
-                # one run per folder at a time, and a failed rerun gives the folder back as it was
-                with run_lock(folder), kept_on_failure(folder):
-                    result = m.run(lab, dataset, chosen, shots=k, seed=seed)
-                trained.append((m.name, k, seed))
-                write(f"fewshot: {what}: top-1 {result['top1']:.2%}")
+                write(f"fewshot: {what}: " + ("finished earlier, reused" if was_reused else f"top-1 {result['top1']:.2%}"))
     line = zeroshot_line(lab, dataset)
     rows, summary, files = write_fewshot_report(lab.results_dir, dataset, line)
     return FewshotResult(rows, summary, trained, reused, files)

@@ -98,12 +98,14 @@ class SplitSource:
         file: the split file (`coop`), None for the official split.
         sha256: the split file's SHA-256 (`coop`), recorded in metrics.json.
         samples: the split file's samples per split (`coop`), absolute paths.
+        given: the file was given (`--split-file`) rather than the published one.
     """
 
     name: str = OFFICIAL
     file: Path | None = None
     sha256: str | None = None
     samples: dict[str, Samples] | None = field(default=None, compare=False, repr=False)
+    given: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -180,7 +182,7 @@ class Dataset:
         subset is made by the `base2new` command, which names its whole dataset)."""
         args = f"--dataset {self.name}"
         if self.split != OFFICIAL:
-            args += f" --split {self.split}" + (f" --split-file {self.source.file}" if self.source.file else "")
+            args += f" --split {self.split}" + (f" --split-file {self.source.file}" if self.source.given else "")
         return args
 
     def record(self) -> dict[str, Any]:
@@ -287,7 +289,7 @@ def coop_source(spec: DatasetSpec, root: Path, split_file: str | Path | None) ->
     names = spec.names(root, "original")
     read = read_split_file(path, root / zhou.image_dir, len(names), sizes=None if split_file else zhou.sizes)
     check_class_order(path, read.names, names)
-    return SplitSource(COOP, path.resolve(), read.sha256, read.samples)
+    return SplitSource(COOP, path.resolve(), read.sha256, read.samples, given=split_file is not None)
 
 
 def _words(name: str) -> set[str]:

@@ -250,6 +250,31 @@ def load_cached(lab: Lab, dataset: Dataset | str, method: str, build: Callable[.
     return ClipClassifier(*clip.backbone.image_parts(clip.model), module.float().to(lab.device)).eval()
 
 
+def renamed_scores(lab: Lab, trained_on: Dataset, new: Dataset, *, method: str, build: Callable[..., nn.Module],
+                   text_for: Callable[[Lab, nn.Module, Dataset, Mapping[str, Any]], torch.Tensor],
+                   shots: int | None, seed: int | None, run: Mapping[str, Any]) -> torch.Tensor:
+    """Scores of `new`'s test images among `new`'s classes by a module fitted on `trained_on`
+    whose class side is its `text` buffer `(C, D)` (CoOp, CLIP-Adapter): the buffer replaced
+    by `text_for(lab, module, new, run)`, the same module otherwise.
+
+    Args:
+        lab: the run context.
+        trained_on: the dataset (class set) the module was fitted on.
+        new: the class set to score.
+        method: the registered method's name.
+        build: the module's class.
+        text_for: the new classes' `(C_new, D)` unit text features.
+        shots: the run's images per class (None: full data).
+        seed: the run's seed.
+        run: the run's metrics.json content.
+    """
+    module, _ = read_cached(lab, trained_on, method, build, shots, seed)
+    device = torch.device(lab.device)
+    module = module.float().to(device).eval()
+    module.text = text_for(lab, module, new, run).float().to(device)
+    return _scores(module, lab.features(new, "test").embeddings, device)
+
+
 def has_checkpoint(folder) -> bool:
     """Whether a run folder holds a fitted module."""
     return (folder / MODULE_FILE).is_file()
@@ -282,7 +307,7 @@ class Option:
 def cached_method(*, name: str, label: str, command: str, description: str, order: float,
                   fit: Callable[..., Fitted], build: Callable[..., nn.Module], options: tuple[Option, ...] = (),
                   epochs: bool = False, linear: bool = False, new_classes: str = "fallback",
-                  aliases: tuple[str, ...] = ()) -> Method:
+                  score_new: Callable[..., torch.Tensor] | None = None, aliases: tuple[str, ...] = ()) -> Method:
     """The declaration of a method fitted on cached features (its module registers it).
 
     Args:
@@ -298,6 +323,7 @@ def cached_method(*, name: str, label: str, command: str, description: str, orde
             has an `epochs` option.
         linear: its module is linear in the feature (`linear_head()`), so it exports.
         new_classes: how it scores classes it did not fit on (`registry.NewClasses`).
+        score_new: how a "text" method scores new classes (`registry.Method.score_new`).
         aliases: other names accepted on input.
     """
 
@@ -322,4 +348,5 @@ def cached_method(*, name: str, label: str, command: str, description: str, orde
         add_arguments=add_arguments, settings=functools.partial(cached_settings, options=tuple(o.name for o in options)),
         run=run, recorded=recorded, load_classifier=load_classifier, has_checkpoint=has_checkpoint, fit=fit,
         export=functools.partial(export_linear, method=name, build=build) if linear else None,
+        score_new=score_new,
     )

@@ -60,15 +60,19 @@ in the tests.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from clip_utils.methods.cached import Option, cached_method
+from clip_utils.data import Dataset
+from clip_utils.lab import Lab
+from clip_utils.methods.cached import Option, cached_method, renamed_scores
 from clip_utils.model.feature_fit import FeatureData, Fitted, dassl_lr, epoch_entry
 from clip_utils.registry import register
 from clip_utils.runtime.options import positive_float, positive_int
@@ -284,9 +288,16 @@ def fit(
     return Fitted(module=module, config=config, info=info, curves=curves)
 
 
+def _new_text(lab: Lab, module: nn.Module, new: Dataset, run: Mapping[str, Any]) -> torch.Tensor:
+    # the adapter changes the image feature only: new classes are the zero-shot classifier of
+    # the prompt set the run was fitted with
+    return lab.text_classifier(new, run["prompt_set"]).t()
+
+
 register(cached_method(
     name=METHOD, label="CLIP-Adapter", command="clip-adapter", order=36, fit=fit, build=CLIPAdapterHead, epochs=True,
-    new_classes="text",
+    new_classes="text", score_new=functools.partial(renamed_scores, method=METHOD, build=CLIPAdapterHead,
+                                                    text_for=_new_text),
     description="CLIP-Adapter: a bottleneck MLP on the image feature, blended with it, scored by the text "
                 "classifier (last epoch)",
     options=(Option("epochs", positive_int, f"epochs (default: the published {EPOCHS})"),

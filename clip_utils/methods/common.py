@@ -36,7 +36,14 @@ from clip_utils.lab import Lab
 from clip_utils.model.heads import zeroshot_head
 from clip_utils.model.training import FitResult, TrainingError
 from clip_utils.results import fewshot
-from clip_utils.results.checkpoints import HEAD_FILE, TRAIN_HEAD_FILE, CheckpointError, check_head, head_info, read_head
+from clip_utils.results.checkpoints import (
+    HEAD_FILE,
+    TRAIN_HEAD_FILE,
+    CheckpointError,
+    check_head,
+    head_info,
+    read_head,
+)
 from clip_utils.results.layout import check_results_folder
 from clip_utils.runtime import distributed
 from clip_utils.runtime.files import read_json

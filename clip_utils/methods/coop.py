@@ -61,16 +61,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from clip_utils.errors import InvalidValue
 from clip_utils.data import Dataset
+from clip_utils.errors import InvalidValue
 from clip_utils.lab import Lab
 from clip_utils.methods.cached import (
     CachedSettings,
@@ -79,6 +80,7 @@ from clip_utils.methods.cached import (
     has_checkpoint,
     load_cached,
     recorded,
+    renamed_scores,
     run_cached,
 )
 from clip_utils.methods.common import RunData
@@ -421,10 +423,16 @@ def _export(lab: Lab, dataset: Dataset):
     return export_linear(lab, dataset, method=METHOD, build=CoOpHead)
 
 
+def _new_text(lab: Lab, module: nn.Module, new: Dataset, run: Mapping[str, Any]) -> torch.Tensor:
+    # the learned context in front of the new class names, through the frozen text tower
+    return classifier_for_names(lab, module.context.float(), list(new.class_names)).text
+
+
 register(Method(
     name=METHOD, label="CoOp", command="coop", folder=METHOD, order=37,
     description="CoOp: learned prompt context before each class name, through the frozen text tower (last epoch)",
     trained=True, epochs=True, uses_text_classifier=False, new_classes="text",
     add_arguments=_add_arguments, settings=_settings, run=_run, recorded=recorded, load_classifier=_load_classifier,
     has_checkpoint=has_checkpoint, export=_export,
+    score_new=functools.partial(renamed_scores, method=METHOD, build=CoOpHead, text_for=_new_text),
 ))

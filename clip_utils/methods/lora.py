@@ -78,9 +78,18 @@ from clip_utils.methods.common import (
     run_info,
     zeroshot_init_head,
 )
-from clip_utils.methods.lora_adapters import TextTowerClassifier, attach_adapter, class_tokens
+from clip_utils.methods.lora_adapters import (
+    TextTowerClassifier,
+    attach_adapter,
+    class_tokens,
+)
 from clip_utils.model.clip import Clip
-from clip_utils.model.heads import ClipClassifier, StandardizedHead, count_parameters, head_units
+from clip_utils.model.heads import (
+    ClipClassifier,
+    StandardizedHead,
+    count_parameters,
+    head_units,
+)
 from clip_utils.model.inputs import iter_labelled_batches
 from clip_utils.model.lora import add_lora, lora_trainable_params
 from clip_utils.model.preprocess import Preprocess

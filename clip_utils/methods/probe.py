@@ -42,7 +42,13 @@ from clip_utils.config import TrainConfig
 from clip_utils.data import Dataset
 from clip_utils.errors import InvalidValue
 from clip_utils.lab import Lab
-from clip_utils.methods.common import RunData, resolved, run_data, run_info, zeroshot_init_head
+from clip_utils.methods.common import (
+    RunData,
+    resolved,
+    run_data,
+    run_info,
+    zeroshot_init_head,
+)
 from clip_utils.model.clip import Clip
 from clip_utils.model.features import Features
 from clip_utils.model.heads import (
@@ -84,7 +90,12 @@ from clip_utils.results.checkpoints import (
 from clip_utils.results.evaluation import save_evaluation
 from clip_utils.runtime import distributed
 from clip_utils.runtime.files import write_json
-from clip_utils.runtime.options import add_sample_options, add_training_options, given, positive_int
+from clip_utils.runtime.options import (
+    add_sample_options,
+    add_training_options,
+    given,
+    positive_int,
+)
 
 METHOD = "linear_probe"
 

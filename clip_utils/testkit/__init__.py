@@ -581,15 +581,19 @@ def make_informative_kit(
 
 
 def make_kit(folder: str | Path, cub_classes: int = 200) -> dict[str, Path]:
-    """Build the whole kit: `<folder>/model` (tiny CLIP) and `<folder>/data` (both datasets).
+    """Build the whole kit: `<folder>/model` (tiny CLIP) and `<folder>/data` (both datasets, and
+    Flowers102's split file in Zhou et al.'s format, so `--split coop` works offline).
 
     Args:
         folder: output folder.
         cub_classes: classes in the synthetic CUB.
     """
+    from clip_utils.testkit.splits import write_flowers102_split  # it imports this module's ASSETS
+
     folder = Path(folder)
     paths = {"model": make_tiny_clip(folder / "model"), "data": folder / "data"}
     make_flowers102(paths["data"])
+    write_flowers102_split(paths["data"])
     make_cub200(paths["data"], n_classes=cub_classes)
     (folder / "KIT.json").write_text(json.dumps({k: str(v) for k, v in paths.items()}, indent=1))
     return paths

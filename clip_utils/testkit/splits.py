@@ -21,13 +21,14 @@ from clip_utils.testkit import ASSETS
 MIN_TRAIN_PER_CLASS = 16
 
 
-def write_flowers102_split(data_root: Path, seed: int = 0) -> Path:
+def write_flowers102_split(data_root: Path, seed: int = 0, path: Path | None = None) -> Path:
     """Write `<data_root>/flowers-102/split_zhou_OxfordFlowers.json` for the kit's Flowers102.
 
     Args:
         data_root: the root `testkit.make_flowers102` wrote into (its `flowers-102/` holds
             `imagelabels.mat` and `jpg/`).
         seed: which images of each class go to train, val and test (the same seed, the same file).
+        path: write it there instead (a file for `--split-file`).
 
     Returns:
         The split file's path.
@@ -58,4 +59,4 @@ def write_flowers102_split(data_root: Path, seed: int = 0) -> Path:
     if found != zhou.sizes:
         raise RuntimeError(f"the kit's Flowers102 split has sizes {found}, not the published {zhou.sizes}")
     samples = {s: [(f"image_{i:05d}.jpg", label, names[label]) for i, label in sorted(parts[s])] for s in SPLIT_NAMES}
-    return write_split_file(base / zhou.file, samples)
+    return write_split_file(path or base / zhou.file, samples)
