@@ -11,7 +11,7 @@ import json
 import pytest
 
 from clip_utils import registry
-from clip_utils.app.base2new import CSV_FILE, RUNS_FILE, class_halves, zeroshot_top1
+from clip_utils.app.base2new import CSV_FILE, RUNS_FILE, class_halves, top1, zeroshot_top1
 from clip_utils.app.cli import main
 from clip_utils.data import resolve
 from clip_utils.errors import InvalidValue
@@ -39,12 +39,12 @@ def _rows(path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def base2new_run(kit, tmp_path_factory):
-    """`base2new` on the kit's CUB (20 classes): CoOp and CLIP-Adapter (own), Tip-Adapter
+    """`base2new` on the kit's CUB (20 classes): CoOp, CLIP-Adapter and LoRA (own), Tip-Adapter
     (zero-shot fallback), the probe (n/a), 2 shots, seeds 1 and 2, an epoch each."""
     results = tmp_path_factory.mktemp("base2new")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        code = main(["base2new", "--methods", "coop,clip-adapter,tip-adapter,probe", "--shots", "2",
+        code = main(["base2new", "--methods", "coop,clip-adapter,tip-adapter,probe,lora", "--shots", "2",
                      "--seeds", "1,2", "--epochs", "1", *_common(kit, results)])
     return code, results, out.getvalue()
 
@@ -73,8 +73,8 @@ def test_base2new_writes_the_table_and_figure(base2new_run):
     summary = {r["method"]: r for r in _rows(results / "cub200" / CSV_FILE)}
     reference = registry.reference().name
     assert list(summary)[0] == reference
-    assert set(summary) == {reference, "coop", "clip_adapter", "tip_adapter", "linear_probe"}
-    for method, source in (("coop", "own"), ("clip_adapter", "own"), ("tip_adapter", "zero-shot"),
+    assert set(summary) == {reference, "coop", "clip_adapter", "tip_adapter", "linear_probe", "lora"}
+    for method, source in (("coop", "own"), ("clip_adapter", "own"), ("lora", "own"), ("tip_adapter", "zero-shot"),
                            ("linear_probe", "n/a"), (reference, "own")):
         assert summary[method]["new_source"] == source
     probe = summary["linear_probe"]
@@ -86,6 +86,11 @@ def test_base2new_writes_the_table_and_figure(base2new_run):
     assert sorted((r["method"], r["seed"]) for r in runs if r["method"] == "coop") == [("coop", "1"), ("coop", "2")]
     assert (results / "figures" / "cub200_base2new.png").stat().st_size > 0
     assert "n/a" in printed and "zero-shot" in printed
+    from clip_utils.app.report import collect
+
+    rows, missing = collect(results)  # the base half's runs are reported, with no command to "fill" it
+    assert any(r["dataset"] == "cub200-base" for r in rows)
+    assert not any(line.startswith("cub200-base") for line in missing)
 
 
 def test_each_method_trained_on_base_classes_only(base2new_run, kit):
@@ -112,22 +117,29 @@ def test_base_is_the_runs_own_score_and_a_fallback_is_zero_shots(base2new_run, k
         assert float(row["new"]) == pytest.approx(zeroshot_top1(lab, new, metrics["prompt_set"]))
 
 
-def test_coop_scores_new_names_with_its_learned_context(base2new_run, kit):
+@pytest.mark.parametrize("method", ["coop", "clip_adapter", "lora"])
+def test_a_method_that_names_new_classes_scores_them_itself(base2new_run, kit, method):
+    """CoOp's learned context before the new names, CLIP-Adapter's adapted feature against
+    their text classifier, LoRA through its towers: the table's new number is that score."""
     _, results, _ = base2new_run
     lab = _lab(kit, results)
     base, new = class_halves(lab.resolve("cub200"))
-    run = json.loads((fewshot.run_dir(results, base, "coop", 2, 1) / "metrics.json").read_text())
-    logits = registry.get("coop").score_new(lab, base, new, shots=2, seed=1, run=run)
-    assert tuple(logits.shape) == (len(lab.features(new, "test")), 10)
+    run = json.loads((fewshot.run_dir(results, base, method, 2, 1) / "metrics.json").read_text())
+    logits = registry.get(method).score_new(lab, base, new, shots=2, seed=1, run=run)
+    assert tuple(logits.shape) == (len(lab.features(new, "test")), 10) and logits.isfinite().all()
+    row = next(r for r in _rows(results / "cub200" / RUNS_FILE) if r["method"] == method and r["seed"] == "1")
+    assert float(row["new"]) == pytest.approx(top1(logits, lab.features(new, "test").labels))
 
 
-def test_a_method_that_cannot_score_new_classes_here_is_a_usage_error(kit, tmp_path, capsys):
-    lora = registry.get("lora")
-    if lora.new_classes != "text" or lora.score_new is not None:
-        pytest.skip("LoRA scores new classes")
+def test_a_method_that_cannot_score_new_classes_here_is_a_usage_error(kit, tmp_path, capsys, monkeypatch):
+    import dataclasses
+
+    from clip_utils.registry import _REGISTRY
+
+    monkeypatch.setitem(_REGISTRY, "coop", dataclasses.replace(_REGISTRY["coop"], score_new=None))
     with pytest.raises(SystemExit) as exit_:
-        main(["base2new", "--methods", "lora", *_common(kit, tmp_path)])
-    assert exit_.value.code == 2 and "cannot score new classes" in capsys.readouterr().err
+        main(["base2new", "--methods", "coop", *_common(kit, tmp_path)])
+    assert exit_.value.code == 2 and "cannot score new classes with CoOp" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- Zhou et al.'s split

@@ -163,3 +163,29 @@ def test_benchmark_runs_on_cuda(capsys):
 
     assert bench.main(["--small", "--images", "64", "--device", "cuda"]) == 0
     assert "model alone" in capsys.readouterr().out
+
+
+def test_coop_and_base2new_on_cuda(cuda_lab):
+    """CoOp's float32 text tower under autocast, and base-to-new's new-class scoring (CoOp's
+    prompts, LoRA merged in fp16 on the GPU) against the same scores on the CPU."""
+    from clip_utils import registry
+    from clip_utils.app.base2new import run_base2new
+    from clip_utils.methods.cached import CachedSettings
+    from clip_utils.methods.coop import REFERENCE_PROMPTS
+
+    lab = cuda_lab.replace()
+    coop = registry.get("coop").run(lab, "cub200", CachedSettings(REFERENCE_PROMPTS, {"epochs": 3, "n_ctx": 4}),
+                                    shots=2, seed=1)
+    assert math.isfinite(coop["top1"]) and coop["peak_vram_mb"] > 0
+    result = run_base2new(lab, "cub200", ["coop", "lora", "tip_adapter"], shots=2, seeds=(1,))
+    by_method = {r["method"]: r for r in result.summary}
+    assert all(math.isfinite(by_method[m]["new"]) for m in ("coop", "lora", "tip_adapter"))
+    base, new = (lab.resolve("cub200").subset(range(10), "base"), lab.resolve("cub200").subset(range(10, 20), "new"))
+    cpu = lab.replace(device="cpu")
+    for method in ("coop", "lora"):
+        run = {"prompt_set": None}
+        gpu_scores = registry.get(method).score_new(lab, base, new, shots=2, seed=1, run=run).float().cpu()
+        cpu_scores = registry.get(method).score_new(cpu, cpu.resolve(base), cpu.resolve(new), shots=2, seed=1,
+                                                    run=run).float()
+        agree = (gpu_scores.argmax(1) == cpu_scores.argmax(1)).float().mean().item()
+        assert agree > 0.9, (method, agree)

@@ -149,7 +149,7 @@ def collect(results_dir: str | Path) -> tuple[list[dict], list[str]]:
         model = next((m["model"] for m in trained.values()), None)
         found = {registry.reference().name: zeroshot_baseline(results_dir, dataset, model), **trained}
         # What --dataset and --split said (an image folder's path), for the commands that fill the gaps.
-        saved = next((m for m in found.values() if m), {})
+        saved = next((m for m in found.values() if m), None) or next(iter(fewshot.saved_metrics(results_dir, dataset)), {})
         given = f"--dataset {saved.get('dataset', dataset)}"
         if saved.get("split_source", OFFICIAL) != OFFICIAL:
             given += f" --split {saved['split_source']}"

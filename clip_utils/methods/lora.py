@@ -57,8 +57,9 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -89,12 +90,14 @@ from clip_utils.model.heads import (
     StandardizedHead,
     count_parameters,
     head_units,
+    zeroshot_head,
 )
 from clip_utils.model.inputs import iter_labelled_batches
 from clip_utils.model.lora import add_lora, lora_trainable_params
 from clip_utils.model.preprocess import Preprocess
 from clip_utils.model.training import EpochCallback, FitResult, TrainJob, fit, predict
 from clip_utils.model.vram import VramProbe
+from clip_utils.prompts import build_text_classifier
 from clip_utils.registry import Method, register
 from clip_utils.results import fewshot
 from clip_utils.results.checkpoints import (
@@ -103,7 +106,6 @@ from clip_utils.results.checkpoints import (
     TEXT_ADAPTER_DIR,
     HeadInfo,
     check_head,
-    checkpoint_paths,
     head_info,
     missing_checkpoint,
     read_head,
@@ -509,31 +511,69 @@ def _has_checkpoint(folder) -> bool:
     return (folder / HEAD_FILE).is_file() and any(p.is_file() for p in adapters)
 
 
-def _export(lab: Lab, dataset: Dataset) -> tuple[Clip, torch.nn.Linear, HeadInfo, str]:
-    """The base CLIP in float32 with the run's adapters merged into it, its head and metadata, and
-    the towers it adapted."""
-    paths = checkpoint_paths(lab.results_dir, dataset, METHOD)
-    if not paths["head"].is_file():
-        raise missing_checkpoint(paths["head"], dataset, METHOD)
-    head, info = read_head(paths["head"])
+def _adapted(lab: Lab, dataset: Dataset, shots: int | None, seed: int | None,
+             device: str | torch.device) -> tuple[Clip, torch.nn.Linear, HeadInfo]:
+    """The base CLIP in float32 on `device` (its own copy) with a run's adapters merged into
+    it, the run's head and its metadata.
+
+    Raises:
+        FileNotFoundError: not trained yet (the message names the command to run).
+        CheckpointError: damaged, or trained for another dataset, class list or model.
+    """
+    seed = lab.seed if seed is None else seed
+    folder = fewshot.run_dir(lab.results_dir, dataset, METHOD, shots, seed)
+    if not (folder / HEAD_FILE).is_file():
+        raise missing_checkpoint(folder / HEAD_FILE, dataset, METHOD, shots, seed)
+    head, info = read_head(folder / HEAD_FILE)
     towers = LoraSettings(encoders=info.encoders)
-    folders = {"vision_model": paths["adapter"]} if towers.adapts_vision else {}
+    folders = {"vision_model": folder / ADAPTER_DIR} if towers.adapts_vision else {}
     if towers.adapts_text:
-        folders["text_model"] = paths["text_adapter"]
-    for folder in folders.values():
-        if not (folder / "adapter_config.json").is_file():
-            raise missing_checkpoint(folder, dataset, METHOD)
-    clip = lab.model_copy("cpu")  # its own: merging changes it
+        folders["text_model"] = folder / TEXT_ADAPTER_DIR
+    for adapter in folders.values():
+        if not (adapter / "adapter_config.json").is_file():
+            raise missing_checkpoint(adapter, dataset, METHOD, shots, seed)
+    clip = lab.model_copy(device)  # its own: merging changes it
     check_head(info, head_info(dataset=dataset.name, method=METHOD, model=lab.model,
-                               class_names=dataset.original_names, embed_dim=clip.embed_dim), paths["head"])
-    for tower, folder in folders.items():
+                               class_names=dataset.original_names, embed_dim=clip.embed_dim), folder / HEAD_FILE)
+    for tower, adapter in folders.items():
         # peft injects the adapter into the tower in place, and merging puts plain Linear layers
         # with the merged weights back in place: the model holding the tower is adapted.
-        attach_adapter(getattr(clip.model, tower), folder, info, "cpu").merge_and_unload()
+        attach_adapter(getattr(clip.model, tower), adapter, info, device).merge_and_unload()
     leftover = [n for n, _ in clip.model.named_parameters() if "lora_" in n]
     if leftover:
         raise RuntimeError(f"LoRA layers survived the merge: {leftover[:3]}")
+    return clip, head, info
+
+
+def _export(lab: Lab, dataset: Dataset) -> tuple[Clip, torch.nn.Linear, HeadInfo, str]:
+    """The base CLIP in float32 with the run's adapters merged into it, its head and metadata, and
+    the towers it adapted."""
+    clip, head, info = _adapted(lab, dataset, None, None, "cpu")
     return clip, head, info, info.encoders
+
+
+@torch.inference_mode()
+def _score_new(lab: Lab, trained_on: Dataset, new: Dataset, *, shots: int | None, seed: int | None,
+               run: Mapping[str, Any]) -> torch.Tensor:
+    """New classes through the run's towers: its trained head has no row for them, so they are
+    scored by CLIP's own classifier, the `domain` prompts of the new names (the set its head
+    starts from) through the text tower, against the test images through the vision tower,
+    each as the run left it (adapted or not: `--encoders`)."""
+    device = torch.device(lab.device)
+    clip, _, _ = _adapted(lab, trained_on, shots, seed, device)
+    clip.model.to(inference_dtype(device))
+    text = build_text_classifier(clip.model, clip.tokenizer, list(new.class_names),
+                                 lab.prompt_sets(new)[HEAD_INIT_SET], device, lab.batch_size,
+                                 desc=f"encoding {new.folder} prompts (LoRA)",
+                                 text_kwargs=clip.backbone.text_kwargs(clip.model))
+    head = zeroshot_head(text, clip.logit_scale, clip.logit_bias).to(device)
+    classifier = ClipClassifier(*clip.backbone.image_parts(clip.model), head).eval()
+    test = lab.dataset(new, "test")
+    batches = iter_labelled_batches([p for p, _ in test.samples], torch.tensor(test.targets), clip.preprocess, device,
+                                    classifier.encoder_dtype, lab.batch_size, num_workers=lab.num_workers,
+                                    desc=f"testing {new.folder} LoRA")
+    logits, _ = predict(classifier, batches, device, autocast=False)
+    return logits
 
 
 register(Method(
@@ -542,5 +582,5 @@ register(Method(
     trained=True, epochs=True, new_classes="text", distributed=True, requires=(config.LORA_HEAD_FROM,),
     batch_size=config.LORA.batch_size, add_arguments=_add_arguments, parser_defaults=_parser_defaults,
     check_arguments=_check_arguments, settings=_settings, run=_run, recorded=_recorded,
-    load_classifier=_load_classifier, has_checkpoint=_has_checkpoint, export=_export,
+    load_classifier=_load_classifier, has_checkpoint=_has_checkpoint, export=_export, score_new=_score_new,
 ))

@@ -588,7 +588,7 @@ def make_kit(folder: str | Path, cub_classes: int = 200) -> dict[str, Path]:
         folder: output folder.
         cub_classes: classes in the synthetic CUB.
     """
-    from clip_utils.testkit.splits import write_flowers102_split  # it imports this module's ASSETS
+    from clip_utils.testkit.splits import write_flowers102_split
 
     folder = Path(folder)
     paths = {"model": make_tiny_clip(folder / "model"), "data": folder / "data"}

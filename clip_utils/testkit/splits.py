@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from clip_utils.data.splits import SPLIT_NAMES, ZHOU_SPLITS, write_split_file
-from clip_utils.testkit import ASSETS
+from clip_utils.data.benchmarks import CAT_TO_NAME
 
 # Every class must allow a 16-shot draw from train (the largest K of the few-shot tables).
 MIN_TRAIN_PER_CLASS = 16
@@ -42,7 +42,7 @@ def write_flowers102_split(data_root: Path, seed: int = 0, path: Path | None = N
     zhou = ZHOU_SPLITS["flowers102"]
     base = Path(data_root) / "flowers-102"
     labels = loadmat(base / "imagelabels.mat")["labels"][0].astype(int) - 1
-    cat_to_name = json.loads((ASSETS / "cat_to_name.json").read_text())
+    cat_to_name = json.loads(CAT_TO_NAME.read_text())
     names = [cat_to_name[str(k + 1)] for k in range(int(labels.max()) + 1)]
     rng = np.random.default_rng(seed)
     parts: dict[str, list[tuple[int, int]]] = {s: [] for s in SPLIT_NAMES}
