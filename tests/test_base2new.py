@@ -55,6 +55,8 @@ def test_halves_are_cocoops_and_each_is_relabelled(kit, tmp_path):
     names = lab.class_names("cub200")
     assert list(base.class_names) == names[:10] and list(new.class_names) == names[10:]
     assert (base.folder, new.folder) == ("cub200-base", "cub200-new")
+    whole = lab.resolve("cub200").sizes
+    assert all(base.sizes[s] + new.sizes[s] == whole[s] for s in whole)
     for part, offset in ((base, 0), (new, 10)):
         test = lab.features(part, "test")
         whole = lab.features("cub200", "test")
@@ -166,7 +168,7 @@ def test_the_coop_split_draws_16_per_class_from_its_train_part(kit, tmp_path, sp
     train_part = {f"{kit['data'] / 'flowers-102' / 'jpg'}/{path}" for path, _, _ in listed["train"]}
     data = run_data(lab, flowers, "linear_probe", 16, 1)
     train = lab.dataset(flowers, "train")
-    assert len(train) == 4093 and len(lab.dataset(flowers, "test")) == 2463
+    assert flowers.sizes == {"train": 4093, "val": 1633, "test": 2463} and len(train) == 4093
     picked = [train.samples[i] for i in data.train]
     assert len(picked) == 16 * 102
     assert all(sum(1 for _, y in picked if y == c) == 16 for c in range(102))

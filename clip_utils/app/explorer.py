@@ -139,7 +139,8 @@ class PhotoExplorer(widgets.VBox):
             files = []
         upload = widgets.FileUpload(accept="image/*", multiple=True, description="Upload photos")
         photo = widgets.Dropdown(options=[(p.name, str(p)) for p in files], description="Photo")
-        dataset = widgets.Dropdown(options=list(datasets), description="Dataset")
+        # labelled by results folder (`flowers102-coop` under Zhou et al.'s split), valued by the name given
+        dataset = widgets.Dropdown(options=[(lab.resolve(d).folder, d) for d in datasets], description="Dataset")
         boxes = {name: widgets.Checkbox(value=True, description=html.escape(registry.get(name).label), indent=False,
                                         description_allow_html=True, layout=widgets.Layout(width="auto"))
                  for name in names}

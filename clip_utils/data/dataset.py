@@ -185,6 +185,12 @@ class Dataset:
             args += f" --split {self.split}" + (f" --split-file {self.source.file}" if self.source.given else "")
         return args
 
+    @cached_property
+    def sizes(self) -> dict[str, int]:
+        """Images per split (`train`, `val`, `test`), from the split lists alone (no image
+        decoded, nothing downloaded)."""
+        return {split: len(self.load(split)) for split in SPLITS}
+
     def record(self) -> dict[str, Any]:
         """What metrics.json records of the dataset beyond its name (split source, split file
         hash, class subset), so results of different splits or classes are never confused."""
