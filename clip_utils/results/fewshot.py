@@ -119,7 +119,8 @@ def check_enough(train: Samples, shots: int) -> None:
         n, label = short[0]
         raise InvalidValue(f"--shots {shots} needs {shots} training images in every class, but {len(short)} of "
                            f"{len(counts)} classes have fewer (class {label} has {n}): use --shots {n} or less, or a "
-                           f"split with more training images per class")
+                           f"split with more training images per class (--split coop, Zhou et al.'s, where the "
+                           f"dataset has one)")
 
 
 def draw(train: Samples, val: Samples, shots: int, seed: int) -> Sample:
