@@ -212,6 +212,10 @@ FEWSHOT_METHODS = ("linear_probe", "lora")
 # own classifier, the zero-shot fallback, none), all on cached features.
 BASE2NEW_METHODS = ("coop", "clip_adapter", "tip_adapter", "linear_probe")
 BASE2NEW_SHOTS = 16
+# Its zero-shot row: one fixed prompt set, as CoCoOp's CLIP row is one hand-written template per
+# dataset (choosing among sets on every base validation image would tune the reference on more
+# labelled images than the K-shot methods beside it see).
+BASE2NEW_ZEROSHOT_SET = "domain"
 # LoRA's head starts from the linear probe of the same sample when one is saved (LP-FT).
 LORA_HEAD_FROM = "linear_probe"
 # `head_init` of a head that starts as the zero-shot classifier (metrics.json).

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from clip_utils.config import CLASS_NAMING, DEFAULT_MODEL, INFERENCE_BATCH_SIZE
-from clip_utils.data import OFFICIAL, SPLIT_SOURCES, Dataset, ImageListDataset, resolve
+from clip_utils.config import OFFICIAL_SPLIT, SPLIT_SOURCES
+from clip_utils.data import Dataset, ImageListDataset, resolve
 from clip_utils.data.classnames import check_naming
 from clip_utils.errors import InvalidValue, MissingFile
 from clip_utils.model.clip import Clip, load_clip, load_preprocess
@@ -104,8 +105,8 @@ class Lab:
         descriptions: a CuPL/DCLIP descriptions file (`{"class name": ["description", ...]}`)
             for the `descriptions` prompt set (see `descriptions`); None: no such set. Read
             once, when the lab first needs a dataset's prompt sets; another file is another lab.
-        split: the split source of the datasets it resolves: `official`, or `coop` for Zhou et
-            al.'s split (`data.splits`).
+        split_source: where the train/val/test of the datasets it resolves come from: `official`,
+            or `coop` for Zhou et al.'s split (`data.splits`).
         split_file: the `split_zhou_*.json` file of `coop` (None: the published one).
     """
 
@@ -121,7 +122,7 @@ class Lab:
     class_naming: str = CLASS_NAMING
     domain: str | None = None
     descriptions: Path | None = None
-    split: str = OFFICIAL
+    split_source: str = OFFICIAL_SPLIT
     split_file: Path | None = None
     _loaded: _Loaded = field(default_factory=_Loaded, init=False, repr=False, compare=False)
 
@@ -140,8 +141,8 @@ class Lab:
         check_naming(self.class_naming)
         if self.split_file is not None:
             set_(self, "split_file", Path(self.split_file).expanduser())
-        if self.split not in SPLIT_SOURCES:
-            raise InvalidValue(f"unknown split source {self.split!r}: choose one of {', '.join(SPLIT_SOURCES)}")
+        if self.split_source not in SPLIT_SOURCES:
+            raise InvalidValue(f"unknown split source {self.split_source!r}: choose one of {', '.join(SPLIT_SOURCES)}")
         if self.descriptions is not None:
             set_(self, "descriptions", Path(self.descriptions))
             if not self.descriptions.is_file():  # said now, before any model or dataset loads
@@ -221,12 +222,22 @@ class Lab:
 
         Args:
             dataset: a registered name, `imagefolder:PATH` or a `Dataset`.
+
+        Raises:
+            InvalidValue: a `Dataset` resolved for another data root or class naming (what this
+                lab records of its runs would contradict it).
         """
         if isinstance(dataset, Dataset):
+            if (dataset.root, dataset.naming) != (self.data_root, self.class_naming):
+                raise InvalidValue(f"{dataset.folder} was resolved for data root {dataset.root} and {dataset.naming} "
+                                   f"names, this lab has {self.data_root} and {self.class_naming}: resolve it with "
+                                   f"lab.resolve(name)")
             return dataset
         if dataset not in self._loaded.datasets:
-            self._loaded.datasets[dataset] = resolve(dataset, self.data_root, self.class_naming, self.split,
-                                                     self.split_file)
+            # Under torchrun one process per machine downloads; the others then find the files.
+            with distributed.local_main_first():
+                self._loaded.datasets[dataset] = resolve(dataset, self.data_root, self.class_naming,
+                                                         self.split_source, self.split_file, self.download)
         return self._loaded.datasets[dataset]
 
     def class_names(self, dataset: str | Dataset) -> list[str]:

@@ -14,7 +14,7 @@ from clip_utils import registry
 from clip_utils.app.base2new import CSV_FILE, RUNS_FILE, class_halves, top1, zeroshot_top1
 from clip_utils.app.cli import main
 from clip_utils.data import resolve
-from clip_utils.errors import InvalidValue
+from clip_utils.errors import InvalidValue, MissingFile
 from clip_utils.lab import Lab
 from clip_utils.methods.common import run_data
 from clip_utils.results import base2new as table
@@ -160,11 +160,11 @@ def test_the_official_flowers_split_refuses_16_shots(kit, tmp_path, capsys):
     assert "--shots 16 needs 16 training images in every class" in err and err.count("\n") == 1
 
 
-def test_the_coop_split_draws_16_per_class_from_its_train_part(kit, tmp_path, split_file):
-    lab = _lab(kit, tmp_path, split="coop", split_file=split_file)
+def test_the_coop_split_draws_16_per_class_from_its_train_part(kit, tmp_path):
+    lab = _lab(kit, tmp_path, split_source="coop")
     flowers = lab.resolve("flowers102")
     assert flowers.folder == "flowers102-coop" and flowers.source.sha256
-    listed = json.loads(split_file.read_text())
+    listed = json.loads(flowers.source.file.read_text())
     train_part = {f"{kit['data'] / 'flowers-102' / 'jpg'}/{path}" for path, _, _ in listed["train"]}
     data = run_data(lab, flowers, "linear_probe", 16, 1)
     train = lab.dataset(flowers, "train")
@@ -177,15 +177,37 @@ def test_the_coop_split_draws_16_per_class_from_its_train_part(kit, tmp_path, sp
 
 
 def test_coop_split_results_record_the_split_and_never_share_a_folder(kit, tmp_path, split_file):
-    args = ["tip-adapter", "--shots", "1", "--split", "coop", "--split-file", str(split_file),
-            *_common(kit, tmp_path, "flowers102")]
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert main(args) == 0
-    metrics = json.loads((fewshot.run_dir(tmp_path, "flowers102-coop", "tip_adapter", 1, 0) / "metrics.json")
-                         .read_text())
-    assert metrics["split_source"] == "coop" and metrics["dataset_folder"] == "flowers102-coop"
-    assert metrics["split_sha256"] == hashlib.sha256(split_file.read_bytes()).hexdigest()
-    assert metrics["n"] == 2463 and not (tmp_path / "flowers102").exists()
+    for given in ([], ["--split-file", str(split_file)]):
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert main(["tip-adapter", "--shots", "1", "--split", "coop", *given,
+                         *_common(kit, tmp_path, "flowers102")]) == 0
+    digest = hashlib.sha256(split_file.read_bytes()).hexdigest()
+    # the same images here, but a file of your own is never mixed with the published one's runs
+    for folder, sha_file in (("flowers102-coop", kit["data"] / "flowers-102" / "split_zhou_OxfordFlowers.json"),
+                             (f"flowers102-coop-{digest[:8]}", split_file)):
+        metrics = json.loads((fewshot.run_dir(tmp_path, folder, "tip_adapter", 1, 0) / "metrics.json").read_text())
+        assert metrics["split_source"] == "coop" and metrics["dataset_folder"] == folder
+        assert metrics["split_sha256"] == hashlib.sha256(sha_file.read_bytes()).hexdigest()
+        assert metrics["n"] == 2463
+    assert not (tmp_path / "flowers102").exists()
+
+
+def test_a_split_file_is_checked_against_the_class_order(kit, tmp_path):
+    listed = json.loads((kit["data"] / "flowers-102" / "split_zhou_OxfordFlowers.json").read_text())
+    for part in listed.values():  # swap the names of classes 0 and 1
+        for entry in part:
+            entry[2] = {0: "hard-leaved pocket orchid", 1: "pink primrose"}.get(entry[1], entry[2])
+    swapped = tmp_path / "swapped.json"
+    swapped.write_text(json.dumps(listed))
+    with pytest.raises(InvalidValue, match="do not follow the dataset's class order"):
+        resolve("flowers102", kit["data"], split="coop", split_file=swapped)
+
+
+def test_no_download_needs_the_split_file_there(kit, tmp_path):
+    root = tmp_path / "data"
+    (root / "flowers-102").mkdir(parents=True)
+    with pytest.raises(MissingFile, match="--no-download"):
+        resolve("flowers102", root, split="coop")
 
 
 def test_cub_has_no_zhou_split(kit, tmp_path, capsys):
@@ -200,6 +222,6 @@ def test_a_split_file_needs_the_coop_split(kit):
 
 
 def test_the_kit_keeps_its_split_where_the_published_file_goes(kit, tmp_path):
-    flowers = _lab(kit, tmp_path, split="coop").resolve("flowers102")  # no --split-file, no network
+    flowers = _lab(kit, tmp_path, split_source="coop").resolve("flowers102")  # no --split-file, no network
     assert flowers.source.file == (kit["data"] / "flowers-102" / "split_zhou_OxfordFlowers.json").resolve()
-    assert "--split coop" in flowers.command_args
+    assert flowers.command_args == ("--dataset", "flowers102", "--split", "coop")

@@ -18,9 +18,11 @@ class subset, in `results/<dataset>-base/`), and is scored
   that hold class-specific parts (marked `zero-shot` in the table: the number is
   zero-shot's), or not at all (`n/a`: a linear probe cannot name classes it never saw).
 
-Zero-shot is the reference row: its prompt set is chosen on the base classes' validation
-images (`auto`, never on new or test images) and scores both halves. Nothing here selects on
-a test split, and a new class's image or name is never seen before it is scored.
+Zero-shot is the reference row, with one fixed prompt set (`config.BASE2NEW_ZEROSHOT_SET`,
+`domain`) on both halves, as CoCoOp's CLIP row uses one hand-written template: choosing among
+sets on all base validation images would tune it on more labels than the K-shot methods see.
+Nothing here selects on a test split, and a new class's image or name is never seen before
+it is scored.
 
 Writes `results/<dataset folder>/base2new.csv` (mean ± std over seeds, HM of the means as
 CoCoOp), `base2new_runs.csv` (one row per method and seed) and
@@ -63,7 +65,7 @@ class Base2NewResult:
     Attributes:
         runs: one `results.base2new.Run` per method and seed (zero-shot: one).
         summary: one row per method (`results.base2new.CSV_COLUMNS`).
-        prompt_set: the zero-shot row's prompt set (chosen on base validation images).
+        prompt_set: the zero-shot row's prompt set (`config.BASE2NEW_ZEROSHOT_SET`).
         files: base2new_runs.csv, base2new.csv and the figure.
     """
 
@@ -164,8 +166,7 @@ def run_base2new(lab: Lab, dataset: Dataset | str, methods: Sequence[str], shots
         fewshot.check_enough(lab.dataset(base, "train").samples, shots)
     except InvalidValue as err:
         raise InvalidValue(f"{base.folder}: {err}") from None
-    reference = registry.reference()
-    chosen, _ = lab.choose_prompt_set(base)  # base validation images only
+    reference, chosen = registry.reference(), config.BASE2NEW_ZEROSHOT_SET
     runs = [table.Run(reference.name, reference.label, 0, None, zeroshot_top1(lab, base, chosen),
                       zeroshot_top1(lab, new, chosen), table.SOURCE_OF[reference.new_classes])]
     write(f"base2new: {dataset.folder} {reference.label} ({chosen}): base {runs[0].base:.1f}, new {runs[0].new:.1f}")

@@ -32,6 +32,7 @@ import contextlib
 import functools
 import json
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -53,7 +54,8 @@ from clip_utils.app.photos import (
     predict_photos,
 )
 from clip_utils.app.report import make_report
-from clip_utils.data import DATASETS, SPLIT_SOURCES, dataset_spec
+from clip_utils.config import SPLIT_SOURCES
+from clip_utils.data import DATASETS, dataset_spec
 from clip_utils.data.classnames import NAMINGS
 from clip_utils.data.imagefolder import PREFIX
 from clip_utils.errors import UserError
@@ -246,7 +248,7 @@ def _lab(args) -> Lab:
     return Lab(model=args.model, data_root=args.data_root, results_dir=args.results_dir, device=args.device,
                batch_size=args.batch_size, encode_batch_size=encode, seed=args.seed, download=args.download,
                num_workers=args.workers, class_naming=args.class_names, domain=args.domain,
-               descriptions=getattr(args, "descriptions", None), split=args.split, split_file=args.split_file)
+               descriptions=getattr(args, "descriptions", None), split_source=args.split, split_file=args.split_file)
 
 
 def _print_run(metrics: dict, lab: Lab, args) -> None:
@@ -303,7 +305,7 @@ def cmd_fewshot(args) -> None:
 def cmd_base2new(args) -> None:
     lab = _lab(args)
     result = run_base2new(lab, lab.resolve(args.dataset), args.methods, args.shots, args.seeds, args=args)
-    print(f"zero-shot prompt set (chosen on base validation images): {result.prompt_set}")
+    print(f"zero-shot: the {result.prompt_set} prompt set on both halves")
     print(f"{'method':<16} {'base':>12} {'new':>20} {'HM':>6}")
     for r in result.summary:
         spread = f" ± {r['base_std']:.1f}" if r["base_std"] is not None else ""
@@ -351,7 +353,7 @@ def _predict_all(args) -> int:
     if untrained:
         labels = ", ".join(registry.get(name).label for name in untrained)
         print(f"warning: skipped, not trained for {dataset.folder}: {labels} (train one with python -m clip_utils "
-              f"METHOD {dataset.command_args} and the same --model, --data-root and --results-dir as here)",
+              f"METHOD {shlex.join(dataset.command_args)} and the same --model, --data-root and --results-dir as here)",
               file=sys.stderr)
     for name in errors.keys() - untrained.keys():
         print(f"error: {registry.get(name).label}: {errors[name]}", file=sys.stderr)

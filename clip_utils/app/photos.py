@@ -155,7 +155,7 @@ def train_command(lab: Lab, dataset: Dataset, method: str, paths: bool = True) -
             CLI's defaults need not match); False: the bare command (the CLI, whose user
             typed those options and is told to keep them).
     """
-    words = ["python", "-m", "clip_utils", registry.get(method).command, *shlex.split(dataset.command_args)]
+    words = ["python", "-m", "clip_utils", registry.get(method).command, *dataset.command_args]
     if paths:
         words += ["--model", str(lab.model), "--data-root", str(lab.data_root), "--results-dir", str(lab.results_dir)]
     return shlex.join(words)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from clip_utils import registry
 from clip_utils.app import sweep
-from clip_utils.data import OFFICIAL
+from clip_utils.config import OFFICIAL_SPLIT
 from clip_utils.errors import InvalidValue, MissingFile
 from clip_utils.figures.predictions import plot_confusion, plot_prompt_comparison, plot_sample_predictions
 from clip_utils.figures.training import plot_comparison, plot_curves, plot_dynamics
@@ -151,7 +151,7 @@ def collect(results_dir: str | Path) -> tuple[list[dict], list[str]]:
         # What --dataset and --split said (an image folder's path), for the commands that fill the gaps.
         saved = next((m for m in found.values() if m), None) or next(iter(fewshot.saved_metrics(results_dir, dataset)), {})
         given = f"--dataset {saved.get('dataset', dataset)}"
-        if saved.get("split_source", OFFICIAL) != OFFICIAL:
+        if saved.get("split_source", OFFICIAL_SPLIT) != OFFICIAL_SPLIT:
             given += f" --split {saved['split_source']}"
         absent = []
         for m in registry.methods():
@@ -217,7 +217,7 @@ def saved_evaluations(results_dir: str | Path) -> list[tuple[Path, dict[str, Pat
         for name in saved_sets.get(dataset, {}):
             out.append((prompt_sets.output_dir(results_dir, dataset, name),
                         prompt_sets.figures(results_dir, dataset, name)))
-        # saved_results reads test runs only; a `--split val` run keeps its own figures.
+        # saved_results reads test runs only; an `--eval-split val` run keeps its own figures.
         for file in sorted((results_dir / dataset / registry.reference().folder).glob("*/val/metrics.json")):
             name = file.parent.parent.name
             out.append((file.parent, prompt_sets.figures(results_dir, dataset, name, "val")))

@@ -23,10 +23,7 @@ from PIL import Image
 
 from clip_utils.config import CLASS_NAMING
 from clip_utils.data.dataset import (
-    COOP,
     DATASETS,
-    OFFICIAL,
-    SPLIT_SOURCES,
     Dataset,
     dataset_spec,
     resolve,
@@ -41,7 +38,7 @@ from clip_utils.data.images import (
     open_rgb,
 )
 
-__all__ = ["COOP", "DATASETS", "OFFICIAL", "SPLITS", "SPLIT_SOURCES", "Dataset", "DatasetNotFoundError",
+__all__ = ["DATASETS", "SPLITS", "Dataset", "DatasetNotFoundError",
            "DatasetSpec", "ImageListDataset", "UnreadableImageError", "class_names", "dataset_spec", "load_dataset",
            "open_rgb", "resolve", "results_name"]
 

@@ -20,7 +20,8 @@ order, relabelled from 0, and has a results folder of its own.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -48,13 +49,12 @@ from clip_utils.data.images import (
     ImageListDataset,
     Samples,
 )
-from clip_utils.data.splits import ZHOU_SPLITS, fetch_split_file, read_split_file
-from clip_utils.errors import InvalidValue
+from clip_utils.data.splits import ZHOU_SPLITS, check_class_order, fetch_split_file, read_split_file
+from clip_utils.errors import InvalidValue, MissingFile
 
 DATASETS: dict[str, DatasetSpec] = {
     spec.name: spec for spec in (FLOWERS102, CUB200, PETS, FGVC_AIRCRAFT, DTD, FOOD101, EUROSAT, STANFORD_CARS)
 }
-OFFICIAL, COOP = OFFICIAL_SPLIT, ZHOU_SPLIT
 # Where Zhou et al.'s split is the dataset's official one, the two sources are one dataset.
 COOP_IS_OFFICIAL = frozenset({"fgvc_aircraft"})
 
@@ -101,7 +101,7 @@ class SplitSource:
         given: the file was given (`--split-file`) rather than the published one.
     """
 
-    name: str = OFFICIAL
+    name: str = OFFICIAL_SPLIT
     file: Path | None = None
     sha256: str | None = None
     samples: dict[str, Samples] | None = field(default=None, compare=False, repr=False)
@@ -133,6 +133,11 @@ class Dataset:
     classes: tuple[int, ...] | None = None
     part: str = ""
     whole: Dataset | None = field(default=None, repr=False)
+    _subsets: dict[tuple, Dataset] = field(default_factory=dict, init=False, repr=False)
+
+    def __repr__(self) -> str:
+        classes = "" if self.classes is None else f", classes={len(self.classes)} of {len(self.full.class_names)}"
+        return f"Dataset({self.name!r}, split_source={self.split_source!r}{classes}, folder={self.folder!r})"
 
     @property
     def name(self) -> str:
@@ -144,8 +149,8 @@ class Dataset:
         return self.spec.title
 
     @property
-    def split(self) -> str:
-        """The split source's name (`official` or `coop`)."""
+    def split_source(self) -> str:
+        """Where its train/val/test come from: `official` or `coop` (never a split's name)."""
         return self.source.name
 
     @property
@@ -153,8 +158,10 @@ class Dataset:
         """Its results folder under `results/`: `flowers102`, `flowers102-coop`, `flowers102-base`,
         an image folder's own name; runs of different splits or classes never share one."""
         folder = results_name(self.name)
-        if self.split != OFFICIAL:
-            folder += f"-{self.split}"
+        if self.split_source != OFFICIAL_SPLIT:
+            folder += f"-{self.split_source}"
+            if self.source.given:  # a file of your own: its own folder, never mixed with the published one's
+                folder += f"-{self.source.sha256[:8]}"
         return folder + (f"-{self.part}" if self.part else "")
 
     @property
@@ -177,12 +184,15 @@ class Dataset:
         return self._subset_of(self.spec.names(self.root, "original"))
 
     @property
-    def command_args(self) -> str:
-        """How a command line names it: `--dataset flowers102`, plus `--split coop` (a class
-        subset is made by the `base2new` command, which names its whole dataset)."""
-        args = f"--dataset {self.name}"
-        if self.split != OFFICIAL:
-            args += f" --split {self.split}" + (f" --split-file {self.source.file}" if self.source.given else "")
+    def command_args(self) -> tuple[str, ...]:
+        """How a command line names it (`shlex.join` them to show it): `--dataset flowers102`,
+        plus `--split coop` and a given `--split-file` (a class subset is made by the `base2new`
+        command, which names its whole dataset)."""
+        args: tuple[str, ...] = ("--dataset", self.name)
+        if self.split_source != OFFICIAL_SPLIT:
+            args += ("--split", self.split_source)
+            if self.source.given:
+                args += ("--split-file", str(self.source.file))
         return args
 
     @cached_property
@@ -194,7 +204,7 @@ class Dataset:
     def record(self) -> dict[str, Any]:
         """What metrics.json records of the dataset beyond its name (split source, split file
         hash, class subset), so results of different splits or classes are never confused."""
-        return {"split_source": self.split, "split_sha256": self.source.sha256,
+        return {"split_source": self.split_source, "split_sha256": self.source.sha256,
                 "class_subset": self.part or None, "dataset_folder": self.folder}
 
     def subset(self, classes: Iterable[int], part: str) -> Dataset:
@@ -208,7 +218,13 @@ class Dataset:
         n = len(self.full.class_names)
         if not labels or any(not 0 <= c < n for c in labels) or len(set(labels)) != len(labels):
             raise InvalidValue(f"a class subset of {self.name} needs distinct labels in 0..{n - 1}, got {labels}")
-        return Dataset(self.spec, self.root, self.naming, self.source, labels, part, whole=self.full)
+        if not re.fullmatch(r"[a-z0-9_]+", part):  # it names a results folder beside the whole dataset's
+            raise InvalidValue(f"a class subset's name must be lower-case letters, digits or _, got {part!r}")
+        key = (labels, part)
+        if key not in self.full._subsets:  # one object per subset: the lab's caches key on it
+            self.full._subsets[key] = Dataset(self.spec, self.root, self.naming, self.source, labels, part,
+                                              whole=self.full)
+        return self.full._subsets[key]
 
     def with_naming(self, naming: str) -> Dataset:
         """The same dataset under another class naming."""
@@ -246,8 +262,8 @@ class Dataset:
         return ImageListDataset(samples, classes, transform, name=self.folder, split=split)
 
 
-def resolve(name: str | Dataset, root: str | Path = "data", naming: str = CLASS_NAMING, split: str = OFFICIAL,
-            split_file: str | Path | None = None) -> Dataset:
+def resolve(name: str | Dataset, root: str | Path = "data", naming: str = CLASS_NAMING, split: str = OFFICIAL_SPLIT,
+            split_file: str | Path | None = None, download: bool = False) -> Dataset:
     """Resolve a dataset name, once, into a `Dataset` (a `Dataset` is returned as it is).
 
     Args:
@@ -257,6 +273,8 @@ def resolve(name: str | Dataset, root: str | Path = "data", naming: str = CLASS_
         split: `official`, or `coop` for Zhou et al.'s split (`data.splits`).
         split_file: a `split_zhou_*.json` file for `coop` (None: the published one, fetched
             into the dataset's folder on first use).
+        download: `coop`: fetch the dataset (and the published split file) first when missing,
+            so the file can be checked against its images; off, both must be there.
 
     Raises:
         InvalidValue: an unknown name, naming or split source, a malformed split file, or `coop`
@@ -269,19 +287,22 @@ def resolve(name: str | Dataset, root: str | Path = "data", naming: str = CLASS_
     check_naming(naming)
     if split not in SPLIT_SOURCES:
         raise InvalidValue(f"unknown split source {split!r}: choose one of {', '.join(SPLIT_SOURCES)}")
-    if split_file is not None and split != COOP:
+    if split_file is not None and split != ZHOU_SPLIT:
         raise InvalidValue("a split file is Zhou et al.'s split: give it with --split coop (CLIP_SPLIT=coop)")
-    if split == COOP and spec.name in COOP_IS_OFFICIAL:
-        split = OFFICIAL  # the same images in the same splits: one dataset, one results folder
-    source = SplitSource() if split == OFFICIAL else coop_source(spec, root, split_file)
+    if split == ZHOU_SPLIT and spec.name in COOP_IS_OFFICIAL:
+        if split_file is not None:
+            raise InvalidValue(f"{spec.name}'s Zhou et al. split is its official one: leave out --split-file")
+        split = OFFICIAL_SPLIT  # the same images in the same splits: one dataset, one results folder
+    source = SplitSource() if split == OFFICIAL_SPLIT else coop_source(spec, root, split_file, download)
     return Dataset(spec, root, naming, source)
 
 
-def coop_source(spec: DatasetSpec, root: Path, split_file: str | Path | None) -> SplitSource:
+def coop_source(spec: DatasetSpec, root: Path, split_file: str | Path | None, download: bool) -> SplitSource:
     """Zhou et al.'s split of `spec` (`data.splits`), read and validated once.
 
     Raises:
-        InvalidValue: the dataset has no Zhou split.
+        InvalidValue: the dataset has no Zhou split, or the file is not its split.
+        MissingFile: the file (or the dataset) is not there and `download` is off.
     """
     zhou = ZHOU_SPLITS.get(spec.name)
     if zhou is None:
@@ -291,29 +312,13 @@ def coop_source(spec: DatasetSpec, root: Path, split_file: str | Path | None) ->
     # the published file is kept in the dataset's own folder (`flowers-102/`), beside its images;
     # its published sizes are checked, a file of your own only by its structure
     folder = root / Path(zhou.image_dir).parts[0]
+    if download:  # the images first: the file is checked against them
+        spec.load(root, "train", True)
+    if split_file is None and not download and not (folder / zhou.file).is_file():
+        raise MissingFile(f"Zhou et al.'s split file {folder / zhou.file} is not there and downloads are off "
+                          f"(--no-download): put it there, or give one with --split-file")
     path = Path(split_file).expanduser() if split_file is not None else fetch_split_file(zhou, folder)
     names = spec.names(root, "original")
     read = read_split_file(path, root / zhou.image_dir, len(names), sizes=None if split_file else zhou.sizes)
     check_class_order(path, read.names, names)
-    return SplitSource(COOP, path.resolve(), read.sha256, read.samples, given=split_file is not None)
-
-
-def _words(name: str) -> set[str]:
-    return set(name.lower().replace("_", " ").replace("-", " ").split())
-
-
-def check_class_order(path: Path, file_names: Sequence[str], names: Sequence[str]) -> None:
-    """Refuse a split file whose labels do not follow the dataset's class order.
-
-    Zhou et al.'s files spell some classes their own way (`Annual Crop Land` for EuroSAT's
-    `AnnualCrop`), so a label agrees when its two names share a word.
-
-    Raises:
-        InvalidValue: a label whose name shares no word with the dataset's name for it.
-    """
-    wrong = [(k, a, b) for k, (a, b) in enumerate(zip(file_names, names, strict=False)) if not _words(a) & _words(b)]
-    if wrong:
-        k, a, b = wrong[0]
-        raise InvalidValue(f"split file {path}: its labels do not follow the dataset's class order ({len(wrong)} "
-                           f"differ; label {k} is {a!r} there, {b!r} here): give the split file made for this "
-                           f"dataset with --split-file")
+    return SplitSource(ZHOU_SPLIT, path.resolve(), read.sha256, read.samples, given=split_file is not None)

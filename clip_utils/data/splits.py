@@ -292,3 +292,31 @@ def write_split_file(path: str | Path, samples_by_split: Mapping[str, Sequence[t
         raise InvalidValue(f"a split file has exactly the splits train, val, test, not {sorted(samples_by_split)}")
     content = {s: [[str(rel), int(label), str(name)] for rel, label, name in samples_by_split[s]] for s in SPLIT_NAMES}
     return write_text(path, json.dumps(content) + "\n")
+
+
+def _words(name: str) -> set[str]:
+    return set(name.lower().replace("_", " ").replace("-", " ").split())
+
+
+def check_class_order(path: Path, file_names: Sequence[str], names: Sequence[str]) -> None:
+    """Refuse a split file whose labels do not follow the dataset's class order.
+
+    Zhou et al.'s files spell some classes their own way (`Annual Crop Land` for EuroSAT's
+    `AnnualCrop`, `Highway or Road` for `Highway`), so a label agrees when the words of one
+    of its two names are all among the other's (case, `_` and `-` aside).
+
+    Args:
+        path: the split file (for messages).
+        file_names: the file's class name per label.
+        names: the dataset's own class names in label order.
+
+    Raises:
+        InvalidValue: a label whose two names do not agree.
+    """
+    wrong = [(k, a, b) for k, (a, b) in enumerate(zip(file_names, names, strict=False))
+             if not (_words(a) <= _words(b) or _words(b) <= _words(a))]
+    if wrong:
+        k, a, b = wrong[0]
+        raise InvalidValue(f"split file {path}: its labels do not follow the dataset's class order ({len(wrong)} "
+                           f"differ; label {k} is {a!r} there, {b!r} here): give the split file made for this "
+                           f"dataset with --split-file")

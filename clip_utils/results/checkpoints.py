@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
@@ -309,7 +310,7 @@ def missing_checkpoint(path: Path, dataset: Dataset, method: str, shots: int | N
         shots: a few-shot run's images per class (None: the full-data run).
         seed: that run's seed.
     """
-    args, name = dataset.command_args, dataset.folder
+    args, name = shlex.join(dataset.command_args), dataset.folder
     if shots is not None:
         command = f"`python -m clip_utils {registry.get(method).command} {args} --shots {shots} --seed {seed}`"
         return MissingFile(f"no {shots}-shot {registry.get(method).label} checkpoint for {name} with seed "

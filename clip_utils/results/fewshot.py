@@ -281,7 +281,8 @@ def mixed_settings(metrics: Sequence[dict]) -> list[str]:
 def _settings(metrics: dict) -> dict:
     # The L-BFGS probe uses none of the training loop's settings (its `epochs` counts the C
     # values it tried, which differs from seed to seed): its model and solver are its settings.
-    own = {"model": metrics.get("model"), "solver": metrics.get("solver")}
+    # the split file too: a run on another version of it saw other images
+    own = {"model": metrics.get("model"), "solver": metrics.get("solver"), "split_sha256": metrics.get("split_sha256")}
     if metrics.get("solver") == "lbfgs":
         return own
     return own | {k: v for k, v in (metrics.get("config") or {}).items() if k != "seed"}

@@ -22,8 +22,13 @@ from clip_utils.runtime.files import read_json
 
 
 def folder_name(dataset: Dataset | str) -> str:
-    """A dataset's results folder name: a resolved dataset's `folder`, or a folder's name as is."""
-    return dataset.folder if isinstance(dataset, Dataset) else dataset
+    """A dataset's results folder name: a resolved dataset's `folder`, or a folder's name as is
+    (as the reports read it from disk; never a dataset's name, which `Lab.resolve` takes)."""
+    if isinstance(dataset, Dataset):
+        return dataset.folder
+    if ":" in dataset or "/" in dataset:  # a bug of ours: a name or path where a folder name belongs
+        raise ValueError(f"{dataset!r} is not a results folder's name: pass the resolved Dataset")
+    return dataset
 
 
 def recorded_folder(metrics: dict, dataset: Dataset | str = "") -> str:
