@@ -225,3 +225,9 @@ def test_the_kit_keeps_its_split_where_the_published_file_goes(kit, tmp_path):
     flowers = _lab(kit, tmp_path, split_source="coop").resolve("flowers102")  # no --split-file, no network
     assert flowers.source.file == (kit["data"] / "flowers-102" / "split_zhou_OxfordFlowers.json").resolve()
     assert flowers.command_args == ("--dataset", "flowers102", "--split", "coop")
+
+
+def test_split_names_the_split_source_and_points_the_old_usage_to_eval_split(kit, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["zeroshot", "--split", "val", *_common(kit, tmp_path)])
+    assert exit_.value.code == 2 and "--eval-split val" in capsys.readouterr().err

@@ -89,6 +89,14 @@ def _dataset(text: str) -> str:
                                      f"or {PREFIX}PATH for your own folder of class folders")
 
 
+def _split_source(text: str) -> str:
+    if text in SPLIT_SOURCES:
+        return text
+    hint = "; to evaluate one split use zeroshot --eval-split val|test" if text in ("train", "val", "test") else ""
+    raise argparse.ArgumentTypeError(f"--split is where train/val/test come from: choose {' or '.join(SPLIT_SOURCES)}, "
+                                     f"not {text!r}{hint}")
+
+
 def _common(parser: argparse.ArgumentParser, batch_size: int, dataset_required: bool = True) -> None:
     g = parser.add_argument_group("common options")
     g.add_argument("--dataset", required=dataset_required, type=_dataset, metavar="DATASET",
@@ -114,7 +122,8 @@ def _common(parser: argparse.ArgumentParser, batch_size: int, dataset_required: 
                    help="file reader threads (default: cores - 1)")
     g.add_argument("--no-download", dest="download", action="store_false",
                    help="never download: fail when a dataset is missing")
-    g.add_argument("--split", choices=SPLIT_SOURCES, default=os.environ.get("CLIP_SPLIT") or SPLIT_SOURCES[0],
+    g.add_argument("--split", type=_split_source, metavar="{" + ",".join(SPLIT_SOURCES) + "}",
+                   default=os.environ.get("CLIP_SPLIT") or SPLIT_SOURCES[0],
                    help="where train/val/test come from: official (the dataset's own) or coop (Zhou et al.'s "
                         "split_zhou_*.json, CoOp's and Tip-Adapter's; fetched on first use; results in "
                         "<dataset>-coop/) (default: $CLIP_SPLIT or %(default)s)")
