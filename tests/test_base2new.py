@@ -88,11 +88,15 @@ def test_base2new_writes_the_table_and_figure(base2new_run):
     assert sorted((r["method"], r["seed"]) for r in runs if r["method"] == "coop") == [("coop", "1"), ("coop", "2")]
     assert (results / "figures" / "cub200_base2new.png").stat().st_size > 0
     assert "n/a" in printed and "zero-shot" in printed
-    from clip_utils.app.report import collect
+    from clip_utils.app.report import collect, make_report
 
-    rows, missing = collect(results)  # the base half's runs are reported, with no command to "fill" it
-    assert any(r["dataset"] == "cub200-base" for r in rows)
+    # the base half's runs are among half the classes: left out of the comparison, no "missing" line
+    rows, missing = collect(results)
+    assert not any(r["dataset"] == "cub200-base" for r in rows)
     assert not any(line.startswith("cub200-base") for line in missing)
+    figure = results / "figures" / "cub200_base2new.png"
+    figure.unlink()
+    assert figure in make_report(results) and figure.stat().st_size > 0  # redrawn from base2new.csv alone
 
 
 def test_each_method_trained_on_base_classes_only(base2new_run, kit):
@@ -158,6 +162,7 @@ def test_the_official_flowers_split_refuses_16_shots(kit, tmp_path, capsys):
     assert main(["probe", "--shots", "16", *_common(kit, tmp_path, "flowers102")]) == 1
     err = capsys.readouterr().err
     assert "--shots 16 needs 16 training images in every class" in err and err.count("\n") == 1
+    assert not (tmp_path / "flowers102").exists()  # a refused run leaves no folder (nor lock) behind
 
 
 def test_the_coop_split_draws_16_per_class_from_its_train_part(kit, tmp_path):

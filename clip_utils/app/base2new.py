@@ -93,7 +93,7 @@ def class_halves(dataset: Dataset) -> tuple[Dataset, Dataset]:
 
 def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Top-1 accuracy in % (note: one CPU-GPU sync, once per scored split)."""
-    return 100.0 * (logits.argmax(dim=1).cpu() == labels.cpu()).float().mean().item()
+    return 100.0 * (logits.argmax(dim=1).cpu() == labels.cpu()).double().mean().item()
 
 
 def zeroshot_top1(lab: Lab, dataset: Dataset, prompt_set: str) -> float:
@@ -181,11 +181,11 @@ def run_base2new(lab: Lab, dataset: Dataset | str, methods: Sequence[str], shots
             write(f"base2new: {dataset.folder} {m.label} {shots}-shot seed {seed}"
                   f"{' (reused)' if reused else ''}: base {run.base:.1f}, new {new_text}")
     summary = table.summarise(runs)
-    return Base2NewResult(runs, summary, chosen, write_base2new(lab.results_dir, dataset, runs, summary, shots))
+    return Base2NewResult(runs, summary, chosen, write_base2new(lab.results_dir, dataset, runs, summary))
 
 
 def write_base2new(results_dir: str | Path, dataset: Dataset, runs: Sequence[table.Run], summary: Sequence[dict],
-                   shots: int) -> list[Path]:
+                   ) -> list[Path]:
     """base2new_runs.csv, base2new.csv and the figure of a dataset.
 
     Args:
@@ -193,12 +193,26 @@ def write_base2new(results_dir: str | Path, dataset: Dataset, runs: Sequence[tab
         dataset: the whole dataset.
         runs: every run (`results.base2new.Run`).
         summary: `results.base2new.summarise(runs)`.
-        shots: the runs' images per base class (for the figure's title).
     """
     folder = Path(results_dir) / dataset.folder
     files = [write_csv(folder / RUNS_FILE, RUN_COLUMNS, [[getattr(r, c) for c in RUN_COLUMNS] for r in runs]),
              table.write_table(folder / CSV_FILE, summary)]
-    path = figures_dir(results_dir) / f"{dataset.folder}_base2new.png"
-    plot_base2new(summary, f"{dataset.folder}: base-to-new, {shots} shots per base class (mean ± std over seeds)",
+    return [*files, draw_base2new(results_dir, dataset.folder, summary)]
+
+
+def draw_base2new(results_dir: str | Path, folder: str, summary: Sequence[Mapping]) -> Path:
+    """`results/figures/<folder>_base2new.png` from the table's rows alone."""
+    fitted = [r for r in summary if r.get("shots")]
+    shots = sorted({int(r["shots"]) for r in fitted})
+    seeds = max((int(r["seeds"]) for r in fitted), default=1)
+    spread = " (mean ± std over seeds)" if seeds > 1 else " (one seed)"
+    path = figures_dir(results_dir) / f"{folder}_base2new.png"
+    plot_base2new(summary, f"{folder}: base-to-new, {'/'.join(map(str, shots))} shots per base class{spread}",
                   path=path)
-    return [*files, path]
+    return path
+
+
+def redraw_base2new(results_dir: str | Path, folder: str) -> list[Path]:
+    """The base-to-new figure of a results folder redrawn from its base2new.csv (`report`), if any."""
+    file = Path(results_dir) / folder / CSV_FILE
+    return [draw_base2new(results_dir, folder, table.read_table(file))] if file.is_file() else []

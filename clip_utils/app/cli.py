@@ -179,7 +179,7 @@ def build_parser(defaults: Mapping[str, Mapping] | None = None) -> argparse.Argu
                    help="comma list of images per class; a K some class cannot fill is an error (default: "
                         "%(default)s, without the K the dataset's smallest class cannot fill)")
     p.add_argument("--seeds", type=ints, default=",".join(map(str, config.FEWSHOT_SEEDS)),
-                   help="comma list of seeds, one sample each (default: %(default)s)")
+                   help="comma list of seeds, one sample each; they replace --seed (default: %(default)s)")
     p.add_argument("--epochs", type=positive_int, default=os.environ.get("CLIP_EPOCHS") or None,
                    help="epochs of every method that trains over epochs (default: $CLIP_EPOCHS, else each "
                         "method's own)")
@@ -203,7 +203,7 @@ def build_parser(defaults: Mapping[str, Mapping] | None = None) -> argparse.Argu
     p.add_argument("--shots", type=positive_int, default=config.BASE2NEW_SHOTS,
                    help="training images per base class (default: %(default)s)")
     p.add_argument("--seeds", type=ints, default=",".join(map(str, config.FEWSHOT_SEEDS)),
-                   help="comma list of seeds, one sample each (default: %(default)s)")
+                   help="comma list of seeds, one sample each; they replace --seed (default: %(default)s)")
     p.add_argument("--epochs", type=positive_int, default=os.environ.get("CLIP_EPOCHS") or None,
                    help="epochs of every method that trains over epochs (default: $CLIP_EPOCHS, else each "
                         "method's own)")
@@ -314,18 +314,17 @@ def cmd_fewshot(args) -> None:
 def cmd_base2new(args) -> None:
     lab = _lab(args)
     result = run_base2new(lab, lab.resolve(args.dataset), args.methods, args.shots, args.seeds, args=args)
-    print(f"zero-shot: the {result.prompt_set} prompt set on both halves")
-    print(f"{'method':<16} {'base':>12} {'new':>20} {'HM':>6}")
+    def cell(mean: float | None, std: float | None) -> str:
+        return "n/a" if mean is None else f"{mean:.1f}" + (f" ± {std:.1f}" if std is not None else "")
+
+    print(f"top-1 %, {args.shots} shots per base class; zero-shot: the {result.prompt_set} prompt set on both halves")
+    print(f"{'method':<16}  {'base':>12}  {'new':>12}  {'HM':>6}  new classes scored by")
     for r in result.summary:
-        spread = f" ± {r['base_std']:.1f}" if r["base_std"] is not None else ""
-        base = f"{r['base']:.1f}{spread}"
-        if r["new"] is None:
-            new, hm = "n/a", "n/a"
-        else:
-            spread = f" ± {r['new_std']:.1f}" if r["new_std"] is not None else ""
-            fallback = " (zero-shot)" if r["new_source"] == "zero-shot" else ""
-            new, hm = f"{r['new']:.1f}{spread}{fallback}", f"{r['hm']:.1f}"
-        print(f"{r['label']:<16} {base:>12} {new:>20} {hm:>6}")
+        hm = "n/a" if r["hm"] is None else f"{r['hm']:.1f}"
+        how = {"own": "its own classifier", "n/a": "none (cannot name them)",
+               "zero-shot": "the zero-shot fallback (its run's prompt set)"}[r["new_source"]]
+        print(f"{r['label']:<16}  {cell(r['base'], r['base_std']):>12}  {cell(r['new'], r['new_std']):>12}  "
+              f"{hm:>6}  {how}")
     for path in result.files:
         print(path)
 

@@ -32,6 +32,8 @@ from pathlib import Path
 
 from clip_utils import registry
 from clip_utils.app import sweep
+from clip_utils.app.base2new import CSV_FILE as BASE2NEW_CSV
+from clip_utils.app.base2new import redraw_base2new
 from clip_utils.config import OFFICIAL_SPLIT
 from clip_utils.errors import InvalidValue, MissingFile
 from clip_utils.figures.predictions import plot_confusion, plot_prompt_comparison, plot_sample_predictions
@@ -137,10 +139,14 @@ def collect(results_dir: str | Path) -> tuple[list[dict], list[str]]:
 
     Returns:
         `(rows, missing)`: rows in dataset then method order; `missing` has a line per dataset
-        naming the methods with no full-data run and the command for each.
+        naming the methods with no full-data run and the command for each. The base-to-new
+        protocol's base halves (`<dataset>-base/`) are left out: their accuracy is among half
+        the classes, comparable with nothing here (`base2new.csv` reports them).
     """
     rows, missing = [], []
     for dataset in (folder.name for folder in dataset_folders(results_dir)):
+        if is_class_subset(results_dir, dataset):
+            continue
         trained = {}
         for m in registry.trained():
             file = Path(results_dir) / dataset / m.folder / "metrics.json"
@@ -156,8 +162,6 @@ def collect(results_dir: str | Path) -> tuple[list[dict], list[str]]:
         absent = []
         for m in registry.methods():
             if found.get(m.name) is None:
-                if saved.get("class_subset"):  # a base-to-new half: `base2new` runs what it needs
-                    continue
                 absent.append(f"{m.label} (python -m clip_utils {m.command}"
                               f"{' --prompts all' if m.reference else ''} {given})")
             else:
@@ -171,6 +175,12 @@ def collect(results_dir: str | Path) -> tuple[list[dict], list[str]]:
                           f"the comparison mixes them; rerun the older ones or keep each model in its own "
                           f"--results-dir", stacklevel=2)
     return rows, missing
+
+
+def is_class_subset(results_dir: str | Path, dataset: str) -> bool:
+    """Whether a results folder holds a class subset's runs (base-to-new's base half)."""
+    saved = next(iter(fewshot.saved_metrics(results_dir, dataset)), None)
+    return bool(saved and saved.get("class_subset"))
 
 
 def fitted_methods(results_dir: str | Path, dataset: str) -> list[str]:
@@ -399,7 +409,8 @@ def make_report(results_dir: str | Path) -> list[Path]:
     Returns:
         The written files: summary.csv, then the figures (curves, comparison), each dataset's
         fewshot.csv, fewshot_summary.csv and few-shot figure (where few-shot runs are saved),
-        the prompt-set chart, then each run's confusion and sample figures.
+        each base-to-new figure (where base2new.csv is saved), the prompt-set chart, then each
+        run's confusion and sample figures.
 
     Raises:
         FileNotFoundError: no saved run at all under `results_dir`.
@@ -407,13 +418,15 @@ def make_report(results_dir: str | Path) -> list[Path]:
     results_dir = Path(results_dir)
     rows, missing = collect(results_dir)
     curves = saved_curves(results_dir)
-    if not rows and not curves:
+    # a dataset whose runs are all base-to-new's holds only its table (the runs are in <dataset>-base/)
+    base2new = sorted(f.parent.name for f in results_dir.glob(f"*/{BASE2NEW_CSV}")) if results_dir.is_dir() else []
+    if not rows and not curves and not base2new:
         raise MissingFile(
             f"no saved results under {results_dir}: run `python -m clip_utils {'|'.join(registry.choices())} --dataset ...` "
             f"(or the notebooks) first, or point --results-dir at the results folder"
         )
     for line in missing:
-        print(f"report: no results for {line}", file=sys.stderr)
+        print(f"report: no full-data results for {line}", file=sys.stderr)
     figures = figures_dir(results_dir)
     written = [write_csv(results_dir / "summary.csv", COLUMNS, [[r[c] for c in COLUMNS] for r in rows])]
     written += draw_curves(curves, figures)
@@ -421,5 +434,8 @@ def make_report(results_dir: str | Path) -> list[Path]:
         written.append(figures / "comparison.png")
         plot_comparison(comparison_rows(rows), written[-1])
     for dataset in (folder.name for folder in dataset_folders(results_dir)):
-        written += sweep.write_fewshot_report(results_dir, dataset)[2]
+        if not is_class_subset(results_dir, dataset):
+            written += sweep.write_fewshot_report(results_dir, dataset)[2]
+    for dataset in base2new:
+        written += redraw_base2new(results_dir, dataset)
     return written + draw_prompt_sets(results_dir, figures) + draw_evaluations(results_dir)

@@ -23,7 +23,7 @@ from clip_utils.figures.training import percent
 # The table's words for where a new accuracy comes from; `results.base2new.NEW_SOURCES` is
 # built from these (figures may not import results).
 OWN, FALLBACK, NO_NEW = "own", "zero-shot", "n/a"
-FALLBACK_LEGEND = "new: zero-shot fallback"
+FALLBACK_LEGEND = "new and HM: zero-shot fallback"
 # One colour per measure, the same for every method: the groups are the methods.
 COLOURS = {"base": "#3182bd", "new": "#e6550d", "hm": "#636363"}
 NAMES = {"base": "base", "new": "new", "hm": "HM"}

@@ -306,7 +306,8 @@ def run_lock(folder: str | Path) -> Iterator[None]:
 
     `fcntl.flock` on a file beside the folder, so a killed run leaves no stale lock (the
     kernel drops it with the process); runs into other folders (another dataset or method)
-    go on side by side.
+    go on side by side. A run that wrote nothing (refused, or failed before its first file)
+    leaves nothing: the lock file and the folders made for it are removed again.
 
     Args:
         folder: the run's results folder.
@@ -316,6 +317,7 @@ def run_lock(folder: str | Path) -> Iterator[None]:
     """
     folder = Path(folder)
     lock = folder.parent / f".{folder.name}.lock"
+    made = [p for p in (lock.parent, *lock.parent.parents) if not p.exists()]  # deepest first
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
         handle = open(lock, "a+")
@@ -329,6 +331,11 @@ def run_lock(folder: str | Path) -> Iterator[None]:
         try:
             yield
         finally:
+            if not folder.exists():  # nothing written: no empty folders for a report to find
+                with contextlib.suppress(OSError):
+                    lock.unlink()
+                    for parent in made:
+                        parent.rmdir()
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
