@@ -236,3 +236,15 @@ def test_both_encoders_few_shot_run_has_its_own_folder_sample_and_reload(kit, tm
     classifier = load_classifier(lab, "cub200", shots=2, seed=1)
     assert _test_logits(classifier, lab).argmax(1).tolist() == _saved_preds(folder)
     assert not (tmp_path / "cub200" / "lora" / "metrics.json").exists()  # the full-data run is another folder
+
+
+def test_both_encoders_score_any_class_set_as_their_own_classifier_does(both_lora_run):
+    """Base-to-new's new-class scoring (`score_new`) through the adapted towers: given the run's
+    own classes, it reproduces the run's test accuracy (the same prompts through the same towers)."""
+    from clip_utils import registry
+    from clip_utils.app.base2new import top1
+
+    lab, metrics = both_lora_run["lab"], both_lora_run["metrics"]
+    cub = lab.resolve("cub200")
+    logits = registry.get("lora").score_new(lab, cub, cub, shots=None, seed=None, run=metrics)
+    assert top1(logits, lab.features(cub, "test").labels) == pytest.approx(100 * metrics["top1"], abs=1e-6)
