@@ -213,7 +213,20 @@ def test_cli_text_tower_only_with_the_preset(kit, tmp_path):
     methods = json.loads(out.getvalue())[0]["methods"]
     assert code == 0 and "top_k" in methods["lora"]  # no vision adapter, and still a trained classifier
     assert "error" in methods["linear_probe"]
+    # base-to-new's new-class scoring (`score_new`) through the adapted text tower: given the run's
+    # own classes, the logits of its own classifier, and not zero-shot CLIP's
+    from clip_utils import prompts, registry
+    from clip_utils.lab import Lab
 
+    lab = Lab(model=str(kit["model"]), data_root=kit["data"], results_dir=tmp_path, device="cpu", batch_size=32,
+              num_workers=0, download=False)
+    cub = lab.resolve("cub200")
+    logits = registry.get("lora").score_new(lab, cub, cub, shots=None, seed=None, run=metrics)
+    torch.testing.assert_close(logits, _test_logits(classifier_for(lab, "cub200", "lora"), lab), atol=1e-5, rtol=0)
+    test = lab.features(cub, "test")
+    zeroshot = prompts.zeroshot_logits(test.embeddings, lab.text_classifier(cub, "domain"), lab.logit_scale,
+                                       lab.logit_bias)
+    assert (logits - zeroshot).abs().max() > 5e-5  # one epoch at the preset's rate moves the tiny model's logits a little
 
 def test_both_encoders_few_shot_run_has_its_own_folder_sample_and_reload(kit, tmp_path):
     from clip_utils.lab import Lab
