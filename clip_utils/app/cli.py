@@ -138,6 +138,18 @@ DESCRIPTIONS_HELP = ('a CuPL/DCLIP descriptions file, {"class name": ["descripti
                      'prompt set (matched to the curated or original class names, any case)')
 
 
+def _sweep_arguments(parser: argparse.ArgumentParser, trained: tuple[Method, ...]) -> None:
+    """The options a command over several methods and seeds shares (fewshot, base2new)."""
+    parser.add_argument("--seeds", type=ints, default=",".join(map(str, config.FEWSHOT_SEEDS)),
+                        help="comma list of seeds, one sample each; they replace --seed (default: %(default)s)")
+    parser.add_argument("--epochs", type=positive_int, default=os.environ.get("CLIP_EPOCHS") or None,
+                        help="epochs of every method that trains over epochs (default: $CLIP_EPOCHS, else each "
+                             "method's own)")
+    for m in trained:
+        m.add_sweep_arguments(parser)
+    _common(parser, config.LORA.batch_size)
+
+
 def _methods_help(methods: tuple[Method, ...]) -> str:
     return ", ".join(m.command for m in methods)
 
@@ -178,14 +190,7 @@ def build_parser(defaults: Mapping[str, Mapping] | None = None) -> argparse.Argu
     p.add_argument("--shots", type=positive_ints, default=",".join(map(str, config.FEWSHOT_SHOTS)), action=Given,
                    help="comma list of images per class; a K some class cannot fill is an error (default: "
                         "%(default)s, without the K the dataset's smallest class cannot fill)")
-    p.add_argument("--seeds", type=ints, default=",".join(map(str, config.FEWSHOT_SEEDS)),
-                   help="comma list of seeds, one sample each; they replace --seed (default: %(default)s)")
-    p.add_argument("--epochs", type=positive_int, default=os.environ.get("CLIP_EPOCHS") or None,
-                   help="epochs of every method that trains over epochs (default: $CLIP_EPOCHS, else each "
-                        "method's own)")
-    for m in trained:
-        m.add_sweep_arguments(p)
-    _common(p, config.LORA.batch_size)
+    _sweep_arguments(p, trained)
     p.set_defaults(handler=cmd_fewshot)
 
     p = sub.add_parser("base2new", help="base-to-new protocol: fit on half the classes, test on both halves",
@@ -202,14 +207,7 @@ def build_parser(defaults: Mapping[str, Mapping] | None = None) -> argparse.Argu
                         f"reference row (default: %(default)s)")
     p.add_argument("--shots", type=positive_int, default=config.BASE2NEW_SHOTS,
                    help="training images per base class (default: %(default)s)")
-    p.add_argument("--seeds", type=ints, default=",".join(map(str, config.FEWSHOT_SEEDS)),
-                   help="comma list of seeds, one sample each; they replace --seed (default: %(default)s)")
-    p.add_argument("--epochs", type=positive_int, default=os.environ.get("CLIP_EPOCHS") or None,
-                   help="epochs of every method that trains over epochs (default: $CLIP_EPOCHS, else each "
-                        "method's own)")
-    for m in trained:
-        m.add_sweep_arguments(p)
-    _common(p, config.LORA.batch_size)
+    _sweep_arguments(p, trained)
     p.set_defaults(handler=cmd_base2new)
 
     p = sub.add_parser("predict", help="top-k classes for your own photos", epilog=EPILOG)
