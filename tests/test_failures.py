@@ -50,6 +50,18 @@ def test_a_results_path_that_is_a_file_is_refused_before_any_work(kit, tmp_path)
     assert results.read_text() == "not a folder"
 
 
+def test_a_full_results_disk_is_said_with_its_reason_before_any_work(tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.tempfile, "mkstemp", full)
+    with pytest.raises(files.WriteFailed) as caught:
+        files.check_writable(tmp_path / "results")
+    line = str(caught.value)
+    assert line.startswith(f"the results folder {tmp_path / 'results'} cannot be written: No space left on device (")
+    assert "bytes free there)" in line and line.endswith("choose another --results-dir")
+
+
 def test_a_full_disk_mid_run_is_one_line_and_keeps_the_earlier_result(kit, tmp_path, monkeypatch):
     args = ["probe", *_common(kit, tmp_path)]
     assert _run(args)[0] == 0

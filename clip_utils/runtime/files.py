@@ -42,13 +42,15 @@ def _existing(path: Path) -> Path:
     return path
 
 
-def write_failed(path: str | Path, err: BaseException, written: int | None = None) -> WriteFailed | None:
+def write_failed(path: str | Path, err: BaseException, written: int | None = None,
+                 what: str | None = None) -> WriteFailed | None:
     """The one-line error for a write the file system refused, or None for any other failure.
 
     Args:
         path: the file or folder being written.
         err: what the write raised (an `OSError`, or a library's own error for a full disk).
         written: bytes of the failed write that reached the disk, when known.
+        what: the line's subject (default: "cannot write PATH").
     """
     path = Path(path)
     if isinstance(err, UserError):  # already said (a nested write)
@@ -63,8 +65,8 @@ def write_failed(path: str | Path, err: BaseException, written: int | None = Non
     except OSError:
         free = "free space unknown"
     size = f"{written:,} bytes written before it failed, " if written is not None else ""
-    return WriteFailed(f"cannot write {path}: {reason} ({size}{free}): free some space, or choose another "
-                       f"--results-dir")
+    what = what or f"cannot write {path}"
+    return WriteFailed(f"{what}: {reason} ({size}{free}): free some space, or choose another --results-dir")
 
 
 def check_writable(folder: str | Path) -> Path:
@@ -83,10 +85,10 @@ def check_writable(folder: str | Path) -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
-        failed = write_failed(folder / ".write-check", err)
+        failed = write_failed(folder / ".write-check", err, what=f"the results folder {folder} cannot be written")
         if failed is None:
             raise
-        raise WriteFailed(f"the results folder {folder} cannot be written ({str(failed).split(': ', 2)[-1]}") from None
+        raise failed from None
     return folder
 
 
