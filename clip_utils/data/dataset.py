@@ -234,10 +234,9 @@ class Dataset:
         """`(samples, original class names)` of a split of the whole dataset, from its split source."""
         if split not in SPLITS:
             raise InvalidValue(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
-        samples, classes = self.spec.load(self.root, split, download)
-        if self.source.samples is not None:
-            samples = self.source.samples[split]
-        return samples, classes
+        if self.source.samples is not None:  # the split file's lists (its images checked when it was read)
+            return list(self.source.samples[split]), list(self.original_names)
+        return self.spec.load(self.root, split, download)
 
     def load(self, split: str, transform: Callable[[Image.Image], Any] | None = None,
              download: bool = False) -> ImageListDataset:
