@@ -67,6 +67,7 @@ def test_the_context_is_learned_and_saved(trained):
     metrics, folder = trained
     assert metrics["method"] == coop.METHOD and metrics["epochs"] == 3 and metrics["best_epoch"] == 3
     assert metrics["fit_info"]["n_ctx"] == 4 and metrics["fit_info"]["context_change"] > 1e-3
+    assert metrics["trainable_params"] == 4 * 32 and metrics["trainable_pct"] > 0  # the context, M x W
     from safetensors.torch import load_file
 
     saved = load_file(str(folder / "adapter.safetensors"))

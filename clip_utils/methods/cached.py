@@ -126,11 +126,13 @@ def feature_data(lab: Lab, dataset: Dataset, data: RunData, prompt_set: str) -> 
     return fd, chosen, scores
 
 
-def _parameters(module: nn.Module, trains: bool) -> tuple[int, int]:
-    """`(learned, stored)`: what training changed (nothing for a training-free fit, whose
-    tensors are computed from the data), and every tensor the module keeps (buffers too)."""
-    params = sum(p.numel() for p in module.parameters())
-    return (params if trains else 0), params + sum(b.numel() for b in module.buffers())
+def _parameters(fitted: Fitted, trains: bool) -> tuple[int, int]:
+    """`(learned, stored)`: what training changed (the fit says so where it is not the module's
+    parameters; nothing for a training-free fit, whose tensors are computed from the data), and
+    every tensor the module keeps (buffers too)."""
+    params = sum(p.numel() for p in fitted.module.parameters())
+    learned = fitted.learned if fitted.learned is not None else (params if trains else 0)
+    return learned, params + sum(b.numel() for b in fitted.module.buffers())
 
 
 @torch.inference_mode()
@@ -159,6 +161,8 @@ def run_cached(lab: Lab, dataset: Dataset | str, method: str, fit: Callable[...,
         prepare: for a fit that needs more than the features (a prompt learner needs the
             lab's text tower): `prepare(lab, dataset, run data)` gives extra keyword arguments
             of `fit`, made after the sample is drawn and before the fit (never the test split).
+        trains: whether the fit trains its module's parameters (False: they are computed from
+            the data, and none counts as learned).
 
     Returns:
         The metrics.json content.
@@ -189,7 +193,7 @@ def run_cached(lab: Lab, dataset: Dataset | str, method: str, fit: Callable[...,
     # Only now, with the fit saved, is the test split read: nothing above could select on it.
     test = lab.features(dataset, "test")
     logits = _scores(module, test.embeddings, device)
-    learned, stored = _parameters(module, trains)
+    learned, stored = _parameters(fitted, trains)
     # counted on the checkpoint the lab holds anyway: no inference model is rebuilt for a number
     encoder = image_encoder_parameters(lab.checkpoint().model)
     run = {

@@ -371,7 +371,7 @@ def fit(data: FeatureData, *, text: PromptText, shots: int | None = None, epochs
         "context_change": float((final - initial).norm()),
         "batches_per_epoch": int(n_batches), "seconds": time.perf_counter() - start,
     }
-    return Fitted(module=module, config=module.config(), info=info, curves=curves)
+    return Fitted(module=module, config=module.config(), info=info, curves=curves, learned=module.context.numel())
 
 
 # ----------------------------------------------------------------------------- the method's declaration

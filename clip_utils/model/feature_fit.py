@@ -67,12 +67,15 @@ class Fitted:
         info: what was selected and how (`alpha`, `beta`, `best_epoch`, ... ; JSON-able).
         curves: one dict per epoch for trained methods (`epoch`, `train_loss`, `val_loss`,
             `val_acc`, `seconds`), empty for training-free ones.
+        learned: how many numbers training changed, where they are not the module's parameters
+            (a prompt learner's context, kept as a buffer); None: the module's parameters.
     """
 
     module: nn.Module
     config: dict[str, Any]
     info: dict[str, Any]
     curves: list[dict[str, float]]
+    learned: int | None = None
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
