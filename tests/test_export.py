@@ -125,6 +125,7 @@ def test_export_refuses_what_it_cannot_or_must_not_do(kit, tmp_path, exported):
         code = main(["export", "--dataset", "cub200", "--method", "lora", "--out", str(tmp_path / "x"),
                      "--results-dir", str(tmp_path / "empty"), *common])
     assert code == 1 and "python -m clip_utils lora --dataset cub200" in err.getvalue()
+    assert not (tmp_path / "empty").exists()  # export reads results: a mistyped folder is not made
     precious = tmp_path / "notes"
     precious.mkdir()
     (precious / "todo.txt").write_text("keep me")

@@ -228,7 +228,7 @@ def build_parser(defaults: Mapping[str, Mapping] | None = None) -> argparse.Argu
                    help='print JSON instead of a table (with --method all: {"photo", "methods": {method: '
                         '{"top_k"} or {"error"}}} per photo)')
     _common(p, config.INFERENCE_BATCH_SIZE, dataset_required=False)
-    p.set_defaults(handler=cmd_predict)
+    p.set_defaults(handler=cmd_predict, makes_results=False)
 
     exporters = tuple(m for m in registry.methods() if m.export is not None)
     p = sub.add_parser("export", help="write a trained classifier to one folder usable with plain transformers",
@@ -239,12 +239,12 @@ def build_parser(defaults: Mapping[str, Mapping] | None = None) -> argparse.Argu
     p.add_argument("--out", required=True, metavar="DIR",
                    help="the folder to write (an earlier export there is replaced; anything else is refused)")
     _common(p, config.INFERENCE_BATCH_SIZE)
-    p.set_defaults(handler=cmd_export)
+    p.set_defaults(handler=cmd_export, makes_results=False)
 
     p = sub.add_parser("report", help="redraw every figure and summary.csv from saved results", epilog=EPILOG)
     p.add_argument("--results-dir", default=os.environ.get("CLIP_RESULTS_DIR", "results"),
                    help="results root (default: %(default)s)")
-    p.set_defaults(handler=cmd_report)
+    p.set_defaults(handler=cmd_report, makes_results=False)
     return parser
 
 
@@ -488,7 +488,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():  # restores the previous display when main returns
             warnings.showwarning = _show_warning
-            if args.command not in ("predict", "report"):  # before any slow work: a folder we cannot write to
+            # before any slow work: a folder we cannot write to (predict and export only read
+            # results, and report says when there are none: none of them makes the folder)
+            if getattr(args, "makes_results", True):
                 check_writable(args.results_dir)
             if distributed.launched():  # torchrun: join the other processes, on this rank's device
                 args.device = distributed.setup(args.device or default_device())
