@@ -73,9 +73,9 @@ class Method:
             a sweep runs them first.
         batch_size: its command's default `--batch-size`.
         add_arguments: `add_arguments(parser)` adds its own command's options.
-        add_sweep_arguments: `add_sweep_arguments(parser)` adds options to `fewshot`.
-        check_arguments: `check_arguments(args)` raises `ValueError` for a combination of
-            options that cannot work (a usage error), before anything loads.
+        add_sweep_arguments: `add_sweep_arguments(parser)` adds options to `fewshot` and `base2new`.
+        check_arguments: `check_arguments(args)` raises `errors.InvalidValue` for a combination
+            of options that cannot work (a usage error), before anything loads.
         parser_defaults: `parser_defaults(args) -> dict | None`: defaults that depend on
             another option (a preset); the command line is parsed again with them.
         settings: `settings(args)` reads its run settings from parsed options (its own
@@ -194,7 +194,7 @@ def get(name: str) -> Method:
     """The method called `name` (canonical name, CLI command or alias).
 
     Raises:
-        ValueError: no such method; the message lists the choices.
+        InvalidValue: no such method; the message lists the choices.
     """
     for m in methods():
         if name in m.names:

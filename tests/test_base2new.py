@@ -195,6 +195,13 @@ def test_coop_split_results_record_the_split_and_never_share_a_folder(kit, tmp_p
         assert metrics["split_sha256"] == hashlib.sha256(sha_file.read_bytes()).hexdigest()
         assert metrics["n"] == 2463
     assert not (tmp_path / "flowers102").exists()
+    # report's commands for the missing full-data runs name each folder's split (a file of your own by a placeholder)
+    from clip_utils.app import report
+
+    _, missing = report.collect(tmp_path)
+    lines = {line.split(":")[0]: line for line in missing}
+    assert "--dataset flowers102 --split coop)" in lines["flowers102-coop"]
+    assert "--dataset flowers102 --split coop --split-file YOUR_SPLIT_FILE)" in lines[f"flowers102-coop-{digest[:8]}"]
 
 
 def test_a_split_file_is_checked_against_the_class_order(kit, tmp_path):

@@ -35,7 +35,7 @@ def kernel(monkeypatch):
         shown.append(obj)
         return Handle(shown)
 
-    monkeypatch.setattr(progress, "_in_kernel", lambda: True)
+    monkeypatch.setattr(progress, "_widget_bars", lambda: True)
     monkeypatch.setattr(progress, "in_kernel", lambda: True)
     monkeypatch.setattr(progress, "_display", display)
     return shown

@@ -104,9 +104,15 @@ def zeroshot_top1(lab: Lab, dataset: Dataset, prompt_set: str) -> float:
     return top1(logits, test.labels)
 
 
+def can_score(method: Method) -> bool:
+    """Whether base2new can score the method's new classes: it does not declare that it names
+    them, or it also says how (`score_new`)."""
+    return not (method.new_classes == "text" and method.score_new is None)
+
+
 def check_can_score(methods: Sequence[Method]) -> None:
     """Refuse a method that declares it names new classes but has no way to score them here."""
-    missing = [m.label for m in methods if m.new_classes == "text" and m.score_new is None]
+    missing = [m.label for m in methods if not can_score(m)]
     if missing:
         raise InvalidValue(f"base2new cannot score new classes with {', '.join(missing)} yet (declared able to name "
                            f"them, but no score_new): leave it out of --methods")

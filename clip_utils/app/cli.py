@@ -44,7 +44,7 @@ import torch
 
 from clip_utils import config, prompts, registry
 from clip_utils.app import sweep
-from clip_utils.app.base2new import check_can_score, run_base2new
+from clip_utils.app.base2new import can_score, check_can_score, run_base2new
 from clip_utils.app.export import export_classifier, predict_exported
 from clip_utils.app.photos import (
     checkpoint_missing,
@@ -425,12 +425,12 @@ def _check_arguments(parser: argparse.ArgumentParser, args) -> None:
     try:
         if args.command in ("fewshot", "base2new"):
             if args.methods == [ALL_METHODS]:
-                args.methods = [m.name for m in registry.trained()
-                                if args.command == "fewshot" or not (m.new_classes == "text" and m.score_new is None)]
-            for m in sweep.check_methods(args.methods):
+                args.methods = [m.name for m in registry.trained() if args.command == "fewshot" or can_score(m)]
+            chosen = sweep.check_methods(args.methods)
+            for m in chosen:
                 m.check_arguments(args)
             if args.command == "base2new":
-                check_can_score(sweep.check_methods(args.methods))
+                check_can_score(chosen)
         if method is not None:
             method.check_arguments(args)
         # An image folder's sets depend on its classes.json: they are checked when it loads.

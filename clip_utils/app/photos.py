@@ -51,7 +51,7 @@ from PIL import Image
 
 from clip_utils import config, registry
 from clip_utils.data import Dataset, results_name
-from clip_utils.data.images import decode_image, to_rgb  # noqa: F401  (to_rgb: kept importable here)
+from clip_utils.data.images import decode_image
 from clip_utils.errors import InvalidValue, UserError
 from clip_utils.figures.predictions import plot_photo_predictions
 from clip_utils.lab import Lab

@@ -25,6 +25,7 @@ redrawn too.
 from __future__ import annotations
 
 import csv
+import shlex
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
@@ -154,11 +155,8 @@ def collect(results_dir: str | Path) -> tuple[list[dict], list[str]]:
                 trained[m.name] = metrics
         model = next((m["model"] for m in trained.values()), None)
         found = {registry.reference().name: zeroshot_baseline(results_dir, dataset, model), **trained}
-        # What --dataset and --split said (an image folder's path), for the commands that fill the gaps.
         saved = next((m for m in found.values() if m), None) or next(iter(fewshot.saved_metrics(results_dir, dataset)), {})
-        given = f"--dataset {saved.get('dataset', dataset)}"
-        if saved.get("split_source", OFFICIAL_SPLIT) != OFFICIAL_SPLIT:
-            given += f" --split {saved['split_source']}"
+        given = _dataset_args(saved, dataset)
         absent = []
         for m in registry.methods():
             if found.get(m.name) is None:
@@ -175,6 +173,21 @@ def collect(results_dir: str | Path) -> tuple[list[dict], list[str]]:
                           f"the comparison mixes them; rerun the older ones or keep each model in its own "
                           f"--results-dir", stacklevel=2)
     return rows, missing
+
+
+def _dataset_args(saved: Mapping, folder: str) -> str:
+    """What --dataset and --split said for a saved run (an image folder's path quoted), for the
+    commands that fill the gaps; a split file of one's own is named as a placeholder (the
+    metrics keep its hash, not its path)."""
+    args = ["--dataset", saved.get("dataset", folder)]
+    source = saved.get("split_source", OFFICIAL_SPLIT)
+    if source != OFFICIAL_SPLIT:
+        args += ["--split", source]
+    text = shlex.join(args)
+    sha = saved.get("split_sha256") or ""
+    if source != OFFICIAL_SPLIT and sha and folder.endswith(f"-{source}-{sha[:8]}"):
+        text += " --split-file YOUR_SPLIT_FILE"
+    return text
 
 
 def is_class_subset(results_dir: str | Path, dataset: str) -> bool:

@@ -95,20 +95,6 @@ def decode_image(source: str | Path | BinaryIO, name: str | Path, *, photo: bool
         raise UnreadableImageError(f"cannot read {name}: the file is truncated or corrupt ({err}); {fix}") from err
 
 
-def unreadable(path: str | Path, err: Exception) -> UnreadableImageError:
-    """The error for a dataset image that cannot be decoded: the file, why, and what to do.
-
-    Args:
-        path: the image file.
-        err: what the decoder raised.
-    """
-    if isinstance(err, UnreadableImageError):
-        return err
-    # PIL names what it read (`<_io.BytesIO object at 0x...>` when given bytes), not the file.
-    why = "not an image file Pillow can identify" if isinstance(err, UnidentifiedImageError) else str(err)
-    return UnreadableImageError(f"cannot read image {path} ({why}): re-download the dataset or remove the file")
-
-
 def _to_8bit(img: Image.Image) -> Image.Image:
     # 16-bit PNG/TIFF greyscale opens as I;16* or I (32-bit int), float TIFF as F. Scale by
     # the range the mode implies: 0..65535 for 16-bit, 0..1 for float images stored so.

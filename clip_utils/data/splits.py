@@ -25,11 +25,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from clip_utils.data.images import SPLITS
 from clip_utils.errors import InvalidValue, MissingFile
 from clip_utils.runtime.files import atomic_path, regular_file, write_text
 from clip_utils.runtime.network import reachable
 
-SPLIT_NAMES = ("train", "val", "test")
 DOWNLOAD_TIMEOUT_S = 60.0
 # The largest published file (Food-101, ~100k entries) is a few MB; anything far larger is
 # not a split file, and reading it whole would only waste memory.
@@ -97,7 +97,7 @@ class SplitFile:
 
     def sizes(self) -> tuple[int, int, int]:
         """`(train, val, test)` sizes."""
-        train, val, test = (len(self.samples[s]) for s in SPLIT_NAMES)
+        train, val, test = (len(self.samples[s]) for s in SPLITS)
         return train, val, test
 
 
@@ -115,10 +115,10 @@ def _parse(path: Path, data: bytes) -> dict[str, list]:
         content = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise _bad(path, f"not valid JSON ({err})") from None
-    if not isinstance(content, dict) or set(content) != set(SPLIT_NAMES):
+    if not isinstance(content, dict) or set(content) != set(SPLITS):
         found = sorted(content) if isinstance(content, dict) else type(content).__name__
         raise _bad(path, f"expected a JSON object with exactly the keys train, val, test, found {found}")
-    for split in SPLIT_NAMES:
+    for split in SPLITS:
         if not isinstance(content[split], list):
             raise _bad(path, f"{split} is {type(content[split]).__name__}, not a list of entries")
     return content
@@ -127,7 +127,7 @@ def _parse(path: Path, data: bytes) -> dict[str, list]:
 def _entries(path: Path, content: dict[str, list], n_classes: int) -> dict[str, list[tuple[str, int, str]]]:
     """Each entry checked for shape, label range and a safe relative path."""
     out: dict[str, list[tuple[str, int, str]]] = {}
-    for split in SPLIT_NAMES:
+    for split in SPLITS:
         rows = []
         for i, entry in enumerate(content[split]):
             if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
@@ -147,7 +147,7 @@ def _entries(path: Path, content: dict[str, list], n_classes: int) -> dict[str, 
 
 def _names(path: Path, entries: dict[str, list[tuple[str, int, str]]], n_classes: int) -> tuple[str, ...]:
     names: dict[int, str] = {}
-    for split in SPLIT_NAMES:
+    for split in SPLITS:
         for rel, label, name in entries[split]:
             known = names.setdefault(label, name)
             if known != name:
@@ -163,7 +163,7 @@ def _names(path: Path, entries: dict[str, list[tuple[str, int, str]]], n_classes
 
 def _no_duplicates(path: Path, entries: dict[str, list[tuple[str, int, str]]]) -> None:
     seen: dict[str, str] = {}
-    for split in SPLIT_NAMES:
+    for split in SPLITS:
         for rel, _, _ in entries[split]:
             if rel in seen:
                 where = f"twice in {split}" if seen[rel] == split else f"in both {seen[rel]} and {split}"
@@ -207,20 +207,20 @@ def read_split_file(
     data = path.read_bytes()
     entries = _entries(path, _parse(path, data), n_classes)
     names = _names(path, entries, n_classes)
-    found = tuple(len(entries[s]) for s in SPLIT_NAMES)
+    found = tuple(len(entries[s]) for s in SPLITS)
     if sizes is not None and found != tuple(sizes):
         raise _bad(path, f"it has {'/'.join(map(str, found))} train/val/test images, not the published "
                          f"{'/'.join(map(str, sizes))}: it is another split")
     _no_duplicates(path, entries)
     root = Path(os.path.abspath(Path(image_root).expanduser()))  # absolute, symlinks kept as given
     if check_files:
-        listed = [rel for s in SPLIT_NAMES for rel, _, _ in entries[s]]
+        listed = [rel for s in SPLITS for rel, _, _ in entries[s]]
         missing = [rel for rel in listed if not (root / rel).is_file()]
         if missing:
             raise MissingFile(
                 f"{len(missing):,} of the {len(listed):,} images listed in {path} are not in {root} (first: "
                 f"{missing[0]}): the dataset must be in that folder; put it there or give the right --data-root")
-    samples = {s: [(str(root / rel), label) for rel, label, _ in entries[s]] for s in SPLIT_NAMES}
+    samples = {s: [(str(root / rel), label) for rel, label, _ in entries[s]] for s in SPLITS}
     return SplitFile(path=path, sha256=hashlib.sha256(data).hexdigest(), samples=samples, names=names)
 
 
@@ -288,9 +288,9 @@ def write_split_file(path: str | Path, samples_by_split: Mapping[str, Sequence[t
     Raises:
         InvalidValue: the keys are not exactly train, val and test.
     """
-    if set(samples_by_split) != set(SPLIT_NAMES):
+    if set(samples_by_split) != set(SPLITS):
         raise InvalidValue(f"a split file has exactly the splits train, val, test, not {sorted(samples_by_split)}")
-    content = {s: [[str(rel), int(label), str(name)] for rel, label, name in samples_by_split[s]] for s in SPLIT_NAMES}
+    content = {s: [[str(rel), int(label), str(name)] for rel, label, name in samples_by_split[s]] for s in SPLITS}
     return write_text(path, json.dumps(content) + "\n")
 
 

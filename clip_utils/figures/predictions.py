@@ -466,15 +466,10 @@ def plot_prompt_comparison(table: Mapping[str, Mapping[str, float]], path: str |
 PHOTO_IN, CHART_IN, ROW_IN, BAR_IN = 2.6, 2.8, 0.34, 0.14
 HEAD_IN, TITLE_IN, GAP_IN, MARGIN_IN, BANNER_IN = 0.3, 0.4, 0.25, 0.12, 0.5
 CHARTS_PER_LINE = 3
-NAME_CHARS = 40  # a longer class name is cut at a word with an ellipsis (a chart is 2.8 inches wide)
 TOP_COLOUR, OTHER_COLOUR, AXIS_COLOUR = "#3182bd", "#bdbdbd", "#636363"
 # The explorer's images: inches above are whole pixels at this resolution, so a chart drawn
 # with 20 rows cropped to k rows is exactly the chart of k rows.
 EXPLORER_DPI = 100
-
-
-def _short(name: str, width: int = NAME_CHARS) -> str:
-    return name if len(name) <= width else textwrap.shorten(name, width, placeholder="...")
 
 
 def thumbnail(image, inches: float = PHOTO_IN, dpi: float = 200):
@@ -530,7 +525,7 @@ def _draw_chart(fig: Figure, left: float, top: float, label: str, top_k: Sequenc
     full = CHART_IN - 0.6  # a bar at 100%: room for its percentage after it
     for rank, t in enumerate(top_k):
         p, row = float(t["prob"]), top + rank * ROW_IN
-        _text(fig, left + 0.05, row + 0.15, _short(str(t["name"])), ha="left", va="baseline", fontsize=8.5)
+        _text(fig, left + 0.05, row + 0.15, short(str(t["name"])), ha="left", va="baseline", fontsize=8.5)
         _rect(fig, left, row + 0.18, full * p, BAR_IN, color=TOP_COLOUR if rank == 0 else OTHER_COLOUR)
         _text(fig, left + full * p + 0.05, row + 0.18 + BAR_IN / 2, f"{100 * p:.1f}%", ha="left", va="center_baseline",
               fontsize=8, color="#404040")

@@ -34,7 +34,7 @@ from clip_utils.registry import Method, register
 from clip_utils.results.evaluation import save_evaluation
 from clip_utils.results.layout import check_results_folder, figures_dir
 
-# The saved results' helpers, importable from here as before (Task1.ipynb uses them).
+# The saved results' helpers, importable from here: Task1.ipynb reads zero-shot through this one module.
 from clip_utils.results.prompt_sets import (  # noqa: F401
     COMPARISON_FIGURE,
     SET_ORDER,

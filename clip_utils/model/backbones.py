@@ -49,7 +49,6 @@ import torch
 from torch import nn
 
 from clip_utils.errors import InvalidValue
-from clip_utils.model import heads
 from clip_utils.model.heads import visual_projection
 
 # The text length SigLIP's model cards pad to (`padding="max_length", max_length=64`).
@@ -179,16 +178,6 @@ class Backbone:
         if projection is not None:
             return int(projection.out_features)
         return int(model.config.vision_config.hidden_size)
-
-    @staticmethod
-    def logit_scale(model) -> float:
-        """The learned temperature, `exp(model.logit_scale)`."""
-        return heads.logit_scale(model)
-
-    @staticmethod
-    def logit_bias(model) -> float:
-        """SigLIP's learned logit bias (`logits = scale * cos + bias`); 0 for the others."""
-        return heads.logit_bias(model)
 
     @staticmethod
     def lora_targets(names: Sequence[str]) -> str:

@@ -40,7 +40,7 @@ from torch import nn
 from clip_utils.config import DEFAULT_MODEL
 from clip_utils.errors import UserError
 from clip_utils.model.backbones import Backbone, config_backbone
-from clip_utils.model.heads import logit_scale
+from clip_utils.model.heads import logit_bias, logit_scale
 from clip_utils.model.preprocess import Preprocess
 from clip_utils.runtime import distributed
 from clip_utils.runtime.env import TRUE
@@ -122,7 +122,7 @@ class Clip:
     @cached_property
     def logit_bias(self) -> float:
         """SigLIP's logit bias (`scale * cos + bias`); 0 for families without one."""
-        return self.backbone.logit_bias(self.model)
+        return logit_bias(self.model)
 
     @cached_property
     def fingerprint(self) -> str:

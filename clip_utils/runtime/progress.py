@@ -65,8 +65,9 @@ def style() -> str:
     return value
 
 
-def _in_kernel() -> bool:
-    """Whether tqdm.auto chose its notebook widget (a Jupyter kernel, not a console).
+def _widget_bars() -> bool:
+    """Whether tqdm.auto chose its notebook widget (a Jupyter kernel with ipywidgets; a kernel
+    without them gets text bars, though `in_kernel()` still holds there).
 
     Not "ipykernel is imported": any process that runs notebooks (nbclient, the tests)
     imports it without being a kernel, and its bars then lost their log style.
@@ -193,7 +194,7 @@ def bar(iterable: Iterable | None = None, *, desc: str | None = None, total: int
     text = style() == "text"
     if disable:
         return auto_tqdm(iterable, desc=desc, total=total, unit=unit, leave=leave, disable=True, **kwargs)
-    if _in_kernel() and not text:
+    if _widget_bars() and not text:
         # Always left (as its text line): a notebook keeps the record a log keeps.
         return _widget_bar_class()(iterable, desc=desc, total=total, unit=unit, leave=True, **kwargs)
     if sys.stderr.isatty() and not text:

@@ -9,13 +9,13 @@ differs from the published file.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from clip_utils.data.splits import SPLIT_NAMES, ZHOU_SPLITS, write_split_file
-from clip_utils.data.benchmarks import CAT_TO_NAME
+from clip_utils.data.benchmarks import flowers102_class_names
+from clip_utils.data.images import SPLITS
+from clip_utils.data.splits import ZHOU_SPLITS, write_split_file
 
 # Every class must allow a 16-shot draw from train (the largest K of the few-shot tables).
 MIN_TRAIN_PER_CLASS = 16
@@ -42,10 +42,9 @@ def write_flowers102_split(data_root: Path, seed: int = 0, path: Path | None = N
     zhou = ZHOU_SPLITS["flowers102"]
     base = Path(data_root) / "flowers-102"
     labels = loadmat(base / "imagelabels.mat")["labels"][0].astype(int) - 1
-    cat_to_name = json.loads(CAT_TO_NAME.read_text())
-    names = [cat_to_name[str(k + 1)] for k in range(int(labels.max()) + 1)]
+    names = flowers102_class_names()[: int(labels.max()) + 1]
     rng = np.random.default_rng(seed)
-    parts: dict[str, list[tuple[int, int]]] = {s: [] for s in SPLIT_NAMES}
+    parts: dict[str, list[tuple[int, int]]] = {s: [] for s in SPLITS}
     for label in range(len(names)):
         images = rng.permutation(np.flatnonzero(labels == label) + 1)  # 1-based image numbers
         # Python's round (half to even), as CoOp's OxfordFlowers.read_data: the published sizes
@@ -53,10 +52,10 @@ def write_flowers102_split(data_root: Path, seed: int = 0, path: Path | None = N
         n_train, n_val = round(len(images) * 0.5), round(len(images) * 0.2)
         if n_train < MIN_TRAIN_PER_CLASS:
             raise RuntimeError(f"class {label} has {len(images)} images: too few for {MIN_TRAIN_PER_CLASS} shots")
-        for split, chosen in zip(SPLIT_NAMES, np.split(images, [n_train, n_train + n_val]), strict=True):
+        for split, chosen in zip(SPLITS, np.split(images, [n_train, n_train + n_val]), strict=True):
             parts[split] += [(int(i), label) for i in chosen]
-    found = tuple(len(parts[s]) for s in SPLIT_NAMES)
+    found = tuple(len(parts[s]) for s in SPLITS)
     if found != zhou.sizes:
         raise RuntimeError(f"the kit's Flowers102 split has sizes {found}, not the published {zhou.sizes}")
-    samples = {s: [(f"image_{i:05d}.jpg", label, names[label]) for i, label in sorted(parts[s])] for s in SPLIT_NAMES}
+    samples = {s: [(f"image_{i:05d}.jpg", label, names[label]) for i, label in sorted(parts[s])] for s in SPLITS}
     return write_split_file(path or base / zhou.file, samples)
