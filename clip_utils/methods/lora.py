@@ -59,6 +59,7 @@ import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -97,7 +98,7 @@ from clip_utils.model.lora import add_lora, lora_trainable_params
 from clip_utils.model.preprocess import Preprocess
 from clip_utils.model.training import EpochCallback, FitResult, TrainJob, fit, predict
 from clip_utils.model.vram import VramProbe
-from clip_utils.prompts import build_text_classifier
+from clip_utils.prompts import build_text_classifier, zeroshot_logits
 from clip_utils.registry import Method, register
 from clip_utils.results import fewshot
 from clip_utils.results.checkpoints import (
@@ -381,22 +382,11 @@ def load_classifier(lab: Lab, dataset: Dataset | str, shots: int | None = None, 
         FileNotFoundError: not trained yet (the message names the command to run).
         CheckpointError: damaged, or trained for another dataset, class list or model.
     """
-    dataset = lab.resolve(dataset)
-    seed = lab.seed if seed is None else seed
-    folder = fewshot.run_dir(lab.results_dir, dataset, METHOD, shots, seed)
-    paths = {"head": folder / HEAD_FILE, "adapter": folder / ADAPTER_DIR}
-    if not paths["head"].is_file():
-        raise missing_checkpoint(paths["head"], dataset, METHOD, shots, seed)
-    head, info = read_head(paths["head"])
-    adapts_vision = LoraSettings(encoders=info.encoders).adapts_vision
-    if adapts_vision and not (paths["adapter"] / "adapter_config.json").is_file():
-        raise missing_checkpoint(paths["adapter"], dataset, METHOD, shots, seed)
+    head, info, adapters = _saved_run(lab, lab.resolve(dataset), shots, seed, towers=(VISION,))
     clip = lab.model_copy(lab.device, inference_dtype(lab.device))
-    check_head(info, head_info(dataset=dataset.name, method=METHOD, model=lab.model, class_names=dataset.original_names,
-                               embed_dim=clip.embed_dim), paths["head"])
     vision, projection = clip.backbone.image_parts(clip.model)
-    if adapts_vision:
-        vision = attach_adapter(vision, paths["adapter"], info, lab.device)
+    if VISION in adapters:
+        vision = attach_adapter(vision, adapters[VISION], info, lab.device)
     # The head stays float32 beside an fp16 encoder: ClipClassifier casts the embedding up.
     return ClipClassifier(vision, projection, head.float().to(lab.device)).eval()
 
@@ -511,10 +501,14 @@ def _has_checkpoint(folder) -> bool:
     return (folder / HEAD_FILE).is_file() and any(p.is_file() for p in adapters)
 
 
-def _adapted(lab: Lab, dataset: Dataset, shots: int | None, seed: int | None,
-             device: str | torch.device) -> tuple[Clip, torch.nn.Linear, HeadInfo]:
-    """The base CLIP in float32 on `device` (its own copy) with a run's adapters merged into
-    it, the run's head and its metadata.
+VISION, TEXT = "vision_model", "text_model"  # the towers' attributes on every family's model
+ADAPTER_DIRS = {VISION: ADAPTER_DIR, TEXT: TEXT_ADAPTER_DIR}
+
+
+def _saved_run(lab: Lab, dataset: Dataset, shots: int | None, seed: int | None,
+               towers: Sequence[str]) -> tuple[nn.Linear, HeadInfo, dict[str, Path]]:
+    """A finished run's head and metadata, checked against the lab's model and the dataset, and
+    the adapter folders of those of `towers` the run adapted.
 
     Raises:
         FileNotFoundError: not trained yet (the message names the command to run).
@@ -525,17 +519,29 @@ def _adapted(lab: Lab, dataset: Dataset, shots: int | None, seed: int | None,
     if not (folder / HEAD_FILE).is_file():
         raise missing_checkpoint(folder / HEAD_FILE, dataset, METHOD, shots, seed)
     head, info = read_head(folder / HEAD_FILE)
-    towers = LoraSettings(encoders=info.encoders)
-    folders = {"vision_model": folder / ADAPTER_DIR} if towers.adapts_vision else {}
-    if towers.adapts_text:
-        folders["text_model"] = folder / TEXT_ADAPTER_DIR
-    for adapter in folders.values():
+    adapted = LoraSettings(encoders=info.encoders)
+    adapters = {tower: folder / ADAPTER_DIRS[tower] for tower in towers
+                if (adapted.adapts_vision if tower == VISION else adapted.adapts_text)}
+    for adapter in adapters.values():
         if not (adapter / "adapter_config.json").is_file():
             raise missing_checkpoint(adapter, dataset, METHOD, shots, seed)
+    check_head(info, head_info(dataset=dataset.name, method=METHOD, model=lab.model, class_names=dataset.original_names,
+                               embed_dim=lab.checkpoint().embed_dim), folder / HEAD_FILE)
+    return head, info, adapters
+
+
+def _adapted(lab: Lab, dataset: Dataset, shots: int | None, seed: int | None,
+             device: str | torch.device) -> tuple[Clip, torch.nn.Linear, HeadInfo]:
+    """The base CLIP in float32 on `device` (its own copy) with a run's adapters merged into
+    it, the run's head and its metadata.
+
+    Raises:
+        FileNotFoundError: not trained yet (the message names the command to run).
+        CheckpointError: damaged, or trained for another dataset, class list or model.
+    """
+    head, info, adapters = _saved_run(lab, dataset, shots, seed, towers=(VISION, TEXT))
     clip = lab.model_copy(device)  # its own: merging changes it
-    check_head(info, head_info(dataset=dataset.name, method=METHOD, model=lab.model,
-                               class_names=dataset.original_names, embed_dim=clip.embed_dim), folder / HEAD_FILE)
-    for tower, adapter in folders.items():
+    for tower, adapter in adapters.items():
         # peft injects the adapter into the tower in place, and merging puts plain Linear layers
         # with the merged weights back in place: the model holding the tower is adapted.
         attach_adapter(getattr(clip.model, tower), adapter, info, device).merge_and_unload()
@@ -558,14 +564,22 @@ def _score_new(lab: Lab, trained_on: Dataset, new: Dataset, *, shots: int | None
     """New classes through the run's towers: its trained head has no row for them, so they are
     scored by CLIP's own classifier, the `domain` prompts of the new names (the set its head
     starts from) through the text tower, against the test images through the vision tower,
-    each as the run left it (adapted or not: `--encoders`)."""
+    each as the run left it (adapted or not: `--encoders`). A tower the run left unchanged
+    gives what the lab already holds: its text classifier, or its cached test embeddings."""
     device = torch.device(lab.device)
-    clip, _, _ = _adapted(lab, trained_on, shots, seed, device)
+    clip, _, info = _adapted(lab, trained_on, shots, seed, device)
+    adapted = LoraSettings(encoders=info.encoders)
     clip.model.to(inference_dtype(device))
-    text = build_text_classifier(clip.model, clip.tokenizer, list(new.class_names),
-                                 lab.prompt_sets(new)[HEAD_INIT_SET], device, lab.batch_size,
-                                 desc=f"encoding {new.folder} prompts (LoRA)",
-                                 text_kwargs=clip.backbone.text_kwargs(clip.model))
+    if adapted.adapts_text:
+        text = build_text_classifier(clip.model, clip.tokenizer, list(new.class_names),
+                                     lab.prompt_sets(new)[HEAD_INIT_SET], device, lab.batch_size,
+                                     desc=f"encoding {new.folder} prompts (LoRA)",
+                                     text_kwargs=clip.backbone.text_kwargs(clip.model))
+    else:
+        text = lab.text_classifier(new, HEAD_INIT_SET).to(device)
+    if not adapted.adapts_vision:
+        test = lab.features(new, "test")
+        return zeroshot_logits(test.embeddings.float().to(device), text.float(), clip.logit_scale, clip.logit_bias)
     head = zeroshot_head(text, clip.logit_scale, clip.logit_bias).to(device)
     classifier = ClipClassifier(*clip.backbone.image_parts(clip.model), head).eval()
     test = lab.dataset(new, "test")
