@@ -13,8 +13,8 @@ on base classes only; its "base" accuracy is top-1 on base test images among bas
 
 How a method scores new classes (`NEW_SOURCES`, from `registry.Method.new_classes`): `own` (it
 names them itself: zero-shot, CoOp, CLIP-Adapter, LoRA), `zero-shot` (it holds class-specific
-parts and falls back to the zero-shot classifier on new classes, so its new accuracy IS
-zero-shot's, and the table says so), `n/a` (a closed-set head, the linear probe: no new
+parts and falls back to the zero-shot classifier on new classes, so its new accuracy is
+zero-shot's under the run's own prompt set, and the table says so), `n/a` (a closed-set head, the linear probe: no new
 accuracy and no HM, never a silent number).
 
 The table follows CoCoOp: base and new are averaged over seeds (with their sample standard
