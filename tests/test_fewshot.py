@@ -346,3 +346,10 @@ def test_the_default_grid_keeps_the_shots_every_class_can_fill(kit, tmp_path, ca
     assert code == 0 and "note: flowers102's smallest class has 10 training images: shots 1,2,4,8 of the default" in err
     with open(tmp_path / "flowers102" / "fewshot.csv", newline="") as f:
         assert sorted(int(r["shots"]) for r in csv.DictReader(f)) == [1, 2, 4, 8]
+    # the API's default is the same grid: every run reused, none refused
+    from clip_utils.app.sweep import run_fewshot
+
+    lab = Lab(model=str(kit["model"]), data_root=kit["data"], results_dir=tmp_path, device="cpu", num_workers=0,
+              download=False)
+    result = run_fewshot(lab, "flowers102", ["gda"], seeds=(1,))
+    assert not result.trained and sorted(k for _, k, _ in result.reused) == [1, 2, 4, 8]

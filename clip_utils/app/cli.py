@@ -63,7 +63,7 @@ from clip_utils.lab import Lab, check_device, default_device
 from clip_utils.model.training import RESUME_FILE
 from clip_utils.registry import Method
 from clip_utils.results import fewshot
-from clip_utils.runtime import distributed, progress
+from clip_utils.runtime import distributed
 from clip_utils.runtime.files import check_writable, kept_on_failure, run_lock
 from clip_utils.runtime.options import Given, given, ints, name_list, non_negative_int, positive_int, positive_ints
 
@@ -294,15 +294,9 @@ def cmd_method(method: Method, args) -> None:
 
 
 def cmd_fewshot(args) -> None:
-    lab, shots = _lab(args), args.shots
-    dataset = lab.resolve(args.dataset)
-    if "shots" not in given(args):  # the default grid: the K this dataset's classes can all fill
-        most = fewshot.smallest_class(lab.dataset(dataset, "train").samples)
-        shots = [k for k in shots if k <= most] or [most]
-        if shots != args.shots:
-            progress.info(f"note: {dataset.folder}'s smallest class has {most} training images: shots "
-                          f"{','.join(map(str, shots))} of the default {','.join(map(str, args.shots))}")
-    result = sweep.run_fewshot(lab, dataset, args.methods, shots, args.seeds, args=args)
+    lab = _lab(args)
+    shots = args.shots if "shots" in given(args) else None  # None: the default grid the dataset can fill
+    result = sweep.run_fewshot(lab, lab.resolve(args.dataset), args.methods, shots, args.seeds, args=args)
     print(sweep.summary_table(result.summary).to_string(index=False))
     print(f"{len(result.trained)} runs fitted, {len(result.reused)} reused")
     for path in result.files:

@@ -1,6 +1,6 @@
 """The few-shot sweep: each method at each shots and seed, run where missing, then tabled and drawn.
 
-    result = run_fewshot(lab, lab.resolve("flowers102"))      # config.FEWSHOT_*: 1-16 shots, seeds 1-3
+    result = run_fewshot(lab, lab.resolve("flowers102"))      # config.FEWSHOT_*: the K of 1-16 every class fills, seeds 1-3
     result = run_fewshot(lab, "cub200", ["probe", "tip-adapter"], shots=(1, 2), seeds=(1, 2))
     result.summary, result.figure                             # mean/std per method and shots, the png
     python -m clip_utils fewshot --dataset flowers102 --methods all --shots 1,2,4,8,16 --seeds 1,2,3
@@ -44,7 +44,7 @@ from clip_utils.registry import Method
 from clip_utils.results import fewshot, prompt_sets
 from clip_utils.results.layout import figures_dir, folder_name
 from clip_utils.runtime.files import kept_on_failure, read_json, run_lock, write_csv
-from clip_utils.runtime.progress import write
+from clip_utils.runtime.progress import info, write
 
 CSV_FILE = "fewshot.csv"
 SUMMARY_FILE = "fewshot_summary.csv"
@@ -170,8 +170,20 @@ def fit_run(lab: Lab, dataset: Dataset, method: Method, settings: Any, shots: in
         return method.run(lab, dataset, settings, shots=shots, seed=seed), False
 
 
+def default_shots(lab: Lab, dataset: Dataset) -> list[int]:
+    """`config.FEWSHOT_SHOTS` without the K the dataset's smallest class cannot fill (at least
+    that class's count), with a note line when some are left out."""
+    most = fewshot.smallest_class(lab.dataset(dataset, "train").samples)
+    grid = list(config.FEWSHOT_SHOTS)
+    shots = [k for k in grid if k <= most] or [most]
+    if shots != grid:
+        info(f"note: {dataset.folder}'s smallest class has {most} training images: shots "
+             f"{','.join(map(str, shots))} of the default {','.join(map(str, grid))}")
+    return shots
+
+
 def run_fewshot(lab: Lab, dataset: Dataset | str, methods: Sequence[str] = config.FEWSHOT_METHODS,
-                shots: Sequence[int] = config.FEWSHOT_SHOTS, seeds: Sequence[int] = config.FEWSHOT_SEEDS, *,
+                shots: Sequence[int] | None = None, seeds: Sequence[int] = config.FEWSHOT_SEEDS, *,
                 settings: Mapping[str, Any] | None = None, args: argparse.Namespace | None = None) -> FewshotResult:
     """Run the missing few-shot runs of a dataset, then write its table, summary and figures.
 
@@ -179,7 +191,9 @@ def run_fewshot(lab: Lab, dataset: Dataset | str, methods: Sequence[str] = confi
         lab: the run context (model, data, results folder, device).
         dataset: the dataset (a name is resolved by the lab: this is an entry point).
         methods: registered methods that fit (names, commands or aliases).
-        shots: images per class, e.g. `(1, 2, 4, 8, 16)`.
+        shots: images per class, e.g. `(1, 2, 4, 8, 16)`; a K some class cannot fill is refused.
+            None: `config.FEWSHOT_SHOTS` without the K the dataset's smallest class cannot fill
+            (a note line says which were left out).
         seeds: the seeds each shots value runs with (each draws its own sample, shared by
             every method).
         settings: `{method name: its settings}` for methods not at their defaults (e.g. the
@@ -193,6 +207,8 @@ def run_fewshot(lab: Lab, dataset: Dataset | str, methods: Sequence[str] = confi
     """
     dataset = lab.resolve(dataset)
     order = check_methods(methods)
+    if shots is None:
+        shots = default_shots(lab, dataset)
     for k in shots:
         fewshot.check_shots(k)
     try:  # before any run: a K some class cannot fill is refused, not found out half-way
