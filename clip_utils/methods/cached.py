@@ -174,10 +174,10 @@ def run_cached(lab: Lab, dataset: Dataset | str, method: str, fit: Callable[...,
     device = torch.device(lab.device)
     data = run_data(lab, dataset, method, shots, seed)
     fd, chosen, scores = feature_data(lab, dataset, data, settings.prompts)
-    extra = dict(prepare(lab, dataset, data)) if prepare is not None else {}
     torch.manual_seed(seed)
     with VramProbe(device, label=f"{dataset.folder} {method}") as vram:
-        fit_start = time.perf_counter()
+        fit_start = time.perf_counter()  # a prompt learner's text tower made ready counts in its fit
+        extra = dict(prepare(lab, dataset, data)) if prepare is not None else {}
         fitted = fit(fd, **extra)
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # note: a CPU-GPU sync point, once, for an honest fit time
